@@ -1,0 +1,260 @@
+"""The environment contract shared by every metarl-llm environment.
+
+Vocabulary (see DESIGN.md): one Gymnasium *episode* (``reset`` -> terminated) is
+one **trial** here: everything the policy writes for one problem. One ``step``
+consumes one **episode** of that trial (an attempt, a check, a revision).
+
+Protocol of a trial, in text::
+
+    prompt (ends with the episode delimiter)
+    episode 0 text <delim> [observation 0]
+    episode 1 text <delim> [observation 1]
+    ...
+    "... Answer: 42"                      <- an episode that commits a final answer
+
+- An episode *commits* when its text contains ``answer_marker``; the text after the
+  last marker is the final answer, the trial terminates and ``reward`` is the outcome.
+- Otherwise the observation is ``""`` (no feedback, the default) or, with
+  ``feedback=True``, a short verdict on the episode.
+- When ``max_episodes`` episodes have been written without a committed answer, the
+  environment *forces* one: the observation is ``forced_answer_text`` and the next
+  step's whole text is taken as the final answer (this is the meta-prover). A rollout
+  that runs out of *tokens* calls :meth:`EpisodicTextEnv.force_answer` to do the same.
+  ``info["forcing_answer"]`` says that the returned observation forces the answer.
+- ``step`` receives an episode's text *without* the trailing delimiter.
+
+Subclasses implement the problem source, the grader and the expert traces; the
+trial bookkeeping lives here so every environment behaves the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+SPLITS = ("train", "test")
+
+
+class UnicodeText(gym.spaces.Space[str]):
+    """A space of arbitrary Unicode strings of at most ``max_length`` characters.
+
+    Gymnasium's ``spaces.Text`` accepts only an explicit character set (alphanumeric by
+    default), which rejects ordinary prompts; model output can be any text at all.
+    """
+
+    def __init__(self, max_length: int = 100_000, seed: int | None = None):
+        if max_length <= 0:
+            raise ValueError(f"UnicodeText: max_length must be positive, got {max_length}")
+        self.max_length = int(max_length)
+        super().__init__(shape=None, dtype=None, seed=seed)
+
+    @property
+    def is_np_flattenable(self) -> bool:
+        return False
+
+    def sample(self, mask: Any = None, probability: Any = None) -> str:
+        n = int(self.np_random.integers(0, min(self.max_length, 64) + 1))
+        codes = self.np_random.integers(32, 127, size=n)
+        return "".join(chr(int(c)) for c in codes)
+
+    def contains(self, x: Any) -> bool:
+        return isinstance(x, str) and len(x) <= self.max_length
+
+    def __repr__(self) -> str:
+        return f"UnicodeText(max_length={self.max_length})"
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, UnicodeText) and other.max_length == self.max_length
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem instance.
+
+    ``reference`` is the gold answer text: for graders and training-time estimators
+    only, it never enters the policy's context. ``data`` holds whatever else the
+    environment's grader or expert traces need.
+    """
+
+    problem_id: str
+    prompt: str
+    reference: str
+    data: dict = field(default_factory=dict)
+
+
+def split_of(key: str, test_fraction: float) -> str:
+    """Deterministic train/test assignment by content hash.
+
+    Splitting on a hash of the problem's canonical content makes train and held-out
+    problems disjoint by construction: the same content always lands in one split.
+    """
+    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+    return "test" if (h / 2**64) < test_fraction else "train"
+
+
+class EpisodicTextEnv(gym.Env[str, str]):
+    """Base class: a problem per trial, an episode per step, text in and out.
+
+    Subclasses implement ``_problem(index)`` (deterministic problem ``index`` of
+    ``self.split``), ``num_problems`` (``None`` for an unbounded generator),
+    ``score``, ``score_episode`` and ``expert_trace``.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        split: str = "train",
+        max_episodes: int = 3,
+        answer_marker: str = "Answer:",
+        forced_answer_text: str = "Answer:",
+        episode_delimiter: str = "\n",
+        feedback: bool = False,
+        max_text_length: int = 100_000,
+    ):
+        if split not in SPLITS:
+            raise ValueError(f"{type(self).__name__}: unknown split {split!r}; expected one of {SPLITS}")
+        if max_episodes < 1:
+            raise ValueError(f"{type(self).__name__}: max_episodes must be >= 1, got {max_episodes}")
+        if not answer_marker:
+            raise ValueError(f"{type(self).__name__}: answer_marker must be non-empty")
+        self.split = split
+        self.max_episodes = int(max_episodes)
+        self.answer_marker = answer_marker
+        self.forced_answer_text = forced_answer_text
+        self.episode_delimiter = episode_delimiter
+        self.feedback = bool(feedback)
+        self.observation_space = UnicodeText(max_text_length)
+        self.action_space = UnicodeText(max_text_length)
+        self.problem: Problem | None = None
+        self._episodes: list[str] = []
+        self._forced = False
+        self._done = True
+
+    # ----------------------------------------------------------- subclass hooks
+    @property
+    def num_problems(self) -> int | None:
+        """Number of problems in this split, or None when the source is unbounded."""
+        raise NotImplementedError
+
+    def _problem(self, index: int) -> Problem:
+        """The deterministic problem ``index`` of ``self.split``."""
+        raise NotImplementedError
+
+    def score(self, answer_text: str) -> float:
+        """Score a final answer for the current problem, in [0, 1].
+
+        Deterministic, pure, bounded in time and safe on any string: never evaluates
+        model text as code. Garbage scores 0.
+        """
+        raise NotImplementedError
+
+    def score_episode(self, episode_text: str) -> float:
+        """Score one uncommitted episode on its own (drives feedback and per-episode metrics)."""
+        raise NotImplementedError
+
+    def expert_trace(self, rng: np.random.Generator, n_failed: int, variety: float) -> list[str]:
+        """Episode texts of an expert trial for the current problem (delimiters excluded).
+
+        ``n_failed`` failed episodes precede the correct one; the last episode commits
+        the correct answer. ``variety`` in [0, 1] sets heterogeneity: 0 gives the one
+        canonical (focused) form, 1 the most varied forms of both failed and correct
+        episodes.
+        """
+        raise NotImplementedError
+
+    def outcome(self, episodes: list[str], answer: str | None) -> float:
+        """The trial's outcome reward; by default the score of the final answer."""
+        return 0.0 if answer is None else self.score(answer)
+
+    def feedback_text(self, episode_text: str) -> str:
+        """Observation after an uncommitted episode when ``feedback=True``."""
+        ok = self.score_episode(episode_text) >= 1.0
+        return ("[correct]" if ok else "[wrong]") + self.episode_delimiter
+
+    # -------------------------------------------------------------- public hooks
+    @property
+    def reference_answer(self) -> str:
+        """Gold answer of the current problem (training-time estimators only)."""
+        if self.problem is None:
+            raise RuntimeError(f"{type(self).__name__}: call reset() before reading reference_answer")
+        return self.problem.reference
+
+    def force_answer(self) -> str:
+        """Turn the policy into the meta-prover: the next step is the final answer.
+
+        Returns the forced-answer text, which the rollout inserts as observation tokens.
+        """
+        if self._done:
+            raise RuntimeError(f"{type(self).__name__}: force_answer() on a finished trial; call reset()")
+        self._forced = True
+        return self.forced_answer_text
+
+    def parse_answer(self, episode_text: str) -> str | None:
+        """The committed answer of an episode (text after the last marker), or None."""
+        pos = episode_text.rfind(self.answer_marker)
+        if pos < 0:
+            return None
+        return episode_text[pos + len(self.answer_marker):].strip()
+
+    # ------------------------------------------------------------- gymnasium API
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
+        """Draw a problem. ``options={"index": i}`` selects problem ``i`` of the split."""
+        super().reset(seed=seed)
+        options = dict(options or {})
+        index = options.pop("index", None)
+        if options:
+            raise ValueError(f"{type(self).__name__}.reset: unknown option(s) {sorted(options)}; known: ['index']")
+        n = self.num_problems
+        if index is None:
+            index = int(self.np_random.integers(0, n if n is not None else 2**31 - 1))
+        else:
+            index = int(index)
+            if index < 0 or (n is not None and index >= n):
+                raise IndexError(f"{type(self).__name__}: problem index {index} out of range for split {self.split!r} ({n} problems)")
+        self.problem = self._problem(index)
+        self._episodes = []
+        self._forced = False
+        self._done = False
+        return self.problem.prompt, {"problem_id": self.problem.problem_id, "split": self.split, "index": index}
+
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict]:
+        if self.problem is None or self._done:
+            raise RuntimeError(f"{type(self).__name__}: step() on a finished trial; call reset() first")
+        if not isinstance(action, str):
+            raise TypeError(f"{type(self).__name__}.step: episode text must be str, got {type(action).__name__}")
+        if len(action) > self.action_space.max_length:
+            raise ValueError(
+                f"{type(self).__name__}.step: episode text of {len(action)} characters exceeds max_text_length={self.action_space.max_length}"
+            )
+        index = len(self._episodes)
+        self._episodes.append(action)
+        forced = self._forced
+        answer = action.strip() if forced else self.parse_answer(action)
+        terminated = answer is not None
+        info: dict[str, Any] = {
+            "episode_index": index,
+            "answer": answer,
+            "forced": forced,
+            "problem_id": self.problem.problem_id,
+        }
+        if terminated:
+            # An empty answer counts as no answer; earlier episodes may still matter
+            # (e.g. planted_subseq succeeds when any episode holds the gold).
+            reward = float(self.outcome(self._episodes[:-1], answer or None))
+            info["correct"] = reward >= 1.0
+            self._done = True
+            return "", reward, True, False, info
+        info["correct"] = self.score_episode(action) >= 1.0
+        info["forcing_answer"] = index + 1 >= self.max_episodes
+        if info["forcing_answer"]:
+            obs = self.force_answer()
+        elif self.feedback:
+            obs = self.feedback_text(action)
+        else:
+            obs = ""
+        return obs, 0.0, False, False, info

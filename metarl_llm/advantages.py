@@ -1,0 +1,115 @@
+"""Advantage estimators: small registered functions (select with ``algo.advantage``).
+
+Every estimator takes [B, T] tensors and returns ``(advantages, returns)``, both
+[B, T] and zero off action tokens. They look only at action tokens: observation and
+prompt tokens are part of the transition, so inserting or removing them changes no
+advantage. Episode boundaries are not terminal; the trial end is.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+AdvantageFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+ADVANTAGES: dict[str, AdvantageFn] = {}
+
+
+def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
+    def wrap(fn: AdvantageFn) -> AdvantageFn:
+        ADVANTAGES[name] = fn
+        return fn
+
+    return wrap
+
+
+def get_advantage(name: str) -> AdvantageFn:
+    if name not in ADVANTAGES:
+        raise ValueError(f"algo.advantage={name!r} is not registered; choose from {sorted(ADVANTAGES)}")
+    return ADVANTAGES[name]
+
+
+def compress(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather indices of action tokens, in order.
+
+    mask [B, T] -> (index [B, A], valid [B, A]) where A is the most action tokens of
+    any row; ``index[i, :n_i]`` are row i's action positions, the rest point at 0 and
+    are invalid.
+    """
+    m = mask > 0
+    counts = m.sum(1)
+    width = int(counts.max()) if m.numel() else 0
+    order = torch.argsort((~m).to(torch.int8), dim=1, stable=True)[:, :width]
+    valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
+    return torch.where(valid, order, 0), valid
+
+
+@register_advantage("gae")
+def gae(
+    token_rewards: torch.Tensor, values: torch.Tensor, action_mask: torch.Tensor, *, gamma: float, lam: float, **_
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the sequence of action tokens.
+
+    The next state of action k is the state before action k+1 (whatever observation
+    tokens lie between); after the last action the trial ends (V = 0).
+    """
+    index, valid = compress(action_mask)
+    r = token_rewards.gather(1, index) * valid
+    v = values.gather(1, index) * valid
+    b, a = r.shape
+    adv = torch.zeros_like(r)
+    running = torch.zeros(b, dtype=r.dtype, device=r.device)
+    for k in range(a - 1, -1, -1):  # loop over positions, vectorised over trials
+        next_valid = valid[:, k + 1].to(r.dtype) if k + 1 < a else torch.zeros_like(running)
+        next_v = v[:, k + 1] * next_valid if k + 1 < a else torch.zeros_like(running)
+        delta = r[:, k] + gamma * next_v - v[:, k]
+        running = (delta + gamma * lam * next_valid * running) * valid[:, k]
+        adv[:, k] = running
+    out_adv = torch.zeros_like(token_rewards).scatter(1, index, adv * valid)
+    out_ret = torch.zeros_like(token_rewards).scatter(1, index, (adv + v) * valid)
+    return out_adv, out_ret
+
+
+def _trial_returns(token_rewards: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    return (token_rewards * action_mask).sum(1)
+
+
+@register_advantage("grpo")
+def grpo(
+    token_rewards: torch.Tensor, values: torch.Tensor, action_mask: torch.Tensor, *, group: torch.Tensor, eps: float = 1e-6, **_
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-normalised trial return, (R - mean_g) / (std_g + eps), on every action token.
+
+    R is the undiscounted sum of the trial's token rewards (outcome + bonuses + KL).
+    """
+    ret = _trial_returns(token_rewards, action_mask)
+    _, inv = torch.unique(group, return_inverse=True)
+    n = torch.zeros(int(inv.max()) + 1).index_add_(0, inv, torch.ones_like(ret))
+    mean = torch.zeros_like(n).index_add_(0, inv, ret) / n
+    var = torch.zeros_like(n).index_add_(0, inv, (ret - mean[inv]) ** 2) / (n - 1).clamp(min=1)
+    adv = (ret - mean[inv]) / (var[inv].sqrt() + eps)
+    return adv[:, None] * action_mask, ret[:, None] * action_mask
+
+
+@register_advantage("rloo")
+def rloo(
+    token_rewards: torch.Tensor, values: torch.Tensor, action_mask: torch.Tensor, *, group: torch.Tensor, **_
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE leave-one-out: R_i minus the mean return of the other trials of its group."""
+    ret = _trial_returns(token_rewards, action_mask)
+    _, inv = torch.unique(group, return_inverse=True)
+    n = torch.zeros(int(inv.max()) + 1).index_add_(0, inv, torch.ones_like(ret))
+    if bool((n < 2).any()):
+        raise ValueError("rloo needs at least 2 trials per problem group (algo.group_size >= 2)")
+    total = torch.zeros_like(n).index_add_(0, inv, ret)
+    baseline = (total[inv] - ret) / (n[inv] - 1)
+    return (ret - baseline)[:, None] * action_mask, ret[:, None] * action_mask
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; 0 elsewhere."""
+    n = mask.sum().clamp(min=1)
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / n
+    return (x - mean) * torch.rsqrt(var + eps) * mask

@@ -1,0 +1,231 @@
+"""Structured configs: the schema behind conf/ (Hydra ConfigStore).
+
+Every hyperparameter is declared and documented here, once. The YAML files in
+conf/<group>/ pick values; Hydra validates them against these dataclasses, so a
+misspelt key or a wrong type fails at start, naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+# --------------------------------------------------------------------------- env
+
+
+@dataclass
+class EnvConfig:
+    """Common to every environment (group ``env``).
+
+    All fields but ``name`` and ``id`` are passed to ``gymnasium.make(id, ...)``.
+    """
+
+    name: str = MISSING  # short name used in logs and summary.json
+    id: str = MISSING  # Gymnasium id, e.g. metarl/Math-v0
+    answer_marker: str = "Answer:"  # an episode containing it commits a final answer
+    forced_answer_text: str = "Answer:"  # inserted to force the meta-prover's answer
+    feedback: bool = False  # environment verdict after each episode (default: none, the policy must self-verify)
+
+
+@dataclass
+class PlantedSubseqEnvConfig(EnvConfig):
+    name: str = "planted_subseq"
+    id: str = "metarl/PlantedSubseq-v0"
+    input_length: int = 6  # digits in the input sequence
+    gold_length: int = 3  # digits in the hidden gold subsequence
+    chunk_length: int = 4  # digits an expert writes per episode
+    family_seed: int = 0  # fixes the hidden rule input -> gold
+    num_test_problems: int = 256  # size of the held-out split
+    test_fraction: float = 0.2  # share of the input space assigned to the held-out split
+
+
+@dataclass
+class MathEnvConfig(EnvConfig):
+    name: str = "math"
+    id: str = "metarl/Math-v0"
+    dataset: Optional[str] = None  # JSONL/Parquet path or hub id; None = generated problems
+    dataset_split: Optional[str] = None  # split of a hub dataset (None: split by hash)
+    problem_key: str = "problem"
+    answer_key: str = "answer"
+    solution_key: str = "solution"  # used for a \boxed{} answer when answer_key is absent
+    ops: str = "+-"  # operators of generated arithmetic
+    min_value: int = 0  # smallest operand
+    max_value: int = 9  # largest operand
+    num_terms: int = 2  # operands per expression
+    word_fraction: float = 0.25  # share of generated problems phrased as word problems
+    num_test_problems: int = 256  # size of the generated held-out split
+    test_fraction: float = 0.2
+
+
+@dataclass
+class ReasoningGymEnvConfig(EnvConfig):
+    name: str = "reasoning_gym"
+    id: str = "metarl/ReasoningGym-v0"
+    task: str = "chain_sum"  # any reasoning-gym dataset name
+    task_config: dict[str, Any] = field(default_factory=dict)  # generator options of that task
+    size: int = 2000  # items generated before the train/test split
+    seed: int = 0  # generator seed
+    test_fraction: float = 0.2
+
+
+# ------------------------------------------------------------------------ budget
+
+
+@dataclass
+class BudgetConfig:
+    """Limits of one trial (group ``budget``)."""
+
+    max_episodes: int = 3  # episodes before the environment forces an answer
+    max_episode_tokens: int = 24  # policy tokens per episode (cut there)
+    max_total_tokens: int = 72  # policy tokens per trial before the forced answer
+    answer_max_tokens: int = 12  # tokens of a forced answer (meta-prover samples too)
+    max_prompt_tokens: int = 128  # longer prompts are an error, never silently cut
+
+
+# ------------------------------------------------------------------------- model
+
+
+@dataclass
+class TinyModelConfig:
+    """A Llama-style model built from a config (no download)."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class ModelConfig:
+    """Policy (and critic) model (group ``model``)."""
+
+    name_or_path: Optional[str] = None  # hub id or local dir; None = the tiny model
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    dtype: str = "float32"  # float32 | bfloat16 | float16 weights
+    critic: str = "shared"  # shared: value head on the policy trunk; separate: own trunk
+    critic_name_or_path: Optional[str] = None  # separate critic's model (default: same as policy)
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+
+# -------------------------------------------------------------------------- algo
+
+
+@dataclass
+class AlgoConfig:
+    """PPO over token streams (group ``algo``)."""
+
+    name: str = "ppo"
+    advantage: str = "gae"  # registered estimator: gae | grpo | rloo
+    policy_loss: str = "ppo_clip"  # registered loss: ppo_clip | reinforce
+    iterations: int = 60  # rollout + update rounds
+    problems_per_iter: int = 8  # distinct problems per rollout batch
+    group_size: int = 8  # trials per problem (GRPO/RLOO need > 1)
+    lr: float = 1e-4  # AdamW learning rate of the policy (and shared value head)
+    critic_lr: float = 1e-4  # learning rate of a separate critic
+    weight_decay: float = 0.0
+    ppo_epochs: int = 2  # passes over each rollout batch
+    minibatch_size: int = 32  # trials per optimiser step
+    clip_eps: float = 0.2  # PPO ratio clip
+    value_clip: float = 0.2  # clip of the value update around the rollout values
+    vf_coef: float = 0.5  # weight of the value loss
+    ent_coef: float = 0.0  # entropy bonus weight
+    kl_coef: float = 0.02  # weight of KL(policy || reference)
+    kl_in_reward: bool = False  # True: -kl_coef*k1 per token in the reward; False: k3 loss term
+    gamma: float = 1.0  # discount per action token
+    lam: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True  # normalise advantages over the batch's action tokens
+    max_grad_norm: float = 1.0
+
+
+# ------------------------------------------------------------------------- bonus
+
+
+@dataclass
+class BonusConfig:
+    """Dense per-episode bonus (group ``bonus``)."""
+
+    name: str = "none"  # none | info_gain
+    estimator: str = "sample"  # how J(prefix) is estimated (sample)
+    alpha: float = 0.5  # bonus = alpha * (J_j - J_{j-1})
+    num_samples: int = 4  # meta-prover answers per boundary (sample estimator)
+    use_reference: bool = False  # estimate J with the frozen reference instead of the current policy
+    clip: Optional[float] = None  # clip each progress value to [-clip, clip]
+
+
+# ------------------------------------------------------------------------ logger
+
+
+@dataclass
+class LoggerConfig:
+    """Weights & Biases and local logs (group ``logger``)."""
+
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "metarl-llm"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # W&B group (default: the sweep directory for multirun)
+    tags: list[str] = field(default_factory=list)
+    num_transcripts: int = 4  # sample transcripts logged per evaluation
+    progress_bar: bool = True
+
+
+# ---------------------------------------------------------------------- warm start
+
+
+@dataclass
+class WarmStartConfig:
+    """Supervised warm start on the environment's expert traces (trl SFTTrainer)."""
+
+    steps: int = 300  # optimiser steps; 0 disables the warm start
+    batch_size: int = 64
+    lr: float = 2e-3
+    num_traces: int = 8192  # expert traces generated for the warm start
+    n_failed_max: int = 2  # each trace has 0..n_failed_max failed episodes before the correct one
+    variety: float = 0.5  # heterogeneity of the traces (0 focused .. 1 varied)
+    focused_fraction: float = 0.2  # curriculum: first share of steps on focused traces (variety 0)
+    cache_dir: str = "~/.cache/metarl-llm/warm_start"  # keyed by a hash of everything that determines it
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation at the training budget."""
+
+    num_problems: int = 64  # held-out problems
+    samples_per_problem: int = 4  # sampled trials per problem
+    every: int = 20  # evaluate every N iterations (0: only at start and end)
+    prover_samples: int = 4  # meta-prover samples per episode boundary for J
+
+
+@dataclass
+class TrainConfig:
+    env: EnvConfig = MISSING
+    budget: BudgetConfig = MISSING
+    model: ModelConfig = MISSING
+    algo: AlgoConfig = MISSING
+    bonus: BonusConfig = MISSING
+    logger: LoggerConfig = MISSING
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch intra-op threads (0: torch's default)
+    checkpoint_every: int = 20  # iterations between checkpoints (0: only the final one)
+    out_dir: Optional[str] = None  # None: the Hydra run directory
+
+
+def register_configs() -> None:
+    """Register the schemas; conf/<group>/<option>.yaml extend them by name."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="env", name="planted_subseq_schema", node=PlantedSubseqEnvConfig)
+    cs.store(group="env", name="math_schema", node=MathEnvConfig)
+    cs.store(group="env", name="reasoning_gym_schema", node=ReasoningGymEnvConfig)
+    cs.store(group="budget", name="budget_schema", node=BudgetConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="algo", name="algo_schema", node=AlgoConfig)
+    cs.store(group="bonus", name="bonus_schema", node=BonusConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)

@@ -1,0 +1,71 @@
+"""Run outputs: Weights & Biases (offline by default) and the same scalars in metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from metarl_llm.config import LoggerConfig
+
+MODES = ("offline", "online", "disabled")
+
+
+class Tracker:
+    """Logs scalars to ``<run_dir>/metrics.jsonl`` and W&B; tables and images to W&B.
+
+    ``logger.mode=offline`` (default) needs no network: the run lands in
+    ``<run_dir>/wandb/`` and can be uploaded later with ``wandb sync``.
+    """
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, name: str):
+        if cfg.mode not in MODES:
+            raise ValueError(f"logger.mode={cfg.mode!r}; expected one of {MODES}")
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self._wandb = None
+        if cfg.mode != "disabled":
+            import wandb
+
+            self._wandb = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                group=cfg.group,
+                tags=list(cfg.tags),
+                name=name,
+                dir=str(self.run_dir),
+                mode=cfg.mode,
+                config=config,
+                settings=wandb.Settings(console="off", silent=True),
+            )
+
+    @property
+    def wandb_run(self):
+        return self._wandb
+
+    def log(self, metrics: dict, step: int) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"iteration": step, **clean}) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def image(self, key: str, path: Path, step: int) -> None:
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Image(str(path))}, step=step)
+
+    def finish(self, summary: dict) -> None:
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        self._jsonl.close()
+        if self._wandb is not None:
+            self._wandb.summary.update(summary)
+            self._wandb.finish()
+

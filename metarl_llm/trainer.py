@@ -1,0 +1,322 @@
+"""The training loop: warm start, then PPO over multi-episode trials.
+
+One iteration:
+  1. rollout   - ``problems_per_iter`` training problems x ``group_size`` trials, played
+                 episode by episode against Gymnasium environments (metarl_llm.rollout);
+  2. score     - one forward pass for the sampling policy's log-probs and values, one
+                 for the frozen reference's log-probs;
+  3. bonus     - per-episode progress bonuses (metarl_llm.bonus);
+  4. rewards   - outcome, bonuses and KL placed on action tokens (metarl_llm.batch);
+  5. advantages- the registered estimator (metarl_llm.advantages);
+  6. update    - PPO epochs over minibatches (metarl_llm.ppo);
+  7. log       - scalars to metrics.jsonl and W&B; held-out evaluation and checkpoints
+                 at intervals.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+import envs  # noqa: F401  (registers the environments)
+from metarl_llm.advantages import get_advantage
+from metarl_llm.batch import RolloutBatch, collate, place_rewards
+from metarl_llm.bonus import episode_bonuses
+from metarl_llm.config import TrainConfig
+from metarl_llm.evaluate import EvalResult, evaluate, success_vs_tokens
+from metarl_llm.models import ActorCritic, build_actor_critic, load_policy, token_logprobs
+from metarl_llm.ppo import explained_variance, get_policy_loss, ppo_update
+from metarl_llm.rollout import StreamCodec, Trial, run_trials
+from metarl_llm.tracking import Tracker
+from metarl_llm.warm_start import warm_start
+
+log = logging.getLogger(__name__)
+
+BONUSES = ("none", "info_gain")
+
+
+def env_kwargs(cfg: TrainConfig) -> dict:
+    """``gymnasium.make`` keyword arguments from the env config and the budget."""
+    kw = {k: v for k, v in asdict(cfg.env).items() if k not in ("name", "id")}
+    kw["max_episodes"] = cfg.budget.max_episodes
+    return kw
+
+
+def env_factory(cfg: TrainConfig):
+    kw = env_kwargs(cfg)
+    return lambda split: gym.make(cfg.env.id, split=split, **kw)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Fail at start, naming the option, for values a schema type cannot rule out."""
+    get_advantage(cfg.algo.advantage)
+    get_policy_loss(cfg.algo.policy_loss)
+    if cfg.bonus.name not in BONUSES:
+        raise ValueError(f"bonus.name={cfg.bonus.name!r}; expected one of {BONUSES}")
+    if cfg.env.id not in gym.registry:
+        raise ValueError(f"env.id={cfg.env.id!r} is not a registered environment; known: {sorted(k for k in gym.registry if k.startswith('metarl/'))}")
+    if cfg.algo.advantage in ("grpo", "rloo") and cfg.algo.group_size < 2:
+        raise ValueError(f"algo.advantage={cfg.algo.advantage} needs algo.group_size >= 2")
+    for name in ("iterations", "problems_per_iter", "group_size", "ppo_epochs", "minibatch_size"):
+        if getattr(cfg.algo, name) < 1:
+            raise ValueError(f"algo.{name} must be >= 1")
+    b = cfg.budget
+    if min(b.max_episode_tokens, b.max_total_tokens, b.answer_max_tokens) < 1:
+        raise ValueError("budget token limits must be >= 1")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r}; expected auto, cpu or cuda")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def score_batch(actor_critic: ActorCritic, reference: torch.nn.Module, batch: RolloutBatch, use_critic: bool, rows: int = 64) -> RolloutBatch:
+    """Fill ``logprobs``, ``values`` (sampling policy) and ``ref_logprobs`` (reference)."""
+    device = next(actor_critic.parameters()).device
+    lp, vals, ref = [], [], []
+    for s in range(0, batch.input_ids.shape[0], rows):
+        ids = batch.input_ids[s : s + rows].to(device)
+        am = batch.attention_mask[s : s + rows].to(device)
+        out = actor_critic.score(ids, am, with_values=use_critic)
+        lp.append(out.logprobs.cpu())
+        vals.append(out.values.cpu())
+        ref_lp = reference(input_ids=ids, attention_mask=am, use_cache=False).logits[:, :-1]
+        ref.append(torch.cat([torch.zeros(ids.shape[0], 1), token_logprobs(ref_lp, ids[:, 1:]).cpu()], 1))
+    mask = batch.action_mask
+    return batch._replace(logprobs=torch.cat(lp) * mask, values=torch.cat(vals) * mask, ref_logprobs=torch.cat(ref) * mask)
+
+
+def transcript_rows(trials: list[Trial], curves: list[np.ndarray] | None, k: int) -> list[list]:
+    rows = []
+    for i, t in enumerate(trials[:k]):
+        j = [round(float(x), 3) for x in curves[i]] if curves is not None else []
+        rows.append([t.problem_id, " | ".join(t.episode_texts), t.answer, t.outcome, t.policy_tokens, json.dumps(j)])
+    return rows
+
+
+TRANSCRIPT_COLUMNS = ["problem_id", "episodes", "answer", "outcome", "policy_tokens", "J_per_boundary"]
+
+
+def plot_success_vs_tokens(results: dict[str, EvalResult], path: Path) -> None:
+    """Held-out meta-prover success J against policy tokens spent (binned means)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, res in results.items():
+        x, y = success_vs_tokens(res.trials, res.j_curves)
+        if len(x) == 0:
+            continue
+        edges = np.unique(np.quantile(x, np.linspace(0, 1, 9)))
+        idx = np.clip(np.digitize(x, edges[1:-1]), 0, len(edges) - 2)
+        xs = [x[idx == b].mean() for b in range(len(edges) - 1) if (idx == b).any()]
+        ys = [y[idx == b].mean() for b in range(len(edges) - 1) if (idx == b).any()]
+        ax.plot(xs, ys, marker="o", label=f"{label} (success {res.metrics['success']:.2f})")
+    ax.set_xlabel("policy tokens spent")
+    ax.set_ylabel("meta-prover success J")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_checkpoint(run_dir: Path, iteration: int, actor_critic: ActorCritic, tokenizer, optimizer) -> Path:
+    """Write ``checkpoints/iter_XXXXXX`` atomically (temporary name, then rename) and point ``latest`` at it."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"iter_{iteration:06d}"
+    tmp = root / f".tmp_iter_{iteration:06d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    actor_critic.policy.save_pretrained(tmp / "policy")
+    tokenizer.save_pretrained(tmp / "policy")
+    torch.save(
+        {"value_head": actor_critic.value_head.state_dict(),
+         "critic_trunk": actor_critic.critic_trunk.state_dict() if actor_critic.critic_trunk is not None else None,
+         "optimizer": optimizer.state_dict(), "iteration": iteration},
+        tmp / "trainer_state.pt",
+    )
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    pointer = root / ".latest.tmp"
+    pointer.write_text(final.name)
+    pointer.replace(root / "latest")
+    return final
+
+
+def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> dict:
+    """Run warm start and PPO; write metrics.jsonl, checkpoints, plots and summary.json into ``run_dir``."""
+    t_start = time.perf_counter()
+    validate(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+    # -- models
+    policy, tokenizer = load_policy(cfg.model, cfg.seed)
+    codec = StreamCodec(tokenizer, "\n", cfg.env.forced_answer_text)
+    make_env = env_factory(cfg)
+    policy, ws_info = warm_start(policy, tokenizer, codec, make_env, cfg.model, cfg.env, cfg.budget, cfg.warm_start, cfg.seed)
+    policy.to(device)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    actor_critic = build_actor_critic(policy, cfg.model, cfg.seed).to(device)
+    use_critic = cfg.algo.advantage == "gae"
+    groups = [{"params": actor_critic.policy_parameters(), "lr": cfg.algo.lr}]
+    if actor_critic.critic_parameters():
+        groups.append({"params": actor_critic.critic_parameters(), "lr": cfg.algo.critic_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.algo.weight_decay)
+    advantage_fn = get_advantage(cfg.algo.advantage)
+
+    name = run_dir.name
+    tracker = Tracker(
+        cfg.logger if cfg.logger.group or not wandb_group else type(cfg.logger)(**{**asdict(cfg.logger), "group": wandb_group}),
+        run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), name,
+    )
+    generator = torch.Generator().manual_seed(cfg.seed)
+    problem_rng = np.random.default_rng(cfg.seed)
+    n_trials = cfg.algo.problems_per_iter * cfg.algo.group_size
+    train_envs = [make_env("train") for _ in range(n_trials)]
+    eval_envs = [make_env("test") for _ in range(cfg.eval.num_problems * cfg.eval.samples_per_problem)]
+    eval_gen = lambda: torch.Generator().manual_seed(cfg.seed + 10_000)  # noqa: E731  same held-out samples each time
+
+    def run_eval(iteration: int, label: str) -> EvalResult:
+        res = evaluate(actor_critic.policy, codec, eval_envs, cfg.budget, cfg.eval, eval_gen())
+        tracker.log({f"heldout/{k}": v for k, v in res.metrics.items()}, step=iteration)
+        tracker.table(f"transcripts/{label}", TRANSCRIPT_COLUMNS, transcript_rows(res.trials, res.j_curves, cfg.logger.num_transcripts), step=iteration)
+        return res
+
+    start_eval = run_eval(0, "start")
+    log.info("held-out success of the warm-started model: %.3f", start_eval.metrics["success"])
+    tracker.log({k: v for k, v in ws_info.items() if isinstance(v, (int, float, bool))}, step=0)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(1, cfg.algo.iterations + 1), desc="ppo", disable=not cfg.logger.progress_bar, dynamic_ncols=True)
+    rollout_tokens = rollout_time = update_tokens = update_time = 0.0
+    for it in bar:
+        # 1. rollout
+        t0 = time.perf_counter()
+        actor_critic.eval()
+        seeds = problem_rng.integers(0, 2**31 - 1, size=cfg.algo.problems_per_iter)
+        resets = [{"seed": int(s)} for s in seeds for _ in range(cfg.algo.group_size)]
+        group_ids = [g for g in range(cfg.algo.problems_per_iter) for _ in range(cfg.algo.group_size)]
+        trials = run_trials(actor_critic.policy, codec, train_envs, resets, group_ids, cfg.budget, generator)
+        sampled = sum(t.policy_tokens for t in trials)
+        # 2. score
+        batch = score_batch(actor_critic, reference, collate(trials, codec.pad_id), use_critic)
+        mismatch = float(max(
+            (abs(batch.logprobs[i, : len(t.ids)] - torch.tensor(t.sample_logprobs)) * batch.action_mask[i, : len(t.ids)]).max()
+            for i, t in enumerate(trials)
+        ))
+        # 3. bonus
+        bonus_model = reference if cfg.bonus.use_reference else actor_critic.policy
+        bonuses, curves = episode_bonuses(cfg.bonus, bonus_model, codec, trials, cfg.budget.answer_max_tokens, generator)
+        t_rollout = time.perf_counter() - t0
+        # 4. rewards
+        token_rewards = place_rewards(batch, bonuses, cfg.algo.kl_coef, cfg.algo.kl_in_reward)
+        # 5. advantages
+        adv, ret = advantage_fn(
+            token_rewards, batch.values, batch.action_mask, gamma=cfg.algo.gamma, lam=cfg.algo.lam, group=batch.group
+        )
+        batch = batch._replace(token_rewards=token_rewards, advantages=adv, returns=ret)
+        # 6. update
+        t1 = time.perf_counter()
+        actor_critic.train()
+        stats = ppo_update(actor_critic, optimizer, batch, cfg.algo, generator, use_critic)
+        t_update = time.perf_counter() - t1
+        # 7. log
+        rollout_tokens += sampled
+        rollout_time += t_rollout
+        update_tokens += stats["update_tokens"]
+        update_time += t_update
+        mask = batch.action_mask
+        bonus_return = float(np.mean([sum(b) for b in bonuses])) if cfg.bonus.name != "none" else 0.0
+        metrics = {
+            "train/outcome": float(batch.outcome.mean()),
+            "train/bonus_return": bonus_return,
+            "train/tokens_per_trial": sampled / len(trials),
+            "train/episodes_per_trial": float(np.mean([len(t.episode_texts) for t in trials])),
+            "train/forced_answer_rate": float(np.mean([t.forced for t in trials])),
+            "train/kl_ref": float(((batch.logprobs - batch.ref_logprobs) * mask).sum() / mask.sum()),
+            "train/explained_variance": explained_variance(batch.values, ret, mask) if use_critic else float("nan"),
+            "train/logprob_mismatch_max": mismatch,
+            **{f"train/{k}": v for k, v in stats.items() if k != "update_tokens"},
+            "perf/rollout_tokens_per_s": sampled / t_rollout,
+            "perf/update_tokens_per_s": stats["update_tokens"] / t_update,
+            "perf/iteration_s": time.perf_counter() - t0,
+        }
+        if curves is not None:
+            width = max(len(c) for c in curves)
+            for b in range(width):
+                metrics[f"train/J_boundary_{b}"] = float(np.mean([c[b] for c in curves if len(c) > b]))
+        for j in range(cfg.budget.max_episodes + 1):
+            metrics[f"train/success_after_episode_{j}"] = float(
+                np.mean([t.outcome >= 1.0 and 0 <= t.answer_episode <= j for t in trials])
+            )
+        tracker.log(metrics, step=it)
+        bar.set_postfix(outcome=f"{metrics['train/outcome']:.2f}", tok=f"{metrics['train/tokens_per_trial']:.0f}")
+        if cfg.eval.every and it % cfg.eval.every == 0 and it != cfg.algo.iterations:
+            run_eval(it, f"iter_{it}")
+        if cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
+            save_checkpoint(run_dir, it, actor_critic, tokenizer, optimizer)
+
+    final_eval = run_eval(cfg.algo.iterations, "final")
+    save_checkpoint(run_dir, cfg.algo.iterations, actor_critic, tokenizer, optimizer)
+    plot = run_dir / "success_vs_tokens.png"
+    plot_success_vs_tokens({"start": start_eval, "final": final_eval}, plot)
+    tracker.image("heldout/success_vs_tokens", plot, step=cfg.algo.iterations)
+    summary = {
+        "env": cfg.env.name,
+        "bonus": cfg.bonus.name if cfg.bonus.name == "none" else f"{cfg.bonus.name}/{cfg.bonus.estimator}",
+        "advantage": cfg.algo.advantage,
+        "seed": cfg.seed,
+        "iterations": cfg.algo.iterations,
+        "heldout_success_start": start_eval.metrics["success"],
+        "heldout_success_final": final_eval.metrics["success"],
+        "heldout_tokens_per_trial_start": start_eval.metrics["tokens_per_trial"],
+        "heldout_tokens_per_trial": final_eval.metrics["tokens_per_trial"],
+        "heldout_episodes_per_trial": final_eval.metrics["episodes_per_trial"],
+        "heldout_pass_at_k": final_eval.metrics[f"pass@{cfg.eval.samples_per_problem}"],
+        "heldout_J_per_boundary": [final_eval.metrics[k] for k in sorted(final_eval.metrics) if k.startswith("J/boundary_")],
+        "heldout_problems": cfg.eval.num_problems,
+        "heldout_samples_per_problem": cfg.eval.samples_per_problem,
+        "wall_time_s": time.perf_counter() - t_start,
+        "rollout_tokens_per_s": rollout_tokens / max(rollout_time, 1e-9),
+        "update_tokens_per_s": update_tokens / max(update_time, 1e-9),
+        "warm_start_cached": bool(ws_info.get("warm_start/cached", False)),
+        "num_parameters": sum(p.numel() for p in actor_critic.parameters()),
+    }
+    tracker.finish(summary)
+    log.info("summary: %s", json.dumps(summary))
+    return summary

@@ -1,0 +1,165 @@
+"""Warm start: supervised fine-tuning on the environment's expert traces.
+
+A model without the skills (the tiny default starts from random weights) first
+learns the task's format and some competence from expert trials, built by playing
+each expert trace through the environment (so observations are inserted exactly as
+in a rollout). trl's SFTTrainer fits them with the loss on policy tokens only
+(``completion_mask`` = action tokens; prompt and observations are masked).
+
+Curriculum (FINDINGS.md): with varied traces from the start the loss plateaus, so
+the first ``focused_fraction`` of steps use focused traces (variety 0), the rest the
+configured variety.
+
+The result is cached under ``cache_dir`` by a hash of everything that determines it
+(model, tokenizer, environment, budget, warm-start settings, seed), so the next run
+with the same settings starts at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metarl_llm.config import BudgetConfig, EnvConfig, ModelConfig, WarmStartConfig
+from metarl_llm.rollout import StreamCodec
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1  # bump when the trace format or the SFT recipe changes
+
+
+def expert_records(
+    make_env, codec: StreamCodec, budget: BudgetConfig, num: int, n_failed_max: int, variety: float, seed: int
+) -> list[dict]:
+    """Tokenised expert trials: ``input_ids`` and ``completion_mask`` (1 on policy tokens).
+
+    Intermediate episodes end with the delimiter token, the final one with EOS. Raises
+    if a trace does not succeed or does not fit the budget: training on traces the
+    rollout could never produce would be silently wrong.
+    """
+    if n_failed_max + 1 > budget.max_episodes:
+        raise ValueError(
+            f"warm_start.n_failed_max={n_failed_max} needs budget.max_episodes >= {n_failed_max + 1}"
+        )
+    env = make_env("train")
+    rng = np.random.default_rng(seed)
+    records = []
+    for _ in range(num):
+        prompt, info = env.reset(seed=int(rng.integers(2**31 - 1)))
+        n_failed = int(rng.integers(0, n_failed_max + 1))
+        episodes = env.unwrapped.expert_trace(rng, n_failed=n_failed, variety=variety)
+        ids = codec.encode(prompt, special=True)
+        mask = [0] * len(ids)
+        policy_tokens = 0
+        terminated, reward = False, 0.0
+        for k, text in enumerate(episodes):
+            last = k == len(episodes) - 1
+            tokens = codec.encode(text) + ([codec.eos_id] if last else codec.delimiter_token)
+            if len(tokens) > budget.max_episode_tokens:
+                raise ValueError(
+                    f"expert episode {text!r} of problem {info['problem_id']} has {len(tokens)} tokens; "
+                    f"budget.max_episode_tokens={budget.max_episode_tokens} is too small for the expert traces"
+                )
+            policy_tokens += len(tokens)
+            ids += tokens
+            mask += [1] * len(tokens)
+            obs, reward, terminated, _, _ = env.step(text)
+            if obs:
+                o = codec.encode(obs)
+                ids += o
+                mask += [0] * len(o)
+        if not terminated or reward < 1.0:
+            raise RuntimeError(f"expert trace for problem {info['problem_id']} did not succeed: {episodes!r}")
+        if policy_tokens > budget.max_total_tokens:
+            raise ValueError(
+                f"expert trace of {policy_tokens} tokens exceeds budget.max_total_tokens={budget.max_total_tokens}"
+            )
+        records.append({"input_ids": ids, "completion_mask": mask})
+    return records
+
+
+def cache_key(model: ModelConfig, env: EnvConfig, budget: BudgetConfig, ws: WarmStartConfig, seed: int, vocab: dict) -> str:
+    spec = {
+        "version": CACHE_VERSION,
+        "model": asdict(model),
+        "env": asdict(env),
+        "budget": asdict(budget),
+        "warm_start": {k: v for k, v in asdict(ws).items() if k != "cache_dir"},
+        "seed": seed,
+        "vocab": hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _sft(model, tokenizer, records: list[dict], steps: int, ws: WarmStartConfig, seed: int, schedule: str) -> list[float]:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SFTConfig(
+            output_dir=tmp,
+            max_steps=steps,
+            per_device_train_batch_size=ws.batch_size,
+            learning_rate=ws.lr,
+            lr_scheduler_type=schedule,
+            warmup_steps=max(1, steps // 20),
+            weight_decay=0.0,
+            logging_steps=max(1, steps // 10),
+            save_strategy="no",
+            report_to=[],
+            completion_only_loss=True,
+            max_length=None,
+            dataloader_num_workers=0,
+            seed=seed,
+            data_seed=seed,
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True,
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def warm_start(
+    model, tokenizer, codec: StreamCodec, make_env, model_cfg: ModelConfig, env_cfg: EnvConfig,
+    budget: BudgetConfig, ws: WarmStartConfig, seed: int,
+) -> tuple[object, dict]:
+    """Fine-tune ``model`` on expert traces (or load the cached result). Returns (model, info)."""
+    if ws.steps <= 0:
+        return model, {"warm_start/cached": False, "warm_start/steps": 0}
+    key = cache_key(model_cfg, env_cfg, budget, ws, seed, tokenizer.get_vocab())
+    root = Path(os.path.expanduser(ws.cache_dir))
+    path = root / key
+    if (path / "done.json").exists():
+        info = json.loads((path / "done.json").read_text())
+        loaded = type(model).from_pretrained(path, dtype=next(model.parameters()).dtype)
+        log.info("warm start: loaded cached model %s", path)
+        return loaded, {**info, "warm_start/cached": True}
+    focused_steps = int(round(ws.steps * ws.focused_fraction))
+    losses = []
+    if focused_steps:
+        recs = expert_records(make_env, codec, budget, ws.num_traces, ws.n_failed_max, 0.0, seed)
+        losses += _sft(model, tokenizer, recs, focused_steps, ws, seed, "constant_with_warmup")
+    if ws.steps - focused_steps:
+        recs = expert_records(make_env, codec, budget, ws.num_traces, ws.n_failed_max, ws.variety, seed + 1)
+        losses += _sft(model, tokenizer, recs, ws.steps - focused_steps, ws, seed, "cosine")
+    model.config.use_cache = True
+    info = {"warm_start/steps": ws.steps, "warm_start/final_loss": losses[-1] if losses else float("nan"), "warm_start/key": key}
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "done.json").write_text(json.dumps(info))
+    if path.exists():  # a concurrent run finished first; keep theirs
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, path)
+    return model, {**info, "warm_start/cached": False}
