@@ -66,8 +66,12 @@ def gae(
         delta = r[:, k] + gamma * next_v - v[:, k]
         running = (delta + gamma * lam * next_valid * running) * valid[:, k]
         adv[:, k] = running
-    out_adv = torch.zeros_like(token_rewards).scatter(1, index, adv * valid)
-    out_ret = torch.zeros_like(token_rewards).scatter(1, index, (adv + v) * valid)
+    # Write back only valid slots: invalid ones point at column 0 and would collide.
+    rows = torch.arange(b, device=index.device)[:, None].expand_as(index)
+    out_adv = torch.zeros_like(token_rewards)
+    out_adv[rows[valid], index[valid]] = adv[valid]
+    out_ret = torch.zeros_like(token_rewards)
+    out_ret[rows[valid], index[valid]] = (adv + v)[valid]
     return out_adv, out_ret
 
 
@@ -85,7 +89,7 @@ def grpo(
     """
     ret = _trial_returns(token_rewards, action_mask)
     _, inv = torch.unique(group, return_inverse=True)
-    n = torch.zeros(int(inv.max()) + 1).index_add_(0, inv, torch.ones_like(ret))
+    n = torch.zeros(int(inv.max()) + 1, dtype=ret.dtype, device=ret.device).index_add_(0, inv, torch.ones_like(ret))
     mean = torch.zeros_like(n).index_add_(0, inv, ret) / n
     var = torch.zeros_like(n).index_add_(0, inv, (ret - mean[inv]) ** 2) / (n - 1).clamp(min=1)
     adv = (ret - mean[inv]) / (var[inv].sqrt() + eps)
@@ -99,7 +103,7 @@ def rloo(
     """REINFORCE leave-one-out: R_i minus the mean return of the other trials of its group."""
     ret = _trial_returns(token_rewards, action_mask)
     _, inv = torch.unique(group, return_inverse=True)
-    n = torch.zeros(int(inv.max()) + 1).index_add_(0, inv, torch.ones_like(ret))
+    n = torch.zeros(int(inv.max()) + 1, dtype=ret.dtype, device=ret.device).index_add_(0, inv, torch.ones_like(ret))
     if bool((n < 2).any()):
         raise ValueError("rloo needs at least 2 trials per problem group (algo.group_size >= 2)")
     total = torch.zeros_like(n).index_add_(0, inv, ret)

@@ -124,13 +124,16 @@ def ppo_update(
             mb = RolloutBatch(*(f.to(device) for f in mb))
             mask = mb.action_mask
             scores = actor_critic.score(mb.input_ids, mb.attention_mask, with_values=use_critic, with_entropy=True)
-            pg_loss, stats = loss_fn(scores.logprobs, mb.logprobs, mb.advantages, mask, clip_eps=cfg.clip_eps)
+            # Stored old/ref log-probs are 0 off action tokens; zero the new ones there too so
+            # that an extreme log-prob on a masked token cannot overflow into inf * 0 = NaN.
+            logprobs = scores.logprobs * mask
+            pg_loss, stats = loss_fn(logprobs, mb.logprobs, mb.advantages, mask, clip_eps=cfg.clip_eps)
             loss = pg_loss
             value_loss = torch.zeros((), device=device)
             if use_critic:
                 value_loss = clipped_value_loss(scores.values, mb.values, mb.returns, mask, cfg.value_clip)
                 loss = loss + cfg.vf_coef * value_loss
-            kl = masked_mean(kl_k3(scores.logprobs, mb.ref_logprobs), mask)
+            kl = masked_mean(kl_k3(logprobs, mb.ref_logprobs), mask)
             if cfg.kl_coef and not cfg.kl_in_reward:
                 loss = loss + cfg.kl_coef * kl
             entropy = masked_mean(scores.entropy, mask)
@@ -147,7 +150,7 @@ def ppo_update(
                 "grad_norm": grad_norm, **stats,
             }
             for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
             steps += 1
             tokens += int(mb.attention_mask.sum())
     out = {k: v / max(steps, 1) for k, v in sums.items()}

@@ -1,0 +1,220 @@
+"""The contextualised planted subsequence task (Setlur et al. 2025, arXiv 2502.12118).
+
+A didactic task whose difficulty and whose expert data's heterogeneity are both
+controlled: the input is a random digit string, a hidden rule of the problem family
+maps it to a short gold digit string, and a trial succeeds iff its token stream
+contains the gold string. The rule is never shown; a policy must learn it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from envs.base import EpisodicTextEnv, Problem, split_of
+
+_SPLIT_CODE = {"train": 1, "test": 2}
+_RULE_CODE = 3  # seeds [family_seed, code, ...] of the rule and of each split never coincide
+_MAX_REDRAWS = 10_000
+
+
+@functools.lru_cache(maxsize=64)
+def _rule(family_seed: int, input_length: int, gold_length: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(positions, shifts) of a family: gold[i] = (x[positions[i]] + shifts[i]) % 10."""
+    rng = np.random.default_rng([family_seed, _RULE_CODE])
+    positions = rng.choice(input_length, size=gold_length, replace=gold_length > input_length)
+    shifts = rng.integers(0, 10, size=gold_length)
+    return tuple(int(p) for p in positions), tuple(int(s) for s in shifts)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _planted_problem(
+    family_seed: int, input_length: int, gold_length: int, split: str, test_fraction: float, index: int
+) -> tuple[str, str]:
+    """(digits, gold) of problem ``index`` of ``split``: drawn from its own seed until it hashes into ``split``."""
+    rng = np.random.default_rng([family_seed, _SPLIT_CODE[split], index])
+    for _ in range(_MAX_REDRAWS):
+        digits = "".join(str(int(d)) for d in rng.integers(0, 10, size=input_length))
+        if split_of(digits, test_fraction) == split:
+            break
+    else:
+        raise ValueError(
+            f"PlantedSubseqEnv: no {split} problem found in {_MAX_REDRAWS} draws "
+            f"(input_length={input_length}, test_fraction={test_fraction}); use longer inputs"
+        )
+    positions, shifts = _rule(family_seed, input_length, gold_length)
+    gold = "".join(str((int(digits[p]) + s) % 10) for p, s in zip(positions, shifts))
+    return digits, gold
+
+
+class PlantedSubseqEnv(EpisodicTextEnv):
+    """Contextualised planted subsequence: find the hidden gold digits of a digit string.
+
+    A Gymnasium episode (reset -> terminated) is one **trial**; one ``step`` consumes
+    one **episode** (here: one chunk of digits the policy tries).
+
+    Each problem is ``input_length`` random digits. A rule fixed by ``family_seed``
+    and never shown maps them to ``gold_length`` gold digits:
+    ``gold[i] = (x[pos[i]] + shift[i]) % 10``. The trial succeeds iff its stream (any
+    episode, or the final answer) contains the gold digits contiguously.
+
+    Example (``family_seed=0``; prompt, then episodes, one per line)::
+
+        Prompt:    "173592\\n"
+        Episode 0: "8316"              (a failed chunk: no gold inside)
+        Episode 1: "Answer: 2470"      (commits; reward 1.0 iff the gold, e.g. "247", is inside)
+
+    +--------------------+---------------------------------------------------------------+
+    | Observation space  | ``UnicodeText``: prompt = the digits + ``episode_delimiter``; |
+    |                    | then ``""`` per episode, or ``"[correct]"``/``"[wrong]"``     |
+    |                    | with ``feedback=True``, or ``forced_answer_text``             |
+    | Action space       | ``UnicodeText``: the text of one episode (no delimiter)       |
+    | Reward             | 0 per uncommitted episode; at termination the outcome: 1.0    |
+    |                    | iff an earlier episode or the final answer contains the gold  |
+    | Termination        | an episode contains ``answer_marker`` (the text after it is   |
+    |                    | the answer), or the forced answer after ``max_episodes``      |
+    | Truncation         | never (the forced answer ends a trial)                        |
+    | ``reset`` options  | ``{"index": i}``: problem ``i`` of the split                  |
+    +--------------------+---------------------------------------------------------------+
+
+    Keyword arguments (``gymnasium.make("metarl/PlantedSubseq-v0", **kwargs)``):
+
+    +-----------------------+-------------+--------------------------------------------------+
+    | kwarg                 | default     | meaning                                          |
+    +=======================+=============+==================================================+
+    | ``input_length``      | 6           | digits in each problem                           |
+    | ``gold_length``       | 3           | digits of the gold subsequence                   |
+    | ``chunk_length``      | 4           | digits per chunk in expert traces (>= gold)      |
+    | ``family_seed``       | 0           | picks the hidden rule (a problem family)         |
+    | ``test_fraction``     | 0.2         | share of digit strings hashed into ``test``      |
+    | ``num_test_problems`` | 256         | size of the test split (train is unbounded)      |
+    | ``split``             | ``"train"`` | ``"train"`` or ``"test"``; disjoint by hash      |
+    | ``max_episodes``      | 3           | episodes before an answer is forced              |
+    | ``answer_marker``     | "Answer:"   | text that commits a final answer                 |
+    | ``forced_answer_text``| "Answer:"   | observation that turns the policy into the       |
+    |                       |             | meta-prover                                      |
+    | ``episode_delimiter`` | ``"\\n"``     | ends the prompt and each episode                 |
+    | ``feedback``          | False       | verdict on each uncommitted episode              |
+    | ``max_text_length``   | 100000      | longest episode text accepted                    |
+    +-----------------------+-------------+--------------------------------------------------+
+
+    Problem ``index`` of a split comes from ``np.random.default_rng([family_seed,
+    split_code, index])``, redrawn until ``split_of(digits, test_fraction)`` names the
+    split: train and test digit strings never overlap, and a fixed index always gives
+    the same problem.
+
+    Expert traces: ``n_failed`` chunks without the gold, then ``"Answer: <chunk>"`` with
+    the gold inside. ``variety`` is the probability that each episode takes its varied
+    form: focused (0) = gold first then ``0`` filler, failed chunks the gold with every
+    digit shifted; varied (1) = gold at a random offset among random filler, failed
+    chunks uniformly random.
+    """
+
+    def __init__(
+        self,
+        *,
+        input_length: int = 6,
+        gold_length: int = 3,
+        chunk_length: int = 4,
+        family_seed: int = 0,
+        test_fraction: float = 0.2,
+        num_test_problems: int = 256,
+        split: str = "train",
+        max_episodes: int = 3,
+        answer_marker: str = "Answer:",
+        forced_answer_text: str = "Answer:",
+        episode_delimiter: str = "\n",
+        feedback: bool = False,
+        max_text_length: int = 100_000,
+    ):
+        super().__init__(
+            split=split,
+            max_episodes=max_episodes,
+            answer_marker=answer_marker,
+            forced_answer_text=forced_answer_text,
+            episode_delimiter=episode_delimiter,
+            feedback=feedback,
+            max_text_length=max_text_length,
+        )
+        name = type(self).__name__
+        if input_length < 1 or gold_length < 1:
+            raise ValueError(f"{name}: input_length and gold_length must be >= 1, got {input_length}, {gold_length}")
+        if chunk_length < gold_length:
+            raise ValueError(f"{name}: chunk_length ({chunk_length}) must be >= gold_length ({gold_length})")
+        if not 0.0 < test_fraction < 1.0:
+            raise ValueError(f"{name}: test_fraction must be in (0, 1), got {test_fraction}")
+        if num_test_problems < 1:
+            raise ValueError(f"{name}: num_test_problems must be >= 1, got {num_test_problems}")
+        self.input_length = int(input_length)
+        self.gold_length = int(gold_length)
+        self.chunk_length = int(chunk_length)
+        self.family_seed = int(family_seed)
+        self.test_fraction = float(test_fraction)
+        self.num_test_problems = int(num_test_problems)
+
+    @property
+    def num_problems(self) -> int | None:
+        return None if self.split == "train" else self.num_test_problems
+
+    def _problem(self, index: int) -> Problem:
+        digits, gold = _planted_problem(
+            self.family_seed, self.input_length, self.gold_length, self.split, self.test_fraction, index
+        )
+        return Problem(
+            problem_id=f"planted:{digits}",
+            prompt=digits + self.episode_delimiter,
+            reference=gold,
+            data={"digits": digits},
+        )
+
+    # ------------------------------------------------------------------ grading
+    def score(self, answer_text: str) -> float:
+        """1.0 iff the gold digits appear contiguously in the answer (linear time, any string)."""
+        return float(isinstance(answer_text, str) and self.reference_answer in answer_text)
+
+    def score_episode(self, episode_text: str) -> float:
+        return self.score(episode_text)
+
+    def outcome(self, episodes: list[str], answer: str | None) -> float:
+        """1.0 iff an earlier episode or the final answer contains the gold: the stream holds it."""
+        texts = episodes + ([answer] if answer is not None else [])
+        return float(any(self.score(t) >= 1.0 for t in texts))
+
+    # ------------------------------------------------------------ expert traces
+    def expert_trace(self, rng: np.random.Generator, n_failed: int, variety: float) -> list[str]:
+        if not 0 <= n_failed < self.max_episodes:
+            raise ValueError(f"expert_trace: n_failed must be in [0, max_episodes={self.max_episodes}), got {n_failed}")
+        if not 0.0 <= variety <= 1.0:
+            raise ValueError(f"expert_trace: variety must be in [0, 1], got {variety}")
+        gold = self.reference_answer
+        fill = self.chunk_length - self.gold_length
+        episodes = []
+        for j in range(n_failed):
+            if rng.random() < variety:
+                episodes.append(self._random_miss(rng))
+            else:
+                episodes.append(self._canonical_miss(j))
+        if rng.random() < variety:
+            filler = "".join(str(int(d)) for d in rng.integers(0, 10, size=fill))
+            at = int(rng.integers(0, fill + 1))
+            chunk = filler[:at] + gold + filler[at:]
+        else:
+            chunk = gold + "0" * fill
+        episodes.append(f"{self.answer_marker} {chunk}")
+        return episodes
+
+    def _canonical_miss(self, j: int) -> str:
+        gold = self.reference_answer
+        for shift in range(j + 1, j + 11):
+            chunk = "".join(str((int(g) + shift) % 10) for g in gold) + "0" * (self.chunk_length - self.gold_length)
+            if gold not in chunk:
+                return chunk
+        raise AssertionError("unreachable: some shift of every digit avoids the gold")
+
+    def _random_miss(self, rng: np.random.Generator) -> str:
+        while True:
+            chunk = "".join(str(int(d)) for d in rng.integers(0, 10, size=self.chunk_length))
+            if self.reference_answer not in chunk:
+                return chunk
+
