@@ -70,6 +70,9 @@ class UnicodeText(gym.spaces.Space[str]):
     def __eq__(self, other: Any) -> bool:
         return isinstance(other, UnicodeText) and other.max_length == self.max_length
 
+    def __hash__(self) -> int:
+        return hash((UnicodeText, self.max_length))
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -234,7 +237,7 @@ class EpisodicTextEnv(gym.Env[str, str]):
         index = len(self._episodes)
         self._episodes.append(action)
         forced = self._forced
-        answer = action.strip() if forced else self.parse_answer(action)
+        answer = self.parse_answer(action) if not forced else (self.parse_answer(action) or action.strip())
         terminated = answer is not None
         info: dict[str, Any] = {
             "episode_index": index,

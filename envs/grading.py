@@ -82,24 +82,29 @@ _SAFE_CALLS = frozenset(
     "sin cos tan cot sec csc asin acos atan atan2 sinh cosh tanh exp log ln sqrt cbrt abs Abs "
     "floor ceil ceiling factorial binomial gcd lcm max min Max Min Rational pi E".split()
 )
-_CALL_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)?\s*([)\]}'\"])?\s*\(")
-
-
 def looks_like_code(text: str) -> bool:
     """True if ``text`` could do something when evaluated as Python (or by sympy).
 
     Without dunder names, ``lambda`` and calls, an expression can only build values;
     calls of the mathematical functions in ``_SAFE_CALLS`` are allowed. The check is
-    textual and conservative: ``open (x)``, ``[f][0](x)`` and ``(lambda: 0)()`` are all
-    caught, and so is ordinary prose of the form ``word(...)``.
+    textual, conservative and linear in the length: ``open (x)``, ``[f][0](x)`` and
+    ``(lambda: 0)()`` are all caught, and so is ordinary prose of the form ``word(...)``.
     """
     if "__" in text or re.search(r"\blambda\b", text):
         return True
-    for m in _CALL_RE.finditer(text):
-        name, closer = m.group(1), m.group(2)
-        if closer is not None:  # a call on the result of ``(...)``, ``[...]`` or a string
+    for m in re.finditer(r"\(", text):
+        j = m.start() - 1
+        while j >= 0 and text[j].isspace():
+            j -= 1
+        if j < 0:
+            continue
+        if text[j] in ")]}'\"":  # a call on the result of (...), [...] or a string
             return True
-        if name is not None and name not in _SAFE_CALLS:
+        k = j
+        while k >= 0 and (text[k].isalnum() or text[k] == "_"):
+            k -= 1
+        name = text[k + 1: j + 1].lstrip("0123456789")  # "2(x)" is no call; "9open(x)" may be
+        if name and name not in _SAFE_CALLS:
             return True
     return False
 
@@ -238,7 +243,7 @@ def extract_boxed(text: str) -> str | None:
 _BOOT = (
     "import sys, json, importlib.util as u; sys.path[:] = json.loads(sys.argv[2]); "
     "s = u.spec_from_file_location('_metarl_grading_worker', sys.argv[1]); "
-    "m = u.module_from_spec(s); s.loader.exec_module(m); m._serve()"
+    "m = u.module_from_spec(s); s.loader.exec_module(m); m._serve(int(sys.argv[3]))"
 )
 
 
@@ -268,14 +273,15 @@ class _Worker:
             self._kill()
 
     def _ensure_started(self) -> None:
-        if self._proc is not None and self._owner_pid != os.getpid():
-            self._proc = None  # inherited across fork: the parent's worker, not ours to use or kill
         if self._proc is not None and self._proc.poll() is not None:
             self._kill()
         if self._proc is None:
             env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+            # Started from the main thread, the worker dies with this process even when it is
+            # SIGKILLed mid-grade (Linux parent-death signal; tied to the starting thread).
+            parent = os.getpid() if threading.current_thread() is threading.main_thread() else 0
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOT, os.path.abspath(__file__), json.dumps(sys.path)],
+                [sys.executable, "-c", _BOOT, os.path.abspath(__file__), json.dumps(sys.path), str(parent)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 env=env,
@@ -286,7 +292,7 @@ class _Worker:
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
         if proc is None or self._owner_pid != os.getpid():
-            return
+            return  # a forked child running its parent's atexit hooks: not its worker to kill
         proc.kill()
         proc.wait()
         for pipe in (proc.stdin, proc.stdout):
@@ -343,6 +349,16 @@ def _worker() -> _Worker:
         return _WORKER
 
 
+def _forget_worker_after_fork() -> None:
+    # A forked child must not share its parent's worker (or a lock held at fork time).
+    global _WORKER, _WORKER_LOCK
+    _WORKER, _WORKER_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_worker_after_fork)
+
+
 def worker_restarts() -> int:
     """How many times this process's grading worker was killed and restarted (timeouts, crashes)."""
     return 0 if _WORKER is None else _WORKER.restarts
@@ -379,8 +395,22 @@ def _limit_memory() -> None:
         pass  # not Linux: the timeout still bounds the worker
 
 
-def _serve() -> None:
+def _die_with_parent(parent: int) -> None:
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: the worker still exits when its stdin closes
+    if os.getppid() != parent:
+        os._exit(0)  # the parent died before prctl took effect
+
+
+def _serve(parent: int = 0) -> None:
     """Worker main loop: read a request, answer it, forever (until stdin closes)."""
+    if parent:
+        _die_with_parent(parent)
     out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)  # stray prints from libraries must not corrupt the protocol
     inp = sys.stdin.buffer

@@ -252,6 +252,9 @@ class MathEnv(EpisodicTextEnv):
     |                        |             | distinct expression)                            |
     | ``seed``               | 0           | generator: seed of the draws                    |
     | ``test_fraction``      | 0.2         | share hashed into ``test``                      |
+    | ``num_test_problems``  | 256         | at most this many test problems (the first in   |
+    |                        |             | draw or file order); None: all. The default     |
+    |                        |             | generator has only 44 test expressions          |
     | ``grading_timeout_s``  | 2.0         | wall-clock bound of one math-verify comparison  |
     | ``split``              | "train"     | ``"train"`` or ``"test"``                       |
     | ``max_episodes``       | 3           | episodes before an answer is forced             |
@@ -271,7 +274,7 @@ class MathEnv(EpisodicTextEnv):
     Expert traces: ``n_failed`` wrong attempts (a wrong result: off by one, a wrong
     operation, a dropped term), then the equation with the right result and the
     committed answer. ``variety`` is the probability that each episode takes a varied
-    form (commuted operands, ``"is"`` instead of ``=``, random wrong results) instead of
+    form (commuted operands, ``"is"`` or ``", so"`` wording, random wrong results) instead of
     the canonical one (``"7+5=11"``, ``"7+5=12 Answer: 12"``). Loaded problems have no
     equation: failed episodes are perturbed answers, the last commits the reference
     (varied: after the dataset's solution text).
@@ -293,6 +296,7 @@ class MathEnv(EpisodicTextEnv):
         size: int = 5000,
         seed: int = 0,
         test_fraction: float = 0.2,
+        num_test_problems: int | None = 256,
         grading_timeout_s: float = 2.0,
         split: str = "train",
         max_episodes: int = 3,
@@ -316,6 +320,8 @@ class MathEnv(EpisodicTextEnv):
             raise ValueError(f"{name}: test_fraction must be in (0, 1), got {test_fraction}")
         if grading_timeout_s <= 0:
             raise ValueError(f"{name}: grading_timeout_s must be positive, got {grading_timeout_s}")
+        if num_test_problems is not None and num_test_problems < 1:
+            raise ValueError(f"{name}: num_test_problems must be >= 1 or None, got {num_test_problems}")
         self.grading_timeout_s = float(grading_timeout_s)
         self.dataset = dataset
         if dataset is None:
@@ -335,6 +341,8 @@ class MathEnv(EpisodicTextEnv):
         else:
             self._records = self._load(dataset, dataset_split, (problem_key, answer_key, solution_key), test_fraction)
             self._source = os.path.basename(dataset) if _is_local(dataset) else dataset
+        if split == "test" and num_test_problems is not None:
+            self._records = self._records[:num_test_problems]
         if not self._records:
             raise ValueError(f"{name}: the {split!r} split is empty; add problems or change test_fraction")
 
@@ -436,7 +444,7 @@ class MathEnv(EpisodicTextEnv):
         if rng.random() >= variety:
             return f"{expr}={v} {m} {v}"
         form = int(rng.integers(0, 4))
-        return (f"{expr}={v} {m} {v}", f"{self._commuted()}={v} {m} {v}", f"{expr} is {v}, so {m} {v}", f"{m} {v}")[form]
+        return (f"{expr}={v} {m} {v}", f"{self._commuted()}={v} {m} {v}", f"{expr}={v}, so {m} {v}", f"{m} {v}")[form]
 
     def _loaded_miss(self, rng: np.random.Generator, j: int, variety: float) -> str:
         ref = self.reference_answer

@@ -61,9 +61,9 @@ class PlantedSubseqEnv(EpisodicTextEnv):
 
     Example (``family_seed=0``; prompt, then episodes, one per line)::
 
-        Prompt:    "173592\\n"
-        Episode 0: "8316"              (a failed chunk: no gold inside)
-        Episode 1: "Answer: 2470"      (commits; reward 1.0 iff the gold, e.g. "247", is inside)
+        Prompt:    "173592\\n"         (gold = x[2]+3, x[4]+5, x[5]+3 mod 10 = "645")
+        Episode 0: "7560"              (a failed chunk: no gold inside)
+        Episode 1: "Answer: 6450"      (commits; reward 1.0: the gold is inside)
 
     +--------------------+---------------------------------------------------------------+
     | Observation space  | ``UnicodeText``: prompt = the digits + ``episode_delimiter``; |

@@ -15,12 +15,22 @@ import functools
 import json
 import math
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from envs.base import SPLITS, EpisodicTextEnv, Problem, split_of
 from envs.grading import MAX_ANSWER_CHARS, looks_like_code, parse_number, passes_guards, score_reasoning_gym
+
+
+def _plain(value: Any) -> Any:
+    """Plain dicts and lists from any mappings and sequences (e.g. OmegaConf containers from Hydra)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _registry() -> dict:
@@ -142,11 +152,14 @@ class ReasoningGymEnv(EpisodicTextEnv):
         if task not in registry:
             close = difflib.get_close_matches(task, registry, n=5) or sorted(registry)[:8]
             raise ValueError(f"{name}: unknown reasoning-gym task {task!r}; e.g. {close} ({len(registry)} tasks)")
-        task_config = dict(task_config or {})
+        task_config = _plain(task_config or {})
         fields = {f.name for f in dataclasses.fields(registry[task][1])} - {"seed", "size"}
         unknown = sorted(set(task_config) - fields)
         if unknown:
-            raise ValueError(f"{name}: unknown task_config option(s) {unknown} for {task!r}; valid: {sorted(fields)}")
+            raise ValueError(
+                f"{name}: unknown task_config option(s) {unknown} for {task!r}; valid: {sorted(fields)} "
+                "(seed and size are keyword arguments of the env itself)"
+            )
         if size < 1:
             raise ValueError(f"{name}: size must be >= 1, got {size}")
         if not 0.0 < test_fraction < 1.0:

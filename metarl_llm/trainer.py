@@ -205,6 +205,11 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
     )
     generator = torch.Generator().manual_seed(cfg.seed)
     problem_rng = np.random.default_rng(cfg.seed)
+    n_test = make_env("test").unwrapped.num_problems
+    if n_test is not None and cfg.eval.num_problems > n_test:
+        log.warning("eval.num_problems=%d but the held-out split has %d problems: evaluating on all %d",
+                    cfg.eval.num_problems, n_test, n_test)
+        cfg.eval.num_problems = n_test
     n_trials = cfg.algo.problems_per_iter * cfg.algo.group_size
     train_envs = [make_env("train") for _ in range(n_trials)]
     eval_envs = [make_env("test") for _ in range(cfg.eval.num_problems * cfg.eval.samples_per_problem)]

@@ -7,8 +7,9 @@ in a rollout). trl's SFTTrainer fits them with the loss on policy tokens only
 (``completion_mask`` = action tokens; prompt and observations are masked).
 
 Curriculum (FINDINGS.md): with varied traces from the start the loss plateaus, so
-the first ``focused_fraction`` of steps use focused traces (variety 0), the rest the
-configured variety.
+the first ``focused_fraction`` of steps use focused traces (the correct episode
+alone, variety 0), the rest stitched traces (``0..n_failed_max`` failed episodes
+first) at the configured variety.
 
 The result is cached under ``cache_dir`` by a hash of everything that determines it
 (model, tokenizer, environment, budget, warm-start settings, seed), so the next run
@@ -33,7 +34,7 @@ from metarl_llm.config import BudgetConfig, EnvConfig, ModelConfig, WarmStartCon
 from metarl_llm.rollout import StreamCodec
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1  # bump when the trace format or the SFT recipe changes
+CACHE_VERSION = 2  # bump when the trace format or the SFT recipe changes
 
 
 def expert_records(
@@ -101,6 +102,7 @@ def cache_key(model: ModelConfig, env: EnvConfig, budget: BudgetConfig, ws: Warm
 
 def _sft(model, tokenizer, records: list[dict], steps: int, ws: WarmStartConfig, seed: int, schedule: str) -> list[float]:
     from datasets import Dataset
+    from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,6 +126,7 @@ def _sft(model, tokenizer, records: list[dict], steps: int, ws: WarmStartConfig,
             disable_tqdm=True,
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+        trainer.remove_callback(PrinterCallback)  # losses go to our log, not stdout
         trainer.train()
         return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
@@ -146,12 +149,13 @@ def warm_start(
     focused_steps = int(round(ws.steps * ws.focused_fraction))
     losses = []
     if focused_steps:
-        recs = expert_records(make_env, codec, budget, ws.num_traces, ws.n_failed_max, 0.0, seed)
+        recs = expert_records(make_env, codec, budget, ws.num_traces, 0, 0.0, seed)
         losses += _sft(model, tokenizer, recs, focused_steps, ws, seed, "constant_with_warmup")
     if ws.steps - focused_steps:
         recs = expert_records(make_env, codec, budget, ws.num_traces, ws.n_failed_max, ws.variety, seed + 1)
         losses += _sft(model, tokenizer, recs, ws.steps - focused_steps, ws, seed, "cosine")
     model.config.use_cache = True
+    log.info("warm start: %d steps, loss %s", ws.steps, " ".join(f"{x:.3f}" for x in losses))
     info = {"warm_start/steps": ws.steps, "warm_start/final_loss": losses[-1] if losses else float("nan"), "warm_start/key": key}
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
