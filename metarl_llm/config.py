@@ -126,7 +126,7 @@ class AlgoConfig:
     problems_per_iter: int = 8  # distinct problems per rollout batch
     group_size: int = 8  # trials per problem (GRPO/RLOO need > 1)
     lr: float = 1e-4  # AdamW learning rate of the policy (and shared value head)
-    critic_lr: float = 1e-4  # learning rate of a separate critic
+    critic_lr: float = 1e-3  # learning rate of the value head (and of a separate critic trunk)
     weight_decay: float = 0.0
     ppo_epochs: int = 2  # passes over each rollout batch
     minibatch_size: int = 32  # trials per optimiser step
@@ -137,7 +137,7 @@ class AlgoConfig:
     kl_coef: float = 0.02  # weight of KL(policy || reference)
     kl_in_reward: bool = False  # True: -kl_coef*k1 per token in the reward; False: k3 loss term
     gamma: float = 1.0  # discount per action token
-    lam: float = 0.95  # GAE lambda
+    lam: float = 1.0  # GAE lambda (1: Monte-Carlo return minus the value baseline, robust for sparse outcomes)
     whiten_advantages: bool = True  # normalise advantages over the batch's action tokens
     max_grad_norm: float = 1.0
 
@@ -186,7 +186,7 @@ class WarmStartConfig:
     num_traces: int = 8192  # expert traces generated for the warm start
     n_failed_max: int = 2  # each trace has 0..n_failed_max failed episodes before the correct one
     variety: float = 0.5  # heterogeneity of the traces (0 focused .. 1 varied)
-    focused_fraction: float = 0.2  # curriculum: first share of steps on focused traces (variety 0)
+    focused_fraction: float = 0.5  # curriculum: first share of steps on focused traces (variety 0)
     cache_dir: str = "~/.cache/metarl-llm/warm_start"  # keyed by a hash of everything that determines it
 
 

@@ -157,15 +157,13 @@ class ActorCritic(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def policy_parameters(self) -> list[nn.Parameter]:
-        params = list(self.policy.parameters())
-        if self.critic_mode == "shared":
-            params += list(self.value_head.parameters())
-        return params
+        """The LM's parameters (with a shared critic the value loss reaches them too)."""
+        return list(self.policy.parameters())
 
     def critic_parameters(self) -> list[nn.Parameter]:
-        if self.critic_mode == "shared":
-            return []
-        return list(self.critic_trunk.parameters()) + list(self.value_head.parameters())
+        """The value head, plus the critic trunk when it is separate."""
+        trunk = list(self.critic_trunk.parameters()) if self.critic_trunk is not None else []
+        return trunk + list(self.value_head.parameters())
 
     def score(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_values: bool = True, with_entropy: bool = False

@@ -193,7 +193,7 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
     actor_critic = build_actor_critic(policy, cfg.model, cfg.seed).to(device)
     use_critic = cfg.algo.advantage == "gae"
     groups = [{"params": actor_critic.policy_parameters(), "lr": cfg.algo.lr}]
-    if actor_critic.critic_parameters():
+    if use_critic:
         groups.append({"params": actor_critic.critic_parameters(), "lr": cfg.algo.critic_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.algo.weight_decay)
     advantage_fn = get_advantage(cfg.algo.advantage)
