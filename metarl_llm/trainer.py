@@ -76,6 +76,16 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("budget token limits must be >= 1")
 
 
+def quiet_libraries() -> None:
+    """Silence the libraries' own progress bars (dataset maps, shard writes); ours stays."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_warning()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -179,6 +189,7 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    quiet_libraries()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

@@ -34,7 +34,7 @@ from metarl_llm.config import BudgetConfig, EnvConfig, ModelConfig, WarmStartCon
 from metarl_llm.rollout import StreamCodec
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # bump when the trace format or the SFT recipe changes
+CACHE_VERSION = 3  # bump when the trace format or the SFT recipe changes
 
 
 def expert_records(
@@ -166,4 +166,9 @@ def warm_start(
         shutil.rmtree(tmp)
     else:
         os.replace(tmp, path)
-    return model, {**info, "warm_start/cached": False}
+    # Hand back a clean model loaded from the cache entry, never the trained object:
+    # the Trainer leaves wrappers on it (an instance-level ``forward`` bound to it, input
+    # hooks, gradient checkpointing) and a deepcopy of that object, e.g. the frozen
+    # reference, would still run the live policy. Fresh and cached runs now start alike.
+    clean = type(model).from_pretrained(path, dtype=next(model.parameters()).dtype)
+    return clean, {**info, "warm_start/cached": False}

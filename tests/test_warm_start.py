@@ -1,0 +1,62 @@
+"""Warm start: policy-token-only loss, the cache, and a clean model handed back."""
+
+import copy
+
+import pytest
+import torch
+
+from metarl_llm.config import BudgetConfig
+from metarl_llm.models import build_char_tokenizer, load_policy
+from metarl_llm.rollout import StreamCodec
+from metarl_llm.trainer import env_factory
+from metarl_llm.warm_start import expert_records, warm_start
+
+SMALL = ["warm_start.steps=4", "warm_start.num_traces=32", "warm_start.batch_size=8", "model.tiny.hidden_size=32",
+         "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64"]
+
+
+def test_expert_records_mask_only_policy_tokens(compose_cfg):
+    cfg = compose_cfg("env.feedback=true")  # feedback inserts observation tokens between episodes
+    tok = build_char_tokenizer()
+    codec = StreamCodec(tok, "\n", "Answer:")
+    recs = expert_records(env_factory(cfg), codec, cfg.budget, 20, 2, 0.5, seed=0)
+    for r in recs:
+        text_policy = tok.decode([i for i, m in zip(r["input_ids"], r["completion_mask"]) if m])
+        text_other = tok.decode([i for i, m in zip(r["input_ids"], r["completion_mask"]) if not m])
+        assert "Answer:" in text_policy and r["input_ids"][-1] == tok.eos_token_id and r["completion_mask"][-1] == 1
+        assert "[correct]" not in text_policy and "[wrong]" not in text_policy  # observations never trained on
+        assert text_other.split("\n")[0].isdigit()  # the prompt is masked
+    assert any("[wrong]" in tok.decode(r["input_ids"]) for r in recs)
+
+
+def test_expert_traces_that_do_not_fit_the_budget_are_an_error(compose_cfg):
+    cfg = compose_cfg()
+    codec = StreamCodec(build_char_tokenizer(), "\n", "Answer:")
+    with pytest.raises(ValueError, match="max_episode_tokens"):
+        expert_records(env_factory(cfg), codec, BudgetConfig(max_episode_tokens=5), 4, 1, 0.0, seed=0)
+    with pytest.raises(ValueError, match="max_episodes"):
+        expert_records(env_factory(cfg), codec, BudgetConfig(max_episodes=2), 4, 2, 0.0, seed=0)
+
+
+def test_warm_start_is_cached_and_returns_a_clean_model(compose_cfg, tmp_path):
+    cfg = compose_cfg(*SMALL, f"warm_start.cache_dir={tmp_path}")
+    x = torch.tensor([[5, 6, 7, 8, 9, 10]])
+
+    def run():
+        policy, tok = load_policy(cfg.model, 0)
+        codec = StreamCodec(tok, "\n", "Answer:")
+        return warm_start(policy, tok, codec, env_factory(cfg), cfg.model, cfg.env, cfg.budget, cfg.warm_start, 0)
+
+    fresh, info = run()
+    cached, info2 = run()
+    assert info["warm_start/cached"] is False and info2["warm_start/cached"] is True
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, cached(x).logits)  # fresh and cached runs start alike
+        for model in (fresh, cached):
+            # A deepcopy (the frozen reference) must not follow later changes of the policy.
+            ref = copy.deepcopy(model)
+            before = ref(x).logits.clone()
+            for p in model.parameters():
+                p.add_(0.05)
+            assert torch.equal(ref(x).logits, before)
+            assert not torch.allclose(model(x).logits, before)
