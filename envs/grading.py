@@ -27,6 +27,8 @@ file path, without importing the ``envs`` package.
 
 from __future__ import annotations
 
+import functools
+
 import atexit
 import json
 import os
@@ -191,6 +193,13 @@ def answers_match(answer: str, reference: str, timeout_s: float = 2.0) -> bool:
         return a == r
     if r is not None and not any(c.isdigit() for c in answer):
         return False  # a number needs digits; spares the worker most garbage
+    return _math_verify_match(answer, reference, timeout_s)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _math_verify_match(answer: str, reference: str, timeout_s: float) -> bool:
+    """math-verify in the worker, memoised: grading is pure, and rollouts repeat answers
+    (k meta-prover samples per boundary), so each distinct pair costs one round-trip."""
     status, value = _worker().request(("mv", answer, reference), timeout_s, setup=("mv",))
     return status == "ok" and bool(value)
 

@@ -246,7 +246,7 @@ class MathEnv(EpisodicTextEnv):
     | ``ops``                | "+-"        | generator: operators to draw from ``+-*/``      |
     | ``min_value``          | 0           | generator: smallest operand                     |
     | ``max_value``          | 9           | generator: largest operand                      |
-    | ``num_terms``          | 2           | generator: operands per expression              |
+    | ``num_terms``          | 3           | generator: operands per expression              |
     | ``word_fraction``      | 0.25        | generator: share of problems told as a story    |
     | ``size``               | 5000        | generator: seeded draws (one problem per        |
     |                        |             | distinct expression)                            |
@@ -291,7 +291,7 @@ class MathEnv(EpisodicTextEnv):
         ops: str = "+-",
         min_value: int = 0,
         max_value: int = 9,
-        num_terms: int = 2,
+        num_terms: int = 3,
         word_fraction: float = 0.25,
         size: int = 5000,
         seed: int = 0,
@@ -414,8 +414,11 @@ class MathEnv(EpisodicTextEnv):
 
     def _arith_miss(self, rng: np.random.Generator, j: int, variety: float) -> str:
         expr, value = self.problem.data["expr"], int(self.reference_answer)
+        delta = (j // 2 + 1) * (-1 if j % 2 == 0 else 1)  # -1, +1, -2, +2, ...
+        steps = self._steps(slip=delta if rng.random() >= variety else int(rng.choice([-2, -1, 1, 2])))
+        if steps is not None:  # a slip in the last step of the working
+            return steps
         if rng.random() >= variety:
-            delta = (j // 2 + 1) * (-1 if j % 2 == 0 else 1)  # -1, +1, -2, +2, ...
             return f"{expr}={value + delta}"
         wrong = self._wrong_result(rng, value)
         form = int(rng.integers(0, 4))
@@ -439,8 +442,26 @@ class MathEnv(EpisodicTextEnv):
                 return wrong
         return value + 1
 
+    def _steps(self, slip: int = 0) -> str | None:
+        """Left-to-right working for chains of + and - ("3+5=8 8-1=7"), the last result
+        off by ``slip``; None for two terms or other operators (no working needed)."""
+        terms, ops = self.problem.data["terms"], self.problem.data["ops"]
+        if len(ops) < 2 or any(o not in "+-" for o in ops):
+            return None
+        acc, parts = terms[0], []
+        for k, (o, t) in enumerate(zip(ops, terms[1:])):
+            new = acc + t if o == "+" else acc - t
+            if k == len(ops) - 1:
+                new += slip
+            parts.append(f"{acc}{o}{t}={new}")
+            acc = new
+        return " ".join(parts)
+
     def _arith_hit(self, rng: np.random.Generator, variety: float) -> str:
         expr, v, m = self.problem.data["expr"], self.reference_answer, self.answer_marker
+        steps = self._steps()
+        if steps is not None:  # multi-step chains: the expert shows its working
+            return f"{steps} {m} {v}" if rng.random() >= variety or rng.random() < 0.5 else f"{steps}, so {m} {v}"
         if rng.random() >= variety:
             return f"{expr}={v} {m} {v}"
         form = int(rng.integers(0, 4))

@@ -54,10 +54,13 @@ class MathEnvConfig(EnvConfig):
     ops: str = "+-"  # operators of generated arithmetic
     min_value: int = 0  # smallest operand
     max_value: int = 9  # largest operand
-    num_terms: int = 2  # operands per expression
+    num_terms: int = 3  # operands per expression (chains of + and - come with step-by-step expert working)
+    size: int = 5000  # generator draws (duplicates dropped) before the train/test split
+    seed: int = 0  # generator seed
     word_fraction: float = 0.25  # share of generated problems phrased as word problems
     num_test_problems: int = 256  # size of the generated held-out split
     test_fraction: float = 0.2
+    grading_timeout_s: float = 2.0  # wall-clock bound of one math-verify comparison
 
 
 @dataclass
@@ -79,8 +82,8 @@ class BudgetConfig:
     """Limits of one trial (group ``budget``)."""
 
     max_episodes: int = 3  # episodes before the environment forces an answer
-    max_episode_tokens: int = 24  # policy tokens per episode (cut there)
-    max_total_tokens: int = 72  # policy tokens per trial before the forced answer
+    max_episode_tokens: int = 32  # policy tokens per episode (cut there)
+    max_total_tokens: int = 96  # policy tokens per trial before the forced answer
     answer_max_tokens: int = 12  # tokens of a forced answer (meta-prover samples too)
     max_prompt_tokens: int = 128  # longer prompts are an error, never silently cut
 

@@ -249,6 +249,7 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
         group_ids = [g for g in range(cfg.algo.problems_per_iter) for _ in range(cfg.algo.group_size)]
         trials = run_trials(actor_critic.policy, codec, train_envs, resets, group_ids, cfg.budget, generator)
         sampled = sum(t.policy_tokens for t in trials)
+        t_generate = time.perf_counter() - t0
         # 2. score
         batch = score_batch(actor_critic, reference, collate(trials, codec.pad_id), use_critic)
         mismatch = float(max(
@@ -256,9 +257,10 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
             for i, t in enumerate(trials)
         ))
         # 3. bonus
+        t_bonus = time.perf_counter()
         bonus_model = reference if cfg.bonus.use_reference else actor_critic.policy
         bonuses, curves = episode_bonuses(cfg.bonus, bonus_model, codec, trials, cfg.budget.answer_max_tokens, generator)
-        t_rollout = time.perf_counter() - t0
+        t_bonus = time.perf_counter() - t_bonus
         # 4. rewards
         token_rewards = place_rewards(batch, bonuses, cfg.algo.kl_coef, cfg.algo.kl_in_reward)
         # 5. advantages
@@ -273,7 +275,7 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
         t_update = time.perf_counter() - t1
         # 7. log
         rollout_tokens += sampled
-        rollout_time += t_rollout
+        rollout_time += t_generate
         update_tokens += stats["update_tokens"]
         update_time += t_update
         mask = batch.action_mask
@@ -288,9 +290,10 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
             "train/explained_variance": explained_variance(batch.values, ret, mask) if use_critic else float("nan"),
             "train/logprob_mismatch_max": mismatch,
             **{f"train/{k}": v for k, v in stats.items() if k != "update_tokens"},
-            "perf/rollout_tokens_per_s": sampled / t_rollout,
+            "perf/rollout_tokens_per_s": sampled / t_generate,  # sampling policy tokens, env steps included
             "perf/update_tokens_per_s": stats["update_tokens"] / t_update,
             "perf/iteration_s": time.perf_counter() - t0,
+            "perf/bonus_s": t_bonus,
         }
         if curves is not None:
             width = max(len(c) for c in curves)

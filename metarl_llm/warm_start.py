@@ -34,7 +34,7 @@ from metarl_llm.config import BudgetConfig, EnvConfig, ModelConfig, WarmStartCon
 from metarl_llm.rollout import StreamCodec
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 3  # bump when the trace format or the SFT recipe changes
+CACHE_VERSION = 4  # bump when the trace format or the SFT recipe changes
 
 
 def expert_records(
@@ -100,7 +100,9 @@ def cache_key(model: ModelConfig, env: EnvConfig, budget: BudgetConfig, ws: Warm
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _sft(model, tokenizer, records: list[dict], steps: int, ws: WarmStartConfig, seed: int, schedule: str) -> list[float]:
+def _sft(
+    model, tokenizer, records: list[dict], steps: int, ws: WarmStartConfig, seed: int, schedule: str, checkpointing: bool
+) -> list[float]:
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
@@ -124,6 +126,10 @@ def _sft(model, tokenizer, records: list[dict], steps: int, ws: WarmStartConfig,
             data_seed=seed,
             use_cpu=not torch.cuda.is_available(),
             disable_tqdm=True,
+            # trl turns checkpointing on by default; on small models it only costs time.
+            # transformers 5 renamed the argument (the old name still works, with a warning).
+            **{"activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__
+               else "gradient_checkpointing": checkpointing},
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
         trainer.remove_callback(PrinterCallback)  # losses go to our log, not stdout
@@ -150,10 +156,10 @@ def warm_start(
     losses = []
     if focused_steps:
         recs = expert_records(make_env, codec, budget, ws.num_traces, 0, 0.0, seed)
-        losses += _sft(model, tokenizer, recs, focused_steps, ws, seed, "constant_with_warmup")
+        losses += _sft(model, tokenizer, recs, focused_steps, ws, seed, "constant_with_warmup", model_cfg.gradient_checkpointing)
     if ws.steps - focused_steps:
         recs = expert_records(make_env, codec, budget, ws.num_traces, ws.n_failed_max, ws.variety, seed + 1)
-        losses += _sft(model, tokenizer, recs, ws.steps - focused_steps, ws, seed, "cosine")
+        losses += _sft(model, tokenizer, recs, ws.steps - focused_steps, ws, seed, "cosine", model_cfg.gradient_checkpointing)
     model.config.use_cache = True
     log.info("warm start: %d steps, loss %s", ws.steps, " ".join(f"{x:.3f}" for x in losses))
     info = {"warm_start/steps": ws.steps, "warm_start/final_loss": losses[-1] if losses else float("nan"), "warm_start/key": key}

@@ -254,11 +254,14 @@ def test_hostile_answers_score_zero_in_bounded_time(name, kwargs, tmp_path):
     env = make(name, **kwargs)
     env.reset(seed=0)
     marker = tmp_path / "pwned"
+    # A call may pay the grading timeout plus the start of a fresh worker (the previous
+    # hostile answer got its worker killed): imports take 1-3 s, more on a loaded machine.
+    bound = kwargs.get("grading_timeout_s", 2.0) + 15.0
     for answer in HOSTILE:
         answer = answer.replace("{marker}", str(marker))
         start = time.monotonic()
         score = env.score(answer)
-        assert time.monotonic() - start < 5.0, answer[:40]
+        assert time.monotonic() - start < bound, answer[:40]
         if name == "reasoning_gym":
             # reasoning-gym's own partial credit: "10**10**10" holds a reference "1" (0.1).
             assert score < 1.0
