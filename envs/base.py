@@ -29,6 +29,7 @@ trial bookkeeping lives here so every environment behaves the same way.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,7 +100,7 @@ def split_of(key: str, test_fraction: float) -> str:
     return "test" if (h / 2**64) < test_fraction else "train"
 
 
-class EpisodicTextEnv(gym.Env[str, str]):
+class EpisodicTextEnv(gym.Env[str, str], abc.ABC):
     """Base class: a problem per trial, an episode per step, text in and out.
 
     Subclasses implement ``_problem(index)`` (deterministic problem ``index`` of
@@ -140,26 +141,27 @@ class EpisodicTextEnv(gym.Env[str, str]):
 
     # ----------------------------------------------------------- subclass hooks
     @property
+    @abc.abstractmethod
     def num_problems(self) -> int | None:
         """Number of problems in this split, or None when the source is unbounded."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _problem(self, index: int) -> Problem:
         """The deterministic problem ``index`` of ``self.split``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def score(self, answer_text: str) -> float:
         """Score a final answer for the current problem, in [0, 1].
 
         Deterministic, pure, bounded in time and safe on any string: never evaluates
         model text as code. Garbage scores 0.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def score_episode(self, episode_text: str) -> float:
         """Score one uncommitted episode on its own (drives feedback and per-episode metrics)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def expert_trace(self, rng: np.random.Generator, n_failed: int, variety: float) -> list[str]:
         """Episode texts of an expert trial for the current problem (delimiters excluded).
 
@@ -168,7 +170,6 @@ class EpisodicTextEnv(gym.Env[str, str]):
         canonical (focused) form, 1 the most varied forms of both failed and correct
         episodes.
         """
-        raise NotImplementedError
 
     def outcome(self, episodes: list[str], answer: str | None) -> float:
         """The trial's outcome reward; by default the score of the final answer."""

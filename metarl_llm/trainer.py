@@ -209,11 +209,9 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.algo.weight_decay)
     advantage_fn = get_advantage(cfg.algo.advantage)
 
-    name = run_dir.name
-    tracker = Tracker(
-        cfg.logger if cfg.logger.group or not wandb_group else type(cfg.logger)(**{**asdict(cfg.logger), "group": wandb_group}),
-        run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), name,
-    )
+    if wandb_group and not cfg.logger.group:
+        cfg.logger.group = wandb_group  # the runs of one sweep share a W&B group
+    tracker = Tracker(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), run_dir.name)
     generator = torch.Generator().manual_seed(cfg.seed)
     problem_rng = np.random.default_rng(cfg.seed)
     n_test = make_env("test").unwrapped.num_problems
