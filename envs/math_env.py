@@ -245,7 +245,7 @@ class MathEnv(EpisodicTextEnv):
     |                        |             | answer when ``answer_key`` is absent            |
     | ``ops``                | "+-"        | generator: operators to draw from ``+-*/``      |
     | ``min_value``          | 0           | generator: smallest operand                     |
-    | ``max_value``          | 9           | generator: largest operand                      |
+    | ``max_value``          | 5           | generator: largest operand                      |
     | ``num_terms``          | 3           | generator: operands per expression              |
     | ``word_fraction``      | 0.25        | generator: share of problems told as a story    |
     | ``size``               | 5000        | generator: seeded draws (one problem per        |
@@ -290,7 +290,7 @@ class MathEnv(EpisodicTextEnv):
         solution_key: str = "solution",
         ops: str = "+-",
         min_value: int = 0,
-        max_value: int = 9,
+        max_value: int = 5,
         num_terms: int = 3,
         word_fraction: float = 0.25,
         size: int = 5000,

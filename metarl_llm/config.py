@@ -53,7 +53,7 @@ class MathEnvConfig(EnvConfig):
     solution_key: str = "solution"  # used for a \boxed{} answer when answer_key is absent
     ops: str = "+-"  # operators of generated arithmetic
     min_value: int = 0  # smallest operand
-    max_value: int = 9  # largest operand
+    max_value: int = 5  # largest operand
     num_terms: int = 3  # operands per expression (chains of + and - come with step-by-step expert working)
     size: int = 5000  # generator draws (duplicates dropped) before the train/test split
     seed: int = 0  # generator seed
