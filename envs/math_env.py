@@ -298,23 +298,11 @@ class MathEnv(EpisodicTextEnv):
         test_fraction: float = 0.2,
         num_test_problems: int | None = 256,
         grading_timeout_s: float = 2.0,
-        split: str = "train",
-        max_episodes: int = 3,
-        answer_marker: str = "Answer:",
-        forced_answer_text: str = "Answer:",
-        episode_delimiter: str = "\n",
-        feedback: bool = False,
-        max_text_length: int = 100_000,
+        **base_kwargs,
     ):
-        super().__init__(
-            split=split,
-            max_episodes=max_episodes,
-            answer_marker=answer_marker,
-            forced_answer_text=forced_answer_text,
-            episode_delimiter=episode_delimiter,
-            feedback=feedback,
-            max_text_length=max_text_length,
-        )
+        # split, max_episodes, answer_marker, ... : EpisodicTextEnv's keywords, whose
+        # explicit signature rejects an unknown option by name.
+        super().__init__(**base_kwargs)
         name = type(self).__name__
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"{name}: test_fraction must be in (0, 1), got {test_fraction}")
@@ -336,15 +324,15 @@ class MathEnv(EpisodicTextEnv):
             self._records = _generated_problems(
                 "".join(sorted(set(ops), key=_OPS.index)), int(min_value), int(max_value), int(num_terms),
                 float(word_fraction), int(size), int(seed), float(test_fraction),
-            )[split]
+            )[self.split]
             self._source = "arith"
         else:
             self._records = self._load(dataset, dataset_split, (problem_key, answer_key, solution_key), test_fraction)
             self._source = os.path.basename(dataset) if _is_local(dataset) else dataset
-        if split == "test" and num_test_problems is not None:
+        if self.split == "test" and num_test_problems is not None:
             self._records = self._records[:num_test_problems]
         if not self._records:
-            raise ValueError(f"{name}: the {split!r} split is empty; add problems or change test_fraction")
+            raise ValueError(f"{name}: the {self.split!r} split is empty; add problems or change test_fraction")
 
     def _load(self, dataset: str, dataset_split: str | None, keys: tuple[str, str, str], test_fraction: float):
         if _is_local(dataset):

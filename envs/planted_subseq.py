@@ -120,23 +120,11 @@ class PlantedSubseqEnv(EpisodicTextEnv):
         family_seed: int = 0,
         test_fraction: float = 0.2,
         num_test_problems: int = 256,
-        split: str = "train",
-        max_episodes: int = 3,
-        answer_marker: str = "Answer:",
-        forced_answer_text: str = "Answer:",
-        episode_delimiter: str = "\n",
-        feedback: bool = False,
-        max_text_length: int = 100_000,
+        **base_kwargs,
     ):
-        super().__init__(
-            split=split,
-            max_episodes=max_episodes,
-            answer_marker=answer_marker,
-            forced_answer_text=forced_answer_text,
-            episode_delimiter=episode_delimiter,
-            feedback=feedback,
-            max_text_length=max_text_length,
-        )
+        # split, max_episodes, answer_marker, ... : EpisodicTextEnv's keywords, whose
+        # explicit signature rejects an unknown option by name.
+        super().__init__(**base_kwargs)
         name = type(self).__name__
         if input_length < 1 or gold_length < 1:
             raise ValueError(f"{name}: input_length and gold_length must be >= 1, got {input_length}, {gold_length}")

@@ -130,23 +130,11 @@ class ReasoningGymEnv(EpisodicTextEnv):
         seed: int = 0,
         test_fraction: float = 0.2,
         grading_timeout_s: float = 2.0,
-        split: str = "train",
-        max_episodes: int = 3,
-        answer_marker: str = "Answer:",
-        forced_answer_text: str = "Answer:",
-        episode_delimiter: str = "\n",
-        feedback: bool = False,
-        max_text_length: int = 100_000,
+        **base_kwargs,
     ):
-        super().__init__(
-            split=split,
-            max_episodes=max_episodes,
-            answer_marker=answer_marker,
-            forced_answer_text=forced_answer_text,
-            episode_delimiter=episode_delimiter,
-            feedback=feedback,
-            max_text_length=max_text_length,
-        )
+        # split, max_episodes, answer_marker, ... : EpisodicTextEnv's keywords, whose
+        # explicit signature rejects an unknown option by name.
+        super().__init__(**base_kwargs)
         name = type(self).__name__
         registry = _registry()
         if task not in registry:
@@ -175,9 +163,9 @@ class ReasoningGymEnv(EpisodicTextEnv):
             config_json = json.dumps(task_config, sort_keys=True)
         except TypeError as e:
             raise ValueError(f"{name}: task_config must be JSON-serialisable: {e}") from None
-        self._items = _items(task, config_json, self.seed, self.size, float(test_fraction))[split]
+        self._items = _items(task, config_json, self.seed, self.size, float(test_fraction))[self.split]
         if not self._items:
-            raise ValueError(f"{name}: the {split!r} split of {task!r} is empty; raise size or change test_fraction")
+            raise ValueError(f"{name}: the {self.split!r} split of {task!r} is empty; raise size or change test_fraction")
         self.scorer_errors = 0
         """Scorer calls that raised, timed out or crashed (each scored 0.0)."""
         self.rejected_answers = 0

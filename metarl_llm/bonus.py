@@ -56,14 +56,15 @@ def estimate_sample(
     """J at every boundary of every trial: the mean score of ``num_samples`` meta-prover
     answers (all boundaries of all trials in one batched sampling call)."""
     contexts, owners = [], []
-    for i, t in enumerate(trials):
-        for b, end in enumerate(boundary_prefixes(t)):
+    boundaries = [boundary_prefixes(t) for t in trials]
+    for i, (t, ends) in enumerate(zip(trials, boundaries)):
+        for b, end in enumerate(ends):
             ctx = t.ids[:end] + codec.forced_prefix(t.ids[:end])
             for _ in range(num_samples):
                 contexts.append(ctx)
                 owners.append((i, b))
     out = sample(model, contexts, answer_max_tokens, codec.stop_ids, codec.pad_id, generator)
-    sums = [np.zeros(len(boundary_prefixes(t))) for t in trials]
+    sums = [np.zeros(len(ends)) for ends in boundaries]
     for row, (i, b) in enumerate(owners):
         text = codec.episode_text(out.tokens[row, : int(out.lengths[row])].tolist())
         sums[i][b] += trials[i].env.score(text)
