@@ -75,8 +75,15 @@ def gae(
     return out_adv, out_ret
 
 
-def _trial_returns(token_rewards: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
-    return (token_rewards * action_mask).sum(1)
+def _group_returns(
+    token_rewards: torch.Tensor, action_mask: torch.Tensor, group: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Trial returns R [B] (undiscounted sum over action tokens), each trial's group slot
+    [B], and per group the trial count and the sum of R [G]."""
+    ret = (token_rewards * action_mask).sum(1)
+    _, inv = torch.unique(group, return_inverse=True)
+    n = torch.zeros(int(inv.max()) + 1, dtype=ret.dtype, device=ret.device).index_add_(0, inv, torch.ones_like(ret))
+    return ret, inv, n, torch.zeros_like(n).index_add_(0, inv, ret)
 
 
 @register_advantage("grpo")
@@ -87,10 +94,8 @@ def grpo(
 
     R is the undiscounted sum of the trial's token rewards (outcome + bonuses + KL).
     """
-    ret = _trial_returns(token_rewards, action_mask)
-    _, inv = torch.unique(group, return_inverse=True)
-    n = torch.zeros(int(inv.max()) + 1, dtype=ret.dtype, device=ret.device).index_add_(0, inv, torch.ones_like(ret))
-    mean = torch.zeros_like(n).index_add_(0, inv, ret) / n
+    ret, inv, n, total = _group_returns(token_rewards, action_mask, group)
+    mean = total / n
     var = torch.zeros_like(n).index_add_(0, inv, (ret - mean[inv]) ** 2) / (n - 1).clamp(min=1)
     adv = (ret - mean[inv]) / (var[inv].sqrt() + eps)
     return adv[:, None] * action_mask, ret[:, None] * action_mask
@@ -101,12 +106,9 @@ def rloo(
     token_rewards: torch.Tensor, values: torch.Tensor, action_mask: torch.Tensor, *, group: torch.Tensor, **_
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE leave-one-out: R_i minus the mean return of the other trials of its group."""
-    ret = _trial_returns(token_rewards, action_mask)
-    _, inv = torch.unique(group, return_inverse=True)
-    n = torch.zeros(int(inv.max()) + 1, dtype=ret.dtype, device=ret.device).index_add_(0, inv, torch.ones_like(ret))
+    ret, inv, n, total = _group_returns(token_rewards, action_mask, group)
     if bool((n < 2).any()):
         raise ValueError("rloo needs at least 2 trials per problem group (algo.group_size >= 2)")
-    total = torch.zeros_like(n).index_add_(0, inv, ret)
     baseline = (total[inv] - ret) / (n[inv] - 1)
     return (ret - baseline)[:, None] * action_mask, ret[:, None] * action_mask
 
