@@ -188,6 +188,17 @@ class EpisodicTextEnv(gym.Env[str, str], abc.ABC):
             raise RuntimeError(f"{type(self).__name__}: call reset() before reading reference_answer")
         return self.problem.reference
 
+    def answer_target(self) -> tuple[str, bool]:
+        """Canonical text of a correct forced answer, and whether the answer must end there.
+
+        The ``likelihood`` estimator of J (metarl_llm.bonus) scores the probability that
+        the meta-prover writes exactly this text after the forced-answer text (followed
+        by a stop token when the flag is True). Where a problem has several correct
+        surface forms, that probability is a lower bound on J. Default: a space and the
+        reference answer, then a stop, the form the expert traces teach.
+        """
+        return " " + self.reference_answer, True
+
     def force_answer(self) -> str:
         """Turn the policy into the meta-prover: the next step is the final answer.
 

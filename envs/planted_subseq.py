@@ -164,6 +164,11 @@ class PlantedSubseqEnv(EpisodicTextEnv):
     def score_episode(self, episode_text: str) -> float:
         return self.score(episode_text)
 
+    def answer_target(self) -> tuple[str, bool]:
+        """The gold right after the forced-answer text; anything may follow it (the
+        trial succeeds once the stream holds the gold), so no stop is required."""
+        return " " + self.reference_answer, False
+
     def outcome(self, episodes: list[str], answer: str | None) -> float:
         """1.0 iff an earlier episode or the final answer contains the gold: the stream holds it."""
         texts = episodes + ([answer] if answer is not None else [])

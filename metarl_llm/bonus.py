@@ -5,17 +5,31 @@
     bonus_j = alpha * (J(z_0..j) - J(z_0..j-1)),
 
 where J(prefix) is the meta-prover's success after the prefix: append the
-forced-answer text, let the policy answer, score the answer with the environment's
-``score``. Progress is potential-based, so the bonuses of a trial telescope to
-``alpha * (J_last - J_empty)``: padding a trial with empty episodes earns nothing.
+forced-answer text, let the policy answer, score the answer. Progress is
+potential-based, so the bonuses of a trial telescope to ``alpha * (J_last - J_empty)``:
+padding a trial with empty episodes earns nothing.
 
 Boundaries: J_empty is measured after the prompt; J_j after every episode j that
 is not the final-answer episode (the outcome already rewards that one).
+
+Estimators of J (``bonus.estimator``), all returning, per trial, J at its boundaries:
+
+- ``sample``: the mean score of ``num_samples`` sampled meta-prover answers per
+  boundary (unbiased, noisy, costs ``num_samples`` short generations per boundary).
+- ``likelihood``: the probability that the meta-prover writes the environment's
+  canonical correct answer (``env.answer_target()``), teacher-forced. Exact for that
+  surface form and noise-free; where other surface forms are also correct it is a
+  lower bound on J. All boundaries of a trial are scored in one forward pass: the
+  stream is encoded once and each boundary's answer block attends to the stream
+  prefix up to its boundary through a block attention mask.
+- ``verifier``: J from a verifier that reads the problem and the episodes so far
+  (``bonus.verifier`` names it in :data:`VERIFIERS`); no generation.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -23,7 +37,19 @@ import torch
 from metarl_llm.config import BonusConfig
 from metarl_llm.rollout import StreamCodec, Trial, sample
 
-Estimator = Callable[..., list[np.ndarray]]
+
+@dataclass
+class JOptions:
+    """Settings shared by the estimators (each reads the ones it needs)."""
+
+    num_samples: int = 4  # sample: meta-prover answers per boundary
+    answer_max_tokens: int = 12  # sample: tokens per meta-prover answer
+    generator: torch.Generator | None = None  # sample: RNG of the meta-prover answers
+    verifier: str = "episode_score"  # verifier: name in VERIFIERS
+    rows: int = 32  # likelihood: trials per forward pass
+
+
+Estimator = Callable[[torch.nn.Module, StreamCodec, list[Trial], JOptions], list[np.ndarray]]
 ESTIMATORS: dict[str, Estimator] = {}
 
 
@@ -35,6 +61,12 @@ def register_estimator(name: str) -> Callable[[Estimator], Estimator]:
     return wrap
 
 
+def get_estimator(name: str) -> Estimator:
+    if name not in ESTIMATORS:
+        raise ValueError(f"bonus.estimator={name!r} is not available; choose from {sorted(ESTIMATORS)}")
+    return ESTIMATORS[name]
+
+
 def boundary_prefixes(trial: Trial) -> list[int]:
     """Stream lengths of the prefixes at which J is measured: after the prompt, then
     after each episode before the final-answer one."""
@@ -43,32 +75,196 @@ def boundary_prefixes(trial: Trial) -> list[int]:
     return [prompt_len] + [trial.episode_ends[j] + 1 for j in range(n)]
 
 
+def meta_prover_context(codec: StreamCodec, trial: Trial, end: int) -> list[int]:
+    """The stream up to ``end`` followed by the forced-answer tokens: what the meta-prover sees."""
+    return trial.ids[:end] + codec.forced_prefix(trial.ids[:end])
+
+
 @register_estimator("sample")
-def estimate_sample(
-    model: torch.nn.Module,
-    codec: StreamCodec,
-    trials: list[Trial],
-    *,
-    num_samples: int,
-    answer_max_tokens: int,
-    generator: torch.Generator | None = None,
-) -> list[np.ndarray]:
+def estimate_sample(model: torch.nn.Module, codec: StreamCodec, trials: list[Trial], opts: JOptions) -> list[np.ndarray]:
     """J at every boundary of every trial: the mean score of ``num_samples`` meta-prover
     answers (all boundaries of all trials in one batched sampling call)."""
     contexts, owners = [], []
     boundaries = [boundary_prefixes(t) for t in trials]
     for i, (t, ends) in enumerate(zip(trials, boundaries)):
         for b, end in enumerate(ends):
-            ctx = t.ids[:end] + codec.forced_prefix(t.ids[:end])
-            for _ in range(num_samples):
-                contexts.append(ctx)
-                owners.append((i, b))
-    out = sample(model, contexts, answer_max_tokens, codec.stop_ids, codec.pad_id, generator)
+            ctx = meta_prover_context(codec, t, end)
+            contexts += [ctx] * opts.num_samples
+            owners += [(i, b)] * opts.num_samples
+    out = sample(model, contexts, opts.answer_max_tokens, codec.stop_ids, codec.pad_id, opts.generator)
     sums = [np.zeros(len(ends)) for ends in boundaries]
     for row, (i, b) in enumerate(owners):
         text = codec.episode_text(out.tokens[row, : int(out.lengths[row])].tolist())
         sums[i][b] += trials[i].env.score(text)
-    return [s / num_samples for s in sums]
+    return [s / opts.num_samples for s in sums]
+
+
+class _Packed(NamedTuple):
+    """One trial packed for the block-masked likelihood pass (lists of equal length L).
+
+    ids, pos: token ids and position ids; seg: -1 on stream tokens, k on boundary k's
+    answer block; limit: stream keys a query may see are those with index < limit.
+    target_q[k], target_tok[k]: query index predicting each target token of block k and
+    that token; stop_q[k]: query index whose next token must be a stop (or -1).
+    """
+
+    ids: list[int]
+    pos: list[int]
+    seg: list[int]
+    limit: list[int]
+    target_q: list[list[int]]
+    target_tok: list[list[int]]
+    stop_q: list[int]
+
+
+def _pack(codec: StreamCodec, trial: Trial) -> _Packed:
+    ends = boundary_prefixes(trial)
+    text, must_stop = trial.env.answer_target()
+    target = codec.encode(text)
+    stream = trial.ids[: ends[-1]]
+    ids, pos, seg = list(stream), list(range(len(stream))), [-1] * len(stream)
+    limit = list(range(1, len(stream) + 1))
+    target_q, target_tok, stop_q = [], [], []
+    for k, end in enumerate(ends):
+        block = codec.forced_prefix(trial.ids[:end]) + target
+        start, n_forced = len(ids), len(block) - len(target)
+        ids += block
+        pos += range(end, end + len(block))
+        seg += [k] * len(block)
+        limit += [end] * len(block)
+        # The token at block offset r is predicted by offset r-1 (or by the stream's
+        # last token before the boundary when r == 0).
+        qpos = lambda r: start + r - 1 if r >= 1 else end - 1  # noqa: E731
+        target_q.append([qpos(n_forced + r) for r in range(len(target))])
+        target_tok.append(target)
+        stop_q.append(qpos(len(block)) if must_stop else -1)
+    return _Packed(ids, pos, seg, limit, target_q, target_tok, stop_q)
+
+
+def block_attention_mask(seg: torch.Tensor, limit: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask [R, 1, L, L] for packed rows.
+
+    seg, limit: [R, L] (seg -2 on padding). Query q may attend key k iff k is a stream
+    token with k < limit[q], or k is in q's own answer block with k <= q; a padding
+    query attends itself only (its output is never read).
+    """
+    length = seg.shape[1]
+    idx = torch.arange(length, device=seg.device)
+    q_seg, k_seg = seg[:, :, None], seg[:, None, :]
+    allowed = (k_seg == -1) & (idx[None, None, :] < limit[:, :, None])
+    allowed |= (q_seg == k_seg) & (q_seg >= 0) & (idx[None, None, :] <= idx[None, :, None])
+    allowed |= torch.eye(length, dtype=torch.bool, device=seg.device)[None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def _final_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on selected hidden states [N, H] -> logits [N, V] (with final soft-capping if the model has it)."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@register_estimator("likelihood")
+@torch.no_grad()
+def estimate_likelihood(model: torch.nn.Module, codec: StreamCodec, trials: list[Trial], opts: JOptions) -> list[np.ndarray]:
+    """J at every boundary: P(meta-prover writes ``env.answer_target()`` | prefix + forced text), teacher-forced.
+
+    Trials are packed as [stream | answer block 0 | answer block 1 | ...] and scored in
+    one forward pass per ``opts.rows`` trials; the LM head runs only at the positions
+    that predict target and stop tokens, so a large vocabulary costs no [R, L, V] tensor.
+    """
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    stop_ids = codec.stop_ids.to(device)
+    curves: list[np.ndarray] = []
+    for s in range(0, len(trials), opts.rows):
+        packs = [_pack(codec, t) for t in trials[s : s + opts.rows]]
+        length = max(len(p.ids) for p in packs)
+        pad = lambda xs, v: xs + [v] * (length - len(xs))  # noqa: E731
+        ids = torch.tensor([pad(p.ids, codec.pad_id) for p in packs], device=device)
+        pos = torch.tensor([pad(p.pos, 0) for p in packs], device=device)
+        seg = torch.tensor([pad(p.seg, -2) for p in packs], device=device)
+        limit = torch.tensor([pad(p.limit, 0) for p in packs], device=device)
+        mask = block_attention_mask(seg, limit, dtype)
+        hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+        # Gather every (row, query) whose prediction is read, score them in one LM-head call.
+        rows, queries, tokens, owners = [], [], [], []  # owners: (trial in chunk, boundary, is_stop)
+        for r, p in enumerate(packs):
+            for k in range(len(p.stop_q)):
+                rows += [r] * len(p.target_q[k])
+                queries += p.target_q[k]
+                tokens += p.target_tok[k]
+                owners += [(r, k, False)] * len(p.target_q[k])
+                if p.stop_q[k] >= 0:
+                    rows.append(r)
+                    queries.append(p.stop_q[k])
+                    tokens.append(-1)
+                    owners.append((r, k, True))
+        logp = torch.log_softmax(_final_logits(model, hidden[torch.tensor(rows), torch.tensor(queries)]), -1)
+        tok = torch.tensor(tokens, device=device)
+        token_lp = logp.gather(-1, tok.clamp(min=0)[:, None]).squeeze(-1)
+        stop_lp = torch.logsumexp(logp[:, stop_ids], -1)
+        picked = torch.where(tok >= 0, token_lp, stop_lp).cpu().numpy().astype(np.float64)
+        sums = [np.zeros(len(p.stop_q)) for p in packs]
+        for (r, k, _), v in zip(owners, picked):
+            sums[r][k] += v
+        curves += [np.exp(x) for x in sums]
+    return curves
+
+
+class VerifierInput(NamedTuple):
+    """What a verifier sees at one boundary: the problem's prompt, the episodes so far
+    (texts, delimiters excluded) and the environment holding the problem."""
+
+    prompt: str
+    episodes: list[str]
+    env: object
+
+
+Verifier = Callable[[list[VerifierInput]], np.ndarray]  # -> [N] estimated P(success) in [0, 1]
+VERIFIERS: dict[str, Callable[[], Verifier]] = {}  # name -> factory
+
+
+def register_verifier(name: str):
+    def wrap(factory: Callable[[], Verifier]) -> Callable[[], Verifier]:
+        VERIFIERS[name] = factory
+        return factory
+
+    return wrap
+
+
+@register_verifier("episode_score")
+def episode_score_verifier() -> Verifier:
+    """Rule-based verifier: 1 if some episode so far already scores as correct under the
+    environment's ``score_episode`` (e.g. its last number is the answer), else 0. It
+    reads the reference through the environment, like the outcome reward does."""
+
+    def verify(items: list[VerifierInput]) -> np.ndarray:
+        return np.array([float(any(it.env.score_episode(e) >= 1.0 for e in it.episodes)) for it in items])
+
+    return verify
+
+
+@register_estimator("verifier")
+def estimate_verifier(model: torch.nn.Module, codec: StreamCodec, trials: list[Trial], opts: JOptions) -> list[np.ndarray]:
+    """J at every boundary from the verifier ``opts.verifier`` (one batched call; the policy is not used)."""
+    if opts.verifier not in VERIFIERS:
+        raise ValueError(f"bonus.verifier={opts.verifier!r} is not available; choose from {sorted(VERIFIERS)}")
+    verify = VERIFIERS[opts.verifier]()
+    items, sizes = [], []
+    for t in trials:
+        ends = boundary_prefixes(t)
+        prompt = t.env.problem.prompt
+        items += [VerifierInput(prompt, t.episode_texts[:b], t.env) for b in range(len(ends))]
+        sizes.append(len(ends))
+    values = np.asarray(verify(items), dtype=np.float64)
+    if values.shape != (len(items),):
+        raise ValueError(f"verifier {opts.verifier!r} returned shape {values.shape}; expected ({len(items)},)")
+    if np.any(~np.isfinite(values)) or values.min(initial=0.0) < 0 or values.max(initial=0.0) > 1:
+        raise ValueError(f"verifier {opts.verifier!r} returned values outside [0, 1]")
+    return list(np.split(values, np.cumsum(sizes)[:-1]))
 
 
 def progress(j_values: np.ndarray, clip: float | None = None) -> np.ndarray:
@@ -90,10 +286,8 @@ def episode_bonuses(
         return [[] for _ in trials], None
     if cfg.name != "info_gain":
         raise ValueError(f"bonus.name={cfg.name!r}; expected 'none' or 'info_gain'")
-    if cfg.estimator not in ESTIMATORS:
-        raise ValueError(f"bonus.estimator={cfg.estimator!r} is not available; choose from {sorted(ESTIMATORS)}")
-    curves = ESTIMATORS[cfg.estimator](
-        model, codec, trials, num_samples=cfg.num_samples, answer_max_tokens=answer_max_tokens, generator=generator
-    )
+    estimate = get_estimator(cfg.estimator)
+    opts = JOptions(num_samples=cfg.num_samples, answer_max_tokens=answer_max_tokens, generator=generator, verifier=cfg.verifier)
+    curves = estimate(model, codec, trials, opts)
     bonuses = [list(cfg.alpha * progress(c, cfg.clip)) for c in curves]
     return bonuses, curves

@@ -153,9 +153,13 @@ class BonusConfig:
     """Dense per-episode bonus (group ``bonus``)."""
 
     name: str = "none"  # none | info_gain
-    estimator: str = "sample"  # how J(prefix) is estimated (sample)
+    # How J(prefix) is estimated (metarl_llm.bonus): sample (k meta-prover answers per
+    # boundary), likelihood (teacher-forced P(canonical answer), one forward pass per
+    # trial) or verifier (a verifier's P(success) from the episodes so far).
+    estimator: str = "sample"
     alpha: float = 0.5  # bonus = alpha * (J_j - J_{j-1})
     num_samples: int = 4  # meta-prover answers per boundary (sample estimator)
+    verifier: str = "episode_score"  # verifier estimator: a name in metarl_llm.bonus.VERIFIERS
     use_reference: bool = False  # estimate J with the frozen reference instead of the current policy
     clip: Optional[float] = None  # clip each progress value to [-clip, clip]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from metarl_llm.bonus import boundary_prefixes, estimate_sample
+from metarl_llm.bonus import JOptions, boundary_prefixes, estimate_sample
 from metarl_llm.config import BudgetConfig, EvalConfig
 from metarl_llm.rollout import StreamCodec, Trial, run_trials
 
@@ -52,7 +52,7 @@ def evaluate(
     resets, groups = heldout_resets(cfg.num_problems, cfg.samples_per_problem)
     trials = run_trials(model, codec, envs[:n], resets, groups, budget, generator)
     curves = estimate_sample(
-        model, codec, trials, num_samples=cfg.prover_samples, answer_max_tokens=budget.answer_max_tokens, generator=generator
+        model, codec, trials, JOptions(num_samples=cfg.prover_samples, answer_max_tokens=budget.answer_max_tokens, generator=generator)
     )
     model.train(was_training)
     outcome = np.array([t.outcome for t in trials])

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 import envs  # noqa: F401  (registers the environments)
 from metarl_llm.advantages import get_advantage
 from metarl_llm.batch import RolloutBatch, collate, place_rewards
-from metarl_llm.bonus import episode_bonuses
+from metarl_llm.bonus import VERIFIERS, episode_bonuses, get_estimator
 from metarl_llm.config import TrainConfig
 from metarl_llm.evaluate import EvalResult, evaluate, success_vs_tokens
 from metarl_llm.models import ActorCritic, build_actor_critic, load_policy, token_logprobs
@@ -64,6 +64,10 @@ def validate(cfg: TrainConfig) -> None:
     get_policy_loss(cfg.algo.policy_loss)
     if cfg.bonus.name not in BONUSES:
         raise ValueError(f"bonus.name={cfg.bonus.name!r}; expected one of {BONUSES}")
+    if cfg.bonus.name != "none":
+        get_estimator(cfg.bonus.estimator)
+        if cfg.bonus.estimator == "verifier" and cfg.bonus.verifier not in VERIFIERS:
+            raise ValueError(f"bonus.verifier={cfg.bonus.verifier!r} is not available; choose from {sorted(VERIFIERS)}")
     if cfg.env.id not in gym.registry:
         raise ValueError(f"env.id={cfg.env.id!r} is not a registered environment; known: {sorted(k for k in gym.registry if k.startswith('metarl/'))}")
     if cfg.algo.advantage in ("grpo", "rloo") and cfg.algo.group_size < 2:

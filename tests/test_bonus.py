@@ -1,0 +1,165 @@
+"""J estimators of the progress bonus: likelihood against an explicit per-boundary
+product, telescoping of bonuses, the verifier interface, the sample estimator."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import envs  # noqa: F401
+from metarl_llm.bonus import (
+    ESTIMATORS,
+    VERIFIERS,
+    JOptions,
+    VerifierInput,
+    block_attention_mask,
+    boundary_prefixes,
+    episode_bonuses,
+    get_estimator,
+    meta_prover_context,
+    register_verifier,
+)
+from metarl_llm.config import BonusConfig, BudgetConfig, TinyModelConfig
+from metarl_llm.models import build_char_tokenizer, build_tiny_model
+from metarl_llm.rollout import StreamCodec, run_trials
+
+BUDGET = BudgetConfig(max_episodes=3, max_episode_tokens=8, max_total_tokens=20, answer_max_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = build_char_tokenizer()
+    cfg = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    model = build_tiny_model(cfg, len(tok), tok.pad_token_id, 0).eval()
+    codec = StreamCodec(tok, "\n", "Answer:")
+    return model, codec
+
+
+def play(model, codec, env_id, n=10, seed=0):
+    env_list = [gym.make(env_id, max_episodes=BUDGET.max_episodes) for _ in range(n)]
+    resets = [{"seed": i} for i in range(n)]
+    return run_trials(model, codec, env_list, resets, list(range(n)), BUDGET, torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def explicit_j(model, codec, trial, end):
+    """P(target [+ stop] | prefix + forced), one boundary at a time, one plain forward pass."""
+    text, must_stop = trial.env.answer_target()
+    target = codec.encode(text)
+    ctx = meta_prover_context(codec, trial, end)
+    full = torch.tensor([ctx + target])
+    logp = torch.log_softmax(model(input_ids=full).logits[0].double(), -1)
+    total = 0.0
+    for r, tok in enumerate(target):
+        total += float(logp[len(ctx) + r - 1, tok])
+    if must_stop:
+        total += float(torch.logsumexp(logp[len(ctx) + len(target) - 1, codec.stop_ids], -1))
+    return np.exp(total)
+
+
+@pytest.mark.parametrize("env_id", ["metarl/PlantedSubseq-v0", "metarl/Math-v0"])
+def test_likelihood_equals_explicit_product_per_boundary(setup, env_id):
+    model, codec = setup
+    trials = play(model, codec, env_id)
+    assert any(len(boundary_prefixes(t)) > 2 for t in trials)  # several boundaries per trial
+    assert len({len(t.ids) for t in trials}) > 1  # rows of different lengths share a padded pass
+    curves = get_estimator("likelihood")(model, codec, trials, JOptions(rows=4))
+    for t, c in zip(trials, curves):
+        ends = boundary_prefixes(t)
+        assert c.shape == (len(ends),)
+        want = np.array([explicit_j(model, codec, t, e) for e in ends])
+        np.testing.assert_allclose(np.log(c), np.log(want), rtol=0, atol=1e-4)
+
+
+def test_block_mask_by_hand():
+    # stream of 3 tokens, block 0 (boundary 2) of 2 tokens, block 1 (boundary 3) of 1 token, 1 pad
+    seg = torch.tensor([[-1, -1, -1, 0, 0, 1, -2]])
+    limit = torch.tensor([[1, 2, 3, 2, 2, 3, 0]])
+    allowed = block_attention_mask(seg, limit, torch.float32)[0, 0] == 0
+    want = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0],
+            [1, 1, 0, 1, 0, 0, 0],  # block 0 sees the stream before its boundary, then itself
+            [1, 1, 0, 1, 1, 0, 0],
+            [1, 1, 1, 0, 0, 1, 0],  # block 1 never sees block 0
+            [0, 0, 0, 0, 0, 0, 1],  # padding attends itself only
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(allowed, want)
+
+
+@pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
+def test_bonuses_telescope_to_j_final_minus_j_empty(setup, estimator):
+    model, codec = setup
+    trials = play(model, codec, "metarl/PlantedSubseq-v0")
+    cfg = BonusConfig(name="info_gain", estimator=estimator, alpha=0.7, num_samples=3)
+    bonuses, curves = episode_bonuses(cfg, model, codec, trials, BUDGET.answer_max_tokens, torch.Generator().manual_seed(1))
+    for t, b, c in zip(trials, bonuses, curves):
+        assert len(b) == len(boundary_prefixes(t)) - 1 == len(c) - 1
+        assert np.isclose(sum(b), 0.7 * (c[-1] - c[0]))
+        assert ((c >= 0) & (c <= 1)).all()
+
+
+def test_sample_estimator_values_are_sample_means(setup):
+    model, codec = setup
+    trials = play(model, codec, "metarl/Math-v0")
+    curves = get_estimator("sample")(model, codec, trials, JOptions(num_samples=3, answer_max_tokens=4, generator=torch.Generator().manual_seed(0)))
+    for c in curves:
+        assert np.allclose(c * 3, np.round(c * 3))  # means of three 0/1 scores
+
+
+def test_verifier_estimator_passes_prompt_and_episodes_so_far(setup):
+    model, codec = setup
+    trials = play(model, codec, "metarl/PlantedSubseq-v0")
+    seen = []
+
+    @register_verifier("test_count")
+    def factory():
+        def verify(items):
+            seen.extend(items)
+            return np.array([len(it.episodes) / 10 for it in items])
+
+        return verify
+
+    try:
+        curves = get_estimator("verifier")(model, codec, trials, JOptions(verifier="test_count"))
+    finally:
+        VERIFIERS.pop("test_count")
+    for t, c in zip(trials, curves):
+        np.testing.assert_allclose(c, np.arange(len(boundary_prefixes(t))) / 10)
+    assert all(isinstance(it, VerifierInput) and it.prompt == it.env.problem.prompt for it in seen)
+
+
+def test_episode_score_verifier_on_a_hand_built_prefix():
+    env = gym.make("metarl/PlantedSubseq-v0").unwrapped
+    env.reset(seed=3)
+    gold = env.reference_answer
+    verify = VERIFIERS["episode_score"]()
+    items = [
+        VerifierInput(env.problem.prompt, [], env),
+        VerifierInput(env.problem.prompt, ["x"], env),
+        VerifierInput(env.problem.prompt, ["x", f"9{gold}9"], env),
+    ]
+    np.testing.assert_array_equal(verify(items), [0.0, 0.0, 1.0])
+
+
+def test_bad_estimator_and_verifier_output_fail_loudly(setup):
+    model, codec = setup
+    with pytest.raises(ValueError, match="bonus.estimator='nope'"):
+        get_estimator("nope")
+    trials = play(model, codec, "metarl/PlantedSubseq-v0", n=2)
+    with pytest.raises(ValueError, match="bonus.verifier='missing'"):
+        get_estimator("verifier")(model, codec, trials, JOptions(verifier="missing"))
+
+    @register_verifier("test_bad")
+    def factory():
+        return lambda items: np.full(len(items), 1.5)
+
+    try:
+        with pytest.raises(ValueError, match="outside"):
+            get_estimator("verifier")(model, codec, trials, JOptions(verifier="test_bad"))
+    finally:
+        VERIFIERS.pop("test_bad")
