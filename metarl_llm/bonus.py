@@ -10,7 +10,13 @@ potential-based, so the bonuses of a trial telescope to ``alpha * (J_last - J_em
 padding a trial with empty episodes earns nothing.
 
 Boundaries: J_empty is measured after the prompt; J_j after every episode j that
-is not the final-answer episode (the outcome already rewards that one).
+is not the final-answer episode (the outcome already rewards that one). The sum of a
+trial's bonuses is then ``alpha * (J_last - J_empty)``, which pays a trial for ending
+its last non-answer episode in a state of high J: it can reward one more episode
+before answering. With ``bonus.final_episode=true`` the answer episode gets its
+progress too, with J after it taken as the outcome; the sum becomes
+``alpha * (outcome - J_empty)``: pure potential-based shaping, which redistributes
+credit across episodes without changing which trials are best.
 
 Estimators of J (``bonus.estimator``), all returning, per trial, J at its boundaries:
 
@@ -289,5 +295,10 @@ def episode_bonuses(
     estimate = get_estimator(cfg.estimator)
     opts = JOptions(num_samples=cfg.num_samples, answer_max_tokens=answer_max_tokens, generator=generator, verifier=cfg.verifier)
     curves = estimate(model, codec, trials, opts)
-    bonuses = [list(cfg.alpha * progress(c, cfg.clip)) for c in curves]
+    if cfg.final_episode:
+        # J after the committed answer is the outcome: the answer episode gets its
+        # progress too and the bonuses telescope to alpha * (outcome - J_empty).
+        bonuses = [list(cfg.alpha * progress(np.append(c, t.outcome), cfg.clip)) for c, t in zip(curves, trials)]
+    else:
+        bonuses = [list(cfg.alpha * progress(c, cfg.clip)) for c in curves]
     return bonuses, curves

@@ -162,6 +162,9 @@ class BonusConfig:
     verifier: str = "episode_score"  # verifier estimator: a name in metarl_llm.bonus.VERIFIERS
     use_reference: bool = False  # estimate J with the frozen reference instead of the current policy
     clip: Optional[float] = None  # clip each progress value to [-clip, clip]
+    # Also reward the final-answer episode's progress (J after it := the outcome), so the
+    # bonuses telescope to alpha * (outcome - J_empty) and cannot pay for extra episodes.
+    final_episode: bool = False
 
 
 # ------------------------------------------------------------------------ logger

@@ -163,3 +163,13 @@ def test_bad_estimator_and_verifier_output_fail_loudly(setup):
             get_estimator("verifier")(model, codec, trials, JOptions(verifier="test_bad"))
     finally:
         VERIFIERS.pop("test_bad")
+
+
+def test_final_episode_bonuses_telescope_to_outcome_minus_j_empty(setup):
+    model, codec = setup
+    trials = play(model, codec, "metarl/Math-v0")
+    cfg = BonusConfig(name="info_gain", estimator="likelihood", alpha=0.5, final_episode=True)
+    bonuses, curves = episode_bonuses(cfg, model, codec, trials, BUDGET.answer_max_tokens)
+    for t, b, c in zip(trials, bonuses, curves):
+        assert len(b) == t.answer_episode + 1 == len(t.episode_texts)  # one per episode, answer included
+        assert np.isclose(sum(b), 0.5 * (t.outcome - c[0]))
