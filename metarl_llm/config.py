@@ -202,12 +202,20 @@ class WarmStartConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation at the training budget."""
+    """Held-out evaluation (metarl_llm.evaluate): at the training budget, and in the
+    final evaluation (and ``python -m metarl_llm.evaluate``) at scaled budgets too."""
 
     num_problems: int = 64  # held-out problems
-    samples_per_problem: int = 4  # sampled trials per problem
+    samples_per_problem: int = 4  # sampled trials per problem (the k of pass@k and maj@k)
     every: int = 20  # evaluate every N iterations (0: only at start and end)
     prover_samples: int = 4  # meta-prover samples per episode boundary for J
+    # Multiples of the training budget for the extrapolation figures: max_episodes and
+    # max_total_tokens are scaled (rounded half up; at least 1 episode and one episode's
+    # tokens), per-episode and forced-answer tokens are kept. 1 is always evaluated.
+    budget_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    extrapolation: bool = True  # False: the final evaluation runs at the training budget (scale 1) only
+    success_level: float = 0.9  # tokens_to_success: the success level S(t) has to reach ...
+    success_level_relative: bool = True  # ... as a share of the curve's own final success S(C) (True) or as an absolute level (False)
 
 
 @dataclass

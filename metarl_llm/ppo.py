@@ -140,7 +140,7 @@ def ppo_update(
             if cfg.ent_coef:
                 loss = loss - cfg.ent_coef * entropy
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite PPO loss {float(loss)} (policy {float(pg_loss)}, value {float(value_loss)})")
+                raise FloatingPointError(f"non-finite PPO loss {loss.item()} (policy {pg_loss.item()}, value {value_loss.item()})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

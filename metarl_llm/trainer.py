@@ -11,6 +11,12 @@ One iteration:
   6. update    - PPO epochs over minibatches (metarl_llm.ppo);
   7. log       - scalars to metrics.jsonl and W&B; held-out evaluation and checkpoints
                  at intervals.
+
+After the last iteration the final checkpoint is saved and evaluated with
+``metarl_llm.evaluate.evaluate_and_report`` (held-out success-vs-tokens curves, regret,
+token efficiency, maj@k at 0.5x..4x the training budget), the function the command
+``python -m metarl_llm.evaluate`` runs, so re-evaluating that checkpoint reproduces
+summary.json's figures.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import logging
 import random
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import gymnasium as gym
@@ -34,10 +40,22 @@ from metarl_llm.advantages import get_advantage
 from metarl_llm.batch import RolloutBatch, collate, place_rewards
 from metarl_llm.bonus import VERIFIERS, episode_bonuses, get_estimator
 from metarl_llm.config import TrainConfig
-from metarl_llm.evaluate import EvalResult, evaluate, success_vs_tokens
+from metarl_llm.evaluate import (
+    TRANSCRIPT_COLUMNS,
+    EvalResult,
+    check_eval_config,
+    clamp_num_problems,
+    eval_generator,
+    evaluate,
+    evaluate_and_report,
+    finite_or_none,
+    plot_success_curves,
+    token_efficiency_ratio,
+    transcript_rows,
+)
 from metarl_llm.models import ActorCritic, build_actor_critic, load_policy, token_logprobs
 from metarl_llm.ppo import explained_variance, get_policy_loss, ppo_update
-from metarl_llm.rollout import StreamCodec, Trial, run_trials
+from metarl_llm.rollout import StreamCodec, run_trials
 from metarl_llm.tracking import Tracker
 from metarl_llm.warm_start import warm_start
 
@@ -56,6 +74,12 @@ def env_kwargs(cfg: TrainConfig) -> dict:
 def env_factory(cfg: TrainConfig):
     kw = env_kwargs(cfg)
     return lambda split: gym.make(cfg.env.id, split=split, **kw)
+
+
+def heldout_env_maker(cfg: TrainConfig):
+    """``budget -> held-out environment`` whose ``max_episodes`` follows that budget
+    (the final evaluation runs at several budgets)."""
+    return lambda budget: env_factory(replace(cfg, budget=budget))("test")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -78,6 +102,7 @@ def validate(cfg: TrainConfig) -> None:
     b = cfg.budget
     if min(b.max_episode_tokens, b.max_total_tokens, b.answer_max_tokens) < 1:
         raise ValueError("budget token limits must be >= 1")
+    check_eval_config(cfg.eval)
 
 
 def quiet_libraries() -> None:
@@ -119,44 +144,6 @@ def score_batch(actor_critic: ActorCritic, reference: torch.nn.Module, batch: Ro
         ref.append(torch.cat([torch.zeros(ids.shape[0], 1), token_logprobs(ref_lp, ids[:, 1:]).cpu()], 1))
     mask = batch.action_mask
     return batch._replace(logprobs=torch.cat(lp) * mask, values=torch.cat(vals) * mask, ref_logprobs=torch.cat(ref) * mask)
-
-
-def transcript_rows(trials: list[Trial], curves: list[np.ndarray] | None, k: int) -> list[list]:
-    rows = []
-    for i, t in enumerate(trials[:k]):
-        j = [round(float(x), 3) for x in curves[i]] if curves is not None else []
-        rows.append([t.problem_id, " | ".join(t.episode_texts), t.answer, t.outcome, t.policy_tokens, json.dumps(j)])
-    return rows
-
-
-TRANSCRIPT_COLUMNS = ["problem_id", "episodes", "answer", "outcome", "policy_tokens", "J_per_boundary"]
-
-
-def plot_success_vs_tokens(results: dict[str, EvalResult], path: Path) -> None:
-    """Held-out meta-prover success J against policy tokens spent (binned means)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for label, res in results.items():
-        x, y = success_vs_tokens(res.trials, res.j_curves)
-        if len(x) == 0:
-            continue
-        edges = np.unique(np.quantile(x, np.linspace(0, 1, 9)))
-        idx = np.clip(np.digitize(x, edges[1:-1]), 0, len(edges) - 2)
-        xs = [x[idx == b].mean() for b in range(len(edges) - 1) if (idx == b).any()]
-        ys = [y[idx == b].mean() for b in range(len(edges) - 1) if (idx == b).any()]
-        ax.plot(xs, ys, marker="o", label=f"{label} (success {res.metrics['success']:.2f})")
-    ax.set_xlabel("policy tokens spent")
-    ax.set_ylabel("meta-prover success J")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def save_checkpoint(run_dir: Path, iteration: int, actor_critic: ActorCritic, tokenizer, optimizer) -> Path:
@@ -218,18 +205,14 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
     tracker = Tracker(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), run_dir.name)
     generator = torch.Generator().manual_seed(cfg.seed)
     problem_rng = np.random.default_rng(cfg.seed)
-    n_test = make_env("test").unwrapped.num_problems
-    if n_test is not None and cfg.eval.num_problems > n_test:
-        log.warning("eval.num_problems=%d but the held-out split has %d problems: evaluating on all %d",
-                    cfg.eval.num_problems, n_test, n_test)
-        cfg.eval.num_problems = n_test
+    clamp_num_problems(cfg.eval, make_env("test").unwrapped.num_problems)
     n_trials = cfg.algo.problems_per_iter * cfg.algo.group_size
     train_envs = [make_env("train") for _ in range(n_trials)]
     eval_envs = [make_env("test") for _ in range(cfg.eval.num_problems * cfg.eval.samples_per_problem)]
-    eval_gen = lambda: torch.Generator().manual_seed(cfg.seed + 10_000)  # noqa: E731  same held-out samples each time
 
     def run_eval(iteration: int, label: str) -> EvalResult:
-        res = evaluate(actor_critic.policy, codec, eval_envs, cfg.budget, cfg.eval, eval_gen())
+        """Held-out evaluation at the training budget (start and every ``eval.every`` iterations)."""
+        res = evaluate(actor_critic.policy, codec, eval_envs, cfg.budget, cfg.eval, eval_generator(cfg.seed))
         tracker.log({f"heldout/{k}": v for k, v in res.metrics.items()}, step=iteration)
         tracker.table(f"transcripts/{label}", TRANSCRIPT_COLUMNS, transcript_rows(res.trials, res.j_curves, cfg.logger.num_transcripts), step=iteration)
         return res
@@ -312,10 +295,18 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
         if cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
             save_checkpoint(run_dir, it, actor_critic, tokenizer, optimizer)
 
-    final_eval = run_eval(cfg.algo.iterations, "final")
-    save_checkpoint(run_dir, cfg.algo.iterations, actor_critic, tokenizer, optimizer)
+    # Final evaluation: the function `python -m metarl_llm.evaluate` calls on the saved
+    # checkpoint, with the same seeds, so re-evaluating it reproduces these figures.
+    final_ckpt = save_checkpoint(run_dir, cfg.algo.iterations, actor_critic, tokenizer, optimizer)
+    t_final_eval = time.perf_counter()
+    final_results, figures, _ = evaluate_and_report(
+        actor_critic.policy, codec, cfg, heldout_env_maker(cfg), run_dir, final_ckpt.name, tracker, cfg.algo.iterations
+    )
+    t_final_eval = time.perf_counter() - t_final_eval
+    final_eval = final_results["1"]
     plot = run_dir / "success_vs_tokens.png"
-    plot_success_vs_tokens({"start": start_eval, "final": final_eval}, plot)
+    plot_success_curves({"start": start_eval.curve, "final": final_eval.curve}, plot,
+                        title=f"{cfg.env.name}, held-out, training budget (C={len(final_eval.curve) - 1})")
     tracker.image("heldout/success_vs_tokens", plot, step=cfg.algo.iterations)
     summary = {
         "env": cfg.env.name,
@@ -332,6 +323,12 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
         "heldout_J_per_boundary": [final_eval.metrics[k] for k in sorted(final_eval.metrics) if k.startswith("J/boundary_")],
         "heldout_problems": cfg.eval.num_problems,
         "heldout_samples_per_problem": cfg.eval.samples_per_problem,
+        **figures,  # regret, tokens_to_success(_level), maj_at_k, *_by_budget: equal to eval_<checkpoint>.json's
+        "regret_start": start_eval.metrics["regret"],
+        "heldout_success_curve_start": start_eval.curve.tolist(),
+        # tokens the start model needs / tokens the final one needs, at 0.9 x the smaller final success (None: undefined or inf)
+        "token_efficiency_vs_start": finite_or_none(token_efficiency_ratio(final_eval.curve, start_eval.curve)),
+        "final_eval_s": t_final_eval,
         "wall_time_s": time.perf_counter() - t_start,
         "rollout_tokens_per_s": rollout_tokens / max(rollout_time, 1e-9),
         "update_tokens_per_s": update_tokens / max(update_time, 1e-9),
