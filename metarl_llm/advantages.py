@@ -113,6 +113,31 @@ def rloo(
     return (ret - baseline)[:, None] * action_mask, ret[:, None] * action_mask
 
 
+def episode_credit(episode_index: torch.Tensor, action_mask: torch.Tensor, episode_bonus: list[list[float]]) -> torch.Tensor:
+    """MRT's dense credit: the bonus of episode j on every action token of episode j.
+
+    episode_index [B, T] (episode of each token, -1 off episodes), action_mask [B, T],
+    ``episode_bonus[i][j]`` the bonus of trial i's episode j (episodes without an entry,
+    such as the final-answer one, get 0). Returns [B, T], 0 off action tokens.
+
+    Added to the advantages of an estimator run on outcome (and KL) rewards alone, this
+    credits each episode with its own progress only. Placed in the reward instead
+    (``bonus.credit=return``), a bonus flows into the returns of every earlier token:
+    with gamma = lambda = 1 the bonuses from episode j on sum to
+    alpha * (J_last - J_{j-1}), whose J_{j-1} part is fixed by the state, so the policy
+    gradient sees only alpha * J_last and no per-episode progress.
+    """
+    b = episode_index.shape[0]
+    if len(episode_bonus) != b:
+        raise ValueError(f"episode_credit: {len(episode_bonus)} bonus lists for {b} trials")
+    width = max([len(x) for x in episode_bonus] + [int(episode_index.max()) + 1, 1])
+    table = torch.zeros((b, width + 1), dtype=action_mask.dtype, device=action_mask.device)  # column `width`: no bonus
+    for i, bonuses in enumerate(episode_bonus):
+        table[i, : len(bonuses)] = torch.as_tensor(bonuses, dtype=table.dtype)
+    slot = torch.where(episode_index >= 0, episode_index, width)
+    return table.gather(1, slot) * action_mask
+
+
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / std over the masked entries; 0 elsewhere."""
     n = mask.sum().clamp(min=1)

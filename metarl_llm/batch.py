@@ -4,6 +4,10 @@ Rewards are placed on action tokens only:
 - the bonus of episode j on episode j's last action token;
 - the outcome on the trial's last action token (the trial end, the only terminal);
 - with ``kl_in_reward``, ``-kl_coef * (logprob - ref_logprob)`` on every action token.
+
+The bonuses are placed here with ``bonus.credit=return``. With the default
+``bonus.credit=episode`` the trainer places outcome and KL only and adds each episode's
+bonus to the advantages of that episode's tokens (``metarl_llm.advantages.episode_credit``).
 """
 
 from __future__ import annotations

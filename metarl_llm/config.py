@@ -162,6 +162,11 @@ class BonusConfig:
     verifier: str = "episode_score"  # verifier estimator: a name in metarl_llm.bonus.VERIFIERS
     use_reference: bool = False  # estimate J with the frozen reference instead of the current policy
     clip: Optional[float] = None  # clip each progress value to [-clip, clip]
+    # Where a bonus is credited. episode (MRT): added to the advantage of episode j's own
+    # tokens, after the estimator has run on the outcome; return: placed as a reward on
+    # episode j's last token, so it flows into the returns of all earlier tokens (with
+    # gamma = lambda = 1 that leaves only alpha * J_last: metarl_llm.advantages.episode_credit).
+    credit: str = "episode"
     # Also reward the final-answer episode's progress (J after it := the outcome), so the
     # bonuses telescope to alpha * (outcome - J_empty) and cannot pay for extra episodes.
     final_episode: bool = False

@@ -6,8 +6,11 @@ One iteration:
   2. score     - one forward pass for the sampling policy's log-probs and values, one
                  for the frozen reference's log-probs;
   3. bonus     - per-episode progress bonuses (metarl_llm.bonus);
-  4. rewards   - outcome, bonuses and KL placed on action tokens (metarl_llm.batch);
-  5. advantages- the registered estimator (metarl_llm.advantages);
+  4. rewards   - outcome and KL (and, with bonus.credit=return, the bonuses) placed on
+                 action tokens (metarl_llm.batch);
+  5. advantages- the registered estimator (metarl_llm.advantages); with the default
+                 bonus.credit=episode each episode's bonus is then added to the
+                 advantages of that episode's own tokens (MRT's dense credit);
   6. update    - PPO epochs over minibatches (metarl_llm.ppo);
   7. log       - scalars to metrics.jsonl and W&B; held-out evaluation and checkpoints
                  at intervals.
@@ -36,7 +39,7 @@ import torch
 from omegaconf import OmegaConf
 
 import envs  # noqa: F401  (registers the environments)
-from metarl_llm.advantages import get_advantage
+from metarl_llm.advantages import episode_credit, get_advantage
 from metarl_llm.batch import RolloutBatch, collate, place_rewards
 from metarl_llm.bonus import VERIFIERS, episode_bonuses, get_estimator
 from metarl_llm.config import TrainConfig
@@ -88,6 +91,8 @@ def validate(cfg: TrainConfig) -> None:
     get_policy_loss(cfg.algo.policy_loss)
     if cfg.bonus.name not in BONUSES:
         raise ValueError(f"bonus.name={cfg.bonus.name!r}; expected one of {BONUSES}")
+    if cfg.bonus.credit not in ("episode", "return"):
+        raise ValueError(f"bonus.credit={cfg.bonus.credit!r}; expected 'episode' or 'return'")
     if cfg.bonus.name != "none":
         get_estimator(cfg.bonus.estimator)
         if cfg.bonus.estimator == "verifier" and cfg.bonus.verifier not in VERIFIERS:
@@ -247,11 +252,14 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
         bonuses, curves = episode_bonuses(cfg.bonus, bonus_model, codec, trials, cfg.budget.answer_max_tokens, generator)
         t_bonus = time.perf_counter() - t_bonus
         # 4. rewards
-        token_rewards = place_rewards(batch, bonuses, cfg.algo.kl_coef, cfg.algo.kl_in_reward)
-        # 5. advantages
+        in_reward = cfg.bonus.credit == "return"
+        token_rewards = place_rewards(batch, bonuses if in_reward else [], cfg.algo.kl_coef, cfg.algo.kl_in_reward)
+        # 5. advantages (bonus.credit=episode: each episode's bonus on its own tokens, MRT)
         adv, ret = advantage_fn(
             token_rewards, batch.values, batch.action_mask, gamma=cfg.algo.gamma, lam=cfg.algo.lam, group=batch.group
         )
+        if not in_reward and cfg.bonus.name != "none":
+            adv = adv + episode_credit(batch.episode_index, batch.action_mask, bonuses)
         batch = batch._replace(token_rewards=token_rewards, advantages=adv, returns=ret)
         # 6. update
         t1 = time.perf_counter()

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from metarl_llm.advantages import ADVANTAGES, compress, gae, get_advantage, grpo, rloo, whiten
+from metarl_llm.advantages import ADVANTAGES, compress, episode_credit, gae, get_advantage, grpo, rloo, whiten
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -268,3 +268,36 @@ def test_compress_gives_action_positions_in_order():
     assert valid.tolist() == [[True] * 3, [True, False, False], [False] * 3, [True] * 3]
     # invalid slots point at position 0
     assert torch.all(index[~valid] == 0)
+
+
+# ------------------------------------------------------------------- episode credit
+
+
+def test_episode_credit_hand_built():
+    # trial 0: prompt, ep 0 (2 tokens), observation, ep 1 (1 token), answer ep 2 (1 token), pad
+    # trial 1: prompt, ep 0 (3 tokens), pad...
+    episode = torch.tensor([[-1, 0, 0, -1, 1, 2, -1], [-1, 0, 0, 0, -1, -1, -1]])
+    mask = torch.tensor([[0, 1, 1, 0, 1, 1, 0], [0, 1, 1, 1, 0, 0, 0]], dtype=torch.float32)
+    credit = episode_credit(episode, mask, [[0.25, -0.5], [0.125]])  # no entry for trial 0's answer episode
+    expected = torch.tensor([[0, 0.25, 0.25, 0, -0.5, 0, 0], [0, 0.125, 0.125, 0.125, 0, 0, 0]])
+    torch.testing.assert_close(credit, expected)
+    assert torch.all(episode_credit(episode, mask, [[], []]) == 0)
+    with pytest.raises(ValueError, match="2 trials"):
+        episode_credit(episode, mask, [[0.1]])
+
+
+def test_episode_credit_is_local_where_reward_placement_telescopes():
+    """With gamma = lambda = 1 a bonus placed in the reward reaches every earlier token;
+    episode credit gives each episode's tokens their own episode's bonus only."""
+    episode = torch.tensor([[-1, 0, 0, 1, 1, 2]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1]], dtype=torch.float32)
+    bonus = [[0.3, -0.1]]
+    rewards = torch.zeros(1, 6)
+    rewards[0, 2], rewards[0, 4], rewards[0, 5] = 0.3, -0.1, 1.0  # bonuses on each episode's last token, outcome at the end
+    adv, _ = gae(rewards, torch.zeros(1, 6), mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(adv, torch.tensor([[0, 1.2, 1.2, 0.9, 0.9, 1.0]]))  # 1 + 0.3 - 0.1 on episode 0
+    outcome_only = rewards.clone()
+    outcome_only[0, 2] = outcome_only[0, 4] = 0.0
+    adv_out, _ = gae(outcome_only, torch.zeros(1, 6), mask, gamma=1.0, lam=1.0)
+    local = adv_out + episode_credit(episode, mask, bonus)
+    torch.testing.assert_close(local, torch.tensor([[0, 1.3, 1.3, 0.9, 0.9, 1.0]]))

@@ -62,6 +62,7 @@ def test_bad_values_fail_before_training(compose_cfg, tmp_path):
         ("algo.advantage=vtrace", "algo.advantage"),
         ("algo.policy_loss=dpo", "algo.policy_loss"),
         ("bonus.name=curiosity", "bonus.name"),
+        ("bonus.credit=later", "bonus.credit"),
         ("env.id=metarl/Nope-v0", "env.id"),
     ]:
         with pytest.raises(ValueError, match=words.replace(".", r"\.")):
