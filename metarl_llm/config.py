@@ -203,6 +203,9 @@ class WarmStartConfig:
     variety: float = 0.5  # heterogeneity of the traces (0 focused .. 1 varied)
     focused_fraction: float = 0.5  # curriculum: first share of steps on focused traces (variety 0)
     cache_dir: str = "~/.cache/metarl-llm/warm_start"  # keyed by a hash of everything that determines it
+    # Seed of the warm start (the tiny model's initial weights, the traces, the SFT order);
+    # None: the run's seed. Fix it to start several RL seeds from one warm-started model.
+    seed: Optional[int] = None
 
 
 @dataclass

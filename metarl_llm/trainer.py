@@ -191,10 +191,11 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
     # -- models
-    policy, tokenizer = load_policy(cfg.model, cfg.seed)
+    ws_seed = cfg.seed if cfg.warm_start.seed is None else cfg.warm_start.seed
+    policy, tokenizer = load_policy(cfg.model, ws_seed)
     codec = StreamCodec(tokenizer, "\n", cfg.env.forced_answer_text)
     make_env = env_factory(cfg)
-    policy, ws_info = warm_start(policy, tokenizer, codec, make_env, cfg.model, cfg.env, cfg.budget, cfg.warm_start, cfg.seed)
+    policy, ws_info = warm_start(policy, tokenizer, codec, make_env, cfg.model, cfg.env, cfg.budget, cfg.warm_start, ws_seed)
     policy.to(device)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     actor_critic = build_actor_critic(policy, cfg.model, cfg.seed).to(device)

@@ -93,7 +93,7 @@ def cache_key(model: ModelConfig, env: EnvConfig, budget: BudgetConfig, ws: Warm
         "model": asdict(model),
         "env": asdict(env),
         "budget": asdict(budget),
-        "warm_start": {k: v for k, v in asdict(ws).items() if k != "cache_dir"},
+        "warm_start": {k: v for k, v in asdict(ws).items() if k not in ("cache_dir", "seed")},  # the seed used is `seed`
         "seed": seed,
         "vocab": hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest(),
     }

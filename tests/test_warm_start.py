@@ -60,3 +60,24 @@ def test_warm_start_is_cached_and_returns_a_clean_model(compose_cfg, tmp_path):
                 p.add_(0.05)
             assert torch.equal(ref(x).logits, before)
             assert not torch.allclose(model(x).logits, before)
+
+
+def test_warm_start_seed_fixes_one_start_model_for_several_run_seeds(compose_cfg, tmp_path):
+    """warm_start.seed=0 makes runs with seeds 0 and 1 share one warm start (one cache entry);
+    warm_start.seed=null (the default) gives each run seed its own."""
+    from metarl_llm.config import WarmStartConfig
+    from metarl_llm.trainer import train
+    from metarl_llm.warm_start import cache_key
+
+    cfg = compose_cfg()
+    vocab = build_char_tokenizer().get_vocab()
+    key = lambda ws, seed: cache_key(cfg.model, cfg.env, cfg.budget, ws, seed, vocab)  # noqa: E731
+    assert key(WarmStartConfig(seed=0), 3) == key(WarmStartConfig(), 3)  # the effective seed is the argument
+    assert key(WarmStartConfig(), 3) != key(WarmStartConfig(), 4)
+
+    tiny = [*SMALL, "algo.iterations=1", "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=4",
+            "eval.num_problems=2", "eval.samples_per_problem=1", "eval.extrapolation=false", "checkpoint_every=0",
+            "logger.mode=disabled", "logger.progress_bar=false", f"warm_start.cache_dir={tmp_path / 'cache'}"]
+    summaries = [train(compose_cfg(*tiny, "warm_start.seed=0", f"seed={s}"), tmp_path / f"run{s}") for s in (0, 1)]
+    assert [s["warm_start_cached"] for s in summaries] == [False, True]
+    assert len(list((tmp_path / "cache").iterdir())) == 1
