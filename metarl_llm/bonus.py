@@ -253,11 +253,27 @@ def episode_score_verifier() -> Verifier:
     return verify
 
 
+def check_verifier_name(name: str) -> None:
+    """``bonus.verifier`` must name a verifier of :data:`VERIFIERS` or the directory of a
+    trained verifier saved by ``algo=verifier`` (``RUN/verifier``)."""
+    from metarl_llm.verifier import is_saved_verifier  # verifier imports this module
+
+    if name not in VERIFIERS and not is_saved_verifier(name):
+        raise ValueError(f"bonus.verifier={name!r} is neither one of {sorted(VERIFIERS)} nor a saved verifier directory "
+                         "(written by `python train.py algo=verifier` into RUN/verifier)")
+
+
 @register_estimator("verifier")
 def estimate_verifier(model: torch.nn.Module, codec: StreamCodec, trials: list[Trial], opts: JOptions) -> list[np.ndarray]:
-    """J at every boundary from the verifier ``opts.verifier`` (one batched call; the policy is not used)."""
+    """J at every boundary from the verifier ``opts.verifier``: a rule-based one of
+    :data:`VERIFIERS` (one batched call over text) or a trained one saved in a directory
+    (metarl_llm.verifier.trained_verifier_estimator: one forward pass per trial, token in).
+    The policy is not run."""
+    check_verifier_name(opts.verifier)
     if opts.verifier not in VERIFIERS:
-        raise ValueError(f"bonus.verifier={opts.verifier!r} is not available; choose from {sorted(VERIFIERS)}")
+        from metarl_llm.verifier import trained_verifier_estimator
+
+        return trained_verifier_estimator(model, codec, trials, opts)
     verify = VERIFIERS[opts.verifier]()
     items, sizes = [], []
     for t in trials:

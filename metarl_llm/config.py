@@ -122,7 +122,7 @@ class ModelConfig:
 class AlgoConfig:
     """PPO over token streams (group ``algo``)."""
 
-    name: str = "ppo"
+    name: str = "ppo"  # ppo | grpo (PPO with that advantage) | verifier (train a verifier instead: cfg.verifier)
     advantage: str = "gae"  # registered estimator: gae | grpo | rloo
     policy_loss: str = "ppo_clip"  # registered loss: ppo_clip | reinforce
     iterations: int = 60  # rollout + update rounds
@@ -227,6 +227,33 @@ class EvalConfig:
 
 
 @dataclass
+class VerifierConfig:
+    """Verifier training (``algo=verifier``, metarl_llm.verifier): sample trials from the
+    (warm-started) base policy, label them by the environment, train a verifier, best-of-N."""
+
+    # Trunk: None = a fresh tiny trunk (sizes from ``tiny``) over the policy's tokenizer;
+    # "policy" = a copy of the policy's trunk; else a hub id or local dir of a causal LM
+    # whose tokenizer has the policy's vocabulary.
+    name_or_path: Optional[str] = None
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # sizes of the fresh tiny trunk
+    dtype: str = "float32"  # trunk weights (the head is float32)
+    num_train_problems: int = 256  # training-split problems sampled from the base policy
+    samples_per_problem: int = 8  # trials per training problem (successes and failures of one problem)
+    num_heldout_problems: int = 64  # held-out problems: calibration metrics and best-of-N
+    n_values: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # best-of-N sizes; max(n_values) trials per held-out problem
+    prefixes: bool = True  # also train on every episode boundary (J-like values), not only on whole trials
+    steps: int = 500  # optimiser steps
+    batch_size: int = 64  # examples per step
+    lr: float = 3e-4  # AdamW learning rate
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping
+    eval_every: int = 100  # held-out metrics every N steps (0: only at the end)
+    log_every: int = 10  # training loss every N steps
+    rollout_rows: int = 256  # trials played at once (size of the environment pool)
+    rows: int = 32  # trials per verifier forward pass when scoring
+
+
+@dataclass
 class TrainConfig:
     env: EnvConfig = MISSING
     budget: BudgetConfig = MISSING
@@ -236,6 +263,7 @@ class TrainConfig:
     logger: LoggerConfig = MISSING
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)  # used by algo=verifier
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads (0: torch's default)

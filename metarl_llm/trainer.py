@@ -41,7 +41,7 @@ from omegaconf import OmegaConf
 import envs  # noqa: F401  (registers the environments)
 from metarl_llm.advantages import episode_credit, get_advantage
 from metarl_llm.batch import RolloutBatch, collate, place_rewards
-from metarl_llm.bonus import VERIFIERS, episode_bonuses, get_estimator
+from metarl_llm.bonus import check_verifier_name, episode_bonuses, get_estimator
 from metarl_llm.config import TrainConfig
 from metarl_llm.evaluate import (
     TRANSCRIPT_COLUMNS,
@@ -95,8 +95,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"bonus.credit={cfg.bonus.credit!r}; expected 'episode' or 'return'")
     if cfg.bonus.name != "none":
         get_estimator(cfg.bonus.estimator)
-        if cfg.bonus.estimator == "verifier" and cfg.bonus.verifier not in VERIFIERS:
-            raise ValueError(f"bonus.verifier={cfg.bonus.verifier!r} is not available; choose from {sorted(VERIFIERS)}")
+        if cfg.bonus.estimator == "verifier":
+            check_verifier_name(cfg.bonus.verifier)
     if cfg.env.id not in gym.registry:
         raise ValueError(f"env.id={cfg.env.id!r} is not a registered environment; known: {sorted(k for k in gym.registry if k.startswith('metarl/'))}")
     if cfg.algo.advantage in ("grpo", "rloo") and cfg.algo.group_size < 2:
@@ -177,26 +177,41 @@ def save_checkpoint(run_dir: Path, iteration: int, actor_critic: ActorCritic, to
     return final
 
 
-def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> dict:
-    """Run warm start and PPO; write metrics.jsonl, checkpoints, plots and summary.json into ``run_dir``."""
-    t_start = time.perf_counter()
-    validate(cfg)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    quiet_libraries()
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-
-    # -- models
+def base_policy(cfg: TrainConfig, device: torch.device):
+    """The policy a job starts from: loaded (``model``) and warm-started (``warm_start``,
+    seeded ``warm_start.seed`` or the run's seed). Returns (policy, tokenizer, codec,
+    env_factory, warm-start info)."""
     ws_seed = cfg.seed if cfg.warm_start.seed is None else cfg.warm_start.seed
     policy, tokenizer = load_policy(cfg.model, ws_seed)
     codec = StreamCodec(tokenizer, "\n", cfg.env.forced_answer_text)
     make_env = env_factory(cfg)
     policy, ws_info = warm_start(policy, tokenizer, codec, make_env, cfg.model, cfg.env, cfg.budget, cfg.warm_start, ws_seed)
-    policy.to(device)
+    return policy.to(device), tokenizer, codec, make_env, ws_info
+
+
+def start_job(cfg: TrainConfig, run_dir: Path) -> torch.device:
+    """Validate, create ``run_dir``, set threads and seeds, write config.yaml; the device."""
+    validate(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    quiet_libraries()
+    seed_everything(cfg.seed)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    return resolve_device(cfg.device)
+
+
+def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> dict:
+    """Run warm start and PPO (or, with ``algo=verifier``, verifier training); write
+    metrics.jsonl, checkpoints, plots and summary.json into ``run_dir``."""
+    if cfg.algo.name == "verifier":
+        return train_verifier_job(cfg, Path(run_dir), wandb_group)
+    t_start = time.perf_counter()
+    run_dir = Path(run_dir)
+    device = start_job(cfg, run_dir)
+
+    # -- models
+    policy, tokenizer, codec, make_env, ws_info = base_policy(cfg, device)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     actor_critic = build_actor_critic(policy, cfg.model, cfg.seed).to(device)
     use_critic = cfg.algo.advantage == "gae"
@@ -346,4 +361,32 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
     }
     tracker.finish(summary)
     log.info("summary: %s", json.dumps(summary))
+    return summary
+
+
+def train_verifier_job(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> dict:
+    """``algo=verifier``: warm-start the base policy as PPO would, then train a verifier on
+    its trials and measure best-of-N (metarl_llm.verifier.run_verifier_training). Writes
+    ``verifier/`` (usable as ``bonus.estimator=verifier bonus.verifier=RUN/verifier``),
+    ``best_of_n.png``, ``verifier_summary.json``, metrics.jsonl and summary.json."""
+    from metarl_llm.verifier import build_verifier, run_verifier_training
+
+    t_start = time.perf_counter()
+    device = start_job(cfg, run_dir)
+    policy, tokenizer, codec, make_env, ws_info = base_policy(cfg, device)
+    v = cfg.verifier
+    verifier = build_verifier(tokenizer, v.name_or_path, policy=policy, tiny=v.tiny, seed=cfg.seed, dtype=v.dtype,
+                              trust_remote_code=cfg.model.trust_remote_code).to(device)
+    if wandb_group and not cfg.logger.group:
+        cfg.logger.group = wandb_group
+    tracker = Tracker(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), run_dir.name)
+    result = run_verifier_training(policy, codec, make_env, verifier, cfg.budget, v, torch.Generator().manual_seed(cfg.seed),
+                                   run_dir, tracker.log, cfg.logger.progress_bar)
+    tracker.image("verifier/best_of_n", Path(result["best_of_n_plot"]), step=v.steps)
+    summary = {"env": cfg.env.name, "algo": "verifier", "seed": cfg.seed, **result,
+               "warm_start_cached": bool(ws_info.get("warm_start/cached", False)),
+               "wall_time_s": time.perf_counter() - t_start}
+    tracker.finish(summary)
+    log.info("verifier: held-out accuracy %.3f, ECE %.3f; best-of-N %s", summary.get("heldout/accuracy", float("nan")),
+             summary.get("heldout/ece", float("nan")), result["best_of_n"].get("best_of_n"))
     return summary

@@ -75,9 +75,9 @@ import functools
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -85,7 +85,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from metarl_llm.bonus import JOptions, boundary_prefixes
-from metarl_llm.config import BudgetConfig, TinyModelConfig
+from metarl_llm.config import BudgetConfig, TinyModelConfig, VerifierConfig
 from metarl_llm.evaluate import heldout_resets
 from metarl_llm.models import build_tiny_model, resolve_dtype
 from metarl_llm.rollout import StreamCodec, Trial, run_trials
@@ -98,35 +98,6 @@ FORMAT = "metarl-llm verifier"
 FORMAT_VERSION = 1
 
 LogFn = Callable[[dict, int], None]  # (metrics, step), as metarl_llm.tracking.Tracker.log
-
-
-# ------------------------------------------------------------------------ config
-
-
-@dataclass
-class VerifierConfig:
-    """Verifier training (``algo=verifier``). Proposed schema for metarl_llm.config."""
-
-    # Trunk: None = a fresh tiny trunk (sizes from ``tiny``) over the policy's tokenizer;
-    # "policy" = a copy of the policy's trunk; else a hub id or local dir of a causal LM
-    # whose tokenizer has the policy's vocabulary.
-    name_or_path: Optional[str] = None
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # sizes of the fresh tiny trunk
-    dtype: str = "float32"  # trunk weights (the head is float32)
-    num_train_problems: int = 256  # training-split problems sampled from the base policy
-    samples_per_problem: int = 8  # trials per training problem (successes and failures of one problem)
-    num_heldout_problems: int = 64  # held-out problems: calibration metrics and best-of-N
-    n_values: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # best-of-N sizes; max(n_values) trials per held-out problem
-    prefixes: bool = True  # also train on every episode boundary (J-like values), not only on whole trials
-    steps: int = 500  # optimiser steps
-    batch_size: int = 64  # examples per step
-    lr: float = 3e-4  # AdamW learning rate
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # gradient clipping
-    eval_every: int = 100  # held-out metrics every N steps (0: only at the end)
-    log_every: int = 10  # training loss every N steps
-    rollout_rows: int = 256  # trials played at once (size of the environment pool)
-    rows: int = 32  # trials per verifier forward pass when scoring
 
 
 # ------------------------------------------------------------------------- model

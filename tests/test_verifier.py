@@ -3,6 +3,7 @@ on a learnable signal, one-pass prefix scores, save/load, the J-estimator plug-i
 best-of-N, the algo=verifier entry point and bad input."""
 
 import json
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import envs  # noqa: F401
-from metarl_llm.bonus import ESTIMATORS, JOptions, boundary_prefixes, episode_bonuses
+from metarl_llm.bonus import JOptions, boundary_prefixes, episode_bonuses
 from metarl_llm.config import BonusConfig, BudgetConfig, TinyModelConfig
 from metarl_llm.evaluate import heldout_resets, maj_at_k
 from metarl_llm.models import build_char_tokenizer, build_tiny_model
@@ -251,12 +252,11 @@ def test_trained_verifier_plugs_into_the_j_estimator(setup, trials, tmp_path):
     curves = trained_verifier_estimator(policy, codec, trials, JOptions(verifier=path, rows=4))
     for a, b in zip(curves, score_prefixes(v, trials)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-    ESTIMATORS["test_trained_verifier"] = trained_verifier_estimator  # as the lead would register it
-    try:
-        cfg = BonusConfig(name="info_gain", estimator="test_trained_verifier", verifier=path, alpha=0.5)
-        bonuses, curves = episode_bonuses(cfg, policy, codec, trials, BUDGET.answer_max_tokens)
-    finally:
-        ESTIMATORS.pop("test_trained_verifier")
+    # bonus.estimator=verifier with bonus.verifier=<a saved verifier directory>
+    cfg = BonusConfig(name="info_gain", estimator="verifier", verifier=path, alpha=0.5)
+    bonuses, via_bonus = episode_bonuses(cfg, policy, codec, trials, BUDGET.answer_max_tokens)
+    for a, b in zip(via_bonus, curves):  # other rows per pass (32 vs 4): equal up to float rounding
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     for b, c in zip(bonuses, curves):
         assert np.isclose(sum(b), 0.5 * (c[-1] - c[0]))
     with pytest.raises(FileNotFoundError, match="not a saved verifier"):
@@ -395,3 +395,42 @@ def test_metric_functions_reject_empty_input():
     for fn in (brier, expected_calibration_error, auroc):
         with pytest.raises(ValueError, match="no examples"):
             fn([], [])
+
+
+def test_algo_verifier_job_then_ppo_with_its_verifier_as_the_j_estimator(tmp_path):
+    """`python train.py algo=verifier` writes a verifier that `bonus.estimator=verifier
+    bonus.verifier=RUN/verifier` then uses in PPO (tiny sizes, one thread)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from metarl_llm.config import register_configs
+    from metarl_llm.trainer import train, validate
+
+    root = Path(__file__).resolve().parent.parent
+    small = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",
+             "warm_start.steps=4", "warm_start.num_traces=32", "warm_start.batch_size=8", f"warm_start.cache_dir={tmp_path / 'cache'}",
+             "logger.mode=disabled", "logger.progress_bar=false", "threads=1"]
+    register_configs()
+
+    def cfg_of(*overrides):
+        with initialize_config_dir(version_base=None, config_dir=str(root / "conf")):
+            return OmegaConf.to_object(compose("config", overrides=[*small, *overrides]))
+
+    summary = train(cfg_of("algo=verifier", "verifier.num_train_problems=4", "verifier.samples_per_problem=2",
+                           "verifier.num_heldout_problems=3", "verifier.n_values=[1,2]", "verifier.steps=3",
+                           "verifier.batch_size=8", "verifier.eval_every=0",
+                           "verifier.tiny.hidden_size=32", "verifier.tiny.num_layers=1", "verifier.tiny.num_heads=2",
+                           "verifier.tiny.intermediate_size=64"), tmp_path / "vrun")
+    assert summary["algo"] == "verifier" and summary["best_of_n"]["n"] == [1, 2]
+    assert json.loads((tmp_path / "vrun" / "summary.json").read_text())["heldout_trials"] == 6
+    assert is_saved_verifier(tmp_path / "vrun" / "verifier")
+
+    ppo = cfg_of("bonus=info_gain", "bonus.estimator=verifier", f"bonus.verifier={tmp_path / 'vrun' / 'verifier'}",
+                 "algo.iterations=1", "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=4",
+                 "eval.num_problems=2", "eval.samples_per_problem=1", "eval.extrapolation=false", "checkpoint_every=0")
+    out = train(ppo, tmp_path / "prun")
+    assert out["bonus"] == "info_gain/verifier"
+    rows = [json.loads(x) for x in (tmp_path / "prun" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/J_boundary_0" in r for r in rows)
+    with pytest.raises(ValueError, match="saved verifier directory"):
+        validate(cfg_of("bonus=info_gain", "bonus.estimator=verifier", f"bonus.verifier={tmp_path / 'nothing'}"))
