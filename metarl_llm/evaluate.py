@@ -405,7 +405,8 @@ def heldout_figures(results: dict[str, EvalResult], cfg: EvalConfig) -> dict:
 # ----------------------------------------------------------------- plots, report
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -414,16 +415,8 @@ def _pyplot():
     return plt
 
 
-def plot_success_curves(curves: dict[str, np.ndarray], path: Path, title: str = "") -> None:
-    """Step plot of S(t) against policy tokens, one line per label; ``curves`` label ->
-    S [C+1] (each on its own grid). Writes a PNG at ``path``."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for label, s in curves.items():
-        ax.step(np.arange(len(s)), s, where="post",
-                label=f"{label} (S(C) {s[-1]:.2f}, regret {cumulative_regret(s):.2f})")
-    ax.set_xlabel("policy tokens spent t")
-    ax.set_ylabel("held-out success S(t)")
+def save_plot(plt, fig, ax, path: Path, title: str = "") -> None:
+    """The common finish of a [0, 1]-valued plot: y range, title, legend, grid; PNG at ``path``."""
     ax.set_ylim(-0.02, 1.02)
     if title:
         ax.set_title(title, fontsize=9)
@@ -434,9 +427,22 @@ def plot_success_curves(curves: dict[str, np.ndarray], path: Path, title: str = 
     plt.close(fig)
 
 
+def plot_success_curves(curves: dict[str, np.ndarray], path: Path, title: str = "") -> None:
+    """Step plot of S(t) against policy tokens, one line per label; ``curves`` label ->
+    S [C+1] (each on its own grid). Writes a PNG at ``path``."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for label, s in curves.items():
+        ax.step(np.arange(len(s)), s, where="post",
+                label=f"{label} (S(C) {s[-1]:.2f}, regret {cumulative_regret(s):.2f})")
+    ax.set_xlabel("policy tokens spent t")
+    ax.set_ylabel("held-out success S(t)")
+    save_plot(plt, fig, ax, path, title)
+
+
 def plot_budget_extrapolation(results: dict[str, EvalResult], k: int, path: Path, title: str = "") -> None:
     """Success, pass@k, maj@k and regret against the budget scale (log2 axis). PNG at ``path``."""
-    plt = _pyplot()
+    plt = pyplot()
     scales = [float(label) for label in results]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for key, name in (("success", "success"), (f"pass@{k}", f"pass@{k}"), (f"maj@{k}", f"maj@{k}"), ("regret", "regret")):
@@ -444,14 +450,7 @@ def plot_budget_extrapolation(results: dict[str, EvalResult], k: int, path: Path
     ax.set_xscale("log", base=2)
     ax.set_xticks(scales, [f"{s:g}x" for s in scales])
     ax.set_xlabel("budget (x training budget)")
-    ax.set_ylim(-0.02, 1.02)
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_plot(plt, fig, ax, path, title)
 
 
 TRANSCRIPT_COLUMNS = ["problem_id", "episodes", "answer", "outcome", "policy_tokens", "J_per_boundary"]

@@ -735,9 +735,9 @@ def best_of_n_trials(scores, trials: Sequence[Trial], n_values: Sequence[int], a
 
 def plot_best_of_n(result: dict[str, list], path: str | Path, title: str = "") -> None:
     """Best-of-N, maj@N, pass@N and mean outcome against N (log2) and against total tokens. PNG at ``path``."""
-    from metarl_llm.evaluate import _pyplot
+    from metarl_llm.evaluate import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2 if "tokens" in result else 1, figsize=(10 if "tokens" in result else 5.5, 3.8), squeeze=False)
     curves = [("best_of_n", "best-of-N (verifier)"), ("maj_at_n", "maj@N"), ("pass_at_n", "pass@N"), ("mean_outcome", "mean outcome")]
     for ax, xkey, xlabel in zip(axes[0], ("n", "tokens"), ("N (trials per problem)", "policy tokens per problem")):
