@@ -86,23 +86,33 @@ def meta_prover_context(codec: StreamCodec, trial: Trial, end: int) -> list[int]
     return trial.ids[:end] + codec.forced_prefix(trial.ids[:end])
 
 
+def meta_prover_success(
+    model: torch.nn.Module, codec: StreamCodec, trials: list[Trial], ends: list[list[int]], num_samples: int,
+    answer_max_tokens: int, generator: torch.Generator | None = None,
+) -> list[np.ndarray]:
+    """J after the prefixes ``ends[i]`` (stream lengths) of trial i: the mean ``env.score``
+    of ``num_samples`` meta-prover answers of at most ``answer_max_tokens`` tokens, all
+    from one batched sampling call over the trials' own token ids. Returns one array
+    [len(ends[i])] per trial."""
+    contexts, owners = [], []
+    for i, (t, prefix_ends) in enumerate(zip(trials, ends)):
+        for b, end in enumerate(prefix_ends):
+            contexts += [meta_prover_context(codec, t, end)] * num_samples
+            owners += [(i, b)] * num_samples
+    out = sample(model, contexts, answer_max_tokens, codec.stop_ids, codec.pad_id, generator)
+    sums = [np.zeros(len(prefix_ends)) for prefix_ends in ends]
+    for row, (i, b) in enumerate(owners):
+        text = codec.episode_text(out.tokens[row, : int(out.lengths[row])].tolist())
+        sums[i][b] += trials[i].env.score(text)
+    return [x / num_samples for x in sums]
+
+
 @register_estimator("sample")
 def estimate_sample(model: torch.nn.Module, codec: StreamCodec, trials: list[Trial], opts: JOptions) -> list[np.ndarray]:
     """J at every boundary of every trial: the mean score of ``num_samples`` meta-prover
     answers (all boundaries of all trials in one batched sampling call)."""
-    contexts, owners = [], []
-    boundaries = [boundary_prefixes(t) for t in trials]
-    for i, (t, ends) in enumerate(zip(trials, boundaries)):
-        for b, end in enumerate(ends):
-            ctx = meta_prover_context(codec, t, end)
-            contexts += [ctx] * opts.num_samples
-            owners += [(i, b)] * opts.num_samples
-    out = sample(model, contexts, opts.answer_max_tokens, codec.stop_ids, codec.pad_id, opts.generator)
-    sums = [np.zeros(len(ends)) for ends in boundaries]
-    for row, (i, b) in enumerate(owners):
-        text = codec.episode_text(out.tokens[row, : int(out.lengths[row])].tolist())
-        sums[i][b] += trials[i].env.score(text)
-    return [s / opts.num_samples for s in sums]
+    ends = [boundary_prefixes(t) for t in trials]
+    return meta_prover_success(model, codec, trials, ends, opts.num_samples, opts.answer_max_tokens, opts.generator)
 
 
 class _Packed(NamedTuple):

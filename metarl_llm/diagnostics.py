@@ -35,10 +35,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from metarl_llm.bonus import meta_prover_context
+from metarl_llm.bonus import meta_prover_success
 from metarl_llm.config import BudgetConfig
 from metarl_llm.evaluate import heldout_resets
-from metarl_llm.rollout import StreamCodec, Trial, run_trials, sample
+from metarl_llm.rollout import StreamCodec, Trial, run_trials
 
 TIE_TOLERANCE = 1e-9  # anti_concentration: comparisons with mu and mu + margin*sigma absorb float rounding of that size
 
@@ -175,16 +175,9 @@ def first_episode_values(
     meta-prover answers (at most ``answer_max_tokens`` tokens each) sampled after the
     prompt + episode 0 + forced-answer tokens. All trials' answers come from one batched
     ``sample`` call; the contexts are the trials' own token ids. Returns [len(trials)]."""
-    contexts = []
-    for t in trials:
-        contexts += [meta_prover_context(codec, t, t.episode_ends[0] + 1)] * num_rollouts
-    out = sample(model, contexts, answer_max_tokens, codec.stop_ids, codec.pad_id, generator)
-    scores = np.array(
-        [trials[row // num_rollouts].env.score(codec.episode_text(out.tokens[row, : int(out.lengths[row])].tolist()))
-         for row in range(len(contexts))],
-        dtype=np.float64,
-    )
-    return scores.reshape(len(trials), num_rollouts).mean(axis=1)
+    ends = [[t.episode_ends[0] + 1] for t in trials]
+    values = meta_prover_success(model, codec, trials, ends, num_rollouts, answer_max_tokens, generator)
+    return np.concatenate(values) if values else np.zeros(0)
 
 
 @dataclass

@@ -527,14 +527,14 @@ def evaluate_and_report(
 # ------------------------------------------------------------------ command line
 
 USAGE = """\
-usage: python -m metarl_llm.evaluate run_dir=PATH [checkpoint=latest|iter_XXXXXX] [compare=OTHER_RUN_DIR] [KEY=VALUE ...]
+usage: python -m metarl_llm.evaluate run_dir=PATH [checkpoint=latest|iter_000060] [compare=OTHER_RUN_DIR] [KEY=VALUE ...]
 
 Evaluates a checkpoint of a training run on held-out problems at the budget scales
 eval.budget_scales (success-vs-tokens curves, regret, tokens to success, pass@k, maj@k)
 and writes eval_<checkpoint>.json and PNGs into the run directory.
 
   run_dir=PATH         a directory written by train.py (config.yaml, checkpoints/)
-  checkpoint=NAME      latest (default: the one checkpoints/latest names) or iter_XXXXXX
+  checkpoint=NAME      latest (default: the one checkpoints/latest names) or a name such as iter_000060
   compare=OTHER_RUN    also report the token-efficiency ratio against OTHER_RUN's
                        evaluation of its latest checkpoint (eval_<its checkpoint>.json)
   KEY=VALUE            Hydra-style override of the run's config, e.g.

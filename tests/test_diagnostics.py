@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import envs  # noqa: F401
-from metarl_llm import diagnostics
+from metarl_llm import bonus
 from metarl_llm.bonus import meta_prover_context
 from metarl_llm.config import BudgetConfig, TinyModelConfig
 from metarl_llm.diagnostics import anti_concentration, heterogeneity, policy_diagnostics
@@ -200,14 +200,14 @@ def test_driver_values_are_meta_prover_scores_after_each_first_episode(setup, mo
     the prompt and episode 0's sampled tokens then the forced-answer tokens; each value is
     the mean score of that trial's m recorded answers."""
     tok, model, codec = setup
-    calls, real_sample = [], diagnostics.sample
+    calls, real_sample = [], bonus.sample  # the meta-prover's sampling (metarl_llm.bonus.meta_prover_success)
 
     def recording_sample(*args, **kwargs):
         out = real_sample(*args, **kwargs)
         calls.append((args[1], out))
         return out
 
-    monkeypatch.setattr(diagnostics, "sample", recording_sample)
+    monkeypatch.setattr(bonus, "sample", recording_sample)
     m = 3
     d = run(model, codec, rollouts=m)
     assert len(calls) == 1  # one batched call for every trial
