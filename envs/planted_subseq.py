@@ -199,11 +199,15 @@ class PlantedSubseqEnv(EpisodicTextEnv):
 
     def _canonical_miss(self, j: int) -> str:
         gold = self.reference_answer
-        for shift in range(j + 1, j + 11):
-            chunk = "".join(str((int(g) + shift) % 10) for g in gold) + "0" * (self.chunk_length - self.gold_length)
-            if gold not in chunk:
-                return chunk
-        raise AssertionError("unreachable: some shift of every digit avoids the gold")
+        fill = self.chunk_length - self.gold_length
+        # Filler "0" first (the original recipe); other filler digits only where "0"s would
+        # complete the gold (e.g. gold "0").
+        for filler in "0123456789":
+            for shift in range(j + 1, j + 11):
+                chunk = "".join(str((int(g) + shift) % 10) for g in gold) + filler * fill
+                if gold not in chunk:
+                    return chunk
+        raise AssertionError("unreachable: some shift of every digit with some filler avoids the gold")
 
     def _random_miss(self, rng: np.random.Generator) -> str:
         while True:

@@ -122,7 +122,7 @@ class ModelConfig:
 class AlgoConfig:
     """PPO over token streams (group ``algo``)."""
 
-    name: str = "ppo"  # ppo | grpo (PPO with that advantage) | verifier (train a verifier instead: cfg.verifier)
+    name: str = "ppo"  # ppo | grpo (PPO with that advantage) | verifier (train a verifier: cfg.verifier) | sft (VF baseline: cfg.sft)
     advantage: str = "gae"  # registered estimator: gae | grpo | rloo
     policy_loss: str = "ppo_clip"  # registered loss: ppo_clip | reinforce
     iterations: int = 60  # rollout + update rounds
@@ -254,6 +254,55 @@ class VerifierConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Verifier-free baselines (``algo=sft``, metarl_llm.sft): sample trials from the
+    (warm-started) base policy on training problems, fine-tune it on data built from
+    them with trl's SFTTrainer (loss on policy tokens only), then measure it on held-out
+    problems as the compute grows (maj@N of parallel trials; one trial at scaled budgets)."""
+
+    # star: the base policy's successful trials as sampled (rejection sampling, STaR-like);
+    # stitched: search traces, failed attempts of the problem then a correct answer episode.
+    data: str = "stitched"
+    num_train_problems: int = 256  # training-split problems sampled from the base policy
+    samples_per_problem: int = 8  # trials per training problem (its successes and failed attempts)
+    traces_per_problem: int = 4  # stitched traces built per problem that has a success
+    n_failed_min: int = 0  # stitched: each trace has n ~ U{n_failed_min..n_failed_max} failed attempts ...
+    n_failed_max: int = 2  # ... before the correct one (needs budget.max_episodes >= n_failed_max + 1)
+    steps: int = 150  # SFT optimiser steps
+    batch_size: int = 64  # records per step
+    lr: float = 5e-4  # AdamW learning rate (cosine schedule, 5% warm-up)
+    num_heldout_problems: int = 64  # held-out problems of the measurement
+    n_values: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # parallel trials N (maj@N); max(n_values) trials per problem
+    budget_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])  # sequential: one trial at these multiples of the budget
+    sequential_samples: int = 4  # trials per held-out problem at each budget scale
+    rollout_rows: int = 256  # trials played at once
+
+
+@dataclass
+class DiagnosticsConfig:
+    """Base-policy diagnostics (metarl_llm.diagnostics), logged by ``algo=verifier`` and
+    ``algo=sft`` as ``diagnostics/...`` before they train anything."""
+
+    enabled: bool = True
+    num_problems: int = 64  # held-out problems (P)
+    num_continuations: int = 8  # trials per problem (N): first episodes for heterogeneity, outcomes for anti-concentration
+    num_rollouts: int = 8  # meta-prover answers valuing each first episode (m >= 2)
+    margin: float = 1.0  # anti-concentration: beat the problem's mean by margin x its standard deviation
+
+
+@dataclass
+class RewardConfig:
+    """Where the PPO reward comes from (group ``reward``)."""
+
+    # env: the environment's outcome (needs the reference answer);
+    # verifier: a trained verifier's P(success) of the whole trial, in [0, 1] (problems
+    # without a reference answer). Held-out evaluation always uses the environment.
+    name: str = "env"
+    verifier: Optional[str] = None  # reward=verifier: directory of a saved verifier (RUN/verifier of algo=verifier)
+    rows: int = 32  # trials per verifier forward pass
+
+
+@dataclass
 class TrainConfig:
     env: EnvConfig = MISSING
     budget: BudgetConfig = MISSING
@@ -264,6 +313,9 @@ class TrainConfig:
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)  # used by algo=verifier
+    sft: SFTConfig = field(default_factory=SFTConfig)  # used by algo=sft
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)  # algo=verifier and algo=sft
+    reward: RewardConfig = field(default_factory=RewardConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads (0: torch's default)
@@ -283,3 +335,4 @@ def register_configs() -> None:
     cs.store(group="algo", name="algo_schema", node=AlgoConfig)
     cs.store(group="bonus", name="bonus_schema", node=BonusConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    cs.store(group="reward", name="reward_schema", node=RewardConfig)

@@ -65,6 +65,8 @@ from metarl_llm.warm_start import warm_start
 log = logging.getLogger(__name__)
 
 BONUSES = ("none", "info_gain")
+ALGOS = ("ppo", "grpo", "verifier", "sft")
+REWARDS = ("env", "verifier")
 
 
 def env_kwargs(cfg: TrainConfig) -> dict:
@@ -108,6 +110,15 @@ def validate(cfg: TrainConfig) -> None:
     if min(b.max_episode_tokens, b.max_total_tokens, b.answer_max_tokens) < 1:
         raise ValueError("budget token limits must be >= 1")
     check_eval_config(cfg.eval)
+    if cfg.algo.name not in ALGOS:
+        raise ValueError(f"algo.name={cfg.algo.name!r}; expected one of {ALGOS}")
+    if cfg.reward.name not in REWARDS:
+        raise ValueError(f"reward.name={cfg.reward.name!r}; expected one of {REWARDS}")
+    if cfg.reward.name == "verifier":
+        from metarl_llm.verifier import is_saved_verifier
+
+        if not cfg.reward.verifier or not is_saved_verifier(Path(cfg.reward.verifier).expanduser()):
+            raise ValueError(f"reward=verifier needs reward.verifier=<a saved verifier directory>, got {cfg.reward.verifier!r}")
 
 
 def quiet_libraries() -> None:
@@ -149,6 +160,14 @@ def score_batch(actor_critic: ActorCritic, reference: torch.nn.Module, batch: Ro
         ref.append(torch.cat([torch.zeros(ids.shape[0], 1), token_logprobs(ref_lp, ids[:, 1:]).cpu()], 1))
     mask = batch.action_mask
     return batch._replace(logprobs=torch.cat(lp) * mask, values=torch.cat(vals) * mask, ref_logprobs=torch.cat(ref) * mask)
+
+
+@torch.no_grad()
+def verifier_rewards(verifier, trials: list, rows: int) -> torch.Tensor:
+    """reward=verifier: the verifier's P(success) of each whole trial, [B] float32 in [0, 1]."""
+    from metarl_llm.verifier import score_trials
+
+    return torch.as_tensor(score_trials(verifier, trials, rows=rows), dtype=torch.float32)
 
 
 def save_checkpoint(run_dir: Path, iteration: int, actor_critic: ActorCritic, tokenizer, optimizer) -> Path:
@@ -206,6 +225,8 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
     metrics.jsonl, checkpoints, plots and summary.json into ``run_dir``."""
     if cfg.algo.name == "verifier":
         return train_verifier_job(cfg, Path(run_dir), wandb_group)
+    if cfg.algo.name == "sft":
+        return train_sft_job(cfg, Path(run_dir), wandb_group)
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     device = start_job(cfg, run_dir)
@@ -220,6 +241,12 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
         groups.append({"params": actor_critic.critic_parameters(), "lr": cfg.algo.critic_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.algo.weight_decay)
     advantage_fn = get_advantage(cfg.algo.advantage)
+    reward_verifier = None
+    if cfg.reward.name == "verifier":
+        from metarl_llm.verifier import check_same_vocabulary, load_verifier
+
+        reward_verifier = load_verifier(Path(cfg.reward.verifier).expanduser(), device, cfg.model.trust_remote_code).eval()
+        check_same_vocabulary(reward_verifier.tokenizer, tokenizer)
 
     if wandb_group and not cfg.logger.group:
         cfg.logger.group = wandb_group  # the runs of one sweep share a W&B group
@@ -258,6 +285,9 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
         t_generate = time.perf_counter() - t0
         # 2. score
         batch = score_batch(actor_critic, reference, collate(trials, codec.pad_id), use_critic)
+        env_outcome = batch.outcome
+        if reward_verifier is not None:  # reward=verifier: the verifier's P(success) replaces the outcome
+            batch = batch._replace(outcome=verifier_rewards(reward_verifier, trials, cfg.reward.rows))
         mismatch = float(max(
             (abs(batch.logprobs[i, : len(t.ids)] - torch.tensor(t.sample_logprobs)) * batch.action_mask[i, : len(t.ids)]).max()
             for i, t in enumerate(trials)
@@ -290,7 +320,8 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
         mask = batch.action_mask
         bonus_return = float(np.mean([sum(b) for b in bonuses])) if cfg.bonus.name != "none" else 0.0
         metrics = {
-            "train/outcome": float(batch.outcome.mean()),
+            "train/outcome": float(env_outcome.mean()),  # the environment's, whatever the reward
+            "train/reward": float(batch.outcome.mean()),  # the outcome reward PPO optimised (reward.name)
             "train/bonus_return": bonus_return,
             "train/tokens_per_trial": sampled / len(trials),
             "train/episodes_per_trial": float(np.mean([len(t.episode_texts) for t in trials])),
@@ -304,6 +335,8 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
             "perf/iteration_s": time.perf_counter() - t0,
             "perf/bonus_s": t_bonus,
         }
+        if reward_verifier is not None:
+            metrics["train/reward_verifier_accuracy"] = float(((batch.outcome >= 0.5) == (env_outcome >= 1.0)).float().mean())
         if curves is not None:
             width = max(len(c) for c in curves)
             for b in range(width):
@@ -380,13 +413,65 @@ def train_verifier_job(cfg: TrainConfig, run_dir: Path, wandb_group: str | None 
     if wandb_group and not cfg.logger.group:
         cfg.logger.group = wandb_group
     tracker = Tracker(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), run_dir.name)
+    diag = base_diagnostics(cfg, policy, codec, make_env, tracker.log)
     result = run_verifier_training(policy, codec, make_env, verifier, cfg.budget, v, torch.Generator().manual_seed(cfg.seed),
                                    run_dir, tracker.log, cfg.logger.progress_bar)
     tracker.image("verifier/best_of_n", Path(result["best_of_n_plot"]), step=v.steps)
-    summary = {"env": cfg.env.name, "algo": "verifier", "seed": cfg.seed, **result,
+    summary = {"env": cfg.env.name, "algo": "verifier", "seed": cfg.seed, **diag, **result,
                "warm_start_cached": bool(ws_info.get("warm_start/cached", False)),
                "wall_time_s": time.perf_counter() - t_start}
     tracker.finish(summary)
     log.info("verifier: held-out accuracy %.3f, ECE %.3f; best-of-N %s", summary.get("heldout/accuracy", float("nan")),
              summary.get("heldout/ece", float("nan")), result["best_of_n"].get("best_of_n"))
+    return summary
+
+
+def base_diagnostics(cfg: TrainConfig, policy, codec: StreamCodec, make_env, log_fn) -> dict:
+    """Heterogeneity and anti-concentration of the base policy on held-out problems
+    (metarl_llm.diagnostics, settings ``cfg.diagnostics``), logged as ``diagnostics/...``
+    at step 0. Returns those scalars ({} when disabled)."""
+    from metarl_llm.diagnostics import policy_diagnostics
+
+    d = cfg.diagnostics
+    if not d.enabled:
+        return {}
+    t0 = time.perf_counter()
+    size = make_env("test").unwrapped.num_problems
+    num = min(d.num_problems, size) if size is not None else d.num_problems
+    envs = [make_env("test") for _ in range(num * d.num_continuations)]
+    out = policy_diagnostics(policy, codec, envs, cfg.budget, num, d.num_continuations, d.num_rollouts, d.margin,
+                             torch.Generator().manual_seed(cfg.seed))
+    scalars = {f"diagnostics/{k}": v for k, v in out.metrics.items()}
+    scalars["diagnostics/time_s"] = time.perf_counter() - t0
+    log_fn(scalars, 0)
+    log.info("base policy: heterogeneity %.4f, anti-concentration %.3f (margin %g), success %.3f",
+             out.metrics["heterogeneity"], out.metrics["anti_concentration"], d.margin, out.metrics["success"])
+    return scalars
+
+
+def train_sft_job(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> dict:
+    """``algo=sft``: warm-start the base policy as PPO would, log its diagnostics, then the
+    verifier-free baseline of ``cfg.sft`` (metarl_llm.sft.run_vf): SFT on its own
+    rejection-sampled or stitched trials and the held-out measurement. Writes the fitted
+    policy to ``policy/``, ``vf_summary.json``, metrics.jsonl and summary.json."""
+    from metarl_llm.sft import run_vf
+
+    t_start = time.perf_counter()
+    device = start_job(cfg, run_dir)
+    policy, tokenizer, codec, make_env, ws_info = base_policy(cfg, device)
+    if wandb_group and not cfg.logger.group:
+        cfg.logger.group = wandb_group
+    tracker = Tracker(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), run_dir.name)
+    diag = base_diagnostics(cfg, policy, codec, make_env, tracker.log)
+    policy, result = run_vf(policy, tokenizer, codec, make_env, heldout_env_maker(cfg), cfg.budget, cfg.sft, cfg.seed,
+                            torch.Generator().manual_seed(cfg.seed), cfg.model.gradient_checkpointing, tracker.log)
+    policy.save_pretrained(run_dir / "policy")
+    tokenizer.save_pretrained(run_dir / "policy")
+    (run_dir / "vf_summary.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+    summary = {"env": cfg.env.name, "algo": "sft", "seed": cfg.seed, **diag, **result,
+               "warm_start_cached": bool(ws_info.get("warm_start/cached", False)),
+               "policy_dir": str(run_dir / "policy"), "wall_time_s": time.perf_counter() - t_start}
+    tracker.finish(summary)
+    log.info("sft (%s): %d records, held-out success %.3f; maj@N %s", cfg.sft.data, result["sft/records"],
+             result["heldout/success"], result["parallel"]["maj_at_n"])
     return summary

@@ -32,9 +32,52 @@ import torch
 
 from metarl_llm.config import BudgetConfig, EnvConfig, ModelConfig, WarmStartConfig
 from metarl_llm.rollout import StreamCodec
+from metarl_llm.sft import sft_fit
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 4  # bump when the trace format or the SFT recipe changes
+
+
+def trace_record(
+    env, codec: StreamCodec, budget: BudgetConfig, prompt: str, problem_id: str, episodes: list[str], kind: str
+) -> dict | None:
+    """Play ``episodes`` through ``env`` (just reset to the problem of ``prompt``) and
+    tokenise the trial as a rollout would: ``input_ids`` and ``completion_mask`` (1 on
+    policy tokens: each episode's text and its delimiter, EOS after the last; 0 on the
+    prompt and on the observations the environment inserts).
+
+    Returns None when the trace does not end, at its last episode, in success (outcome
+    >= 1); raises when an episode or the trace does not fit ``budget`` (training on
+    traces the rollout could never produce would be silently wrong). ``kind`` names the
+    traces in error messages.
+    """
+    ids = codec.encode(prompt, special=True)
+    mask = [0] * len(ids)
+    policy_tokens = 0
+    terminated, reward = False, 0.0
+    for k, text in enumerate(episodes):
+        if terminated:
+            return None  # the environment ended the trial before the trace's last episode
+        last = k == len(episodes) - 1
+        tokens = codec.encode(text) + ([codec.eos_id] if last else codec.delimiter_token)
+        if len(tokens) > budget.max_episode_tokens:
+            raise ValueError(
+                f"{kind} episode {text!r} of problem {problem_id} has {len(tokens)} tokens; "
+                f"budget.max_episode_tokens={budget.max_episode_tokens} is too small for the {kind} traces"
+            )
+        policy_tokens += len(tokens)
+        ids += tokens
+        mask += [1] * len(tokens)
+        obs, reward, terminated, _, _ = env.step(text)
+        if obs:
+            o = codec.encode(obs)
+            ids += o
+            mask += [0] * len(o)
+    if policy_tokens > budget.max_total_tokens:
+        raise ValueError(f"{kind} trace of {policy_tokens} tokens exceeds budget.max_total_tokens={budget.max_total_tokens}")
+    if not terminated or reward < 1.0:
+        return None
+    return {"input_ids": ids, "completion_mask": mask}
 
 
 def expert_records(
@@ -57,33 +100,10 @@ def expert_records(
         prompt, info = env.reset(seed=int(rng.integers(2**31 - 1)))
         n_failed = int(rng.integers(0, n_failed_max + 1))
         episodes = env.unwrapped.expert_trace(rng, n_failed=n_failed, variety=variety)
-        ids = codec.encode(prompt, special=True)
-        mask = [0] * len(ids)
-        policy_tokens = 0
-        terminated, reward = False, 0.0
-        for k, text in enumerate(episodes):
-            last = k == len(episodes) - 1
-            tokens = codec.encode(text) + ([codec.eos_id] if last else codec.delimiter_token)
-            if len(tokens) > budget.max_episode_tokens:
-                raise ValueError(
-                    f"expert episode {text!r} of problem {info['problem_id']} has {len(tokens)} tokens; "
-                    f"budget.max_episode_tokens={budget.max_episode_tokens} is too small for the expert traces"
-                )
-            policy_tokens += len(tokens)
-            ids += tokens
-            mask += [1] * len(tokens)
-            obs, reward, terminated, _, _ = env.step(text)
-            if obs:
-                o = codec.encode(obs)
-                ids += o
-                mask += [0] * len(o)
-        if not terminated or reward < 1.0:
+        record = trace_record(env, codec, budget, prompt, info["problem_id"], episodes, "expert")
+        if record is None:
             raise RuntimeError(f"expert trace for problem {info['problem_id']} did not succeed: {episodes!r}")
-        if policy_tokens > budget.max_total_tokens:
-            raise ValueError(
-                f"expert trace of {policy_tokens} tokens exceeds budget.max_total_tokens={budget.max_total_tokens}"
-            )
-        records.append({"input_ids": ids, "completion_mask": mask})
+        records.append(record)
     return records
 
 
@@ -98,43 +118,6 @@ def cache_key(model: ModelConfig, env: EnvConfig, budget: BudgetConfig, ws: Warm
         "vocab": hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _sft(
-    model, tokenizer, records: list[dict], steps: int, ws: WarmStartConfig, seed: int, schedule: str, checkpointing: bool
-) -> list[float]:
-    from datasets import Dataset
-    from transformers import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        args = SFTConfig(
-            output_dir=tmp,
-            max_steps=steps,
-            per_device_train_batch_size=ws.batch_size,
-            learning_rate=ws.lr,
-            lr_scheduler_type=schedule,
-            warmup_steps=max(1, steps // 20),
-            weight_decay=0.0,
-            logging_steps=max(1, steps // 10),
-            save_strategy="no",
-            report_to=[],
-            completion_only_loss=True,
-            max_length=None,
-            dataloader_num_workers=0,
-            seed=seed,
-            data_seed=seed,
-            use_cpu=not torch.cuda.is_available(),
-            disable_tqdm=True,
-            # trl turns checkpointing on by default; on small models it only costs time.
-            # transformers 5 renamed the argument (the old name still works, with a warning).
-            **{"activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__
-               else "gradient_checkpointing": checkpointing},
-        )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
-        trainer.remove_callback(PrinterCallback)  # losses go to our log, not stdout
-        trainer.train()
-        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
 def warm_start(
@@ -156,10 +139,10 @@ def warm_start(
     losses = []
     if focused_steps:
         recs = expert_records(make_env, codec, budget, ws.num_traces, 0, 0.0, seed)
-        losses += _sft(model, tokenizer, recs, focused_steps, ws, seed, "constant_with_warmup", model_cfg.gradient_checkpointing)
+        losses += sft_fit(model, tokenizer, recs, focused_steps, ws.batch_size, ws.lr, seed, "constant_with_warmup", model_cfg.gradient_checkpointing)
     if ws.steps - focused_steps:
         recs = expert_records(make_env, codec, budget, ws.num_traces, ws.n_failed_max, ws.variety, seed + 1)
-        losses += _sft(model, tokenizer, recs, ws.steps - focused_steps, ws, seed, "cosine", model_cfg.gradient_checkpointing)
+        losses += sft_fit(model, tokenizer, recs, ws.steps - focused_steps, ws.batch_size, ws.lr, seed, "cosine", model_cfg.gradient_checkpointing)
     model.config.use_cache = True
     log.info("warm start: %d steps, loss %s", ws.steps, " ".join(f"{x:.3f}" for x in losses))
     info = {"warm_start/steps": ws.steps, "warm_start/final_loss": losses[-1] if losses else float("nan"), "warm_start/key": key}
