@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LEVELS = {"low": 0.0, "mid": 0.5, "high": 1.0}
 ARMS = {
     "vb": ["algo=verifier"],
-    "vf": ["algo=sft", "sft.data=stitched", "diagnostics.enabled=false"],
+    "vf": ["algo=sft", "sft.data=stitched", "diagnostics.enabled=false", "sft.n_values=[1,2,4,8,16,32]"],
 }
 
 

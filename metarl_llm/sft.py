@@ -92,6 +92,22 @@ def sft_fit(
         return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
+def clean_model(model):
+    """A fresh copy of a model trained by a transformers Trainer, through save/load.
+
+    The Trainer leaves wrappers on the trained object (accelerate's autocast and fp32
+    output conversion bound to ``forward``, trl's fused LM head, gradient-checkpointing
+    hooks), which slow generation down several times and would follow the object into
+    any deepcopy. Returns the reloaded model in eval mode with the KV cache on, on the
+    original device and dtype."""
+    param = next(model.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        clean = type(model).from_pretrained(tmp, dtype=param.dtype)
+    clean.config.use_cache = True
+    return clean.to(param.device).eval()
+
+
 # ------------------------------------------------------------------ VF data
 
 
@@ -280,8 +296,7 @@ def run_vf(
     t1 = time.perf_counter()
     losses = sft_fit(policy, tokenizer, records, cfg.steps, cfg.batch_size, cfg.lr, seed, "cosine", checkpointing)
     t_fit = time.perf_counter() - t1
-    policy.config.use_cache = True
-    policy.eval()
+    policy = clean_model(policy)
 
     n_max = max(cfg.n_values)
     split_size = make_env("test").unwrapped.num_problems
