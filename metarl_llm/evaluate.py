@@ -315,11 +315,16 @@ def eval_generator(seed: int) -> torch.Generator:
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, codec: StreamCodec, envs: list, budget: BudgetConfig, cfg: EvalConfig,
-    generator: torch.Generator,
+    generator: torch.Generator, adapt: Callable[[object], torch.nn.Module] | None = None,
 ) -> EvalResult:
     """Play ``cfg.samples_per_problem`` trials on each of ``cfg.num_problems`` held-out
     problems under ``budget`` and measure them. ``envs``: at least N held-out
-    environments made with ``max_episodes=budget.max_episodes``."""
+    environments made with ``max_episodes=budget.max_episodes``.
+
+    ``adapt`` (per-problem adaptation, e.g. :func:`metarl_llm.ttt.problem_adapter`):
+    called with the unwrapped environment reset to each problem in turn, it returns the
+    model that plays (and, as meta-prover, values) that problem's trials; problems are
+    then played one after the other instead of all in one batch."""
     k = cfg.samples_per_problem
     n = cfg.num_problems * k
     if len(envs) < n:
@@ -327,10 +332,21 @@ def evaluate(
     was_training = model.training
     model.eval()
     resets, groups = heldout_resets(cfg.num_problems, k)
-    trials = run_trials(model, codec, envs[:n], resets, groups, budget, generator)
-    j_curves = estimate_sample(
-        model, codec, trials, JOptions(num_samples=cfg.prover_samples, answer_max_tokens=budget.answer_max_tokens, generator=generator)
-    )
+    opts = JOptions(num_samples=cfg.prover_samples, answer_max_tokens=budget.answer_max_tokens, generator=generator)
+    if adapt is None:
+        trials = run_trials(model, codec, envs[:n], resets, groups, budget, generator)
+        j_curves = estimate_sample(model, codec, trials, opts)
+    else:
+        trials, j_curves = [], []
+        for p in range(cfg.num_problems):
+            rows = slice(p * k, (p + 1) * k)
+            envs[p * k].reset(**resets[p * k])
+            with torch.enable_grad():
+                adapted = adapt(envs[p * k].unwrapped)
+            adapted.eval()
+            part = run_trials(adapted, codec, envs[rows], resets[rows], groups[rows], budget, generator)
+            trials += part
+            j_curves += estimate_sample(adapted, codec, part, opts)
     model.train(was_training)
     outcome = np.array([t.outcome for t in trials])  # [N]
     solved = outcome.reshape(cfg.num_problems, k).max(1) >= 1.0  # [num_problems]
@@ -359,6 +375,19 @@ def evaluate(
     return EvalResult(metrics, trials, j_curves, curve, budget)
 
 
+def problem_adapter_of(cfg: TrainConfig, model: torch.nn.Module, codec: StreamCodec):
+    """The per-problem adaptation ``cfg.adapt`` selects for :func:`evaluate`: None for
+    ``adapt=none``; for ``adapt=ttt`` a test-time trainer over a copy of ``model``
+    (:func:`metarl_llm.ttt.problem_adapter`)."""
+    if cfg.adapt.name == "none":
+        return None
+    if cfg.adapt.name != "ttt":
+        raise ValueError(f"adapt.name={cfg.adapt.name!r}; expected 'none' or 'ttt'")
+    from metarl_llm.ttt import problem_adapter
+
+    return problem_adapter(model, codec.tokenizer, cfg.adapt.ttt)
+
+
 def evaluate_at_budgets(
     model: torch.nn.Module, codec: StreamCodec, cfg: TrainConfig, make_env: EnvMaker
 ) -> dict[str, EvalResult]:
@@ -366,11 +395,12 @@ def evaluate_at_budgets(
     :func:`budget_label` ("0.5", "1", ...), ascending. Each scale gets its own
     environments from ``make_env(budget)`` and a fresh :func:`eval_generator`."""
     n = cfg.eval.num_problems * cfg.eval.samples_per_problem
+    adapt = problem_adapter_of(cfg, model, codec)
     results = {}
     for scale in budget_scales(cfg.eval):
         budget = scale_budget(cfg.budget, scale)
         envs = [make_env(budget) for _ in range(n)]
-        results[budget_label(scale)] = evaluate(model, codec, envs, budget, cfg.eval, eval_generator(cfg.seed))
+        results[budget_label(scale)] = evaluate(model, codec, envs, budget, cfg.eval, eval_generator(cfg.seed), adapt)
         log.info("held-out at %sx budget (%d episodes, C=%d tokens): success %.3f, regret %.3f",
                  budget_label(scale), budget.max_episodes, curve_tokens(budget),
                  results[budget_label(scale)].metrics["success"], results[budget_label(scale)].metrics["regret"])

@@ -53,6 +53,7 @@ from metarl_llm.evaluate import (
     evaluate_and_report,
     finite_or_none,
     plot_success_curves,
+    problem_adapter_of,
     token_efficiency_ratio,
     transcript_rows,
 )
@@ -112,6 +113,12 @@ def validate(cfg: TrainConfig) -> None:
     check_eval_config(cfg.eval)
     if cfg.algo.name not in ALGOS:
         raise ValueError(f"algo.name={cfg.algo.name!r}; expected one of {ALGOS}")
+    if cfg.adapt.name not in ("none", "ttt"):
+        raise ValueError(f"adapt.name={cfg.adapt.name!r}; expected 'none' or 'ttt'")
+    if cfg.adapt.name == "ttt":
+        cfg.adapt.ttt.validate()
+        if cfg.env.name != "arc":
+            raise ValueError(f"adapt=ttt fits each problem's demonstrations: it needs env=arc, got env={cfg.env.name}")
     if cfg.reward.name not in REWARDS:
         raise ValueError(f"reward.name={cfg.reward.name!r}; expected one of {REWARDS}")
     if cfg.reward.name == "verifier":
@@ -260,7 +267,8 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
 
     def run_eval(iteration: int, label: str) -> EvalResult:
         """Held-out evaluation at the training budget (start and every ``eval.every`` iterations)."""
-        res = evaluate(actor_critic.policy, codec, eval_envs, cfg.budget, cfg.eval, eval_generator(cfg.seed))
+        res = evaluate(actor_critic.policy, codec, eval_envs, cfg.budget, cfg.eval, eval_generator(cfg.seed),
+                       problem_adapter_of(cfg, actor_critic.policy, codec))
         tracker.log({f"heldout/{k}": v for k, v in res.metrics.items()}, step=iteration)
         tracker.table(f"transcripts/{label}", TRANSCRIPT_COLUMNS, transcript_rows(res.trials, res.j_curves, cfg.logger.num_transcripts), step=iteration)
         return res

@@ -16,9 +16,9 @@ from gymnasium.utils.env_checker import check_env
 import envs
 from envs.planted_subseq import _rule
 
-NAMES = ["math", "planted_subseq", "reasoning_gym"]
+NAMES = ["arc", "math", "planted_subseq", "reasoning_gym"]
 # Small reasoning-gym pools keep the tests fast; everything else runs at its defaults.
-DEFAULTS = {"math": {}, "planted_subseq": {}, "reasoning_gym": {"size": 300}}
+DEFAULTS = {"arc": {}, "math": {}, "planted_subseq": {}, "reasoning_gym": {"size": 300}}
 
 
 def make(name: str, **kwargs):
