@@ -139,51 +139,12 @@ def greedy_decode(
     max_rows: int = 512,
 ) -> Decoded:
     """Greedy (argmax, first index on ties) continuations of token contexts, batched with
-    a KV cache; the twin of :func:`metarl_llm.rollout.sample`. Contexts are left-padded
+    a KV cache: :func:`metarl_llm.rollout.sample` with ``greedy=True``. Contexts are left-padded
     internally; rows stop at any of ``stop_ids`` or after ``max_new_tokens``."""
-    n = len(contexts)
-    if n == 0:
-        return Decoded(torch.zeros((0, 0), dtype=torch.long), torch.zeros(0, dtype=torch.long))
-    if any(len(c) == 0 for c in contexts):
-        raise ValueError("greedy_decode: every context needs at least one token")
-    if n > max_rows:
-        parts = [greedy_decode(model, contexts[s : s + max_rows], max_new_tokens, stop_ids, pad_id, max_rows)
-                 for s in range(0, n, max_rows)]
-        width = max(p.tokens.shape[1] for p in parts)
-        return Decoded(
-            torch.cat([torch.nn.functional.pad(p.tokens, (0, width - p.tokens.shape[1]), value=pad_id) for p in parts]),
-            torch.cat([p.lengths for p in parts]),
-        )
-    device = next(model.parameters()).device
-    stop_ids = stop_ids.to(device)
-    width = max(len(c) for c in contexts)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, c in enumerate(contexts):
-        ids[i, width - len(c) :] = torch.as_tensor(c)
-        mask[i, width - len(c) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    position = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1]
-    next_pos = position[:, -1:] + 1
-    tokens = torch.full((n, max(0, max_new_tokens)), pad_id, dtype=torch.long, device=device)
-    lengths = torch.zeros(n, dtype=torch.long, device=device)
-    done = torch.full((n,), max_new_tokens <= 0, dtype=torch.bool, device=device)
-    for t in range(max(0, max_new_tokens)):
-        tok = logits.argmax(-1)
-        live = ~done
-        tokens[:, t] = torch.where(live, tok, pad_id)
-        lengths += live.long()
-        done = done | (live & torch.isin(tok, stop_ids)) | (lengths >= max_new_tokens)
-        if bool(done.all()):
-            break
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], 1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
-        next_pos = next_pos + 1
-    width = int(lengths.max())
-    return Decoded(tokens[:, :width].cpu(), lengths.cpu())
+    from metarl_llm.rollout import sample
+
+    out = sample(model, contexts, max_new_tokens, stop_ids, pad_id, None, max_rows, greedy=True)
+    return Decoded(out.tokens, out.lengths)
 
 
 def decode(

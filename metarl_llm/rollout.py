@@ -51,8 +51,10 @@ def sample(
     pad_id: int,
     generator: torch.Generator | None = None,
     max_rows: int = 512,
+    greedy: bool = False,
 ) -> Sampled:
-    """Sample continuations of token contexts with a KV cache, batched.
+    """Sample continuations of token contexts with a KV cache, batched (``greedy``: the
+    argmax token instead, first index on ties; log-probs are still reported).
 
     Rows stop independently at any id in ``stop_ids`` (episode delimiter, EOS) or at
     their own ``max_new_tokens``; the batch runs until every row has stopped. Contexts
@@ -67,7 +69,7 @@ def sample(
         raise ValueError("sample: every context needs at least one token")
     if n > max_rows:
         parts = [
-            sample(model, contexts[s : s + max_rows], limits[s : s + max_rows].tolist(), stop_ids, pad_id, generator, max_rows)
+            sample(model, contexts[s : s + max_rows], limits[s : s + max_rows].tolist(), stop_ids, pad_id, generator, max_rows, greedy)
             for s in range(0, n, max_rows)
         ]
         width = max(p.tokens.shape[1] for p in parts)
@@ -100,7 +102,7 @@ def sample(
     stopped = torch.zeros(n, dtype=torch.bool, device=device)
     for t in range(max_len):
         logp = F.log_softmax(logits.float(), -1)
-        tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        tok = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
         live = ~done
         tokens[:, t] = torch.where(live, tok, pad_id)
         logprobs[:, t] = torch.where(live, logp.gather(-1, tok[:, None]).squeeze(-1), 0.0)
