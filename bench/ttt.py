@@ -90,7 +90,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from envs.arc_grids import ArcTask, format_grid, task_prompt  # noqa: E402
-from metarl_llm.arc_augment import IDENTITY, Transform, random_colour_permutation, random_transforms  # noqa: E402
+from metarl_llm.arc_augment import IDENTITY, Transform, random_transforms, single_row  # noqa: E402
 from metarl_llm.arc_vote import pass_at_2, predict_with_voting, vote  # noqa: E402
 
 ARMS = ("in_context", "voting", "ttt", "ttt_voting", "ttt_control")
@@ -112,7 +112,6 @@ TTT_FLAGS = {  # --flag -> TTTConfig field
     "ttt_max_tasks": "max_tasks", "ttt_augmentations": "num_augmentations", "ttt_seed": "seed",
 }
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # raised inside peft
-ROW_DIHEDRALS = (0, 5)  # identity, fliplr: the dihedral elements that map a 1-row grid to a 1-row grid (flipud, rot180 act as these)
 
 
 # ------------------------------------------------------------------ config
@@ -155,27 +154,13 @@ def generator_of(model, seed: int, problem_id: str, kind: str) -> torch.Generato
     return torch.Generator(device=next(model.parameters()).device).manual_seed(seed_of(seed, problem_id, kind))
 
 
-def single_row(task: ArcTask) -> bool:
-    return all(len(g) == 1 for pair in task.train + task.test for g in pair)
-
-
 def choose_transforms(task: ArcTask, k: int, spatial: str, seed: int) -> list[Transform]:
     """``k`` distinct invertible transforms for the voting arms, the identity first, seeded
-    by (seed, task id): ``random_transforms`` (all dihedral elements, colour permutations);
-    with ``spatial="auto"`` and a task of single-row grids, identity and fliplr only, each
-    (beyond the identity itself) with a random colour permutation."""
+    by (seed, task id): ``random_transforms`` with colour permutations; with
+    ``spatial="auto"`` and a task of single-row grids, only the row-preserving dihedral
+    elements (identity and fliplr), as TTT's augmentations use."""
     rng = np.random.default_rng([seed, zlib.crc32(task.task_id.encode("utf-8"))])
-    if spatial == "all" or not single_row(task):
-        return random_transforms(rng, k)
-    out, seen = [IDENTITY], {IDENTITY}
-    j = 0
-    while len(out) < k:
-        j += 1
-        t = Transform(ROW_DIHEDRALS[j % 2], random_colour_permutation(rng))
-        if t not in seen:
-            seen.add(t)
-            out.append(t)
-    return out
+    return random_transforms(rng, k, rows_only=spatial == "auto" and single_row(task))
 
 
 def in_context_attempts(model, tokenizer, codec, task: ArcTask, p: "PredictOpts", problem_id: str):

@@ -192,7 +192,7 @@ def colour_transform(rng: np.random.Generator) -> Transform:
     return Transform(colours=random_colour_permutation(rng))
 
 
-def random_transforms(rng: np.random.Generator, k: int, colours: bool = True) -> list[Transform]:
+def random_transforms(rng: np.random.Generator, k: int, colours: bool = True, rows_only: bool = False) -> list[Transform]:
     """``k`` distinct transforms, the identity first.
 
     The dihedral elements of transforms 1..k-1 cycle through a random order of the 7
@@ -200,17 +200,23 @@ def random_transforms(rng: np.random.Generator, k: int, colours: bool = True) ->
     spatial change); with ``colours`` each of them also gets a random colour
     permutation (0 fixed), redrawn until the transform is new. Without ``colours`` only
     the 8 dihedral elements exist, so ``k <= 8``.
+
+    ``rows_only``: only the elements that keep a 1-row grid a row (identity and fliplr),
+    for 1-D tasks such as arc_1d, which a model never sees as columns; then ``k <= 2``
+    without ``colours``.
     """
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"random_transforms: k must be an integer >= 1, got {k!r}")
-    if not colours and k > 8:
-        raise ValueError(f"random_transforms: k={k} > 8 distinct transforms needs colours=True")
+    limit = 2 if rows_only else 8
+    if not colours and k > limit:
+        raise ValueError(f"random_transforms: k={k} > {limit} distinct transforms needs colours=True")
+    fliplr = DIHEDRAL_NAMES.index("fliplr")
     out = [IDENTITY]
     seen = {IDENTITY}
-    cycle: list[int] = [int(d) for d in rng.permutation(np.arange(1, 8))]
+    cycle: list[int] = [fliplr] if rows_only else [int(d) for d in rng.permutation(np.arange(1, 8))]
     while len(out) < k:
         if not cycle:
-            cycle = [int(d) for d in rng.permutation(8)]
+            cycle = [int(d) for d in rng.permutation([0, fliplr])] if rows_only else [int(d) for d in rng.permutation(8)]
         d = cycle.pop(0)
         t = Transform(d, random_colour_permutation(rng) if colours else IDENTITY_COLOURS)
         while t in seen:  # only possible with colours (9! permutations per element)
@@ -218,6 +224,11 @@ def random_transforms(rng: np.random.Generator, k: int, colours: bool = True) ->
         seen.add(t)
         out.append(t)
     return out
+
+
+def single_row(task: ArcTask) -> bool:
+    """Whether every grid of ``task`` (demonstrations and test pairs) is one row."""
+    return all(len(g) == 1 for pair in task.train + task.test for g in pair)
 
 
 def apply_task(transform: Transform, task: ArcTask) -> ArcTask:

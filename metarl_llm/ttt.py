@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from envs.arc_grids import ArcTask, Grid, task_prompt
-from metarl_llm.arc_augment import IDENTITY, Transform, permute_pairs, random_transforms
+from metarl_llm.arc_augment import IDENTITY, Transform, permute_pairs, random_transforms, single_row
 from metarl_llm.arc_vote import ANSWER_MARKER, answer_text
 from metarl_llm.config import LLAMA_LORA_TARGETS, TTTConfig  # noqa: F401  (TTTConfig re-exported)
 
@@ -79,7 +79,8 @@ def leave_one_out_splits(
     same output is a legitimate demonstration and is kept). A held-out pair left with
     no context (every demonstration identical) is skipped.
 
-    Augmented: ``num_augmentations`` random transforms (:func:`random_transforms`,
+    Augmented: ``num_augmentations`` random transforms (:func:`random_transforms`; for a
+    task of 1-row grids only the row-preserving ones, identity and fliplr,
     ``colours`` as given), each applied to every un-augmented LOO task with its context
     in a random order.
 
@@ -106,7 +107,7 @@ def leave_one_out_splits(
     if not base:
         raise ValueError(f"leave_one_out: task {task.task_id} has no two distinct demonstrations")
     augmented: list[LooSplit] = []
-    for t in random_transforms(rng, num_augmentations + 1, colours)[1:]:
+    for t in random_transforms(rng, num_augmentations + 1, colours, rows_only=single_row(task))[1:]:
         for s in base:
             ctx = t.apply_pairs(permute_pairs(s.context, rng))
             augmented.append(LooSplit(ctx, t.apply(s.query), t.apply(s.target), s.held_out, t))

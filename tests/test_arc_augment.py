@@ -183,3 +183,28 @@ def test_demonstration_reordering_is_a_seeded_permutation_of_the_demonstrations_
     assert a.test == task.test
     orders = {permute_demonstrations(task, np.random.default_rng(s)).train for s in range(20)}
     assert len(orders) > 10
+
+
+def test_rows_only_transforms_keep_rows_and_invert():
+    """1-D tasks: only identity and fliplr (each with colour permutations) are drawn, so a
+    row stays a row; every transform still round-trips."""
+    rng = np.random.default_rng(3)
+    ts = random_transforms(rng, 9, rows_only=True)
+    assert ts[0].is_identity and len(set(ts)) == 9
+    assert {t.dihedral for t in ts} <= {0, 5}
+    row = ((1, 2, 3, 0, 4),)
+    for t in ts:
+        assert len(t.apply(row)) == 1 and t.invert(t.apply(row)) == row
+    with pytest.raises(ValueError, match="colours"):
+        random_transforms(rng, 3, colours=False, rows_only=True)
+
+
+def test_leave_one_out_of_a_one_row_task_has_only_row_prompts():
+    from envs.arc_grids import ArcTask
+    from metarl_llm.ttt import leave_one_out_splits
+
+    task = ArcTask.build("t", [([1, 2, 0], [2, 1, 0]), ([3, 4, 0], [4, 3, 0]), ([5, 6, 0], [6, 5, 0])], [([7, 8, 0], [8, 7, 0])])
+    splits = leave_one_out_splits(task, np.random.default_rng(0), 7, 64)
+    assert len(splits) > 3
+    for sp in splits:
+        assert len(sp.query) == 1 and len(sp.target) == 1 and all(len(g) == 1 for pair in sp.context for g in pair)
