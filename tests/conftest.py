@@ -25,3 +25,12 @@ def compose_cfg():
         return OmegaConf.to_object(cfg) if to_object else cfg
 
     return _compose
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one torch thread is fastest and leaves the other core alone; restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
