@@ -7,7 +7,6 @@ from pathlib import Path
 
 import gymnasium as gym
 import pytest
-import torch
 
 import envs  # noqa: F401
 from metarl_llm.config import BudgetConfig, EvalConfig, TinyModelConfig
