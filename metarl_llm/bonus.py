@@ -93,16 +93,28 @@ def meta_prover_success(
     """J after the prefixes ``ends[i]`` (stream lengths) of trial i: the mean ``env.score``
     of ``num_samples`` meta-prover answers of at most ``answer_max_tokens`` tokens, all
     from one batched sampling call over the trials' own token ids. Returns one array
-    [len(ends[i])] per trial."""
-    contexts, owners = [], []
-    for i, (t, prefix_ends) in enumerate(zip(trials, ends)):
-        for b, end in enumerate(prefix_ends):
-            contexts += [meta_prover_context(codec, t, end)] * num_samples
-            owners += [(i, b)] * num_samples
-    out = sample(model, contexts, answer_max_tokens, codec.stop_ids, codec.pad_id, generator)
+    [len(ends[i])] per trial. Trials that kept the rollout's KV cache for ``model``
+    (``run_trials(..., keep_cache=True)``) are continued from it instead of re-encoded.
+    Either way the answers are ancestral samples from ``generator``."""
+    if trials and all(t.cache is not None and t.cache.model_id == id(model) for t in trials):
+        # The rollout kept each trial's KV cache (engine "cached", keep_cache=True) for this
+        # very model: continue every prefix from it, encoding only the forced-answer tokens.
+        from metarl_llm.engine import CachedEngine
+
+        suffixes = [[codec.forced_prefix(t.ids[:end]) for end in prefix_ends] for t, prefix_ends in zip(trials, ends)]
+        tokens, lengths, owners = CachedEngine().continue_prefixes(
+            model, trials, ends, suffixes, num_samples, answer_max_tokens, codec.stop_ids, codec.pad_id, generator)
+    else:
+        contexts, owners = [], []
+        for i, (t, prefix_ends) in enumerate(zip(trials, ends)):
+            for b, end in enumerate(prefix_ends):
+                contexts += [meta_prover_context(codec, t, end)] * num_samples
+                owners += [(i, b)] * num_samples
+        out = sample(model, contexts, answer_max_tokens, codec.stop_ids, codec.pad_id, generator)
+        tokens, lengths = out.tokens, out.lengths
     sums = [np.zeros(len(prefix_ends)) for prefix_ends in ends]
     for row, (i, b) in enumerate(owners):
-        text = codec.episode_text(out.tokens[row, : int(out.lengths[row])].tolist())
+        text = codec.episode_text(tokens[row, : int(lengths[row])].tolist())
         sums[i][b] += trials[i].env.score(text)
     return [x / num_samples for x in sums]
 

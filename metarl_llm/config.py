@@ -229,6 +229,20 @@ class WarmStartConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """How trials are generated (metarl_llm.engine)."""
+
+    # Registered engine: cached (KV cache kept across episodes, observations appended) |
+    # reencode (every history prefilled again before each episode) | hf_generate
+    # (model.generate once per episode). cached and reencode give the same trials.
+    engine: str = "cached"
+    # The sample estimator's meta-prover continues each boundary from the rollout's KV
+    # cache (engine=cached only; costs memory: the cache of every trial until the bonus).
+    reuse_cache: bool = True
+    max_rows: int = 512  # trials per batched cache (larger batches run in chunks)
+
+
+@dataclass
 class EvalConfig:
     """Held-out evaluation (metarl_llm.evaluate): at the training budget, and in the
     final evaluation (and ``python -m metarl_llm.evaluate``) at scaled budgets too."""
@@ -386,6 +400,7 @@ class TrainConfig:
     bonus: BonusConfig = MISSING
     logger: LoggerConfig = MISSING
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)  # used by algo=verifier
     sft: SFTConfig = field(default_factory=SFTConfig)  # used by algo=sft

@@ -334,8 +334,10 @@ def evaluate(
     resets, groups = heldout_resets(cfg.num_problems, k)
     opts = JOptions(num_samples=cfg.prover_samples, answer_max_tokens=budget.answer_max_tokens, generator=generator)
     if adapt is None:
-        trials = run_trials(model, codec, envs[:n], resets, groups, budget, generator)
-        j_curves = estimate_sample(model, codec, trials, opts)
+        trials = run_trials(model, codec, envs[:n], resets, groups, budget, generator, keep_cache=True)
+        j_curves = estimate_sample(model, codec, trials, opts)  # continues from the kept caches
+        for t in trials:
+            t.cache = None
     else:
         trials, j_curves = [], []
         for p in range(cfg.num_problems):
@@ -344,9 +346,11 @@ def evaluate(
             with torch.enable_grad():
                 adapted = adapt(envs[p * k].unwrapped)
             adapted.eval()
-            part = run_trials(adapted, codec, envs[rows], resets[rows], groups[rows], budget, generator)
+            part = run_trials(adapted, codec, envs[rows], resets[rows], groups[rows], budget, generator, keep_cache=True)
             trials += part
             j_curves += estimate_sample(adapted, codec, part, opts)
+            for t in part:
+                t.cache = None
     model.train(was_training)
     outcome = np.array([t.outcome for t in trials])  # [N]
     solved = outcome.reshape(cfg.num_problems, k).max(1) >= 1.0  # [num_problems]

@@ -145,6 +145,7 @@ class Trial:
     forced: bool = False
     policy_tokens: int = 0
     env: object = None  # the unwrapped environment, still holding this trial's problem
+    cache: object = None  # engine.TrialCache when the engine was asked to keep it (for the meta-prover)
 
     def append(self, tokens: list[int], is_action: bool, episode: int, logprobs: list[float] | None = None) -> None:
         self.ids += tokens
@@ -202,12 +203,17 @@ def run_trials(
     groups: list[int],
     budget: BudgetConfig,
     generator: torch.Generator | None = None,
+    engine="cached",
+    keep_cache: bool = False,
 ) -> list[Trial]:
-    """Play one trial in each environment, all trials batched episode by episode.
+    """Play one trial in each environment, all trials batched.
 
     ``envs`` are Gymnasium environments (as made by ``gymnasium.make``); ``resets``
     the keyword arguments of each ``reset`` (``seed``, ``options``); ``groups`` the
-    problem group of each trial (trials of one problem share it).
+    problem group of each trial (trials of one problem share it). ``engine`` is a
+    :class:`metarl_llm.engine.Engine` or the name of one (``cached``: the KV cache kept
+    across episodes; ``reencode``; ``hf_generate``); ``keep_cache`` keeps each trial's KV cache
+    on ``trial.cache`` for the meta-prover (``cached`` only).
 
     Budget: an episode ends at the delimiter, EOS or ``max_episode_tokens``; the trial
     ends when the environment terminates it (a committed answer). When the policy
@@ -215,59 +221,8 @@ def run_trials(
     reaches ``max_episodes``, the forced-answer text is inserted and the next episode
     (at most ``answer_max_tokens``) is the final answer.
     """
-    trials: list[Trial] = []
-    for env, kw, g in zip(envs, resets, groups):
-        prompt, info = env.reset(**kw)
-        t = Trial(problem_id=info["problem_id"], group=g, env=env.unwrapped)
-        ids = codec.encode(prompt, special=True)
-        if len(ids) > budget.max_prompt_tokens:
-            raise ValueError(
-                f"problem {t.problem_id}: prompt of {len(ids)} tokens exceeds budget.max_prompt_tokens={budget.max_prompt_tokens}"
-            )
-        t.append(ids, False, -1)
-        trials.append(t)
-    live = list(range(len(trials)))
-    forced = [False] * len(trials)
-    for _round in range(budget.max_episodes + 2):  # bounded: the env forces an answer after max_episodes
-        if not live:
-            break
-        limits = []
-        for i in live:
-            left = budget.max_total_tokens - trials[i].policy_tokens
-            limits.append(budget.answer_max_tokens if forced[i] else max(1, min(budget.max_episode_tokens, left)))
-        out = sample(model, [trials[i].ids for i in live], limits, codec.stop_ids, codec.pad_id, generator)
-        still = []
-        for row, i in enumerate(live):
-            t = trials[i]
-            n = int(out.lengths[row])
-            toks = out.tokens[row, :n].tolist()
-            j = len(t.episode_texts)
-            t.append(toks, True, j, out.logprobs[row, :n].tolist())
-            text = codec.episode_text(toks)
-            t.episode_texts.append(text)
-            obs, reward, terminated, truncated, info = envs[i].step(text)
-            t.episode_correct.append(bool(info.get("correct", False)))
-            if terminated or truncated:
-                t.outcome, t.answer, t.answer_episode, t.forced = float(reward), info.get("answer"), j, forced[i]
-                continue
-            if forced[i]:
-                raise RuntimeError(f"problem {t.problem_id}: environment did not end the trial after a forced answer")
-            ended_eos = n > 0 and toks[-1] == codec.eos_id
-            out_of_tokens = t.policy_tokens >= budget.max_total_tokens
-            if info.get("forcing_answer"):
-                forced[i] = True  # the environment reached max_episodes and forced the answer itself
-                obs_ids = codec.forced_prefix(t.ids)
-            elif ended_eos or out_of_tokens:
-                t.env.force_answer()
-                forced[i] = True
-                obs_ids = codec.forced_prefix(t.ids)
-            else:
-                cut = n > 0 and toks[-1] not in codec.delimiter_ids
-                obs_ids = (codec.delimiter_token if cut else []) + codec.encode(obs)
-            if obs_ids:
-                t.append(obs_ids, False, -1)
-            still.append(i)
-        live = still
-    if live:
-        raise RuntimeError(f"{len(live)} trial(s) did not terminate within max_episodes+2 rounds")
-    return trials
+    from metarl_llm.engine import get_engine
+
+    if isinstance(engine, str):
+        engine = get_engine(engine)
+    return engine.run_trials(model, codec, envs, resets, groups, budget, generator, keep_cache=keep_cache)

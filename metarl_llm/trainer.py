@@ -59,6 +59,7 @@ from metarl_llm.evaluate import (
 )
 from metarl_llm.models import ActorCritic, build_actor_critic, load_policy, token_logprobs
 from metarl_llm.ppo import explained_variance, get_policy_loss, ppo_update
+from metarl_llm.engine import engine_from_config
 from metarl_llm.rollout import StreamCodec, run_trials
 from metarl_llm.tracking import Tracker
 from metarl_llm.warm_start import warm_start
@@ -111,6 +112,7 @@ def validate(cfg: TrainConfig) -> None:
     if min(b.max_episode_tokens, b.max_total_tokens, b.answer_max_tokens) < 1:
         raise ValueError("budget token limits must be >= 1")
     check_eval_config(cfg.eval)
+    engine_from_config(cfg.rollout)
     if cfg.algo.name not in ALGOS:
         raise ValueError(f"algo.name={cfg.algo.name!r}; expected one of {ALGOS}")
     if cfg.adapt.name not in ("none", "ttt"):
@@ -262,6 +264,10 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
     problem_rng = np.random.default_rng(cfg.seed)
     clamp_num_problems(cfg.eval, make_env("test").unwrapped.num_problems)
     n_trials = cfg.algo.problems_per_iter * cfg.algo.group_size
+    engine = engine_from_config(cfg.rollout)
+    # The sample estimator's meta-prover continues from the rollout's KV caches (same model only).
+    keep_cache = (cfg.rollout.reuse_cache and cfg.rollout.engine == "cached" and cfg.bonus.name == "info_gain"
+                  and cfg.bonus.estimator == "sample" and not cfg.bonus.use_reference)
     train_envs = [make_env("train") for _ in range(n_trials)]
     eval_envs = [make_env("test") for _ in range(cfg.eval.num_problems * cfg.eval.samples_per_problem)]
 
@@ -288,7 +294,8 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
         seeds = problem_rng.integers(0, 2**31 - 1, size=cfg.algo.problems_per_iter)
         resets = [{"seed": int(s)} for s in seeds for _ in range(cfg.algo.group_size)]
         group_ids = [g for g in range(cfg.algo.problems_per_iter) for _ in range(cfg.algo.group_size)]
-        trials = run_trials(actor_critic.policy, codec, train_envs, resets, group_ids, cfg.budget, generator)
+        trials = run_trials(actor_critic.policy, codec, train_envs, resets, group_ids, cfg.budget, generator,
+                            engine=engine, keep_cache=keep_cache)
         sampled = sum(t.policy_tokens for t in trials)
         t_generate = time.perf_counter() - t0
         # 2. score
@@ -304,6 +311,8 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
         t_bonus = time.perf_counter()
         bonus_model = reference if cfg.bonus.use_reference else actor_critic.policy
         bonuses, curves = episode_bonuses(cfg.bonus, bonus_model, codec, trials, cfg.budget.answer_max_tokens, generator)
+        for t in trials:
+            t.cache = None  # the kept KV caches served the meta-prover; free them before the update
         t_bonus = time.perf_counter() - t_bonus
         # 4. rewards
         in_reward = cfg.bonus.credit == "return"

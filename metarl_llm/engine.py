@@ -1,0 +1,540 @@
+"""Rollout engines: how trials are generated, behind one small interface.
+
+A trial is a token stream (prompt, episodes, inserted observations; see
+:mod:`metarl_llm.rollout`). Engines differ only in how they compute it:
+
+- ``cached`` (default, :class:`CachedEngine`): one batched KV cache per call. Each
+  trial's cache is kept across its episodes; the observation tokens the environment
+  inserts are appended to it, so the history is never encoded twice. Trials step
+  independently: when one ends an episode, the environment is stepped at once and its
+  observation is fed in the next forward pass beside the other trials' single tokens
+  (no trial waits for the slowest episode of the batch). Finished trials leave the
+  batch. With ``keep_cache=True`` each finished trial keeps its KV cache
+  (:class:`TrialCache`) so that the meta-prover's forced answers continue from it
+  (:meth:`CachedEngine.continue_prefixes`) instead of re-encoding every prefix.
+- ``reencode`` (:class:`ReencodeEngine`): episode by episode, every trial's whole history
+  is prefilled again before each episode (with a KV cache inside the episode). The
+  engine of earlier versions, kept as a reference.
+- ``hf_generate`` (:class:`HFGenerateEngine`): plain ``model.generate`` once per episode
+  on the whole history: the baseline a user of transformers would write.
+
+Sampling is ancestral sampling from softmax(logits) (temperature 1, no top-k/top-p),
+so the log-probs are those of the policy the trainer scores. ``cached`` and
+``reencode`` draw each token by inverse-CDF from a *counter-based* uniform
+u(trial key, stream position) (:func:`stream_uniforms`): a trial's tokens depend only on
+its own key and logits, not on which other trials share the batch or how the forward
+passes were split. The cached engine therefore reproduces exactly the tokens of a
+recomputation from scratch with the same keys (tested), and the two engines agree.
+
+A new backend (for example vLLM for large models) implements :class:`Engine` and
+registers itself with :func:`register_engine`; the trainer only calls
+``get_engine(name).run_trials(...)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from metarl_llm.config import BudgetConfig
+from metarl_llm.rollout import StreamCodec, Trial, sample
+
+ENGINES: dict[str, Callable[[], "Engine"]] = {}
+
+
+def register_engine(name: str):
+    def wrap(cls):
+        ENGINES[name] = cls
+        cls.name = name
+        return cls
+
+    return wrap
+
+
+def get_engine(name: str, **options) -> "Engine":
+    """A new engine registered as ``name``; ``options`` go to its constructor (cached:
+    ``max_rows``; the others take none)."""
+    if name not in ENGINES:
+        raise ValueError(f"rollout.engine={name!r} is not registered; choose from {sorted(ENGINES)}")
+    return ENGINES[name](**options)
+
+
+def engine_from_config(cfg) -> "Engine":
+    """The engine of a RolloutConfig (``rollout.*``)."""
+    if cfg.max_rows < 1:
+        raise ValueError(f"rollout.max_rows must be >= 1, got {cfg.max_rows}")
+    return get_engine(cfg.engine, **({"max_rows": cfg.max_rows} if cfg.engine == "cached" else {}))
+
+
+# ------------------------------------------------------------------ randomness
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply, "lowbias32") on int64 tensors holding
+    values in [0, 2^32); products wrap in int64, and only their low 32 bits are kept."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def stream_uniforms(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Uniforms in (0, 1), float64, one per (trial key, stream position) pair.
+
+    keys [N] int64 (any value; 32 bits are used), positions [N] int64 -> [N]. The same
+    pair always gives the same number: the draw for a token is fixed by the trial and
+    the position it is sampled at, whatever the batching.
+    """
+    k, p = keys.long(), positions.long()
+    hi = _mix32(_mix32(k ^ 0x9E3779B9) ^ _mix32(p + 0x632BE5AB))  # two independent 32-bit hashes of the pair
+    lo = _mix32(_mix32(k ^ 0x5BD1E995) ^ _mix32(p + 0x27D4EB2F) ^ 0x165667B1)
+    return (hi.double() * 2.0**32 + lo.double() + 0.5) / 2.0**64
+
+
+def draw_tokens(logits: torch.Tensor, u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [N], logprobs [N]) from logits [N, V]: inverse-CDF sampling at uniforms
+    ``u`` [N] (float64), or the argmax (first index on ties) when ``u`` is None."""
+    logp = F.log_softmax(logits.float(), -1)
+    if u is None:
+        tok = logp.argmax(-1)
+    else:
+        cdf = logp.double().exp().cumsum(-1)
+        tok = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+def trial_keys(n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """[n] int64 sampling keys, one per trial, drawn from ``generator`` (CPU)."""
+    return torch.randint(0, 2**31 - 1, (n,), generator=generator, dtype=torch.long)
+
+
+# ------------------------------------------------------------------ interface
+
+
+class Engine:
+    """A rollout backend. Subclasses implement :meth:`run_trials`."""
+
+    name = "engine"
+
+    def run_trials(
+        self, model: torch.nn.Module, codec: StreamCodec, envs: list, resets: list[dict], groups: list[int],
+        budget: BudgetConfig, generator: torch.Generator | None = None, keep_cache: bool = False,
+    ) -> list[Trial]:
+        """Play one trial in each environment (see :func:`metarl_llm.rollout.run_trials`)."""
+        raise NotImplementedError
+
+
+def start_trials(codec: StreamCodec, envs: list, resets: list[dict], groups: list[int], budget: BudgetConfig) -> list[Trial]:
+    """Reset every environment and start its trial with the tokenised prompt."""
+    if not (len(envs) == len(resets) == len(groups)):
+        raise ValueError(f"run_trials: {len(envs)} envs, {len(resets)} resets and {len(groups)} groups must match")
+    trials = []
+    for env, kw, g in zip(envs, resets, groups):
+        prompt, info = env.reset(**kw)
+        t = Trial(problem_id=info["problem_id"], group=g, env=env.unwrapped)
+        ids = codec.encode(prompt, special=True)
+        if len(ids) > budget.max_prompt_tokens:
+            raise ValueError(
+                f"problem {t.problem_id}: prompt of {len(ids)} tokens exceeds budget.max_prompt_tokens={budget.max_prompt_tokens}"
+            )
+        if not ids:
+            raise ValueError(f"problem {t.problem_id}: the prompt encodes to no tokens")
+        t.append(ids, False, -1)
+        trials.append(t)
+    return trials
+
+
+def episode_limit(t: Trial, forced: bool, budget: BudgetConfig) -> int:
+    """Tokens the next episode of ``t`` may sample."""
+    if forced:
+        return budget.answer_max_tokens
+    return max(1, min(budget.max_episode_tokens, budget.max_total_tokens - t.policy_tokens))
+
+
+def finish_episode(t: Trial, env, codec: StreamCodec, toks: list[int], logps: list[float], forced: bool,
+                   budget: BudgetConfig) -> tuple[bool, bool, list[int]]:
+    """Record an episode of ``t`` and step its environment.
+
+    Returns (ended, forced_next, observation ids to insert). The trial ends when the
+    environment terminates or truncates it; after EOS without a committed answer, at
+    ``max_total_tokens`` or when the environment itself forces the answer, the
+    forced-answer text is inserted and the next episode is the final answer.
+    """
+    j = len(t.episode_texts)
+    t.append(toks, True, j, logps)
+    text = codec.episode_text(toks)
+    t.episode_texts.append(text)
+    obs, reward, terminated, truncated, info = env.step(text)
+    t.episode_correct.append(bool(info.get("correct", False)))
+    if terminated or truncated:
+        t.outcome, t.answer, t.answer_episode, t.forced = float(reward), info.get("answer"), j, forced
+        return True, forced, []
+    if forced:
+        raise RuntimeError(f"problem {t.problem_id}: environment did not end the trial after a forced answer")
+    n = len(toks)
+    if info.get("forcing_answer"):
+        return False, True, codec.forced_prefix(t.ids)
+    if (n > 0 and toks[-1] == codec.eos_id) or t.policy_tokens >= budget.max_total_tokens:
+        t.env.force_answer()
+        return False, True, codec.forced_prefix(t.ids)
+    cut = n > 0 and toks[-1] not in codec.delimiter_ids
+    return False, False, (codec.delimiter_token if cut else []) + codec.encode(obs)
+
+
+# ------------------------------------------------------------------ cached engine
+
+
+@dataclass
+class TrialCache:
+    """A finished trial's KV cache, kept for the meta-prover.
+
+    keys, values: one [H, L, D] tensor per layer for the trial's L stream tokens (in
+    stream order, padding removed); L == len(trial.ids) - 1 (the last token was sampled
+    but never fed).
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    model_id: int = 0  # id() of the model that computed it: the cache is only valid for that model
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1]
+
+
+class _Batch:
+    """The live rows of a :class:`CachedEngine` call: a batched cache and its bookkeeping.
+
+    cache: transformers DynamicCache over [R, H, W, D]; mask [R, W] (1 on real tokens,
+    0 on padding, which may sit anywhere); next_pos [R] position id of each row's next
+    token. ``rows`` maps a batch row to its trial index.
+    """
+
+    def __init__(self, model, device, n: int):
+        self.model, self.device = model, device
+        self.cache = None
+        self.mask = torch.zeros((n, 0), dtype=torch.long, device=device)
+        self.next_pos = torch.zeros(n, dtype=torch.long, device=device)
+        self.rows: list[int] = list(range(n))
+
+    def feed(self, blocks: list[list[int]] | torch.Tensor, pad_id: int) -> torch.Tensor:
+        """Append each row's tokens to its stream; returns the next-token logits [R, V]
+        after each row's last token. ``blocks``: one list of >= 1 ids per row, or an
+        [R, 1] tensor of one token per row (the decoding fast path, no Python per row)."""
+        if torch.is_tensor(blocks):
+            ids = blocks.to(self.device)
+            block_mask = torch.ones_like(ids)
+        else:
+            n, width = len(blocks), max(len(b) for b in blocks)
+            ids = torch.full((n, width), pad_id, dtype=torch.long)
+            block_mask = torch.zeros((n, width), dtype=torch.long)
+            for r, b in enumerate(blocks):  # left-padded within the block: every row's last token is in the last column
+                ids[r, width - len(b):] = torch.as_tensor(b)
+                block_mask[r, width - len(b):] = 1
+            ids, block_mask = ids.to(self.device), block_mask.to(self.device)
+        pos = self.next_pos[:, None] + (block_mask.cumsum(-1) - 1).clamp(min=0)
+        self.mask = torch.cat([self.mask, block_mask], 1)
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.next_pos = self.next_pos + block_mask.sum(-1)
+        return out.logits[:, -1]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` (a [R'] index tensor), in that order."""
+        self.cache.batch_select_indices(rows.to(self.device))
+        self.mask = self.mask[rows]
+        self.next_pos = self.next_pos[rows]
+        self.rows = [self.rows[int(r)] for r in rows]
+
+    def trial_cache(self, r: int) -> TrialCache:
+        """Row ``r``'s cache with the padding columns removed."""
+        cols = self.mask[r].bool()
+        layers = self.cache.layers
+        return TrialCache([lay.keys[r][:, cols].clone() for lay in layers], [lay.values[r][:, cols].clone() for lay in layers],
+                          id(self.model))
+
+
+@register_engine("cached")
+class CachedEngine(Engine):
+    """KV cache kept across episodes, observations appended, trials stepped independently."""
+
+    def __init__(self, max_rows: int = 512):
+        self.max_rows = max_rows  # trials per batched cache (larger calls run in chunks)
+
+    @torch.no_grad()
+    def run_trials(self, model, codec, envs, resets, groups, budget, generator=None, keep_cache=False, greedy=False):
+        trials = start_trials(codec, envs, resets, groups, budget)
+        keys = trial_keys(len(trials), generator)
+        caches: list[TrialCache | None] = [None] * len(trials)
+        for s in range(0, len(trials), self.max_rows):
+            idx = list(range(s, min(s + self.max_rows, len(trials))))
+            self._run_chunk(model, codec, [envs[i] for i in idx], [trials[i] for i in idx], keys[idx], budget,
+                            keep_cache, greedy, caches, s)
+        for t, c in zip(trials, caches):
+            t.cache = c
+        return trials
+
+    def _run_chunk(self, model, codec, envs, trials, keys, budget, keep_cache, greedy, caches, offset):
+        device = next(model.parameters()).device
+        n = len(trials)
+        batch = _Batch(model, device, n)
+        forced = [False] * n
+        # Per-row state of the current episode, in tensors: sampled tokens and log-probs so far.
+        max_ep = max(budget.max_episode_tokens, budget.answer_max_tokens)
+        ep_tok = torch.full((n, max_ep), codec.pad_id, dtype=torch.long, device=device)
+        ep_lp = torch.zeros((n, max_ep), dtype=torch.float32, device=device)
+        ep_len = torch.zeros(n, dtype=torch.long, device=device)
+        limit = torch.tensor([episode_limit(t, False, budget) for t in trials], device=device)
+        stream_len = torch.tensor([len(t.ids) for t in trials], device=device)  # tokens of each stream so far
+        row_keys = keys.to(device)
+        stop_ids = codec.stop_ids.to(device)
+        logits = batch.feed([t.ids for t in trials], codec.pad_id)
+        # Bound: every step samples one token in every live row, and a trial has at most
+        # max_episodes + 1 episodes of at most max_ep tokens.
+        for _step in range((budget.max_episodes + 2) * max_ep + 1):
+            u = None if greedy else stream_uniforms(row_keys, stream_len + ep_len)
+            tok, lp = draw_tokens(logits, u)
+            ar = torch.arange(len(batch.rows), device=device)
+            ep_tok[ar, ep_len] = tok
+            ep_lp[ar, ep_len] = lp
+            ep_len += 1
+            ended = torch.isin(tok, stop_ids) | (ep_len >= limit)
+            if not bool(ended.any()):  # every row is inside its episode: feed the sampled tokens
+                logits = batch.feed(tok[:, None], codec.pad_id)
+                continue
+            blocks = [[t] for t in tok.tolist()]
+            alive = torch.ones(len(batch.rows), dtype=torch.bool)
+            for r in ended.nonzero().flatten().tolist():  # Python only at episode ends
+                i = batch.rows[r]
+                k = int(ep_len[r])
+                toks, lps = ep_tok[r, :k].tolist(), ep_lp[r, :k].tolist()
+                done, forced[i], obs_ids = finish_episode(trials[i], envs[i], codec, toks, lps, forced[i], budget)
+                if done:
+                    alive[r] = False
+                    if keep_cache:
+                        caches[offset + i] = batch.trial_cache(r)
+                    continue
+                if obs_ids:
+                    trials[i].append(obs_ids, False, -1)
+                blocks[r] = [toks[-1]] + obs_ids  # the episode's last token was sampled but not fed yet
+                stream_len[r] = len(trials[i].ids)
+                ep_len[r] = 0
+                limit[r] = episode_limit(trials[i], forced[i], budget)
+            if not bool(alive.all()):
+                keep = alive.nonzero().flatten()
+                if len(keep) == 0:
+                    return
+                blocks = [blocks[int(r)] for r in keep]
+                batch.keep(keep.to(device))
+                ep_tok, ep_lp, ep_len, limit = ep_tok[keep], ep_lp[keep], ep_len[keep], limit[keep]
+                stream_len, row_keys = stream_len[keep], row_keys[keep]
+            logits = batch.feed(blocks, codec.pad_id)
+        raise RuntimeError(f"{len(batch.rows)} trial(s) did not terminate within the engine's step bound")
+
+    @torch.no_grad()
+    def continue_prefixes(
+        self, model, trials: list[Trial], ends: list[list[int]], suffixes: list[list[list[int]]], copies: int,
+        max_new_tokens: int, stop_ids: torch.Tensor, pad_id: int, generator: torch.Generator | None = None,
+        max_rows: int = 256, greedy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """Sample ``copies`` continuations of each prefix ``trial.ids[:end]`` followed by
+        ``suffixes[i][b]`` (the forced-answer tokens), reusing each trial's kept cache for
+        the prefix (``run_trials(..., keep_cache=True)``); only the suffix is encoded.
+
+        Returns (tokens [M, L], lengths [M], owners) with one row per (trial i,
+        boundary b, copy), ``owners[row] = (i, b)``. Rows are sampled by ancestral
+        sampling from ``generator`` (``greedy``: the argmax, first index on ties).
+        """
+        owners = [(i, b) for i, e in enumerate(ends) for b in range(len(e)) for _ in range(copies)]
+        if not owners:
+            return torch.zeros((0, 0), dtype=torch.long), torch.zeros(0, dtype=torch.long), owners
+        device = next(model.parameters()).device
+        stop_ids = stop_ids.to(device)
+        tok_out, len_out = [], []
+        for s in range(0, len(owners), max_rows):
+            part = owners[s: s + max_rows]
+            n = len(part)
+            width = max(ends[i][b] for i, b in part)
+            layers = len(trials[part[0][0]].cache.keys)
+            ks, vs = [], []
+            mask = torch.zeros((n, width), dtype=torch.long, device=device)
+            for layer in range(layers):
+                k0 = trials[part[0][0]].cache.keys[layer]
+                kk = k0.new_zeros((n, k0.shape[0], width, k0.shape[2]))
+                vv = torch.zeros_like(kk)
+                for r, (i, b) in enumerate(part):
+                    c, e = trials[i].cache, ends[i][b]
+                    if c is None or c.length < e:
+                        raise ValueError(f"trial {i}: no kept cache covering its first {e} tokens (run_trials(keep_cache=True))")
+                    kk[r, :, width - e:] = c.keys[layer][:, :e]
+                    vv[r, :, width - e:] = c.values[layer][:, :e]
+                ks.append(kk)
+                vs.append(vv)
+            for r, (i, b) in enumerate(part):
+                mask[r, width - ends[i][b]:] = 1
+            from transformers import DynamicCache
+
+            batch = _Batch(model, device, n)
+            batch.cache = DynamicCache(ddp_cache_data=list(zip(ks, vs)), config=model.config)
+            batch.mask = mask
+            batch.next_pos = torch.tensor([ends[i][b] for i, b in part], device=device)
+            logits = batch.feed([suffixes[i][b] for i, b in part], pad_id)
+            toks = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
+            lengths = torch.zeros(n, dtype=torch.long, device=device)
+            done = torch.zeros(n, dtype=torch.bool, device=device)
+            for t in range(max_new_tokens):
+                if greedy:
+                    tok = logits.float().argmax(-1)
+                else:
+                    tok = torch.multinomial(F.softmax(logits.float(), -1), 1, generator=generator).squeeze(-1)
+                toks[:, t] = torch.where(done, pad_id, tok)
+                lengths += (~done).long()
+                done = done | torch.isin(tok, stop_ids)
+                if bool(done.all()) or t == max_new_tokens - 1:
+                    break
+                logits = batch.feed(tok[:, None], pad_id)
+            tok_out.append(toks.cpu())
+            len_out.append(lengths.cpu())
+        width = max(int(x.max()) for x in len_out)
+        return torch.cat([F.pad(x[:, :width], (0, max(0, width - x.shape[1])), value=pad_id) for x in tok_out]), torch.cat(len_out), owners
+
+
+# ------------------------------------------------------------------ re-encoding engines
+
+
+@register_engine("reencode")
+class ReencodeEngine(Engine):
+    """Episode by episode; every history is prefilled again before each episode.
+
+    Draws the same counter-based uniforms as ``cached``, so both engines give the same
+    trials (up to floating-point ties)."""
+
+    @torch.no_grad()
+    def run_trials(self, model, codec, envs, resets, groups, budget, generator=None, keep_cache=False, greedy=False):
+        trials = start_trials(codec, envs, resets, groups, budget)
+        keys = trial_keys(len(trials), generator)
+        live = list(range(len(trials)))
+        forced = [False] * len(trials)
+        for _round in range(budget.max_episodes + 2):  # bounded: the env forces an answer after max_episodes
+            if not live:
+                return trials
+            limits = [episode_limit(trials[i], forced[i], budget) for i in live]
+            out = _sample_keyed(model, [trials[i].ids for i in live], limits, codec, keys[live], greedy)
+            still = []
+            for row, i in enumerate(live):
+                n = int(out.lengths[row])
+                done, forced[i], obs_ids = finish_episode(trials[i], envs[i], codec, out.tokens[row, :n].tolist(),
+                                                          out.logprobs[row, :n].tolist(), forced[i], budget)
+                if not done:
+                    if obs_ids:
+                        trials[i].append(obs_ids, False, -1)
+                    still.append(i)
+            live = still
+        if live:
+            raise RuntimeError(f"{len(live)} trial(s) did not terminate within max_episodes+2 rounds")
+        return trials
+
+
+def _sample_keyed(model, contexts: list[list[int]], limits: list[int], codec: StreamCodec, keys: torch.Tensor, greedy: bool):
+    """:func:`rollout.sample` with counter-based draws: a fresh prefill of every context."""
+    device = next(model.parameters()).device
+    n = len(contexts)
+    batch = _Batch(model, device, n)
+    logits = batch.feed(contexts, codec.pad_id)
+    lim = torch.tensor(limits, device=device)
+    start = torch.tensor([len(c) for c in contexts], device=device)
+    keys = keys.to(device)
+    stop_ids = codec.stop_ids.to(device)
+    width = int(lim.max())
+    tokens = torch.full((n, width), codec.pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((n, width), dtype=torch.float32, device=device)
+    lengths = torch.zeros(n, dtype=torch.long, device=device)
+    stopped = torch.zeros(n, dtype=torch.bool, device=device)
+    done = lim <= 0
+    for t in range(width):
+        tok, lp = draw_tokens(logits, None if greedy else stream_uniforms(keys, start + t))
+        live = ~done
+        tokens[:, t] = torch.where(live, tok, codec.pad_id)
+        logprobs[:, t] = torch.where(live, lp, 0.0)
+        lengths += live.long()
+        hit = live & torch.isin(tok, stop_ids)
+        stopped |= hit
+        done = done | hit | (lengths >= lim)
+        if bool(done.all()):
+            break
+        logits = batch.feed(tok[:, None], codec.pad_id)
+    from metarl_llm.rollout import Sampled
+
+    w = int(lengths.max())
+    return Sampled(tokens[:, :w].cpu(), logprobs[:, :w].cpu(), lengths.cpu(), stopped.cpu())
+
+
+@register_engine("hf_generate")
+class HFGenerateEngine(Engine):
+    """``model.generate`` once per episode on the whole re-encoded history (the
+    transformers baseline). Sampling: ``do_sample=True``, temperature 1, top-k 0,
+    top-p 1; log-probs from the generation scores. Rows with different token limits are
+    generated in separate calls (one per distinct limit)."""
+
+    @torch.no_grad()
+    def run_trials(self, model, codec, envs, resets, groups, budget, generator=None, keep_cache=False, greedy=False):
+        trials = start_trials(codec, envs, resets, groups, budget)
+        live = list(range(len(trials)))
+        forced = [False] * len(trials)
+        for _round in range(budget.max_episodes + 2):
+            if not live:
+                return trials
+            limits = {i: episode_limit(trials[i], forced[i], budget) for i in live}
+            results = {}
+            for lim in sorted(set(limits.values())):
+                rows = [i for i in live if limits[i] == lim]
+                out = _generate(model, [trials[i].ids for i in rows], lim, codec, greedy)
+                for row, i in enumerate(rows):
+                    results[i] = (out.tokens[row, : int(out.lengths[row])].tolist(), out.logprobs[row, : int(out.lengths[row])].tolist())
+            still = []
+            for i in live:
+                done, forced[i], obs_ids = finish_episode(trials[i], envs[i], codec, *results[i], forced[i], budget)
+                if not done:
+                    if obs_ids:
+                        trials[i].append(obs_ids, False, -1)
+                    still.append(i)
+            live = still
+        if live:
+            raise RuntimeError(f"{len(live)} trial(s) did not terminate within max_episodes+2 rounds")
+        return trials
+
+
+def _generate(model, contexts: list[list[int]], max_new_tokens: int, codec: StreamCodec, greedy: bool):
+    from metarl_llm.rollout import Sampled
+
+    device = next(model.parameters()).device
+    n, width = len(contexts), max(len(c) for c in contexts)
+    ids = torch.full((n, width), codec.pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, c in enumerate(contexts):
+        ids[i, width - len(c):] = torch.as_tensor(c)
+        mask[i, width - len(c):] = 1
+    out = model.generate(
+        input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+        do_sample=not greedy, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=codec.stop_ids.tolist(),
+        pad_token_id=codec.pad_id, return_dict_in_generate=True, output_logits=True,
+    )
+    new = out.sequences[:, width:]
+    logits = torch.stack(out.logits, 1).float()  # [n, L, V] raw logits (no processors at temperature 1)
+    logprobs = F.log_softmax(logits, -1).gather(-1, new[:, : logits.shape[1], None]).squeeze(-1)
+    is_stop = torch.isin(new, codec.stop_ids.to(new.device))
+    first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1), torch.full((n,), new.shape[1], device=new.device))
+    lengths = torch.clamp(first_stop + 1, max=new.shape[1])
+    valid = torch.arange(new.shape[1], device=new.device)[None] < lengths[:, None]
+    return Sampled(torch.where(valid, new, codec.pad_id).cpu(), (logprobs * valid).cpu(), lengths.cpu(), is_stop.any(1).cpu())
+
+
+__all__ = ["ENGINES", "CachedEngine", "Engine", "HFGenerateEngine", "ReencodeEngine", "TrialCache", "draw_tokens",
+           "get_engine", "register_engine", "sample", "stream_uniforms", "trial_keys"]

@@ -1,0 +1,184 @@
+"""Rollout engines: the cached engine reproduces a from-scratch recomputation exactly.
+
+The reference below plays each trial alone, with no KV cache and no padding: one full
+forward pass over the whole stream per sampled token, the draw taken from the same
+counter-based uniform u(trial key, stream position). The cached engine (one batched
+cache kept across episodes, observations appended, trials stepping independently) must
+produce the same tokens and the same log-probs.
+"""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import envs  # noqa: F401
+from metarl_llm import bonus as bonus_mod
+from metarl_llm.bonus import boundary_prefixes, meta_prover_context, meta_prover_success
+from metarl_llm.config import BudgetConfig, RolloutConfig, TinyModelConfig
+from metarl_llm.engine import (CachedEngine, draw_tokens, engine_from_config, finish_episode, get_engine,
+                               start_trials, stream_uniforms, trial_keys)
+from metarl_llm.models import build_char_tokenizer, build_tiny_model
+from metarl_llm.rollout import StreamCodec, run_trials, sample
+
+# Four episodes before the forced answer; the total budget cuts some trials earlier.
+BUDGET = BudgetConfig(max_episodes=4, max_episode_tokens=9, max_total_tokens=30, answer_max_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = build_char_tokenizer()
+    model = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+                             len(tok), tok.pad_token_id, 0).eval()
+    return model, StreamCodec(tok, "\n", "Answer:")
+
+
+def make_envs(n, budget=BUDGET):
+    return [gym.make("metarl/PlantedSubseq-v0", max_episodes=budget.max_episodes) for _ in range(n)]
+
+
+def resets_of(n):
+    return [{"seed": 100 + i // 2} for i in range(n)], [i // 2 for i in range(n)]
+
+
+def play(model, codec, engine, n=10, seed=0, budget=BUDGET, **kw):
+    resets, groups = resets_of(n)
+    return run_trials(model, codec, make_envs(n, budget), resets, groups, budget, torch.Generator().manual_seed(seed),
+                      engine=engine, **kw)
+
+
+@torch.no_grad()
+def reference_trials(model, codec, n=10, seed=0, budget=BUDGET):
+    """Each trial alone, no cache, no padding: a full forward pass per sampled token."""
+    resets, groups = resets_of(n)
+    env_list = make_envs(n, budget)
+    trials = start_trials(codec, env_list, resets, groups, budget)
+    keys = trial_keys(n, torch.Generator().manual_seed(seed))
+    stops = set(codec.stop_ids.tolist())
+    for i, t in enumerate(trials):
+        forced = False
+        for _episode in range(budget.max_episodes + 2):
+            limit = budget.answer_max_tokens if forced else max(1, min(budget.max_episode_tokens, budget.max_total_tokens - t.policy_tokens))
+            toks, lps = [], []
+            while len(toks) < limit:
+                stream = t.ids + toks
+                logits = model(input_ids=torch.tensor([stream])).logits[:, -1]
+                u = stream_uniforms(keys[i: i + 1], torch.tensor([len(stream)]))
+                tok, lp = draw_tokens(logits, u)
+                toks.append(int(tok))
+                lps.append(float(lp))
+                if toks[-1] in stops:
+                    break
+            done, forced, obs = finish_episode(t, env_list[i], codec, toks, lps, forced, budget)
+            if done:
+                break
+            t.append(obs, False, -1)
+        else:
+            raise AssertionError("reference trial did not end")
+    return trials
+
+
+def assert_same_trials(a, b, atol=1e-5):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.ids == y.ids and x.action == y.action and x.episode == y.episode
+        assert x.episode_texts == y.episode_texts and x.outcome == y.outcome and x.forced == y.forced
+        np.testing.assert_allclose(x.sample_logprobs, y.sample_logprobs, atol=atol, rtol=0)
+
+
+def test_cached_engine_equals_a_recomputation_from_scratch(setup, one_thread):
+    model, codec = setup
+    cached = play(model, codec, "cached")
+    ref = reference_trials(model, codec)
+    assert_same_trials(cached, ref)
+    # The setting is really multi-episode: several trials run 4 episodes plus a forced answer.
+    assert max(len(t.episode_texts) for t in cached) == BUDGET.max_episodes + 1
+    assert any(t.forced for t in cached) and len({len(t.ids) for t in cached}) > 3
+
+
+def test_engines_agree_and_trials_do_not_depend_on_the_batch(setup, one_thread):
+    model, codec = setup
+    cached = play(model, codec, "cached")
+    assert_same_trials(cached, play(model, codec, "reencode"))
+    # Chunked into batches of 3 rows: the same trials.
+    resets, groups = resets_of(10)
+    chunked = get_engine("cached", max_rows=3).run_trials(model, codec, make_envs(10), resets, groups, BUDGET,
+                                                          torch.Generator().manual_seed(0))
+    assert_same_trials(cached, chunked)
+    # Another seed, other trials.
+    assert [t.ids for t in play(model, codec, "cached", seed=1)] != [t.ids for t in cached]
+
+
+def test_hf_generate_engine_plays_valid_trials(setup, one_thread):
+    model, codec = setup
+    trials = play(model, codec, "hf_generate")
+    for t in trials:
+        ids = torch.tensor([t.ids])
+        lp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        act = torch.tensor(t.action[1:], dtype=torch.bool)
+        assert torch.allclose(lp[act], torch.tensor(t.sample_logprobs[1:])[act], atol=1e-4)
+        assert 1 <= len(t.episode_texts) <= BUDGET.max_episodes + 1 and t.answer_episode == len(t.episode_texts) - 1
+
+
+def test_kept_cache_covers_the_stream_and_continues_like_a_fresh_prefill(setup, one_thread):
+    model, codec = setup
+    trials = play(model, codec, "cached", keep_cache=True)
+    for t in trials:
+        assert t.cache is not None and t.cache.length == len(t.ids) - 1 and t.cache.model_id == id(model)
+    ends = [boundary_prefixes(t) for t in trials]
+    suffixes = [[codec.forced_prefix(t.ids[:e]) for e in es] for t, es in zip(trials, ends)]
+    toks, lengths, owners = CachedEngine().continue_prefixes(model, trials, ends, suffixes, 2, BUDGET.answer_max_tokens,
+                                                              codec.stop_ids, codec.pad_id, greedy=True, max_rows=7)
+    contexts = [meta_prover_context(codec, trials[i], ends[i][b]) for i, b in owners]
+    fresh = sample(model, contexts, BUDGET.answer_max_tokens, codec.stop_ids, codec.pad_id, greedy=True)
+    assert len(owners) == 2 * sum(len(e) for e in ends) > 20
+    for r in range(len(owners)):
+        assert toks[r, : lengths[r]].tolist() == fresh.tokens[r, : fresh.lengths[r]].tolist()
+
+
+def test_meta_prover_uses_the_cache_only_for_its_own_model(setup, one_thread, monkeypatch):
+    model, codec = setup
+    trials = play(model, codec, "cached", keep_cache=True)
+    ends = [boundary_prefixes(t) for t in trials]
+    calls = []
+    real_sample = bonus_mod.sample
+    monkeypatch.setattr(bonus_mod, "sample", lambda *a, **k: calls.append(1) or real_sample(*a, **k))
+    j = meta_prover_success(model, codec, trials, ends, 3, BUDGET.answer_max_tokens, torch.Generator().manual_seed(0))
+    assert calls == [] and [len(x) for x in j] == [len(e) for e in ends]
+    assert all(((x >= 0) & (x <= 1)).all() for x in j)
+    other = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+                             model.config.vocab_size, codec.pad_id, 1).eval()
+    meta_prover_success(other, codec, trials, ends, 1, BUDGET.answer_max_tokens, torch.Generator().manual_seed(0))
+    assert calls == [1]  # a cache computed by another model is never used
+
+
+def test_stream_uniforms_are_deterministic_and_uniform():
+    keys = torch.arange(2000).repeat_interleave(50)
+    pos = torch.arange(50).repeat(2000)
+    u = stream_uniforms(keys, pos)
+    assert u.dtype == torch.float64 and bool(((u > 0) & (u < 1)).all())
+    assert torch.equal(u, stream_uniforms(keys, pos))
+    assert len(torch.unique(u)) == len(u)
+    counts = torch.histc(u.float(), bins=10, min=0, max=1)
+    expected = len(u) / 10
+    assert float(((counts - expected) ** 2 / expected).sum()) < 27.9  # chi-square, 9 dof, p = 0.001
+
+
+def test_draw_tokens_follows_the_softmax():
+    logits = torch.tensor([[2.0, 0.0, -1.0, 1.0]]).repeat(40000, 1)
+    u = stream_uniforms(torch.full((40000,), 7), torch.arange(40000))
+    tok, lp = draw_tokens(logits, u)
+    p = F.softmax(logits[0], -1)
+    freq = torch.bincount(tok, minlength=4).float() / len(tok)
+    assert torch.allclose(freq, p, atol=0.01)
+    assert torch.allclose(lp, torch.log(p)[tok], atol=1e-6)
+    greedy, _ = draw_tokens(torch.tensor([[0.0, 3.0, 3.0]]), None)
+    assert greedy.tolist() == [1]
+
+
+def test_bad_engine_names_and_options_are_errors():
+    with pytest.raises(ValueError, match="rollout.engine='vllm'"):
+        get_engine("vllm")
+    with pytest.raises(ValueError, match="rollout.max_rows"):
+        engine_from_config(RolloutConfig(max_rows=0))
