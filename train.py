@@ -1,10 +1,13 @@
 """Hydra entry point: python train.py env=math bonus=info_gain (see README.md)."""
 
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from metarl_llm.config import register_configs
+from metarl_llm.distributed import agree_on_run_time, launched_world_size
 
 register_configs()
 
@@ -20,5 +23,17 @@ def main(cfg: DictConfig) -> float | None:
     return summary.get("heldout_success_final")  # the objective of a sweeper (None for algo=verifier)
 
 
+def quiet_replicas() -> None:
+    """Under a multi-process launcher, processes other than the main one write neither
+    Hydra's .hydra/ snapshot nor a log file into the shared run directory."""
+    if launched_world_size() > 1:
+        agree_on_run_time(cpu=True if "device=cpu" in sys.argv[1:] else None)
+        import os
+
+        if int(os.environ.get("RANK", "0")) != 0:
+            sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
 if __name__ == "__main__":
+    quiet_replicas()
     main()

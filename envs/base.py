@@ -273,3 +273,50 @@ class EpisodicTextEnv(gym.Env[str, str], abc.ABC):
         else:
             obs = ""
         return obs, 0.0, False, False, info
+
+
+# ------------------------------------------------------------------ failures
+
+
+class EnvironmentFailure(RuntimeError):
+    """An environment (its grader, parser or reward) raised on a model's text.
+
+    Carries what is needed to reproduce it: the problem id, the offending text, the
+    episode index and the original exception (``__cause__``)."""
+
+    def __init__(self, problem_id: str, text: str, episode: int, cause: BaseException):
+        self.problem_id, self.text, self.episode = problem_id, text, episode
+        self.cause_repr = f"{type(cause).__name__}: {cause}"
+        super().__init__(f"environment failed on problem {problem_id!r}, episode {episode} "
+                         f"({self.cause_repr}); text: {text[:200]!r}")
+
+
+class FailureGuard(gym.Wrapper):
+    """Makes environment exceptions loud, or maps them to a score, never silent.
+
+    ``on_error="raise"`` (default): an exception in ``step`` becomes an
+    :class:`EnvironmentFailure` naming the problem and the text. ``on_error="score"``:
+    the trial ends there with reward ``error_score`` and ``info["error"]`` set, and the
+    failure is counted in ``self.failures`` (the trainer logs the count)."""
+
+    def __init__(self, env: gym.Env, on_error: str = "raise", error_score: float = 0.0):
+        if on_error not in ("raise", "score"):
+            raise ValueError(f"reward.on_error={on_error!r}; expected 'raise' or 'score'")
+        super().__init__(env)
+        self.on_error, self.error_score = on_error, float(error_score)
+        self.failures = 0
+
+    def step(self, action):
+        try:
+            return self.env.step(action)
+        except Exception as e:  # noqa: BLE001 - any grader failure is reported, with its cause
+            base = self.env.unwrapped
+            problem_id = base.problem.problem_id if getattr(base, "problem", None) is not None else "?"
+            episode = len(getattr(base, "_episodes", [])) - 1
+            if self.on_error == "raise":
+                raise EnvironmentFailure(problem_id, action, episode, e) from e
+            self.failures += 1
+            base._done = True
+            info = {"problem_id": problem_id, "answer": None, "correct": False, "forced": False, "episode_index": episode,
+                    "error": f"{type(e).__name__}: {e}"}
+            return "", self.error_score, True, False, info

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from metarl_llm.rollout import Trial
@@ -53,6 +54,62 @@ class RolloutBatch(NamedTuple):
         """The trials ``rows``, trimmed to their longest stream."""
         width = int(self.attention_mask[rows].sum(1).max())
         return RolloutBatch(*(f[rows][:, :width] if f.dim() == 2 else f[rows] for f in self))
+
+
+def length_buckets(lengths: torch.Tensor | list[int], pass_tokens: int, max_tokens: int = 0, max_rows: int = 0) -> list[torch.Tensor]:
+    """Group rows of similar length into forward passes, so that short rows are not padded
+    to the longest one.
+
+    lengths [n] (real tokens of each row) -> index tensors into the rows, together a
+    partition of ``range(n)``. Rows are sorted longest first (stable) and the sorted order
+    is cut into runs; a pass is padded to its own longest row (its first). The cuts
+    minimise the padded positions of all passes plus ``pass_tokens`` per pass (what one
+    more forward pass costs, in padded positions: the per-call overhead), under two caps
+    when > 0: ``max_tokens`` padded positions per pass (a single longer row is a pass of its
+    own) and ``max_rows`` rows per pass. Exact dynamic programme over the cut points.
+    ``pass_tokens`` 0: no grouping by length: one pass of all rows in their order (with
+    ``max_rows``: consecutive chunks of that many rows).
+    """
+    lengths = torch.as_tensor(lengths).reshape(-1)
+    n = lengths.shape[0]
+    if pass_tokens < 0 or max_tokens < 0 or max_rows < 0:
+        raise ValueError(f"length_buckets: pass_tokens, max_tokens and max_rows must be >= 0, got {pass_tokens}, {max_tokens}, {max_rows}")
+    if n == 0:
+        return [torch.arange(0)]
+    if pass_tokens == 0:
+        step = max_rows or n
+        return [torch.arange(s, min(s + step, n)) for s in range(0, n, step)]
+    order = torch.argsort(lengths, descending=True, stable=True)
+    sizes = np.asarray(lengths[order].tolist(), dtype=np.float64)
+    # best[k]: cost of the first k sorted rows; a pass of sorted rows j..k-1 costs (k - j) * sizes[j] + pass_tokens.
+    best = np.zeros(n + 1)
+    cut = np.zeros(n + 1, dtype=np.int64)
+    starts = np.arange(n)
+    for k in range(1, n + 1):
+        j = starts[:k]
+        cost = best[:k] + (k - j) * sizes[:k] + pass_tokens
+        ok = np.ones(k, dtype=bool)
+        if max_rows:
+            ok &= (k - j) <= max_rows
+        if max_tokens:
+            ok &= ((k - j) * sizes[:k] <= max_tokens) | (j == k - 1)
+        cost[~ok] = np.inf
+        cut[k] = int(np.argmin(cost))
+        best[k] = cost[cut[k]]
+    parts, k = [], n
+    while k > 0:
+        parts.append(order[cut[k]:k])
+        k = int(cut[k])
+    return parts[::-1]
+
+
+def sampled_logprobs(trials: list[Trial], width: int) -> torch.Tensor:
+    """[B, width] the rollout engine's own log-probs of the sampled tokens
+    (``Trial.sample_logprobs``: token-aligned with ``ids``, 0 off action tokens), right-padded with 0."""
+    out = torch.zeros((len(trials), width))
+    for i, tr in enumerate(trials):
+        out[i, : len(tr.sample_logprobs)] = torch.as_tensor(tr.sample_logprobs, dtype=torch.float32)
+    return out
 
 
 def collate(trials: list[Trial], pad_id: int) -> RolloutBatch:

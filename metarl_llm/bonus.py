@@ -40,6 +40,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
+from envs.base import EnvironmentFailure
 from metarl_llm.config import BonusConfig
 from metarl_llm.rollout import StreamCodec, Trial, sample
 
@@ -115,7 +116,10 @@ def meta_prover_success(
     sums = [np.zeros(len(prefix_ends)) for prefix_ends in ends]
     for row, (i, b) in enumerate(owners):
         text = codec.episode_text(tokens[row, : int(lengths[row])].tolist())
-        sums[i][b] += trials[i].env.score(text)
+        try:
+            sums[i][b] += trials[i].env.score(text)
+        except Exception as e:  # noqa: BLE001 - a grader failure is loud, with the problem and the text
+            raise EnvironmentFailure(trials[i].problem_id, text, b, e) from e
     return [x / num_samples for x in sums]
 
 

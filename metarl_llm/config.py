@@ -122,6 +122,37 @@ class TinyModelConfig:
     max_position_embeddings: int = 512
 
 
+LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class PolicyLoraConfig:
+    """LoRA on the policy during PPO (``model.lora``, metarl_llm.models.add_lora).
+
+    With ``r > 0`` the (warm-started) policy is frozen and a fresh peft LoRA adapter on
+    ``target_modules`` is trained instead; the frozen reference is the same weights
+    with the adapter disabled (no second copy of the model). Checkpoints hold the
+    merged weights (``policy/``) and the adapter alone (``adapter/``).
+    """
+
+    r: int = 0  # LoRA rank; 0 = full fine-tuning (LoRA off)
+    alpha: float = 16.0  # LoRA alpha; the low-rank update is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the LoRA branch's input while training (0: deterministic)
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LORA_TARGETS))  # module names given a LoRA (Llama attention + MLP projections)
+    seed: Optional[int] = None  # seed of the LoRA A initialisation (B starts at 0); None: the run's seed
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if not isinstance(self.r, int) or self.r < 0:
+            raise ValueError(f"model.lora.r must be an integer >= 0 (0: LoRA off), got {self.r!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"model.lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+            raise ValueError(f"model.lora.target_modules must name at least one module, got {self.target_modules!r}")
+
+
 @dataclass
 class ModelConfig:
     """Policy (and critic) model (group ``model``)."""
@@ -132,7 +163,11 @@ class ModelConfig:
     critic: str = "shared"  # shared: value head on the policy trunk; separate: own trunk
     critic_name_or_path: Optional[str] = None  # separate critic's model (default: same as policy)
     trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (PPO update, warm start); less memory, more time
+    lora: PolicyLoraConfig = field(default_factory=PolicyLoraConfig)  # LoRA policy (model.lora.r > 0) instead of full fine-tuning
+    # Mixed precision of the PPO update's and the scoring passes' forward: auto (bf16 on CUDA
+    # devices that support it, off elsewhere) | bf16 | off. Log-probs and losses stay float32.
+    autocast: str = "auto"
 
 
 # -------------------------------------------------------------------------- algo
@@ -163,6 +198,28 @@ class AlgoConfig:
     lam: float = 1.0  # GAE lambda (1: Monte-Carlo return minus the value baseline, robust for sparse outcomes)
     whiten_advantages: bool = True  # normalise advantages over the batch's action tokens
     max_grad_norm: float = 1.0
+    # A non-finite reward, loss or gradient: raise (stop; the batch saved in RUN/failures/)
+    # or skip (drop that update or optimiser step; counted in train/nonfinite_skipped).
+    on_nonfinite: str = "raise"
+    # Token budget of one forward/backward pass of the update: each minibatch is split into
+    # micro-batches of at most this many padded tokens (rows x longest row), gradients are
+    # accumulated and the optimiser steps once per minibatch. 0: one pass per minibatch.
+    micro_batch_tokens: int = 0
+    # Rows of similar length share a forward pass (the scoring passes and the update's
+    # micro-batches; metarl_llm.batch.length_buckets): rows are sorted by length and cut
+    # where the padded positions saved outweigh one more pass, costed as this many padded
+    # positions (the per-pass overhead). 0: no grouping (one padded pass per minibatch).
+    # Only float rounding changes (the update's gradient is still the whole minibatch's).
+    length_bucket_tokens: int = 128
+    # The PPO ratio's old log-probs. recompute: a no-grad forward of the policy after the
+    # rollout (also checks them: train/logprob_mismatch_max). sampled: the rollout engine's
+    # own log-probs of the sampled tokens (Trial.sample_logprobs; equal to a recomputation up
+    # to float rounding, ~1e-6, when sampling and scoring run in one precision), so without
+    # a critic (advantage grpo/rloo) the policy's forward is skipped and
+    # train/logprob_mismatch_max is NaN; with a critic (gae) the forward still runs for the
+    # values and its log-probs only feed that check. Needs the scoring in float32 (no
+    # autocast, which the sampling does not use): checked at start.
+    old_logprobs: str = "recompute"
 
 
 # ------------------------------------------------------------------------- bonus
@@ -240,6 +297,10 @@ class RolloutConfig:
     # cache (engine=cached only; costs memory: the cache of every trial until the bonus).
     reuse_cache: bool = True
     max_rows: int = 512  # trials per batched cache (larger batches run in chunks)
+    # cached engine: prompts of similar length are prefilled in one pass each and their caches
+    # joined (a short prompt is not padded to the longest); cut where the padded positions
+    # saved outweigh one more pass costed as this many (metarl_llm.batch.length_buckets). 0: one pass.
+    prefill_bucket_tokens: int = 128
 
 
 @dataclass
@@ -334,9 +395,11 @@ class RewardConfig:
     name: str = "env"
     verifier: Optional[str] = None  # reward=verifier: directory of a saved verifier (RUN/verifier of algo=verifier)
     rows: int = 32  # trials per verifier forward pass
-
-
-LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # An exception in the environment's grader/parser/reward on a model's text: raise
+    # (stop the run; problem id, text and traceback saved in RUN/failures/) or score
+    # (end that trial with error_score; counted in train/env_failures).
+    on_error: str = "raise"
+    error_score: float = 0.0  # reward of a trial whose grading raised (on_error=score)
 
 
 @dataclass
@@ -411,11 +474,24 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads (0: torch's default)
     checkpoint_every: int = 20  # iterations between checkpoints (0: only the final one)
+    checkpoint_keep: int = 3  # newest complete checkpoints kept (0: all); older ones are deleted
+    # Continue an interrupted run: "auto" = the latest complete checkpoint of this run's
+    # directory (set out_dir or hydra.run.dir to it; a fresh start if there is none), or a
+    # path to a run directory or a checkpoint (the run then continues in that directory).
+    resume: Optional[str] = None
     out_dir: Optional[str] = None  # None: the Hydra run directory
 
 
 def register_configs() -> None:
     """Register the schemas; conf/<group>/<option>.yaml extend them by name."""
+    from omegaconf import OmegaConf
+
+    from metarl_llm.distributed import run_time
+
+    # ${run_time:FMT} (conf/config.yaml's run directory): the launch time, the same in every
+    # process of an `accelerate launch`, so that all processes resolve one run directory.
+    if not OmegaConf.has_resolver("run_time"):
+        OmegaConf.register_new_resolver("run_time", run_time)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="env", name="planted_subseq_schema", node=PlantedSubseqEnvConfig)

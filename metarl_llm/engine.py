@@ -33,11 +33,13 @@ registers itself with :func:`register_engine`; the trainer only calls
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from metarl_llm.config import BudgetConfig
 from metarl_llm.rollout import StreamCodec, Trial, sample
@@ -56,7 +58,7 @@ def register_engine(name: str):
 
 def get_engine(name: str, **options) -> "Engine":
     """A new engine registered as ``name``; ``options`` go to its constructor (cached:
-    ``max_rows``; the others take none)."""
+    ``max_rows``, ``bucket_tokens``; the others take none)."""
     if name not in ENGINES:
         raise ValueError(f"rollout.engine={name!r} is not registered; choose from {sorted(ENGINES)}")
     return ENGINES[name](**options)
@@ -66,7 +68,10 @@ def engine_from_config(cfg) -> "Engine":
     """The engine of a RolloutConfig (``rollout.*``)."""
     if cfg.max_rows < 1:
         raise ValueError(f"rollout.max_rows must be >= 1, got {cfg.max_rows}")
-    return get_engine(cfg.engine, **({"max_rows": cfg.max_rows} if cfg.engine == "cached" else {}))
+    if cfg.prefill_bucket_tokens < 0:
+        raise ValueError(f"rollout.prefill_bucket_tokens must be >= 0, got {cfg.prefill_bucket_tokens}")
+    options = {"max_rows": cfg.max_rows, "bucket_tokens": cfg.prefill_bucket_tokens}
+    return get_engine(cfg.engine, **(options if cfg.engine == "cached" else {}))
 
 
 # ------------------------------------------------------------------ randomness
@@ -115,6 +120,16 @@ def trial_keys(n: int, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randint(0, 2**31 - 1, (n,), generator=generator, dtype=torch.long)
 
 
+def check_keys(keys: torch.Tensor | None, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """The given sampling keys (checked: [n] integers) or ``n`` fresh ones from ``generator``."""
+    if keys is None:
+        return trial_keys(n, generator)
+    keys = torch.as_tensor(keys)
+    if keys.shape != (n,) or keys.is_floating_point():
+        raise ValueError(f"run_trials: keys must be an integer tensor of shape [{n}], got {tuple(keys.shape)} {keys.dtype}")
+    return keys.long().cpu()
+
+
 # ------------------------------------------------------------------ interface
 
 
@@ -126,8 +141,12 @@ class Engine:
     def run_trials(
         self, model: torch.nn.Module, codec: StreamCodec, envs: list, resets: list[dict], groups: list[int],
         budget: BudgetConfig, generator: torch.Generator | None = None, keep_cache: bool = False,
+        greedy: bool = False, keys: torch.Tensor | None = None,
     ) -> list[Trial]:
-        """Play one trial in each environment (see :func:`metarl_llm.rollout.run_trials`)."""
+        """Play one trial in each environment (see :func:`metarl_llm.rollout.run_trials`).
+
+        ``keys`` [N] int64: the trials' sampling keys (default: drawn from ``generator``),
+        for callers that shard a batch whose keys were drawn globally."""
         raise NotImplementedError
 
 
@@ -209,20 +228,135 @@ class TrialCache:
         return self.keys[0].shape[1]
 
 
+class _GrowingLayer(DynamicLayer):
+    """A transformers ``DynamicLayer`` that appends into preallocated storage instead of
+    concatenating: ``keys``/``values`` are views of the first ``length`` columns of
+    [B, H, capacity, D] buffers whose capacity doubles when full. The stored numbers are
+    the same as DynamicLayer's; a decode step copies one new column per row instead of the
+    whole cache (``torch.cat`` re-allocated and copied every layer's cache at every step)."""
+
+    def __init__(self, capacity: int = 0):
+        super().__init__()
+        self._k = self._v = None
+        self._len = 0
+        self._capacity = capacity  # first allocation (a hint: more is allocated when needed)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def _views(self) -> None:
+        self.keys, self.values = self._k[:, :, : self._len], self._v[:, :, : self._len]
+
+    def _reserve(self, need: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        cap = 0 if self._k is None else self._k.shape[2]
+        if need <= cap:
+            return
+        new = max(need, 2 * cap, self._capacity)
+        k = like_k.new_empty((*like_k.shape[:2], new, like_k.shape[3]))
+        v = like_v.new_empty((*like_v.shape[:2], new, like_v.shape[3]))
+        if self._len:
+            k[:, :, : self._len] = self._k[:, :, : self._len]
+            v[:, :, : self._len] = self._v[:, :, : self._len]
+        self._k, self._v = k, v
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[2]
+        self._reserve(self._len + n, key_states, value_states)
+        self._k[:, :, self._len : self._len + n] = key_states
+        self._v[:, :, self._len : self._len + n] = value_states
+        self._len += n
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._len
+
+    def reset(self) -> None:
+        self._k = self._v = None
+        self._len = 0
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop: pass a negative number of tokens to remove")
+        if tokens_to_remove and self._k is not None:
+            self._len = max(0, self._len + tokens_to_remove)
+            self._views()
+
+    def _rows(self, fn) -> None:
+        if self._k is not None:
+            self._k, self._v = fn(self._k), fn(self._v)
+            self._views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._rows(lambda x: x[indices])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._rows(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rows(lambda x: x.repeat_interleave(repeats, dim=0))
+
+
+def growing_cache(model, capacity: int = 0, data: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
+    """A ``DynamicCache`` for ``model`` whose full-attention layers are :class:`_GrowingLayer`
+    (first allocation ``capacity`` columns); other layer kinds (sliding windows, ...) keep
+    transformers' own. ``data``: one (keys, values) [B, H, L, D] pair per layer to start with."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [_GrowingLayer(capacity) if type(lay) is DynamicLayer else lay for lay in cache.layers]
+    for lay, (k, v) in zip(cache.layers, data or []):
+        lay.update(k, v)
+    return cache
+
+
+def last_logits_only(model) -> dict:
+    """``{"logits_to_keep": 1}`` when ``model.forward`` takes that argument (transformers'
+    causal LMs): the LM head then runs on each row's last position only, the one whose
+    logits are used. Otherwise {} (the logits of every position are computed)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
 class _Batch:
     """The live rows of a :class:`CachedEngine` call: a batched cache and its bookkeeping.
 
-    cache: transformers DynamicCache over [R, H, W, D]; mask [R, W] (1 on real tokens,
-    0 on padding, which may sit anywhere); next_pos [R] position id of each row's next
-    token. ``rows`` maps a batch row to its trial index.
+    cache: a :func:`growing_cache` over [R, H, W, D]; mask [R, W] (1 on real tokens, 0 on
+    padding, which may sit anywhere), a view of a preallocated [R, capacity] buffer;
+    next_pos [R] position id of each row's next token. ``rows`` maps a batch row to its
+    trial index. ``capacity``: columns allocated at first (both grow when needed).
     """
 
-    def __init__(self, model, device, n: int):
+    def __init__(self, model, device, n: int, capacity: int = 0):
         self.model, self.device = model, device
-        self.cache = None
-        self.mask = torch.zeros((n, 0), dtype=torch.long, device=device)
+        self._last_logits = last_logits_only(model)
+        self.cache = growing_cache(model, capacity)
+        self._mask = torch.zeros((n, capacity), dtype=torch.long, device=device)
+        self.width = 0
         self.next_pos = torch.zeros(n, dtype=torch.long, device=device)
         self.rows: list[int] = list(range(n))
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self._mask[:, : self.width]
+
+    @mask.setter
+    def mask(self, value: torch.Tensor) -> None:
+        self._mask, self.width = value.to(self.device, torch.long), value.shape[1]
+
+    def _append_mask(self, block_mask: torch.Tensor) -> None:
+        w = block_mask.shape[1]
+        if self.width + w > self._mask.shape[1]:
+            grown = self._mask.new_zeros((self._mask.shape[0], max(self.width + w, 2 * self._mask.shape[1])))
+            grown[:, : self.width] = self._mask[:, : self.width]
+            self._mask = grown
+        self._mask[:, self.width : self.width + w] = block_mask
+        self.width += w
 
     def feed(self, blocks: list[list[int]] | torch.Tensor, pad_id: int) -> torch.Tensor:
         """Append each row's tokens to its stream; returns the next-token logits [R, V]
@@ -230,7 +364,9 @@ class _Batch:
         [R, 1] tensor of one token per row (the decoding fast path, no Python per row)."""
         if torch.is_tensor(blocks):
             ids = blocks.to(self.device)
-            block_mask = torch.ones_like(ids)
+            self._append_mask(torch.ones_like(ids))
+            pos = self.next_pos[:, None]
+            self.next_pos = self.next_pos + 1
         else:
             n, width = len(blocks), max(len(b) for b in blocks)
             ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -239,17 +375,59 @@ class _Batch:
                 ids[r, width - len(b):] = torch.as_tensor(b)
                 block_mask[r, width - len(b):] = 1
             ids, block_mask = ids.to(self.device), block_mask.to(self.device)
-        pos = self.next_pos[:, None] + (block_mask.cumsum(-1) - 1).clamp(min=0)
-        self.mask = torch.cat([self.mask, block_mask], 1)
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache, use_cache=True)
+            pos = self.next_pos[:, None] + (block_mask.cumsum(-1) - 1).clamp(min=0)
+            self._append_mask(block_mask)
+            self.next_pos = self.next_pos + block_mask.sum(-1)
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
+                         use_cache=True, **self._last_logits)
         self.cache = out.past_key_values
-        self.next_pos = self.next_pos + block_mask.sum(-1)
         return out.logits[:, -1]
+
+    def prefill(self, contexts: list[list[int]], pad_id: int, bucket_tokens: int = 0) -> torch.Tensor:
+        """The first :meth:`feed` of an empty batch, with contexts of similar length prefilled
+        together (:func:`metarl_llm.batch.length_buckets`, cost ``bucket_tokens`` padded
+        positions per pass; 0: one pass): each group is trimmed to its own longest context
+        and the groups' caches are joined, left-padded to the longest context, so that short
+        prompts are not padded to the longest in the prefill. Same cache and logits as one
+        pass up to float rounding. Models with other cache layers than full attention
+        (sliding windows, ...) get one pass."""
+        from metarl_llm.batch import length_buckets
+
+        if self.width or self.cache.get_seq_length():
+            raise RuntimeError("prefill: the batch already holds tokens")
+        n, longest = len(contexts), max(len(c) for c in contexts)
+        parts = length_buckets([len(c) for c in contexts], bucket_tokens)
+        if len(parts) == 1 or not all(isinstance(lay, _GrowingLayer) for lay in self.cache.layers):
+            return self.feed(contexts, pad_id)
+        logits, keys, values = None, [], []
+        mask = torch.zeros((n, longest), dtype=torch.long, device=self.device)
+        for part in parts:
+            rows = part.tolist()
+            sub = _Batch(self.model, self.device, len(rows))
+            out = sub.feed([contexts[i] for i in rows], pad_id)
+            idx = part.to(self.device)
+            if logits is None:
+                logits = out.new_empty((n, out.shape[-1]))
+                for lay in sub.cache.layers:
+                    keys.append(lay.keys.new_zeros((n, lay.keys.shape[1], longest, lay.keys.shape[3])))
+                    values.append(lay.values.new_zeros((n, lay.values.shape[1], longest, lay.values.shape[3])))
+            logits[idx] = out
+            w = sub.width
+            for k, v, lay in zip(keys, values, sub.cache.layers):
+                k[idx, :, longest - w:] = lay.keys
+                v[idx, :, longest - w:] = lay.values
+            mask[idx, longest - w:] = sub.mask
+            self.next_pos[idx] = sub.next_pos
+        capacity = max(self._mask.shape[1], longest)
+        self.cache = growing_cache(self.model, capacity, data=list(zip(keys, values)))
+        self._mask = F.pad(mask, (0, capacity - longest))
+        self.width = longest
+        return logits
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only batch rows ``rows`` (a [R'] index tensor), in that order."""
         self.cache.batch_select_indices(rows.to(self.device))
-        self.mask = self.mask[rows]
+        self._mask = self._mask[rows]
         self.next_pos = self.next_pos[rows]
         self.rows = [self.rows[int(r)] for r in rows]
 
@@ -265,13 +443,17 @@ class _Batch:
 class CachedEngine(Engine):
     """KV cache kept across episodes, observations appended, trials stepped independently."""
 
-    def __init__(self, max_rows: int = 512):
+    def __init__(self, max_rows: int = 512, bucket_tokens: int = 128, queue_tokens: int = 32):
         self.max_rows = max_rows  # trials per batched cache (larger calls run in chunks)
+        self.bucket_tokens = bucket_tokens  # prompts of similar length prefilled together (_Batch.prefill; 0: one pass)
+        # Observations of up to this many tokens are fed one token per pass beside the other rows'
+        # sampled tokens (no padded block, no wider cache); longer ones as one block.
+        self.queue_tokens = queue_tokens
 
     @torch.no_grad()
-    def run_trials(self, model, codec, envs, resets, groups, budget, generator=None, keep_cache=False, greedy=False):
+    def run_trials(self, model, codec, envs, resets, groups, budget, generator=None, keep_cache=False, greedy=False, keys=None):
         trials = start_trials(codec, envs, resets, groups, budget)
-        keys = trial_keys(len(trials), generator)
+        keys = check_keys(keys, len(trials), generator)
         caches: list[TrialCache | None] = [None] * len(trials)
         for s in range(0, len(trials), self.max_rows):
             idx = list(range(s, min(s + self.max_rows, len(trials))))
@@ -284,9 +466,14 @@ class CachedEngine(Engine):
     def _run_chunk(self, model, codec, envs, trials, keys, budget, keep_cache, greedy, caches, offset):
         device = next(model.parameters()).device
         n = len(trials)
-        batch = _Batch(model, device, n)
+        q = self.queue_tokens + 1  # a queue holds the episode's last (sampled, unfed) token and the observation
+        # First allocation of the cache: the prompts and every episode of the budget (it grows when needed).
+        capacity = (max(len(t.ids) for t in trials) + budget.max_total_tokens + budget.answer_max_tokens
+                    + (budget.max_episodes + 1) * min(q, 8) + 16)
+        batch = _Batch(model, device, n, capacity)
         forced = [False] * n
-        # Per-row state of the current episode, in tensors: sampled tokens and log-probs so far.
+        # Per-row state, in tensors: the current episode's sampled tokens and log-probs so far,
+        # and the queue of tokens a row feeds before it samples again (observations).
         max_ep = max(budget.max_episode_tokens, budget.answer_max_tokens)
         ep_tok = torch.full((n, max_ep), codec.pad_id, dtype=torch.long, device=device)
         ep_lp = torch.zeros((n, max_ep), dtype=torch.float32, device=device)
@@ -295,47 +482,69 @@ class CachedEngine(Engine):
         stream_len = torch.tensor([len(t.ids) for t in trials], device=device)  # tokens of each stream so far
         row_keys = keys.to(device)
         stop_ids = codec.stop_ids.to(device)
-        logits = batch.feed([t.ids for t in trials], codec.pad_id)
-        # Bound: every step samples one token in every live row, and a trial has at most
-        # max_episodes + 1 episodes of at most max_ep tokens.
-        for _step in range((budget.max_episodes + 2) * max_ep + 1):
+        queue = torch.full((n, q), codec.pad_id, dtype=torch.long, device=device)
+        q_pos = torch.zeros(n, dtype=torch.long, device=device)
+        q_len = torch.zeros(n, dtype=torch.long, device=device)
+        live = torch.ones(n, dtype=torch.bool, device=device)
+        logits = batch.prefill([t.ids for t in trials], codec.pad_id, self.bucket_tokens)
+        # Bound: every step a live row samples a token or feeds one queued token (or one block);
+        # a trial has at most max_episodes + 1 episodes of at most max_ep tokens.
+        for _step in range((budget.max_episodes + 2) * (max_ep + q + 1) + 1):
+            sampling = live & (q_pos >= q_len)  # rows whose logits are for their next policy token
             u = None if greedy else stream_uniforms(row_keys, stream_len + ep_len)
             tok, lp = draw_tokens(logits, u)
             ar = torch.arange(len(batch.rows), device=device)
-            ep_tok[ar, ep_len] = tok
-            ep_lp[ar, ep_len] = lp
-            ep_len += 1
-            ended = torch.isin(tok, stop_ids) | (ep_len >= limit)
-            if not bool(ended.any()):  # every row is inside its episode: feed the sampled tokens
-                logits = batch.feed(tok[:, None], codec.pad_id)
-                continue
-            blocks = [[t] for t in tok.tolist()]
-            alive = torch.ones(len(batch.rows), dtype=torch.bool)
-            for r in ended.nonzero().flatten().tolist():  # Python only at episode ends
-                i = batch.rows[r]
-                k = int(ep_len[r])
-                toks, lps = ep_tok[r, :k].tolist(), ep_lp[r, :k].tolist()
-                done, forced[i], obs_ids = finish_episode(trials[i], envs[i], codec, toks, lps, forced[i], budget)
-                if done:
-                    alive[r] = False
-                    if keep_cache:
-                        caches[offset + i] = batch.trial_cache(r)
-                    continue
-                if obs_ids:
-                    trials[i].append(obs_ids, False, -1)
-                blocks[r] = [toks[-1]] + obs_ids  # the episode's last token was sampled but not fed yet
-                stream_len[r] = len(trials[i].ids)
-                ep_len[r] = 0
-                limit[r] = episode_limit(trials[i], forced[i], budget)
-            if not bool(alive.all()):
-                keep = alive.nonzero().flatten()
-                if len(keep) == 0:
+            col = ep_len.clamp(max=max_ep - 1)
+            ep_tok[ar, col] = torch.where(sampling, tok, ep_tok[ar, col])
+            ep_lp[ar, col] = torch.where(sampling, lp, ep_lp[ar, col])
+            ep_len += sampling.long()
+            ended = sampling & (torch.isin(tok, stop_ids) | (ep_len >= limit))
+            blocks: dict[int, list[int]] = {}
+            if bool(ended.any()):
+                for r in ended.nonzero().flatten().tolist():  # Python only at episode ends
+                    i = batch.rows[r]
+                    k = int(ep_len[r])
+                    toks, lps = ep_tok[r, :k].tolist(), ep_lp[r, :k].tolist()
+                    done, forced[i], obs_ids = finish_episode(trials[i], envs[i], codec, toks, lps, forced[i], budget)
+                    if done:
+                        live[r] = False
+                        if keep_cache:
+                            caches[offset + i] = batch.trial_cache(r)
+                        continue
+                    if obs_ids:
+                        trials[i].append(obs_ids, False, -1)
+                    stream_len[r] = len(trials[i].ids)
+                    ep_len[r] = 0
+                    limit[r] = episode_limit(trials[i], forced[i], budget)
+                    pending = [toks[-1]] + obs_ids  # the episode's last token was sampled but not fed yet
+                    if len(pending) <= q:  # fed one token per step, beside the other rows' tokens
+                        queue[r, : len(pending)] = torch.as_tensor(pending)
+                        q_pos[r], q_len[r] = 0, len(pending)
+                    else:  # a long observation: one block in the next pass
+                        blocks[r] = pending
+                n_live = int(live.sum())
+                if n_live == 0:
                     return
-                blocks = [blocks[int(r)] for r in keep]
-                batch.keep(keep.to(device))
-                ep_tok, ep_lp, ep_len, limit = ep_tok[keep], ep_lp[keep], ep_len[keep], limit[keep]
-                stream_len, row_keys = stream_len[keep], row_keys[keep]
-            logits = batch.feed(blocks, codec.pad_id)
+                if 4 * (len(batch.rows) - n_live) >= len(batch.rows):  # a quarter of the rows finished: drop them
+                    keep = live.nonzero().flatten()
+                    old = keep.tolist()
+                    blocks = {old.index(r): b for r, b in blocks.items()}
+                    batch.keep(keep)
+                    ep_tok, ep_lp, ep_len, limit = ep_tok[keep], ep_lp[keep], ep_len[keep], limit[keep]
+                    stream_len, row_keys, live = stream_len[keep], row_keys[keep], live[keep]
+                    queue, q_pos, q_len, tok = queue[keep], q_pos[keep], q_len[keep], tok[keep]
+                    ar = torch.arange(len(batch.rows), device=device)
+            feeding = q_pos < q_len
+            inp = torch.where(feeding, queue[ar, q_pos.clamp(max=q - 1)], tok)
+            inp = torch.where(live, inp, codec.pad_id)  # finished rows not dropped yet feed padding (ignored)
+            q_pos = q_pos + feeding.long()
+            if blocks:
+                feed = [[t] for t in inp.tolist()]
+                for r, b in blocks.items():
+                    feed[r] = b
+                logits = batch.feed(feed, codec.pad_id)
+            else:
+                logits = batch.feed(inp[:, None], codec.pad_id)
         raise RuntimeError(f"{len(batch.rows)} trial(s) did not terminate within the engine's step bound")
 
     @torch.no_grad()
@@ -379,11 +588,11 @@ class CachedEngine(Engine):
                 vs.append(vv)
             for r, (i, b) in enumerate(part):
                 mask[r, width - ends[i][b]:] = 1
-            from transformers import DynamicCache
-
             batch = _Batch(model, device, n)
-            batch.cache = DynamicCache(ddp_cache_data=list(zip(ks, vs)), config=model.config)
-            batch.mask = mask
+            longest = max(len(suffixes[i][b]) for i, b in part)
+            batch.cache = growing_cache(model, width + longest + max_new_tokens, data=list(zip(ks, vs)))
+            batch.mask = F.pad(mask, (0, longest + max_new_tokens))
+            batch.width = width
             batch.next_pos = torch.tensor([ends[i][b] for i, b in part], device=device)
             logits = batch.feed([suffixes[i][b] for i, b in part], pad_id)
             toks = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -417,9 +626,9 @@ class ReencodeEngine(Engine):
     trials (up to floating-point ties)."""
 
     @torch.no_grad()
-    def run_trials(self, model, codec, envs, resets, groups, budget, generator=None, keep_cache=False, greedy=False):
+    def run_trials(self, model, codec, envs, resets, groups, budget, generator=None, keep_cache=False, greedy=False, keys=None):
         trials = start_trials(codec, envs, resets, groups, budget)
-        keys = trial_keys(len(trials), generator)
+        keys = check_keys(keys, len(trials), generator)
         live = list(range(len(trials)))
         forced = [False] * len(trials)
         for _round in range(budget.max_episodes + 2):  # bounded: the env forces an answer after max_episodes
@@ -446,7 +655,7 @@ def _sample_keyed(model, contexts: list[list[int]], limits: list[int], codec: St
     """:func:`rollout.sample` with counter-based draws: a fresh prefill of every context."""
     device = next(model.parameters()).device
     n = len(contexts)
-    batch = _Batch(model, device, n)
+    batch = _Batch(model, device, n, capacity=max(len(c) for c in contexts) + max(limits))
     logits = batch.feed(contexts, codec.pad_id)
     lim = torch.tensor(limits, device=device)
     start = torch.tensor([len(c) for c in contexts], device=device)
@@ -484,7 +693,7 @@ class HFGenerateEngine(Engine):
     generated in separate calls (one per distinct limit)."""
 
     @torch.no_grad()
-    def run_trials(self, model, codec, envs, resets, groups, budget, generator=None, keep_cache=False, greedy=False):
+    def run_trials(self, model, codec, envs, resets, groups, budget, generator=None, keep_cache=False, greedy=False, keys=None):
         trials = start_trials(codec, envs, resets, groups, budget)
         live = list(range(len(trials)))
         forced = [False] * len(trials)

@@ -13,12 +13,28 @@ Alignment convention (used by every tensor of a rollout batch, [B, T]): position
 ``t`` holds quantities of the *action* that produced token ``t``: ``logprobs[:, t] =
 log pi(x_t | x_<t)`` and ``values[:, t] = V(x_<t)``; position 0 has no action and
 holds 0.
+
+LoRA policies (``model.lora.r > 0``, :func:`add_lora`): peft injects LoRA layers into
+the policy *in place*, so the policy stays the transformers model every other module
+uses (rollout, bonus, evaluation); the ``PeftModel`` that manages the adapter is kept
+beside it (:attr:`ActorCritic.adapter`). The frozen reference is then
+:class:`AdapterDisabled`: the same weights run with the adapter switched off, no second
+copy of the model (:func:`frozen_reference`). Checkpoints hold the merged weights, so
+:func:`load_policy` reads them like any other (:func:`save_policy`).
+
+Precision (``model.autocast``, :func:`autocast_dtype`): the forward passes of scoring
+and of the PPO update may run under ``torch.autocast`` (bf16); log-probs, entropies,
+values and losses are computed in float32 from its outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import string
-from typing import NamedTuple
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -32,7 +48,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from metarl_llm.config import ModelConfig, TinyModelConfig
+from metarl_llm.config import ModelConfig, PolicyLoraConfig, TinyModelConfig
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 CHARSET = "\n" + "".join(chr(c) for c in range(32, 127))  # newline + printable ASCII
@@ -87,21 +106,71 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def load_policy(cfg: ModelConfig, seed: int, path: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerFast]:
-    """The policy LM and its tokenizer: from ``path`` (a checkpoint), a hub id/dir, or the tiny config."""
+    """The policy LM and its tokenizer: from ``path`` (a checkpoint), a hub id/dir, or the tiny config.
+
+    A checkpoint's ``policy/`` holds plain (for LoRA runs: merged) weights, so it loads
+    here whatever ``model.lora`` says. ``model.gradient_checkpointing`` is applied to every
+    source (:func:`enable_gradient_checkpointing`).
+    """
     source = path or cfg.name_or_path
     if source is None:
         tok = build_char_tokenizer()
         model = build_tiny_model(cfg.tiny, len(tok), tok.pad_token_id, seed)
-        return model, tok
-    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code
-    )
+    else:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code
+        )
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(model)
     return model, tok
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass (training mode only).
+
+    Non-reentrant checkpointing, so that gradients reach LoRA parameters even though the
+    frozen embeddings' outputs do not require grad. The model must then be called with
+    ``use_cache=False`` in training (:meth:`ActorCritic.score` does); generation in eval
+    mode is unaffected.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+# ------------------------------------------------------------------ precision
+
+AUTOCAST_MODES = ("auto", "bf16", "off")
+
+
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``model.autocast`` on ``device``: None (no autocast) or bfloat16.
+
+    ``auto``: bf16 on CUDA devices that support it, off elsewhere (on CPU bf16 is slower
+    than float32 for small models). ``bf16``: on any device (a CUDA device without bf16
+    is an error). ``off``: never.
+    """
+    if setting not in AUTOCAST_MODES:
+        raise ValueError(f"model.autocast={setting!r}; expected one of {AUTOCAST_MODES}")
+    device = torch.device(device)
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if setting == "off" or (setting == "auto" and not cuda_bf16):
+        return None
+    if device.type == "cuda" and not cuda_bf16:
+        raise ValueError(f"model.autocast=bf16: the CUDA device {device} does not support bfloat16")
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device.type, dtype)``, or a no-op when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 class Scores(NamedTuple):
@@ -140,13 +209,24 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 class ActorCritic(nn.Module):
-    """A causal LM policy with a scalar value head (shared trunk or a separate critic)."""
+    """A causal LM policy with a scalar value head (shared trunk or a separate critic).
 
-    def __init__(self, policy: nn.Module, critic: str = "shared", critic_trunk: nn.Module | None = None):
+    ``adapter``: the ``PeftModel`` whose LoRA layers were injected into ``policy``
+    (:func:`add_lora`), or None for full fine-tuning. It contains ``policy`` itself, so
+    it is kept out of the module tree (no duplicate parameters or state_dict keys).
+    """
+
+    def __init__(
+        self, policy: nn.Module, critic: str = "shared", critic_trunk: nn.Module | None = None,
+        adapter: "PeftModel | None" = None,
+    ):
         super().__init__()
         if critic not in ("shared", "separate"):
             raise ValueError(f"model.critic={critic!r}; expected 'shared' or 'separate'")
+        if adapter is not None and adapter.get_base_model() is not policy:
+            raise ValueError("ActorCritic: the adapter does not hold this policy (wrap the policy with add_lora)")
         self.policy = policy
+        self.__dict__["adapter"] = adapter  # plain attribute: not a submodule (see the class docstring)
         self.critic_mode = critic
         self.critic_trunk = critic_trunk if critic == "separate" else None
         if critic == "separate" and critic_trunk is None:
@@ -157,18 +237,29 @@ class ActorCritic(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def policy_parameters(self) -> list[nn.Parameter]:
-        """The LM's parameters (with a shared critic the value loss reaches them too)."""
-        return list(self.policy.parameters())
+        """The LM's trainable parameters: all of them, or with LoRA the adapter's only (the
+        base weights are frozen). With a shared critic the value loss reaches them too."""
+        return [p for p in self.policy.parameters() if p.requires_grad]
 
     def critic_parameters(self) -> list[nn.Parameter]:
         """The value head, plus the critic trunk when it is separate."""
         trunk = list(self.critic_trunk.parameters()) if self.critic_trunk is not None else []
         return trunk + list(self.value_head.parameters())
 
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_values: bool = True, with_entropy: bool = False
+    ) -> Scores:
+        """:meth:`score`, as ``forward`` so that a data-parallel wrapper (DDP, FSDP) sees the call."""
+        return self.score(input_ids, attention_mask, with_values=with_values, with_entropy=with_entropy)
+
     def score(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_values: bool = True, with_entropy: bool = False
     ) -> Scores:
-        """Log-probs (and values, entropy) of every token of right-padded streams [B, T]."""
+        """Log-probs (and values, entropy) of every token of right-padded streams [B, T].
+
+        input_ids, attention_mask [B, T] -> :class:`Scores` of [B, T] float32 tensors. Runs
+        under the caller's autocast, if any; the value head runs in float32 outside it.
+        """
         out = self.policy(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -186,13 +277,19 @@ class ActorCritic(nn.Module):
                 hidden = out.hidden_states[-1]
             else:
                 hidden = self.critic_trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-            v = self.value_head(hidden[:, :-1].to(self.value_head.weight.dtype)).squeeze(-1).float()
+            with torch.autocast(hidden.device.type, enabled=False):  # [B, T-1, H] @ [H, 1]: cheap, keep values float32
+                v = self.value_head(hidden[:, :-1].to(self.value_head.weight.dtype)).squeeze(-1).float()
             values = torch.cat([zeros, v], 1)
         return Scores(logprobs, values, entropy)
 
 
 def build_actor_critic(policy: nn.Module, cfg: ModelConfig, seed: int) -> ActorCritic:
-    """Wrap a policy LM with the configured critic."""
+    """Wrap a policy LM with the configured critic; with ``cfg.lora.r > 0`` first give it a
+    fresh LoRA adapter (:func:`add_lora`, seeded ``cfg.lora.seed`` or ``seed``), which
+    freezes the policy's own weights."""
+    adapter = None
+    if cfg.lora.r > 0:
+        adapter = add_lora(policy, cfg.lora, seed if cfg.lora.seed is None else cfg.lora.seed)
     trunk = None
     if cfg.critic == "separate":
         src = cfg.critic_name_or_path or cfg.name_or_path
@@ -203,4 +300,118 @@ def build_actor_critic(policy: nn.Module, cfg: ModelConfig, seed: int) -> ActorC
                 trunk = type(policy)(policy.config).model
         else:
             trunk = AutoModel.from_pretrained(src, dtype=resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code)
-    return ActorCritic(policy, cfg.critic, trunk)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(trunk)
+    return ActorCritic(policy, cfg.critic, trunk, adapter)
+
+
+# ------------------------------------------------------------------ LoRA policies
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run with torch's RNG seeded (CPU, and ``device`` if CUDA), restoring it afterwards."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def add_lora(policy: nn.Module, cfg: PolicyLoraConfig, seed: int) -> "PeftModel":
+    """Give ``policy`` a fresh LoRA adapter (peft) and freeze its own weights; returns the ``PeftModel``.
+
+    The LoRA layers are injected *in place*: ``policy`` itself now computes
+    ``W x + (alpha / r) * B A x`` on every ``cfg.target_modules`` projection and is still
+    the transformers model that rollouts, bonuses and evaluation call. A is initialised
+    from ``seed`` (deterministic), B is zero, so the wrapped policy starts with exactly
+    the base model's outputs. Only the ``lora_`` parameters require grad afterwards.
+    The returned ``PeftModel`` manages the adapter (disable, save, merge).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    cfg.validate()
+    if cfg.r < 1:
+        raise ValueError(f"add_lora: model.lora.r must be >= 1 to add an adapter, got {cfg.r}")
+    names = {n.rsplit(".", 1)[-1] for n, _ in policy.named_modules()}
+    missing = [m for m in cfg.target_modules if m not in names]
+    if missing:
+        raise ValueError(f"model.lora.target_modules: {missing} not found in the policy (it has e.g. {sorted(names)[:12]})")
+    lora = LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+        bias="none", task_type="CAUSAL_LM",
+    )
+    with _seeded(seed, next(policy.parameters()).device), warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing`: noise on every run.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        adapter = get_peft_model(policy, lora)
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    if not trainable or not all("lora_" in n for n in trainable):
+        raise RuntimeError(f"add_lora: unexpected trainable parameters {trainable[:6]}")
+    return adapter
+
+
+class AdapterDisabled(nn.Module):
+    """The base model inside a LoRA policy: ``module`` run with the adapter disabled.
+
+    The frozen reference of a LoRA run (:func:`frozen_reference`): every call enters
+    peft's ``disable_adapter()``, so it computes exactly what the base model computed
+    before the adapter was added, from the very same parameter tensors (no copy), however
+    the adapter has been trained since. It offers what this codebase calls on a causal LM:
+    ``forward``, ``generate``, ``config``, ``base_model`` (the trunk, also adapter-free)
+    and ``get_output_embeddings``.
+
+    It shares its parameters with the policy: moving it moves the policy, and it runs in
+    the policy's train/eval mode (the trainer scores in eval mode). Do not call
+    ``requires_grad_`` on it: that would freeze the adapter too.
+    """
+
+    def __init__(self, adapter: "PeftModel", module: nn.Module | None = None):
+        super().__init__()
+        self.module = adapter.get_base_model() if module is None else module
+        self.__dict__["adapter"] = adapter  # contains ``module``: a plain attribute, not a submodule
+
+    def forward(self, *args, **kwargs):
+        with self.adapter.disable_adapter():
+            return self.module(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        with self.adapter.disable_adapter():
+            return self.module.generate(*args, **kwargs)
+
+    @property
+    def config(self):
+        return self.module.config
+
+    @property
+    def base_model(self) -> "AdapterDisabled":
+        return AdapterDisabled(self.adapter, self.module.base_model)
+
+    def get_output_embeddings(self) -> "AdapterDisabled":
+        return AdapterDisabled(self.adapter, self.module.get_output_embeddings())
+
+
+def frozen_reference(actor_critic: ActorCritic) -> nn.Module:
+    """The frozen reference model of the KL term and of ``bonus.use_reference``, taken at the
+    start of training: with LoRA the policy's own weights with the adapter disabled
+    (:class:`AdapterDisabled`, no second copy); else a frozen deep copy of the policy."""
+    if actor_critic.adapter is not None:
+        return AdapterDisabled(actor_critic.adapter)
+    return copy.deepcopy(actor_critic.policy).eval().requires_grad_(False)
+
+
+def merged_policy(actor_critic: ActorCritic) -> nn.Module:
+    """The policy as a plain transformers model: ``actor_critic.policy`` itself for full
+    fine-tuning; with LoRA a merged copy (W + (alpha / r) B A), the live policy untouched."""
+    if actor_critic.adapter is None:
+        return actor_critic.policy
+    return copy.deepcopy(actor_critic.adapter).merge_and_unload()
+
+
+def save_policy(actor_critic: ActorCritic, directory: str | Path) -> None:
+    """Write ``directory/policy`` (plain weights, merged for LoRA: loadable by
+    :func:`load_policy`) and, for LoRA, ``directory/adapter`` (the adapter alone, for
+    ``peft.PeftModel.from_pretrained(base_model, directory/adapter)``)."""
+    directory = Path(directory)
+    merged_policy(actor_critic).save_pretrained(directory / "policy")
+    if actor_critic.adapter is not None:
+        actor_critic.adapter.save_pretrained(directory / "adapter")

@@ -91,10 +91,13 @@ def sample(
         mask[i, width - len(c) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
+    max_len = int(limits.max())
+    from metarl_llm.engine import growing_cache  # (engine imports this module) a cache appended in place, not concatenated
+
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=growing_cache(model, width + max_len),
+                use_cache=True)
     cache, logits = out.past_key_values, out.logits[:, -1]
     next_pos = position[:, -1:] + 1
-    max_len = int(limits.max())
     tokens = torch.full((n, max_len), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((n, max_len), dtype=torch.float32, device=device)
     done = limits <= 0
@@ -205,6 +208,7 @@ def run_trials(
     generator: torch.Generator | None = None,
     engine="cached",
     keep_cache: bool = False,
+    keys: torch.Tensor | None = None,
 ) -> list[Trial]:
     """Play one trial in each environment, all trials batched.
 
@@ -213,7 +217,8 @@ def run_trials(
     problem group of each trial (trials of one problem share it). ``engine`` is a
     :class:`metarl_llm.engine.Engine` or the name of one (``cached``: the KV cache kept
     across episodes; ``reencode``; ``hf_generate``); ``keep_cache`` keeps each trial's KV cache
-    on ``trial.cache`` for the meta-prover (``cached`` only).
+    on ``trial.cache`` for the meta-prover (``cached`` only); ``keys`` [N] fixes the
+    trials' sampling keys (default: drawn from ``generator``).
 
     Budget: an episode ends at the delimiter, EOS or ``max_episode_tokens``; the trial
     ends when the environment terminates it (a committed answer). When the policy
@@ -225,4 +230,4 @@ def run_trials(
 
     if isinstance(engine, str):
         engine = get_engine(engine)
-    return engine.run_trials(model, codec, envs, resets, groups, budget, generator, keep_cache=keep_cache)
+    return engine.run_trials(model, codec, envs, resets, groups, budget, generator, keep_cache=keep_cache, keys=keys)

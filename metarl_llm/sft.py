@@ -80,6 +80,10 @@ def sft_fit(
             seed=seed,
             data_seed=seed,
             use_cpu=not torch.cuda.is_available(),
+            # trl 1.x turns bf16 autocast on by default; on a CPU without bf16 matrix units that
+            # runs the slow reference GEMM (measured: tens of times slower than float32 here).
+            bf16=bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+            fp16=False,
             disable_tqdm=True,
             # trl turns checkpointing on by default; on small models it only costs time.
             # transformers 5 renamed the argument (the old name still works, with a warning).

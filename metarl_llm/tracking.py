@@ -18,12 +18,29 @@ class Tracker:
     ``<run_dir>/wandb/`` and can be uploaded later with ``wandb sync``.
     """
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, name: str):
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, name: str, resume_step: int | None = None,
+                 run_id: str | None = None):
+        """``resume_step``: a resumed run continues after that step: rows of metrics.jsonl
+        logged after it (by the run that was interrupted) are dropped, and the W&B run
+        ``run_id`` is continued instead of starting a new one."""
         if cfg.mode not in MODES:
             raise ValueError(f"logger.mode={cfg.mode!r}; expected one of {MODES}")
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        path = self.run_dir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by the crash
+                    continue
+                if row.get("iteration", 0) <= resume_step:
+                    kept.append(line)
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(k + "\n" for k in kept))
+            tmp.replace(path)
+        self._jsonl = open(path, "a", buffering=1)
         self._wandb = None
         if cfg.mode != "disabled":
             import wandb
@@ -38,11 +55,17 @@ class Tracker:
                 mode=cfg.mode,
                 config=config,
                 settings=wandb.Settings(console="off", silent=True),
+                **({"id": run_id, "resume": "allow"} if run_id else {}),
             )
 
     @property
     def wandb_run(self):
         return self._wandb
+
+    @property
+    def run_id(self) -> str | None:
+        """The W&B run id (what a resumed run continues), None without W&B."""
+        return self._wandb.id if self._wandb is not None else None
 
     def log(self, metrics: dict, step: int) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
@@ -69,3 +92,22 @@ class Tracker:
             self._wandb.summary.update(summary)
             self._wandb.finish()
 
+
+
+class NullTracker:
+    """The tracker of a non-main process of a multi-process launch: writes nothing."""
+
+    wandb_run = None
+    run_id = None
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        pass
+
+    def image(self, key: str, path: Path, step: int) -> None:
+        pass
+
+    def finish(self, summary: dict) -> None:
+        pass

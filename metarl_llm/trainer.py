@@ -24,25 +24,26 @@ summary.json's figures.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import random
-import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import gymnasium as gym
 import numpy as np
+import psutil
 import torch
 from omegaconf import OmegaConf
 
 import envs  # noqa: F401  (registers the environments)
+from envs.base import EnvironmentFailure, FailureGuard
 from metarl_llm.advantages import episode_credit, get_advantage
-from metarl_llm.batch import RolloutBatch, collate, place_rewards
+from metarl_llm.batch import RolloutBatch, collate, length_buckets, place_rewards, sampled_logprobs
 from metarl_llm.bonus import check_verifier_name, episode_bonuses, get_estimator
-from metarl_llm.config import TrainConfig
+from metarl_llm.config import ModelConfig, PolicyLoraConfig, TrainConfig
 from metarl_llm.evaluate import (
     TRANSCRIPT_COLUMNS,
     EvalResult,
@@ -57,11 +58,25 @@ from metarl_llm.evaluate import (
     token_efficiency_ratio,
     transcript_rows,
 )
-from metarl_llm.models import ActorCritic, build_actor_critic, load_policy, token_logprobs
+from metarl_llm.models import (
+    AUTOCAST_MODES,
+    ActorCritic,
+    autocast,
+    autocast_dtype,
+    build_actor_critic,
+    enable_gradient_checkpointing,
+    frozen_reference,
+    load_policy,
+    merged_policy,
+    token_logprobs,
+)
 from metarl_llm.ppo import explained_variance, get_policy_loss, ppo_update
-from metarl_llm.engine import engine_from_config
+from metarl_llm.checkpoint import (find_checkpoint, load_model_weights, load_trainer_state, remove_partial,
+                                   restore_rng_states, rng_states, save_checkpoint)
+from metarl_llm.distributed import Dist, gather_batch, prepare_data_parallel
+from metarl_llm.engine import engine_from_config, trial_keys
 from metarl_llm.rollout import StreamCodec, run_trials
-from metarl_llm.tracking import Tracker
+from metarl_llm.tracking import NullTracker, Tracker
 from metarl_llm.warm_start import warm_start
 
 log = logging.getLogger(__name__)
@@ -69,6 +84,7 @@ log = logging.getLogger(__name__)
 BONUSES = ("none", "info_gain")
 ALGOS = ("ppo", "grpo", "verifier", "sft")
 REWARDS = ("env", "verifier")
+OLD_LOGPROBS = ("recompute", "sampled")
 
 
 def env_kwargs(cfg: TrainConfig) -> dict:
@@ -86,7 +102,7 @@ def env_factory(cfg: TrainConfig):
 def heldout_env_maker(cfg: TrainConfig):
     """``budget -> held-out environment`` whose ``max_episodes`` follows that budget
     (the final evaluation runs at several budgets)."""
-    return lambda budget: env_factory(replace(cfg, budget=budget))("test")
+    return lambda budget: FailureGuard(env_factory(replace(cfg, budget=budget))("test"))  # grader failures are loud
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -108,10 +124,30 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("iterations", "problems_per_iter", "group_size", "ppo_epochs", "minibatch_size"):
         if getattr(cfg.algo, name) < 1:
             raise ValueError(f"algo.{name} must be >= 1")
+    if cfg.algo.micro_batch_tokens < 0:
+        raise ValueError(f"algo.micro_batch_tokens must be >= 0 (0: one pass per minibatch), got {cfg.algo.micro_batch_tokens}")
+    if cfg.algo.length_bucket_tokens < 0:
+        raise ValueError(f"algo.length_bucket_tokens must be >= 0 (0: no grouping of rows by length), got {cfg.algo.length_bucket_tokens}")
+    if cfg.algo.old_logprobs not in OLD_LOGPROBS:
+        raise ValueError(f"algo.old_logprobs={cfg.algo.old_logprobs!r}; expected one of {OLD_LOGPROBS}")
+    if cfg.algo.old_logprobs == "sampled" and (cfg.model.dtype != "float32" or cfg.model.autocast == "bf16"):
+        raise ValueError(
+            f"algo.old_logprobs=sampled takes the PPO ratio's old log-probs from the sampling passes, which match a "
+            f"recomputation only in float32: it needs model.dtype=float32 and model.autocast off (got model.dtype="
+            f"{cfg.model.dtype}, model.autocast={cfg.model.autocast}); or use algo.old_logprobs=recompute")
+    cfg.model.lora.validate()
+    if cfg.model.autocast not in AUTOCAST_MODES:
+        raise ValueError(f"model.autocast={cfg.model.autocast!r}; expected one of {AUTOCAST_MODES}")
     b = cfg.budget
     if min(b.max_episode_tokens, b.max_total_tokens, b.answer_max_tokens) < 1:
         raise ValueError("budget token limits must be >= 1")
     check_eval_config(cfg.eval)
+    if cfg.reward.on_error not in ("raise", "score"):
+        raise ValueError(f"reward.on_error={cfg.reward.on_error!r}; expected 'raise' or 'score'")
+    if cfg.algo.on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"algo.on_nonfinite={cfg.algo.on_nonfinite!r}; expected 'raise' or 'skip'")
+    if cfg.checkpoint_keep < 0:
+        raise ValueError(f"checkpoint_keep must be >= 0, got {cfg.checkpoint_keep}")
     engine_from_config(cfg.rollout)
     if cfg.algo.name not in ALGOS:
         raise ValueError(f"algo.name={cfg.algo.name!r}; expected one of {ALGOS}")
@@ -155,20 +191,54 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def score_batch(actor_critic: ActorCritic, reference: torch.nn.Module, batch: RolloutBatch, use_critic: bool, rows: int = 64) -> RolloutBatch:
-    """Fill ``logprobs``, ``values`` (sampling policy) and ``ref_logprobs`` (reference)."""
+def score_batch(
+    actor_critic: ActorCritic, reference: torch.nn.Module, batch: RolloutBatch, use_critic: bool, rows: int = 64,
+    amp_dtype: torch.dtype | None = None, *, sampling: torch.Tensor | None = None, old_logprobs: str = "recompute",
+    bucket_tokens: int = 0, stats: dict | None = None,
+) -> RolloutBatch:
+    """Fill ``logprobs``, ``values`` (sampling policy) and ``ref_logprobs`` (reference), [B, T]
+    float32, 0 off action tokens. ``amp_dtype``: the forward passes run under that autocast.
+
+    Forward passes take at most ``rows`` rows. With ``bucket_tokens`` > 0
+    (``algo.length_bucket_tokens``) rows of similar length share a pass
+    (:func:`metarl_llm.batch.length_buckets`), each pass trimmed to its own longest row;
+    the results are put back in the batch's row order (0 on padding, as before).
+
+    ``sampling`` [B, T]: the rollout engine's own log-probs of the sampled tokens
+    (:func:`metarl_llm.batch.sampled_logprobs`). ``old_logprobs`` (``algo.old_logprobs``):
+    ``recompute`` fills ``logprobs`` from a forward pass of the policy; ``sampled`` uses
+    ``sampling`` (needed then) and runs the policy's forward only when values are needed
+    (``use_critic``; its log-probs then feed the check below only). ``stats``: a dict that
+    receives ``logprob_mismatch_max``, the largest |forward - sampling| log-prob over action
+    tokens: NaN when the policy's forward was skipped or ``sampling`` is None.
+    """
+    if old_logprobs not in OLD_LOGPROBS:
+        raise ValueError(f"algo.old_logprobs={old_logprobs!r}; expected one of {OLD_LOGPROBS}")
+    if old_logprobs == "sampled" and sampling is None:
+        raise ValueError("score_batch: old_logprobs='sampled' needs the sampling log-probs (sampling=...)")
     device = next(actor_critic.parameters()).device
-    lp, vals, ref = [], [], []
-    for s in range(0, batch.input_ids.shape[0], rows):
-        ids = batch.input_ids[s : s + rows].to(device)
-        am = batch.attention_mask[s : s + rows].to(device)
-        out = actor_critic.score(ids, am, with_values=use_critic)
-        lp.append(out.logprobs.cpu())
-        vals.append(out.values.cpu())
-        ref_lp = reference(input_ids=ids, attention_mask=am, use_cache=False).logits[:, :-1]
-        ref.append(torch.cat([torch.zeros(ids.shape[0], 1), token_logprobs(ref_lp, ids[:, 1:]).cpu()], 1))
+    policy_forward = old_logprobs == "recompute" or use_critic
+    b, t = batch.input_ids.shape
+    lp, vals, ref = torch.zeros((b, t)), torch.zeros((b, t)), torch.zeros((b, t))
+    lengths = batch.attention_mask.sum(1)
+    for part in length_buckets(lengths, bucket_tokens, max_rows=rows):
+        width = max(1, int(lengths[part].max()))
+        ids = batch.input_ids[part, :width].to(device)
+        am = batch.attention_mask[part, :width].to(device)
+        with autocast(device, amp_dtype):
+            if policy_forward:
+                out = actor_critic.score(ids, am, with_values=use_critic)
+            ref_lp = reference(input_ids=ids, attention_mask=am, use_cache=False).logits[:, :-1]
+        if policy_forward:
+            lp[part, :width] = out.logprobs.float().cpu()
+            vals[part, :width] = out.values.float().cpu()
+        ref[part, 1:width] = token_logprobs(ref_lp, ids[:, 1:]).cpu()
     mask = batch.action_mask
-    return batch._replace(logprobs=torch.cat(lp) * mask, values=torch.cat(vals) * mask, ref_logprobs=torch.cat(ref) * mask)
+    if stats is not None:
+        stats["logprob_mismatch_max"] = (float(((lp - sampling).abs() * mask).max()) if policy_forward and sampling is not None
+                                         and b else float("nan"))
+    logprobs = sampling * mask if old_logprobs == "sampled" else lp * mask
+    return batch._replace(logprobs=logprobs, values=vals * mask, ref_logprobs=ref * mask)
 
 
 @torch.no_grad()
@@ -179,30 +249,48 @@ def verifier_rewards(verifier, trials: list, rows: int) -> torch.Tensor:
     return torch.as_tensor(score_trials(verifier, trials, rows=rows), dtype=torch.float32)
 
 
-def save_checkpoint(run_dir: Path, iteration: int, actor_critic: ActorCritic, tokenizer, optimizer) -> Path:
-    """Write ``checkpoints/iter_XXXXXX`` atomically (temporary name, then rename) and point ``latest`` at it."""
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"iter_{iteration:06d}"
-    tmp = root / f".tmp_iter_{iteration:06d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    actor_critic.policy.save_pretrained(tmp / "policy")
-    tokenizer.save_pretrained(tmp / "policy")
-    torch.save(
-        {"value_head": actor_critic.value_head.state_dict(),
-         "critic_trunk": actor_critic.critic_trunk.state_dict() if actor_critic.critic_trunk is not None else None,
-         "optimizer": optimizer.state_dict(), "iteration": iteration},
-        tmp / "trainer_state.pt",
-    )
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    pointer = root / ".latest.tmp"
-    pointer.write_text(final.name)
-    pointer.replace(root / "latest")
-    return final
+def save_failure(run_dir: Path, iteration: int, error: BaseException, batch: RolloutBatch | None = None) -> Path:
+    """Write what a failure needs to be reproduced into ``run_dir/failures/``: a JSON
+    record (iteration, error, traceback, and for an environment failure the problem id
+    and the offending text) and, when given, the rollout batch (``torch.load``-able).
+    Returns the JSON record's path."""
+    import traceback
+
+    out = Path(run_dir) / "failures"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"iter_{iteration:06d}_{type(error).__name__}"
+    record = {"iteration": iteration, "error": f"{type(error).__name__}: {error}",
+              "traceback": "".join(traceback.format_exception(error))}
+    if isinstance(error, EnvironmentFailure):
+        record.update(problem_id=error.problem_id, text=error.text, episode=error.episode, cause=error.cause_repr)
+    if batch is not None:
+        torch.save(batch._asdict(), out / f"{stem}_batch.pt")
+        record["batch"] = str(out / f"{stem}_batch.pt")
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps(record, indent=2))
+    log.error("iteration %d failed (%s); saved %s", iteration, record["error"][:200], path)
+    return path
+
+
+class EvalSummary(NamedTuple):
+    """What the summary needs of an evaluation: its metrics and S(t) curve [C+1]."""
+
+    metrics: dict
+    curve: np.ndarray
+
+
+def resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    """The checkpoint ``cfg.resume`` names: None (no resume), ``auto`` (this run
+    directory's latest complete checkpoint; None when there is none yet) or a path to a
+    run directory or checkpoint (an error when it holds no complete checkpoint)."""
+    if not cfg.resume:
+        return None
+    found = find_checkpoint(run_dir if cfg.resume == "auto" else cfg.resume)
+    if found is None:
+        if cfg.resume != "auto":
+            raise ValueError(f"resume={cfg.resume}: no complete checkpoint there")
+        log.info("resume=auto: no complete checkpoint in %s yet; starting from the beginning", run_dir)
+    return found
 
 
 def base_policy(cfg: TrainConfig, device: torch.device):
@@ -213,19 +301,26 @@ def base_policy(cfg: TrainConfig, device: torch.device):
     policy, tokenizer = load_policy(cfg.model, ws_seed)
     codec = StreamCodec(tokenizer, "\n", cfg.env.forced_answer_text)
     make_env = env_factory(cfg)
-    policy, ws_info = warm_start(policy, tokenizer, codec, make_env, cfg.model, cfg.env, cfg.budget, cfg.warm_start, ws_seed)
+    # LoRA and autocast concern PPO only: runs that differ in them share one warm start (cache entry).
+    ws_model = replace(cfg.model, lora=PolicyLoraConfig(), autocast=ModelConfig.autocast)
+    policy, ws_info = warm_start(policy, tokenizer, codec, make_env, ws_model, cfg.env, cfg.budget, cfg.warm_start, ws_seed)
+    if cfg.model.gradient_checkpointing:  # the warm start hands back a freshly loaded model
+        enable_gradient_checkpointing(policy)
     return policy.to(device), tokenizer, codec, make_env, ws_info
 
 
-def start_job(cfg: TrainConfig, run_dir: Path) -> torch.device:
-    """Validate, create ``run_dir``, set threads and seeds, write config.yaml; the device."""
+def start_job(cfg: TrainConfig, run_dir: Path, write: bool = True) -> torch.device:
+    """Validate, set threads and seeds; create ``run_dir`` and write config.yaml there
+    (``write``: False on the non-main processes of a launch); the device."""
     validate(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     quiet_libraries()
     seed_everything(cfg.seed)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    if write:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     return resolve_device(cfg.device)
 
 
@@ -238,17 +333,47 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
         return train_sft_job(cfg, Path(run_dir), wandb_group)
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
-    device = start_job(cfg, run_dir)
+    resume_from = resume_checkpoint(cfg, run_dir)
+    if resume_from is not None:
+        run_dir = resume_from.parent.parent  # the interrupted run's directory: the run continues there
+    dist = Dist(cpu=cfg.device == "cpu" or not torch.cuda.is_available())  # world 1 without a launcher
+    device = start_job(cfg, run_dir, write=dist.is_main)
+    if dist.world > 1:
+        device = dist.device
+        log.info("process %d of %d on %s", dist.rank, dist.world, device)
 
-    # -- models
+    # -- models (under a launcher the main process warm-starts first and fills the cache)
+    if not dist.is_main:
+        dist.barrier()
     policy, tokenizer, codec, make_env, ws_info = base_policy(cfg, device)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    actor_critic = build_actor_critic(policy, cfg.model, cfg.seed).to(device)
+    if dist.is_main:
+        dist.barrier()
+    actor_critic = build_actor_critic(policy, cfg.model, cfg.seed).to(device)  # model.lora.r > 0: LoRA added, base frozen
+    reference = frozen_reference(actor_critic)  # LoRA: the same weights, adapter disabled (no copy)
+    amp = autocast_dtype(cfg.model.autocast, device)  # forward passes of scoring and update (None: off)
+    if amp is not None and cfg.algo.old_logprobs == "sampled":
+        raise ValueError(f"algo.old_logprobs=sampled needs float32 scoring, but model.autocast={cfg.model.autocast} "
+                         f"resolves to {amp} on {device}: set model.autocast=off or algo.old_logprobs=recompute")
     use_critic = cfg.algo.advantage == "gae"
     groups = [{"params": actor_critic.policy_parameters(), "lr": cfg.algo.lr}]
     if use_critic:
         groups.append({"params": actor_critic.critic_parameters(), "lr": cfg.algo.critic_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.algo.weight_decay)
+    state = None
+    if resume_from is not None:  # weights, critic and optimiser of the checkpoint
+        state = load_trainer_state(resume_from)
+        if state.get("warm_start_key") != ws_info.get("warm_start/key"):
+            raise ValueError(f"resume: {resume_from} was trained from warm start {state.get('warm_start_key')}, "
+                             f"this config gives {ws_info.get('warm_start/key')}: the configs differ")
+        load_model_weights(actor_critic, resume_from, state)
+        optimizer.load_state_dict(state["optimizer"])
+        log.info("resuming from %s (iteration %d)", resume_from, state["iteration"])
+    if cfg.resume and dist.is_main:
+        for name in remove_partial(run_dir / "checkpoints"):
+            log.warning("resume: removed the partial checkpoint %s left by the interrupted run", name)
+    model = actor_critic  # what the update calls: DDP-wrapped (through accelerate) under a launcher
+    if dist.world > 1:
+        model, optimizer = prepare_data_parallel(dist, actor_critic, optimizer, use_critic)
     advantage_fn = get_advantage(cfg.algo.advantage)
     reward_verifier = None
     if cfg.reward.name == "verifier":
@@ -259,58 +384,109 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
 
     if wandb_group and not cfg.logger.group:
         cfg.logger.group = wandb_group  # the runs of one sweep share a W&B group
-    tracker = Tracker(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), run_dir.name)
+    # A resumed run drops what the interrupted one logged after its checkpoint (all of it when
+    # resume=auto found no checkpoint) and continues its W&B run.
+    run_id_file = run_dir / "wandb_run_id"
+    run_id = state.get("wandb_id") if state else None
+    if run_id is None and cfg.resume and run_id_file.exists():
+        run_id = run_id_file.read_text().strip() or None
+    tracker = (Tracker(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), run_dir.name,
+                       resume_step=state["iteration"] if state else (-1 if cfg.resume else None), run_id=run_id)
+               if dist.is_main else NullTracker())
+    if tracker.run_id:
+        run_id_file.write_text(tracker.run_id)
+    # Every process draws the same global numbers (problems, sampling keys, minibatch order).
     generator = torch.Generator().manual_seed(cfg.seed)
     problem_rng = np.random.default_rng(cfg.seed)
     clamp_num_problems(cfg.eval, make_env("test").unwrapped.num_problems)
     n_trials = cfg.algo.problems_per_iter * cfg.algo.group_size
+    my_problems = dist.shard(cfg.algo.problems_per_iter, "algo.problems_per_iter")  # this process's share
+    my_rows = slice(my_problems.start * cfg.algo.group_size, my_problems.stop * cfg.algo.group_size)
     engine = engine_from_config(cfg.rollout)
     # The sample estimator's meta-prover continues from the rollout's KV caches (same model only).
     keep_cache = (cfg.rollout.reuse_cache and cfg.rollout.engine == "cached" and cfg.bonus.name == "info_gain"
                   and cfg.bonus.estimator == "sample" and not cfg.bonus.use_reference)
-    train_envs = [make_env("train") for _ in range(n_trials)]
-    eval_envs = [make_env("test") for _ in range(cfg.eval.num_problems * cfg.eval.samples_per_problem)]
+    # Grader exceptions are loud (reward.on_error=raise) or scored and counted (score).
+    train_envs = [FailureGuard(make_env("train"), cfg.reward.on_error, cfg.reward.error_score)
+                  for _ in range(my_rows.stop - my_rows.start)]
+    eval_envs = [FailureGuard(make_env("test")) for _ in range(cfg.eval.num_problems * cfg.eval.samples_per_problem)] if dist.is_main else []
 
     def run_eval(iteration: int, label: str) -> EvalResult:
-        """Held-out evaluation at the training budget (start and every ``eval.every`` iterations)."""
-        res = evaluate(actor_critic.policy, codec, eval_envs, cfg.budget, cfg.eval, eval_generator(cfg.seed),
-                       problem_adapter_of(cfg, actor_critic.policy, codec))
-        tracker.log({f"heldout/{k}": v for k, v in res.metrics.items()}, step=iteration)
-        tracker.table(f"transcripts/{label}", TRANSCRIPT_COLUMNS, transcript_rows(res.trials, res.j_curves, cfg.logger.num_transcripts), step=iteration)
+        """Held-out evaluation at the training budget (start and every ``eval.every`` iterations);
+        on the main process only (None elsewhere), the others wait."""
+        res = None
+        if dist.is_main:
+            res = evaluate(actor_critic.policy, codec, eval_envs, cfg.budget, cfg.eval, eval_generator(cfg.seed),
+                           problem_adapter_of(cfg, merged_policy(actor_critic) if cfg.adapt.name == "ttt" else actor_critic.policy, codec))
+            tracker.log({f"heldout/{k}": v for k, v in res.metrics.items()}, step=iteration)
+            tracker.table(f"transcripts/{label}", TRANSCRIPT_COLUMNS, transcript_rows(res.trials, res.j_curves, cfg.logger.num_transcripts), step=iteration)
+        dist.barrier()
         return res
 
-    start_eval = run_eval(0, "start")
-    log.info("held-out success of the warm-started model: %.3f", start_eval.metrics["success"])
-    tracker.log({k: v for k, v in ws_info.items() if isinstance(v, (int, float, bool))}, step=0)
+    if state is None:
+        start_eval = run_eval(0, "start")
+        if dist.is_main:
+            log.info("held-out success of the warm-started model: %.3f", start_eval.metrics["success"])
+        tracker.log({k: v for k, v in ws_info.items() if isinstance(v, (int, float, bool))}, step=0)
+        start_eval = EvalSummary(start_eval.metrics, start_eval.curve) if start_eval is not None else None
+        first = 1
+    else:  # everything the interrupted run had drawn and counted
+        restore_rng_states(state["rng"], generator, problem_rng)
+        start_eval = EvalSummary(state["start_eval"]["metrics"], np.asarray(state["start_eval"]["curve"])) if state["start_eval"] else None
+        first = state["iteration"] + 1
+
+    def checkpoint(iteration: int) -> Path:
+        """Save everything an exact resume needs (main process only)."""
+        extra = {
+            "rng": rng_states(generator, problem_rng),
+            "counters": [rollout_tokens, rollout_time, update_tokens, update_time],
+            "start_eval": {"metrics": start_eval.metrics, "curve": np.asarray(start_eval.curve).tolist()} if start_eval else None,
+            "wandb_id": tracker.run_id, "warm_start_key": ws_info.get("warm_start/key"),
+            "config": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
+        }
+        return save_checkpoint(run_dir, iteration, actor_critic, tokenizer, optimizer, extra, keep=cfg.checkpoint_keep)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(1, cfg.algo.iterations + 1), desc="ppo", disable=not cfg.logger.progress_bar, dynamic_ncols=True)
+    bar = tqdm(range(first, cfg.algo.iterations + 1), desc="ppo", disable=not cfg.logger.progress_bar, dynamic_ncols=True)
     rollout_tokens = rollout_time = update_tokens = update_time = 0.0
+    if state is not None:
+        rollout_tokens, rollout_time, update_tokens, update_time = state["counters"]
     for it in bar:
         # 1. rollout
         t0 = time.perf_counter()
         actor_critic.eval()
         seeds = problem_rng.integers(0, 2**31 - 1, size=cfg.algo.problems_per_iter)
-        resets = [{"seed": int(s)} for s in seeds for _ in range(cfg.algo.group_size)]
-        group_ids = [g for g in range(cfg.algo.problems_per_iter) for _ in range(cfg.algo.group_size)]
-        trials = run_trials(actor_critic.policy, codec, train_envs, resets, group_ids, cfg.budget, generator,
-                            engine=engine, keep_cache=keep_cache)
-        sampled = sum(t.policy_tokens for t in trials)
+        keys = trial_keys(n_trials, generator)  # the global batch's sampling keys; this process plays my_rows
+        resets = [{"seed": int(seeds[p])} for p in my_problems for _ in range(cfg.algo.group_size)]
+        group_ids = [p for p in my_problems for _ in range(cfg.algo.group_size)]
+        env_failures = sum(e.failures for e in train_envs)
+        try:
+            trials = run_trials(actor_critic.policy, codec, train_envs, resets, group_ids, cfg.budget, generator,
+                                engine=engine, keep_cache=keep_cache, keys=keys[my_rows])
+        except EnvironmentFailure as e:
+            e.args = (f"{e.args[0]}; the problem id and text are saved in {save_failure(run_dir, it, e)}",)
+            raise
+        env_failures = sum(e.failures for e in train_envs) - env_failures  # reward.on_error=score: scored, counted
         t_generate = time.perf_counter() - t0
         # 2. score
-        batch = score_batch(actor_critic, reference, collate(trials, codec.pad_id), use_critic)
+        batch = collate(trials, codec.pad_id)
+        score_stats: dict = {}  # logprob_mismatch_max: NaN when old_logprobs=sampled skipped the policy's forward
+        batch = score_batch(actor_critic, reference, batch, use_critic, amp_dtype=amp,
+                            sampling=sampled_logprobs(trials, batch.input_ids.shape[1]), old_logprobs=cfg.algo.old_logprobs,
+                            bucket_tokens=cfg.algo.length_bucket_tokens, stats=score_stats)
         env_outcome = batch.outcome
         if reward_verifier is not None:  # reward=verifier: the verifier's P(success) replaces the outcome
             batch = batch._replace(outcome=verifier_rewards(reward_verifier, trials, cfg.reward.rows))
-        mismatch = float(max(
-            (abs(batch.logprobs[i, : len(t.ids)] - torch.tensor(t.sample_logprobs)) * batch.action_mask[i, : len(t.ids)]).max()
-            for i, t in enumerate(trials)
-        ))
+        mismatch = score_stats["logprob_mismatch_max"]
         # 3. bonus
         t_bonus = time.perf_counter()
         bonus_model = reference if cfg.bonus.use_reference else actor_critic.policy
-        bonuses, curves = episode_bonuses(cfg.bonus, bonus_model, codec, trials, cfg.budget.answer_max_tokens, generator)
+        try:
+            bonuses, curves = episode_bonuses(cfg.bonus, bonus_model, codec, trials, cfg.budget.answer_max_tokens, generator)
+        except EnvironmentFailure as e:
+            e.args = (f"{e.args[0]}; the problem id and text are saved in {save_failure(run_dir, it, e)}",)
+            raise
         for t in trials:
             t.cache = None  # the kept KV caches served the meta-prover; free them before the update
         t_bonus = time.perf_counter() - t_bonus
@@ -324,33 +500,61 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
         if not in_reward and cfg.bonus.name != "none":
             adv = adv + episode_credit(batch.episode_index, batch.action_mask, bonuses)
         batch = batch._replace(token_rewards=token_rewards, advantages=adv, returns=ret)
-        # 6. update
+        # Multi-process: every process gets the global batch (and the per-trial figures to log).
+        per_trial = dist.all_gather_objects({
+            "policy_tokens": [t.policy_tokens for t in trials], "episodes": [len(t.episode_texts) for t in trials],
+            "forced": [t.forced for t in trials], "outcome": [t.outcome for t in trials],
+            "answer_episode": [t.answer_episode for t in trials], "bonus": [sum(b) for b in bonuses],
+            "curves": [list(c) for c in curves] if curves is not None else None, "mismatch": mismatch,
+            "env_outcome": env_outcome.tolist(),
+        })
+        batch = gather_batch(dist, batch)
+        glob = {k: [x for part in per_trial for x in part[k]] for k in ("policy_tokens", "episodes", "forced", "outcome",
+                                                                         "answer_episode", "bonus", "env_outcome")}
+        curves = None if curves is None else [c for part in per_trial for c in part["curves"]]
+        mismatch = max(part["mismatch"] for part in per_trial)
+        env_outcome = torch.tensor(glob["env_outcome"])
+        sampled = sum(glob["policy_tokens"])
+        # 6. update (a non-finite reward, loss or gradient stops the run with the batch saved, or is skipped)
         t1 = time.perf_counter()
-        actor_critic.train()
-        stats = ppo_update(actor_critic, optimizer, batch, cfg.algo, generator, use_critic)
-        t_update = time.perf_counter() - t1
+        model.train()
+        finite = all(bool(torch.isfinite(x).all()) for x in (batch.outcome, batch.token_rewards, batch.advantages, batch.returns))
+        try:
+            if not finite:
+                if cfg.algo.on_nonfinite != "skip":
+                    raise FloatingPointError("non-finite reward, advantage or return in the rollout batch")
+                stats = {"update_tokens": 0, "nonfinite_skipped": 1}  # this iteration's update is dropped
+            else:
+                stats = ppo_update(model, optimizer, batch, cfg.algo, generator, use_critic, amp_dtype=amp, dist=dist)
+        except FloatingPointError as e:
+            path = save_failure(run_dir, it, e, batch)
+            raise FloatingPointError(f"iteration {it}: {e}; the batch is saved in {path}") from e
+        t_update = max(time.perf_counter() - t1, 1e-9)
         # 7. log
         rollout_tokens += sampled
         rollout_time += t_generate
         update_tokens += stats["update_tokens"]
         update_time += t_update
         mask = batch.action_mask
-        bonus_return = float(np.mean([sum(b) for b in bonuses])) if cfg.bonus.name != "none" else 0.0
+        bonus_return = float(np.mean(glob["bonus"])) if cfg.bonus.name != "none" else 0.0
         metrics = {
             "train/outcome": float(env_outcome.mean()),  # the environment's, whatever the reward
             "train/reward": float(batch.outcome.mean()),  # the outcome reward PPO optimised (reward.name)
             "train/bonus_return": bonus_return,
-            "train/tokens_per_trial": sampled / len(trials),
-            "train/episodes_per_trial": float(np.mean([len(t.episode_texts) for t in trials])),
-            "train/forced_answer_rate": float(np.mean([t.forced for t in trials])),
+            "train/tokens_per_trial": sampled / n_trials,
+            "train/episodes_per_trial": float(np.mean(glob["episodes"])),
+            "train/forced_answer_rate": float(np.mean(glob["forced"])),
             "train/kl_ref": float(((batch.logprobs - batch.ref_logprobs) * mask).sum() / mask.sum()),
-            "train/explained_variance": explained_variance(batch.values, ret, mask) if use_critic else float("nan"),
+            "train/explained_variance": explained_variance(batch.values, batch.returns, mask) if use_critic else float("nan"),
             "train/logprob_mismatch_max": mismatch,
+            "train/env_failures": float(dist.all_sum(torch.tensor(float(env_failures)))),  # reward.on_error=score
+            "train/nonfinite_skipped": stats["nonfinite_skipped"],
             **{f"train/{k}": v for k, v in stats.items() if k != "update_tokens"},
-            "perf/rollout_tokens_per_s": sampled / t_generate,  # sampling policy tokens, env steps included
+            "perf/rollout_tokens_per_s": sampled / t_generate,  # sampling policy tokens (all processes), env steps included
             "perf/update_tokens_per_s": stats["update_tokens"] / t_update,
             "perf/iteration_s": time.perf_counter() - t0,
             "perf/bonus_s": t_bonus,
+            "perf/rss_mb": psutil.Process().memory_info().rss / 2**20,  # resident memory of this process
         }
         if reward_verifier is not None:
             metrics["train/reward_verifier_accuracy"] = float(((batch.outcome >= 0.5) == (env_outcome >= 1.0)).float().mean())
@@ -360,21 +564,25 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
                 metrics[f"train/J_boundary_{b}"] = float(np.mean([c[b] for c in curves if len(c) > b]))
         for j in range(cfg.budget.max_episodes + 1):
             metrics[f"train/success_after_episode_{j}"] = float(
-                np.mean([t.outcome >= 1.0 and 0 <= t.answer_episode <= j for t in trials])
+                np.mean([o >= 1.0 and 0 <= a <= j for o, a in zip(glob["outcome"], glob["answer_episode"])])
             )
         tracker.log(metrics, step=it)
         bar.set_postfix(outcome=f"{metrics['train/outcome']:.2f}", tok=f"{metrics['train/tokens_per_trial']:.0f}")
         if cfg.eval.every and it % cfg.eval.every == 0 and it != cfg.algo.iterations:
             run_eval(it, f"iter_{it}")
-        if cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
-            save_checkpoint(run_dir, it, actor_critic, tokenizer, optimizer)
+        if cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it != cfg.algo.iterations and dist.is_main:
+            checkpoint(it)
 
+    if not dist.is_main:  # the main process evaluates, reports and finishes the W&B run
+        dist.barrier()
+        return {}
     # Final evaluation: the function `python -m metarl_llm.evaluate` calls on the saved
-    # checkpoint, with the same seeds, so re-evaluating it reproduces these figures.
-    final_ckpt = save_checkpoint(run_dir, cfg.algo.iterations, actor_critic, tokenizer, optimizer)
+    # checkpoint, with the same seeds, so re-evaluating it reproduces these figures
+    # (on the weights policy/ holds: merged, for a LoRA policy).
+    final_ckpt = checkpoint(cfg.algo.iterations)
     t_final_eval = time.perf_counter()
     final_results, figures, _ = evaluate_and_report(
-        actor_critic.policy, codec, cfg, heldout_env_maker(cfg), run_dir, final_ckpt.name, tracker, cfg.algo.iterations
+        merged_policy(actor_critic), codec, cfg, heldout_env_maker(cfg), run_dir, final_ckpt.name, tracker, cfg.algo.iterations
     )
     t_final_eval = time.perf_counter() - t_final_eval
     final_eval = final_results["1"]
@@ -411,6 +619,7 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
     }
     tracker.finish(summary)
     log.info("summary: %s", json.dumps(summary))
+    dist.barrier()
     return summary
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import zlib
-from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 from envs.arc_grids import ArcTask, Grid, task_prompt
 from metarl_llm.arc_augment import IDENTITY, Transform, permute_pairs, random_transforms, single_row
 from metarl_llm.arc_vote import ANSWER_MARKER, answer_text
-from metarl_llm.config import LLAMA_LORA_TARGETS, TTTConfig  # noqa: F401  (TTTConfig re-exported)
+from metarl_llm.config import TTTConfig  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,9 @@ import envs  # noqa: F401
 from metarl_llm import bonus as bonus_mod
 from metarl_llm.bonus import boundary_prefixes, meta_prover_context, meta_prover_success
 from metarl_llm.config import BudgetConfig, RolloutConfig, TinyModelConfig
-from metarl_llm.engine import (CachedEngine, draw_tokens, engine_from_config, finish_episode, get_engine,
-                               start_trials, stream_uniforms, trial_keys)
+from metarl_llm.batch import length_buckets
+from metarl_llm.engine import (CachedEngine, _Batch, draw_tokens, engine_from_config, finish_episode, get_engine,
+                               growing_cache, start_trials, stream_uniforms, trial_keys)
 from metarl_llm.models import build_char_tokenizer, build_tiny_model
 from metarl_llm.rollout import StreamCodec, run_trials, sample
 
@@ -34,25 +35,28 @@ def setup():
     return model, StreamCodec(tok, "\n", "Answer:")
 
 
-def make_envs(n, budget=BUDGET):
-    return [gym.make("metarl/PlantedSubseq-v0", max_episodes=budget.max_episodes) for _ in range(n)]
+PLANTED, MATH = "metarl/PlantedSubseq-v0", "metarl/Math-v0"  # math: prompts of 8 and ~63 tokens (word problems)
+
+
+def make_envs(n, budget=BUDGET, env_id=PLANTED):
+    return [gym.make(env_id, max_episodes=budget.max_episodes) for _ in range(n)]
 
 
 def resets_of(n):
     return [{"seed": 100 + i // 2} for i in range(n)], [i // 2 for i in range(n)]
 
 
-def play(model, codec, engine, n=10, seed=0, budget=BUDGET, **kw):
+def play(model, codec, engine, n=10, seed=0, budget=BUDGET, env_id=PLANTED, **kw):
     resets, groups = resets_of(n)
-    return run_trials(model, codec, make_envs(n, budget), resets, groups, budget, torch.Generator().manual_seed(seed),
+    return run_trials(model, codec, make_envs(n, budget, env_id), resets, groups, budget, torch.Generator().manual_seed(seed),
                       engine=engine, **kw)
 
 
 @torch.no_grad()
-def reference_trials(model, codec, n=10, seed=0, budget=BUDGET):
+def reference_trials(model, codec, n=10, seed=0, budget=BUDGET, env_id=PLANTED):
     """Each trial alone, no cache, no padding: a full forward pass per sampled token."""
     resets, groups = resets_of(n)
-    env_list = make_envs(n, budget)
+    env_list = make_envs(n, budget, env_id)
     trials = start_trials(codec, env_list, resets, groups, budget)
     keys = trial_keys(n, torch.Generator().manual_seed(seed))
     stops = set(codec.stop_ids.tolist())
@@ -95,6 +99,60 @@ def test_cached_engine_equals_a_recomputation_from_scratch(setup, one_thread):
     # The setting is really multi-episode: several trials run 4 episodes plus a forced answer.
     assert max(len(t.episode_texts) for t in cached) == BUDGET.max_episodes + 1
     assert any(t.forced for t in cached) and len({len(t.ids) for t in cached}) > 3
+
+
+def test_prompts_of_different_lengths_are_prefilled_in_groups_and_match_a_recomputation(setup, one_thread):
+    model, codec = setup
+    trials = play(model, codec, "cached", n=12, env_id=MATH)
+    prompt_lengths = {t.action.index(1) for t in trials}  # tokens before the first sampled one
+    assert min(prompt_lengths) < 10 and max(prompt_lengths) > 50  # short and long prompts in one batch
+    assert_same_trials(trials, reference_trials(model, codec, n=12, env_id=MATH))
+    assert_same_trials(trials, play(model, codec, CachedEngine(bucket_tokens=0), n=12, env_id=MATH))  # one prefill pass
+
+
+def test_grouped_prefill_gives_the_cache_and_logits_of_one_pass(setup, one_thread):
+    model, codec = setup
+    g = torch.Generator().manual_seed(3)
+    contexts = [torch.randint(3, 90, (n,), generator=g).tolist() for n in (3, 21, 4, 19, 5, 20, 2)]
+    with torch.no_grad():
+        one, grouped = _Batch(model, torch.device("cpu"), 7), _Batch(model, torch.device("cpu"), 7)
+        a = one.feed(contexts, codec.pad_id)
+        b = grouped.prefill(contexts, codec.pad_id, bucket_tokens=8)
+        assert length_buckets([len(c) for c in contexts], 8).__len__() > 1  # really several passes
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+        assert torch.equal(one.mask, grouped.mask) and torch.equal(one.next_pos, grouped.next_pos)
+        cols = one.mask.bool()
+        for la, lb in zip(one.cache.layers, grouped.cache.layers):
+            for x, y in ((la.keys, lb.keys), (la.values, lb.values)):
+                torch.testing.assert_close(y.transpose(1, 2)[cols], x.transpose(1, 2)[cols], atol=1e-5, rtol=0)
+        nxt = torch.randint(3, 90, (7, 1), generator=g)  # the caches continue alike
+        torch.testing.assert_close(grouped.feed(nxt, codec.pad_id), one.feed(nxt, codec.pad_id), atol=1e-5, rtol=0)
+        obs = [[5, 6, 7], [8], [9, 10], [11], [12, 13, 14, 15], [16], [17]]  # and so do blocks of different widths
+        torch.testing.assert_close(grouped.feed(obs, codec.pad_id), one.feed(obs, codec.pad_id), atol=1e-5, rtol=0)
+        assert grouped.cache.get_seq_length() == grouped.width == one.width == 21 + 1 + 4
+
+
+def test_growing_cache_keeps_the_numbers_of_a_concatenating_one(setup, one_thread):
+    from transformers import DynamicCache
+
+    model, codec = setup
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 90, (3, 6), generator=g)
+    with torch.no_grad():
+        outs = []
+        for cache in (growing_cache(model, capacity=2), DynamicCache(config=model.config)):
+            o = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            steps = [o.logits[:, -1]]
+            for _ in range(5):  # capacity 2 < 6 + 5 columns: the buffers grow (doubling) on the way
+                o = model(input_ids=steps[-1].argmax(-1, keepdim=True), past_key_values=o.past_key_values, use_cache=True)
+                steps.append(o.logits[:, -1])
+            outs.append((torch.stack(steps), o.past_key_values))
+        (a, ca), (b, cb) = outs
+        assert torch.equal(a, b) and ca.get_seq_length() == cb.get_seq_length() == 11
+        ca.batch_select_indices(torch.tensor([2, 0]))
+        cb.batch_select_indices(torch.tensor([2, 0]))
+        for la, lb in zip(ca.layers, cb.layers):
+            assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
 
 
 def test_engines_agree_and_trials_do_not_depend_on_the_batch(setup, one_thread):
@@ -182,3 +240,6 @@ def test_bad_engine_names_and_options_are_errors():
         get_engine("vllm")
     with pytest.raises(ValueError, match="rollout.max_rows"):
         engine_from_config(RolloutConfig(max_rows=0))
+    with pytest.raises(ValueError, match="rollout.prefill_bucket_tokens"):
+        engine_from_config(RolloutConfig(prefill_bucket_tokens=-1))
+    assert engine_from_config(RolloutConfig(prefill_bucket_tokens=64)).bucket_tokens == 64

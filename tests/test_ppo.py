@@ -267,6 +267,8 @@ class _FixedScorer(nn.Module):
         zeros = torch.zeros_like(lp)
         return Scores(lp, zeros, zeros if with_entropy else None)
 
+    forward = score  # ppo_update calls the module (as a data-parallel wrapper needs)
+
 
 def test_ppo_update_masked_tokens_never_enter_the_loss():
     """DESIGN.md 5 / ppo.py: prompt and observation tokens never enter a loss.
