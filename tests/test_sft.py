@@ -165,7 +165,7 @@ def cfg_of(tmp_path, *overrides):
 def test_algo_sft_job_writes_policy_summary_and_diagnostics(tmp_path, data):
     from metarl_llm.trainer import train
 
-    cfg = cfg_of(tmp_path, "algo=sft", f"sft.data={data}", "sft.num_train_problems=12", "sft.samples_per_problem=4",
+    cfg = cfg_of(tmp_path, "algo=sft", f"sft.data={data}", "sft.num_train_problems=24", "sft.samples_per_problem=4",
                  "sft.steps=2", "sft.batch_size=8", "sft.num_heldout_problems=3", "sft.n_values=[1,2]",
                  "sft.budget_scales=[1,2]", "sft.sequential_samples=1", "sft.traces_per_problem=2")
     out = train(cfg, tmp_path / data)
