@@ -1,8 +1,10 @@
-"""Training throughput: the project's trainer against trl's GRPOTrainer, same model, same work.
+"""Training throughput: the project's trainer against trl's GRPOTrainer, same model, same
+work; and the rollout engines on multi-episode trials.
 
-    python bench/throughput.py --reps 3 --steps 4 --threads 1            # the committed run
+    python bench/throughput.py --reps 5 --steps 6 --threads 1            # the committed run (both sections)
     python bench/throughput.py --quick --results-dir /tmp/tp               # a smoke run (seconds)
-    python bench/throughput.py --reps 3 --steps 4 budget.max_episode_tokens=64   # Hydra overrides for both sides
+    python bench/throughput.py --sections trl --reps 3 --steps 4 budget.max_episode_tokens=64   # Hydra overrides for both sides
+    python bench/throughput.py --sections engine --engine-overrides env=math   # the engine section alone, on math
     python bench/throughput.py --render-only                                 # rewrite the table from the JSON
 
 Sections (``--sections``, comma-separated; each is one function, and its results replace
@@ -15,6 +17,20 @@ that section's entry in ``<results-dir>/<name>.json`` while other sections' entr
       critic: value head on the policy trunk);
     - ``ours_grpo``: the same with ``algo=grpo`` (group-normalised returns, no critic);
     - ``trl_grpo``: ``trl.GRPOTrainer`` (transformers ``generate``, no vLLM, CPU).
+
+    Our arms run with ``algo.old_logprobs=sampled`` (TRL_SECTION_OVERRIDES; the trainer's
+    default is ``recompute``): the PPO ratio's old log-probs are the rollout engine's own
+    sampling log-probs, equal to a recomputation up to float rounding (~1e-6, tested), so
+    GRPO skips the policy's no-grad forward, as trl does with ``num_iterations=1``; PPO
+    still runs it for the values. Everything else is the trainer's default (including
+    ``algo.length_bucket_tokens`` and ``rollout.prefill_bucket_tokens``: rows of similar
+    length share a forward pass).
+
+``engine`` (:func:`bench_engine`): multi-episode trials (default ``budget.max_episodes=4``)
+    played by the cached engine against re-encoding the history before every episode
+    (``hf_generate``: ``model.generate`` per episode; ``reencode``: the project's own
+    per-episode prefill), and the meta-prover continuing from the kept caches against
+    re-encoding every prefix; see the function's docstring.
 
 What is held equal
 ------------------
@@ -50,15 +66,16 @@ What each side does per iteration (and is timed)
 ------------------------------------------------
 ours (``perf/iteration_s`` of the trainer's metrics.jsonl): rollout with the configured
 engine (``rollout.engine``, default ``cached``; environment steps inside); a no-grad
-forward of the policy (log-probs, and values for PPO) and of the reference; rewards, KL
-and advantages; ``ppo_update`` (whitening, one minibatch forward + backward with entropy,
-clip, AdamW step). The held-out evaluation is outside the timed iteration.
+forward of the reference and, for PPO only, of the policy (its values; with
+``algo.old_logprobs=sampled`` the old log-probs are the sampling ones); rewards, KL and
+advantages; ``ppo_update`` (whitening, one minibatch forward + backward with entropy, in
+passes of rows of similar length, clip, AdamW step). The held-out evaluation is outside
+the timed iteration.
 trl (``on_step_begin`` -> ``on_step_end`` of a ``TrainerCallback``): ``generate`` with a
 dynamic KV cache, decoding, the reward function, the reference's no-grad forward (beta >
 0), group advantages; then the loss forward (fused log-prob head, entropy), backward, clip,
 AdamW step. trl skips the sampling policy's no-grad forward (old log-probs = detached
-current ones when ``num_iterations=1``); ours computes it (it also checks the sampling
-log-probs and gives PPO its values).
+current ones when ``num_iterations=1``); so does our GRPO arm (sampling log-probs).
 
 The first ``--warmup`` iterations of every run are excluded. Arms alternate within each
 repetition (ours_ppo, trl_grpo, ours_grpo), so a slow phase of a shared machine hits all.
@@ -71,8 +88,8 @@ Figures per arm (medians over all measured iterations; per-repetition medians in
   ``_generate_single_turn`` plus the reward function (generation and grading).
   ``gen_tok_per_s`` (trl only): the same over ``generate`` alone.
 - ``score_s``: step_s - rollout_s - update_s: ours ``score_batch`` (no-grad forwards of the
-  policy and the reference; alone in ``score_batch_s``), rewards, advantages and the trainer's
-  sampling log-prob check; trl the reference's forward, padding and group advantages.
+  reference and, PPO, of the policy; alone in ``score_batch_s``), rewards and advantages;
+  trl the reference's forward, padding and group advantages.
 - ``trained_tok_per_s``: tokens forwarded with gradient in the update (non-pad tokens of
   every row: prompt, sampled and, ours, inserted observation tokens) / update seconds.
   Update = ``ppo_update`` (ours) or step time minus ``_generate_and_score_completions``
@@ -123,7 +140,7 @@ TRL_SECTION_OVERRIDES = [
     "env=math", "bonus=none", "budget.max_episodes=1", "warm_start.steps=0", "algo.ppo_epochs=1",
     "eval.every=0", "eval.num_problems=1", "eval.samples_per_problem=1", "eval.prover_samples=1",
     "eval.extrapolation=false", "checkpoint_every=0", "logger.mode=disabled", "logger.progress_bar=false",
-    "device=cpu",
+    "device=cpu", "algo.old_logprobs=sampled",
 ]
 QUICK_OVERRIDES = ["budget.max_episode_tokens=8", "budget.answer_max_tokens=4"]
 
@@ -537,6 +554,8 @@ def bench_trl(args, overrides: list[str], peak: float) -> dict:
         "trl_max_completion_length": b.max_episode_tokens + b.answer_max_tokens,
         "stop_tokens_blocked": not args.allow_stops, "stop_logit": STOP_LOGIT,
         "rollout_engine": getattr(getattr(cfg, "rollout", None), "engine", "run_trials default"),
+        "old_logprobs": cfg.algo.old_logprobs, "length_bucket_tokens": cfg.algo.length_bucket_tokens,
+        "prefill_bucket_tokens": cfg.rollout.prefill_bucket_tokens,
         "kl_coef_beta": cfg.algo.kl_coef, "clip_eps": cfg.algo.clip_eps,
         "lr": cfg.algo.lr, "optimizer_steps_per_iteration": 1, "num_params": facts[arms[0]]["num_params"],
         "problems": [p["problem_id"] for p in problems],
@@ -553,7 +572,10 @@ def table_trl(section: dict) -> str:
         f"{st['episode_tokens']} + {st['answer_tokens']} sampled tokens per trial "
         f"({'stop tokens blocked: equal lengths' if st['stop_tokens_blocked'] else 'natural lengths'}), "
         f"{st['num_params']:,} trainable parameters, KL coefficient / beta {st['kl_coef_beta']}, "
-        f"rollout engine `{st['rollout_engine']}`. Medians over {st['reps']} repetitions x {st['steps']} iterations "
+        f"rollout engine `{st['rollout_engine']}`, our arms with `algo.old_logprobs={st.get('old_logprobs', 'recompute')}` "
+        f"(`algo.length_bucket_tokens={st.get('length_bucket_tokens', 0)}`, "
+        f"`rollout.prefill_bucket_tokens={st.get('prefill_bucket_tokens', 0)}`). "
+        f"Medians over {st['reps']} repetitions x {st['steps']} iterations "
         f"(first {st['warmup']} of each run excluded).",
         "",
         "Speedup vs trl: trl's s / 1k trials over the arm's, median over repetitions of the ratio of adjacent runs "
@@ -645,6 +667,7 @@ def bench_engine(args, overrides: list[str], peak: float) -> dict:
     tokens = {a: [] for a in ENGINE_ARMS}
     episodes = {a: [] for a in ENGINE_ARMS}
     forced = {a: [] for a in ENGINE_ARMS}
+    full = {a: [] for a in ENGINE_ARMS}  # share of trials that played every episode, then the forced answer
     mp_times = {a: [] for a in MP_ARMS}
     mp_rows = []
     identical = []
@@ -661,6 +684,7 @@ def bench_engine(args, overrides: list[str], peak: float) -> dict:
                 tokens[arm].append(sum(t.policy_tokens for t in trials))
                 episodes[arm].append(float(np.mean([len(t.episode_texts) for t in trials])))
                 forced[arm].append(float(np.mean([t.forced for t in trials])))
+                full[arm].append(float(np.mean([len(t.episode_texts) == cfg.budget.max_episodes + 1 for t in trials])))
         identical.append(all(a.ids == b.ids for a, b in zip(out["cached"], out["reencode"])))
         trials = out["cached"]
         ends = [boundary_prefixes(t) for t in trials]
@@ -683,6 +707,7 @@ def bench_engine(args, overrides: list[str], peak: float) -> dict:
         arms[a] = {"seconds": times[a], "median_s": median(times[a]), "s_per_1k_trials": median(times[a]) * 1000 / n,
                    "sampled_tokens": tokens[a], "tokens_per_s": median(tk / s for tk, s in zip(tokens[a], times[a])),
                    "episodes_per_trial": median(episodes[a]), "forced_answer_rate": median(forced[a]),
+                   "all_episodes_rate": median(full[a]),
                    "sampled_tokens_per_trial": median(tk / n for tk in tokens[a])}
     for a in ("hf_generate", "reencode"):  # per repetition (adjacent runs), then the median
         arms[a]["cached_speedup_per_rep"] = [x / c for x, c in zip(times[a], times["cached"])]
@@ -719,14 +744,19 @@ def table_engine(section: dict) -> str:
         f"EOS or the episode limit). Medians over {st['reps']} repetitions after a warm-up; the arms alternate within "
         "each repetition. Speed-up: the other arm's seconds over cached's, per repetition, median.",
         "",
-        "| engine | s / 1k trials | sampled tok/s | episodes / trial (with the answer) | forced-answer rate | sampled tokens / trial | cached speed-up |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| engine | s / 1k trials | sampled tok/s | episodes / trial (with the answer) | trials with all {b['max_episodes']} "
+        "episodes + answer | forced-answer rate | sampled tokens / trial | cached speed-up |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for a in ENGINE_ARMS:
         r = arms[a]
         speed = "1 (reference)" if a == "cached" else f"{r['cached_speedup']:.2f}x"
-        lines.append(f"| {a} | {r['s_per_1k_trials']:.2f} | {r['tokens_per_s']:,.0f} | {r['episodes_per_trial']:.2f} | "
+        every = f"{r['all_episodes_rate']:.0%}" if "all_episodes_rate" in r else "n/a"
+        lines.append(f"| {a} | {r['s_per_1k_trials']:.2f} | {r['tokens_per_s']:,.0f} | {r['episodes_per_trial']:.2f} | {every} | "
                      f"{r['forced_answer_rate']:.2f} | {r['sampled_tokens_per_trial']:.1f} | {speed} |")
+    lines += ["", "A trial ends early when the policy emits EOS without an answer (the environment then forces "
+              "the answer at once): EOS is 1 of the untrained model's 100 tokens, so not every trial reaches the "
+              "last episode; an episode also ends at a newline before its token limit."]
     mp = section["meta_prover"]
     lines += [
         "",
@@ -772,7 +802,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--matmul-size", type=int, default=1024)
     p.add_argument("--matmul-reps", type=int, default=9)
     p.add_argument("--quick", action="store_true",
-                   help="smoke configuration: 2 problems x 2 trials, 8 + 4 tokens, 1 rep, 1 measured step after 1 warm-up")
+                   help="smoke configuration: 2 problems x 2 trials, 8 + 4 tokens, 1 rep, 1 measured step after 1 warm-up; "
+                        "engine: 4 trials of 2 episodes, 1 rep")
     p.add_argument("--results-dir", default=str(ROOT / "bench" / "results"))
     p.add_argument("--name", default="throughput", help="results files: <name>.json and <name>_table.md")
     p.add_argument("--out-root", default=None, help="run directories (default: a temporary directory, removed after)")
@@ -838,9 +869,9 @@ def main(argv=None) -> dict:
 def render(results: dict) -> str:
     """The Markdown tables of every known section in ``results`` (the JSON's content)."""
     table = ["# Throughput benchmark (bench/throughput.py)", ""]
-    for name, section in results["sections"].items():
-        if name not in TABLES:
-            continue  # written by another version of this script
+    names = [n for n in SECTIONS if n in results["sections"]]  # in the script's order, whatever the JSON's
+    for name in names:
+        section = results["sections"][name]
         m = section["matmul"]
         table += [f"## {SECTION_TITLES.get(name, name)}", "", f"    {section['command']}", "",
                   f"Machine: {section['environment']['cpu_count']} CPUs, torch {section['environment']['torch']}, "

@@ -56,7 +56,9 @@ class RolloutBatch(NamedTuple):
         return RolloutBatch(*(f[rows][:, :width] if f.dim() == 2 else f[rows] for f in self))
 
 
-def length_buckets(lengths: torch.Tensor | list[int], pass_tokens: int, max_tokens: int = 0, max_rows: int = 0) -> list[torch.Tensor]:
+def length_buckets(
+    lengths: torch.Tensor | list[int], pass_tokens: int, max_tokens: int = 0, max_rows: int = 0
+) -> list[torch.Tensor]:
     """Group rows of similar length into forward passes, so that short rows are not padded
     to the longest one.
 
@@ -73,7 +75,8 @@ def length_buckets(lengths: torch.Tensor | list[int], pass_tokens: int, max_toke
     lengths = torch.as_tensor(lengths).reshape(-1)
     n = lengths.shape[0]
     if pass_tokens < 0 or max_tokens < 0 or max_rows < 0:
-        raise ValueError(f"length_buckets: pass_tokens, max_tokens and max_rows must be >= 0, got {pass_tokens}, {max_tokens}, {max_rows}")
+        raise ValueError(f"length_buckets: pass_tokens, max_tokens and max_rows must be >= 0, "
+                         f"got {pass_tokens}, {max_tokens}, {max_rows}")
     if n == 0:
         return [torch.arange(0)]
     if pass_tokens == 0:

@@ -7,11 +7,15 @@ A trial is a token stream (prompt, episodes, inserted observations; see
   trial's cache is kept across its episodes; the observation tokens the environment
   inserts are appended to it, so the history is never encoded twice. Trials step
   independently: when one ends an episode, the environment is stepped at once and its
-  observation is fed in the next forward pass beside the other trials' single tokens
-  (no trial waits for the slowest episode of the batch). Finished trials leave the
-  batch. With ``keep_cache=True`` each finished trial keeps its KV cache
-  (:class:`TrialCache`) so that the meta-prover's forced answers continue from it
-  (:meth:`CachedEngine.continue_prefixes`) instead of re-encoding every prefix.
+  observation is fed one token per forward pass beside the other trials' sampled tokens
+  (no trial waits for the slowest episode of the batch, and no pass is padded to the
+  longest observation; observations longer than ``queue_tokens`` go in as one block).
+  Every pass is then one token per row, the cache grows by one column per pass and is
+  appended in place (preallocated, :class:`_GrowingLayer`), prompts of similar length are
+  prefilled together (:meth:`_Batch.prefill`), and finished trials leave the batch once a
+  quarter of its rows have finished. With ``keep_cache=True`` each finished trial keeps
+  its KV cache (:class:`TrialCache`) so that the meta-prover's forced answers continue
+  from it (:meth:`CachedEngine.continue_prefixes`) instead of re-encoding every prefix.
 - ``reencode`` (:class:`ReencodeEngine`): episode by episode, every trial's whole history
   is prefilled again before each episode (with a KV cache inside the episode). The
   engine of earlier versions, kept as a reference.
@@ -292,7 +296,12 @@ class _GrowingLayer(DynamicLayer):
             self._views()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._rows(lambda x: x[indices])
+        def select(x: torch.Tensor) -> torch.Tensor:  # the used columns only, into buffers of the same capacity
+            out = x.new_empty((len(indices), *x.shape[1:]))
+            out[:, :, : self._len] = x[indices, :, : self._len]
+            return out
+
+        self._rows(select)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._rows(lambda x: x.index_select(0, beam_idx.to(x.device)))
@@ -307,8 +316,10 @@ def growing_cache(model, capacity: int = 0, data: list[tuple[torch.Tensor, torch
     transformers' own. ``data``: one (keys, values) [B, H, L, D] pair per layer to start with."""
     cache = DynamicCache(config=model.config)
     cache.layers = [_GrowingLayer(capacity) if type(lay) is DynamicLayer else lay for lay in cache.layers]
-    for lay, (k, v) in zip(cache.layers, data or []):
-        lay.update(k, v)
+    if cache.layer_class_to_replicate is DynamicLayer:  # layers made lazily (a config without layer types)
+        cache.layer_class_to_replicate = _GrowingLayer
+    for idx, (k, v) in enumerate(data or []):
+        cache.update(k, v, idx)
     return cache
 
 
@@ -397,7 +408,8 @@ class _Batch:
             raise RuntimeError("prefill: the batch already holds tokens")
         n, longest = len(contexts), max(len(c) for c in contexts)
         parts = length_buckets([len(c) for c in contexts], bucket_tokens)
-        if len(parts) == 1 or not all(isinstance(lay, _GrowingLayer) for lay in self.cache.layers):
+        layers = self.cache.layers
+        if len(parts) == 1 or not layers or not all(isinstance(lay, _GrowingLayer) for lay in layers):
             return self.feed(contexts, pad_id)
         logits, keys, values = None, [], []
         mask = torch.zeros((n, longest), dtype=torch.long, device=self.device)
@@ -501,7 +513,11 @@ class CachedEngine(Engine):
             ended = sampling & (torch.isin(tok, stop_ids) | (ep_len >= limit))
             blocks: dict[int, list[int]] = {}
             if bool(ended.any()):
-                for r in ended.nonzero().flatten().tolist():  # Python only at episode ends
+                ending = ended.nonzero().flatten().tolist()
+                # Most live rows ending together (lockstep episodes): their observations go in as one
+                # block, cheaper than one pass per token; otherwise each row queues its own.
+                together = 2 * len(ending) >= int(live.sum())
+                for r in ending:  # Python only at episode ends
                     i = batch.rows[r]
                     k = int(ep_len[r])
                     toks, lps = ep_tok[r, :k].tolist(), ep_lp[r, :k].tolist()
@@ -517,10 +533,10 @@ class CachedEngine(Engine):
                     ep_len[r] = 0
                     limit[r] = episode_limit(trials[i], forced[i], budget)
                     pending = [toks[-1]] + obs_ids  # the episode's last token was sampled but not fed yet
-                    if len(pending) <= q:  # fed one token per step, beside the other rows' tokens
+                    if len(pending) <= q and not together:  # fed one token per step, beside the other rows' tokens
                         queue[r, : len(pending)] = torch.as_tensor(pending)
                         q_pos[r], q_len[r] = 0, len(pending)
-                    else:  # a long observation: one block in the next pass
+                    else:  # a long observation, or most rows at once: one block in the next pass
                         blocks[r] = pending
                 n_live = int(live.sum())
                 if n_live == 0:
@@ -561,40 +577,52 @@ class CachedEngine(Engine):
         boundary b, copy), ``owners[row] = (i, b)``. Rows are sampled by ancestral
         sampling from ``generator`` (``greedy``: the argmax, first index on ties).
         """
+        from metarl_llm.batch import length_buckets
+
         owners = [(i, b) for i, e in enumerate(ends) for b in range(len(e)) for _ in range(copies)]
         if not owners:
             return torch.zeros((0, 0), dtype=torch.long), torch.zeros(0, dtype=torch.long), owners
         device = next(model.parameters()).device
         stop_ids = stop_ids.to(device)
-        tok_out, len_out = [], []
-        for s in range(0, len(owners), max_rows):
-            part = owners[s: s + max_rows]
-            n = len(part)
-            width = max(ends[i][b] for i, b in part)
-            layers = len(trials[part[0][0]].cache.keys)
-            ks, vs = [], []
-            mask = torch.zeros((n, width), dtype=torch.long, device=device)
-            for layer in range(layers):
-                k0 = trials[part[0][0]].cache.keys[layer]
-                kk = k0.new_zeros((n, k0.shape[0], width, k0.shape[2]))
-                vv = torch.zeros_like(kk)
-                for r, (i, b) in enumerate(part):
-                    c, e = trials[i].cache, ends[i][b]
-                    if c is None or c.length < e:
-                        raise ValueError(f"trial {i}: no kept cache covering its first {e} tokens (run_trials(keep_cache=True))")
-                    kk[r, :, width - e:] = c.keys[layer][:, :e]
-                    vv[r, :, width - e:] = c.values[layer][:, :e]
-                ks.append(kk)
-                vs.append(vv)
-            for r, (i, b) in enumerate(part):
-                mask[r, width - ends[i][b]:] = 1
+        for i, e in enumerate(ends):
+            c = trials[i].cache
+            if e and (c is None or c.length < max(e)):
+                raise ValueError(f"trial {i}: no kept cache covering its first {max(e)} tokens (run_trials(keep_cache=True))")
+        # The kept caches of the trials involved, per layer stacked into [trials, H, L, D] (0 after each one's end).
+        used = sorted({i for i, _ in owners})
+        slot = {i: s for s, i in enumerate(used)}
+        longest_cache = max(trials[i].cache.length for i in used)
+        stacks = []
+        for layer in range(len(trials[used[0]].cache.keys)):
+            k0 = trials[used[0]].cache.keys[layer]
+            pk = k0.new_zeros((len(used), k0.shape[0], longest_cache, k0.shape[2]))
+            pv = torch.zeros_like(pk)
+            for s, i in enumerate(used):
+                c = trials[i].cache
+                pk[s, :, : c.length] = c.keys[layer]
+                pv[s, :, : c.length] = c.values[layer]
+            stacks.append((pk.to(device), pv.to(device)))
+        row_end = torch.tensor([ends[i][b] for i, b in owners])
+        tok_out = torch.full((len(owners), max_new_tokens), pad_id, dtype=torch.long)
+        len_out = torch.zeros(len(owners), dtype=torch.long)
+        # Rows of similar prefix length share a pass (less left padding), at most max_rows each.
+        for part in length_buckets(row_end, self.bucket_tokens, max_rows=max_rows):
+            rows = [owners[r] for r in part.tolist()]
+            n = len(rows)
+            e = row_end[part].to(device)
+            width = int(e.max())
+            longest = max(len(suffixes[i][b]) for i, b in rows)
+            # Each row's prefix, right-aligned at `width`: column c holds the trial's cache column c - (width - end).
+            src = torch.arange(width, device=device)[None] - (width - e)[:, None]
+            ti = torch.tensor([slot[i] for i, _ in rows], device=device)[:, None]
+            data = [(pk[ti, :, src.clamp(min=0)].transpose(1, 2), pv[ti, :, src.clamp(min=0)].transpose(1, 2))
+                    for pk, pv in stacks]  # [n, H, width, D]; the padding columns (src < 0) are masked out
             batch = _Batch(model, device, n)
-            longest = max(len(suffixes[i][b]) for i, b in part)
-            batch.cache = growing_cache(model, width + longest + max_new_tokens, data=list(zip(ks, vs)))
-            batch.mask = F.pad(mask, (0, longest + max_new_tokens))
+            batch.cache = growing_cache(model, width + longest + max_new_tokens, data=data)
+            batch.mask = F.pad((src >= 0).long(), (0, longest + max_new_tokens))
             batch.width = width
-            batch.next_pos = torch.tensor([ends[i][b] for i, b in part], device=device)
-            logits = batch.feed([suffixes[i][b] for i, b in part], pad_id)
+            batch.next_pos = e.clone()
+            logits = batch.feed([suffixes[i][b] for i, b in rows], pad_id)
             toks = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
             lengths = torch.zeros(n, dtype=torch.long, device=device)
             done = torch.zeros(n, dtype=torch.bool, device=device)
@@ -609,10 +637,9 @@ class CachedEngine(Engine):
                 if bool(done.all()) or t == max_new_tokens - 1:
                     break
                 logits = batch.feed(tok[:, None], pad_id)
-            tok_out.append(toks.cpu())
-            len_out.append(lengths.cpu())
-        width = max(int(x.max()) for x in len_out)
-        return torch.cat([F.pad(x[:, :width], (0, max(0, width - x.shape[1])), value=pad_id) for x in tok_out]), torch.cat(len_out), owners
+            tok_out[part] = toks.cpu()
+            len_out[part] = lengths.cpu()
+        return tok_out[:, : int(len_out.max())], len_out, owners
 
 
 # ------------------------------------------------------------------ re-encoding engines

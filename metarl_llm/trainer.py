@@ -127,7 +127,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.algo.micro_batch_tokens < 0:
         raise ValueError(f"algo.micro_batch_tokens must be >= 0 (0: one pass per minibatch), got {cfg.algo.micro_batch_tokens}")
     if cfg.algo.length_bucket_tokens < 0:
-        raise ValueError(f"algo.length_bucket_tokens must be >= 0 (0: no grouping of rows by length), got {cfg.algo.length_bucket_tokens}")
+        raise ValueError(f"algo.length_bucket_tokens must be >= 0 (0: no grouping of rows by length), "
+                         f"got {cfg.algo.length_bucket_tokens}")
     if cfg.algo.old_logprobs not in OLD_LOGPROBS:
         raise ValueError(f"algo.old_logprobs={cfg.algo.old_logprobs!r}; expected one of {OLD_LOGPROBS}")
     if cfg.algo.old_logprobs == "sampled" and (cfg.model.dtype != "float32" or cfg.model.autocast == "bf16"):

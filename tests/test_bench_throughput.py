@@ -1,5 +1,6 @@
-"""bench/throughput.py: the FLOP formula, the stop-token block, and the --quick run of the
-trl section (our PPO and GRPO iterations and trl's GRPOTrainer, files written)."""
+"""bench/throughput.py: the FLOP formula, the stop-token block, and the --quick run of both
+sections (trl: our PPO and GRPO iterations and trl's GRPOTrainer; engine: multi-episode
+trials by the cached, hf_generate and reencode engines and the meta-prover; files written)."""
 
 import importlib.util
 import json
@@ -62,7 +63,7 @@ def test_quick_run_writes_results(tp, tmp_path):
     res = tmp_path / "res"
     out = tp.main(["--quick", "--results-dir", str(res), "--out-root", str(tmp_path / "runs")])
     data = json.loads((res / "throughput.json").read_text())
-    assert data["sections"].keys() == out["sections"].keys() == {"trl"}
+    assert data["sections"].keys() == out["sections"].keys() == {"trl", "engine"}  # the default sections
     sec = data["sections"]["trl"]
     assert sec["quick"] and sec["matmul"]["flops_per_s"] > 0
     for k in ("torch", "transformers", "trl", "torch_threads"):
@@ -81,12 +82,29 @@ def test_quick_run_writes_results(tp, tmp_path):
             assert r["speedup_vs_trl"] > 0 and len(r["speedup_vs_trl_per_rep"]) == 1
     table = (res / "throughput_table.md").read_text()
     assert "| ours_ppo |" in table and "| trl_grpo |" in table and "python bench/throughput.py --quick" in table
+    # the engine section: multi-episode trials, three engines, the meta-prover both ways
+    eng = data["sections"]["engine"]
+    assert eng["quick"] and eng["settings"]["trials"] == 4 and eng["settings"]["budget"]["max_episodes"] == 2
+    assert eng["settings"]["budget"]["max_total_tokens"] == 2 * 8  # episodes x episode tokens: no early forcing
+    assert eng["cached_equals_reencode_tokens"] is True
+    assert set(eng["arms"]) == {"cached", "hf_generate", "reencode"}
+    for arm, r in eng["arms"].items():
+        assert len(r["seconds"]) == 1 and r["s_per_1k_trials"] > 0 and r["tokens_per_s"] > 0, arm
+        assert 1 < r["episodes_per_trial"] <= 3, arm  # episodes and the forced answer
+        assert 0 <= r["all_episodes_rate"] <= 1 and r["forced_answer_rate"] > 0, arm
+    for k in ("speedup_vs_hf_generate", "speedup_vs_reencode", "meta_prover_speedup"):
+        assert math.isfinite(eng[k]) and eng[k] > 0, k
+    assert eng["meta_prover_rows"] > 0 and set(eng["meta_prover"]) == {"meta_prover_cached", "meta_prover_reencode"}
+    assert "| cached |" in table and "| hf_generate |" in table and "Meta-prover" in table
     # a second section run keeps the others' entries (here: the same section, replaced)
     data["sections"]["other"] = {"kept": True}
     (res / "throughput.json").write_text(json.dumps(data))
-    tp.main(["--quick", "--arms", "ours_grpo", "--results-dir", str(res), "--out-root", str(tmp_path / "runs")])
+    tp.main(["--quick", "--sections", "trl", "--arms", "ours_grpo", "--results-dir", str(res),
+             "--out-root", str(tmp_path / "runs")])
     again = json.loads((res / "throughput.json").read_text())
     assert again["sections"]["other"] == {"kept": True} and set(again["sections"]["trl"]["summary"]) == {"ours_grpo"}
+    assert again["sections"]["engine"] == data["sections"]["engine"]  # not run this time: kept
     (res / "throughput_table.md").unlink()
     tp.main(["--render-only", "--results-dir", str(res)])  # the table again, from the JSON alone
-    assert "| ours_grpo |" in (res / "throughput_table.md").read_text()
+    rendered = (res / "throughput_table.md").read_text()
+    assert "| ours_grpo |" in rendered and "| reencode |" in rendered

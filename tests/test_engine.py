@@ -164,6 +164,8 @@ def test_engines_agree_and_trials_do_not_depend_on_the_batch(setup, one_thread):
     chunked = get_engine("cached", max_rows=3).run_trials(model, codec, make_envs(10), resets, groups, BUDGET,
                                                           torch.Generator().manual_seed(0))
     assert_same_trials(cached, chunked)
+    # Observations queued one token per pass (default) or fed as blocks: the same trials.
+    assert_same_trials(cached, play(model, codec, CachedEngine(queue_tokens=0)))
     # Another seed, other trials.
     assert [t.ids for t in play(model, codec, "cached", seed=1)] != [t.ids for t in cached]
 

@@ -108,7 +108,8 @@ def brute_force(lengths, pass_tokens, max_tokens=0, max_rows=0):
     return best
 
 
-@pytest.mark.parametrize("pass_tokens,max_tokens,max_rows", [(1, 0, 0), (8, 0, 0), (30, 0, 0), (8, 40, 0), (4, 0, 3), (500, 0, 0)])
+@pytest.mark.parametrize("pass_tokens,max_tokens,max_rows",
+                         [(1, 0, 0), (8, 0, 0), (30, 0, 0), (8, 40, 0), (4, 0, 3), (500, 0, 0)])
 def test_length_buckets_is_an_optimal_partition(pass_tokens, max_tokens, max_rows):
     g = torch.Generator().manual_seed(pass_tokens + max_tokens + max_rows)
     for _ in range(5):
