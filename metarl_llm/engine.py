@@ -211,6 +211,21 @@ def finish_episode(t: Trial, env, codec: StreamCodec, toks: list[int], logps: li
     return False, False, (codec.delimiter_token if cut else []) + codec.encode(obs)
 
 
+def finish_round(trials: list[Trial], envs: list, codec: StreamCodec, results: dict, live: list[int],
+                 forced: list[bool], budget: BudgetConfig) -> list[int]:
+    """One episode of every live trial of an episode-by-episode engine: ``results[i]`` =
+    (tokens, log-probs) of trial i's episode; records it, steps the environment, inserts
+    the observation. Updates ``forced`` in place; returns the trials still running."""
+    still = []
+    for i in live:
+        done, forced[i], obs_ids = finish_episode(trials[i], envs[i], codec, *results[i], forced[i], budget)
+        if not done:
+            if obs_ids:
+                trials[i].append(obs_ids, False, -1)
+            still.append(i)
+    return still
+
+
 # ------------------------------------------------------------------ cached engine
 
 
@@ -663,16 +678,9 @@ class ReencodeEngine(Engine):
                 return trials
             limits = [episode_limit(trials[i], forced[i], budget) for i in live]
             out = _sample_keyed(model, [trials[i].ids for i in live], limits, codec, keys[live], greedy)
-            still = []
-            for row, i in enumerate(live):
-                n = int(out.lengths[row])
-                done, forced[i], obs_ids = finish_episode(trials[i], envs[i], codec, out.tokens[row, :n].tolist(),
-                                                          out.logprobs[row, :n].tolist(), forced[i], budget)
-                if not done:
-                    if obs_ids:
-                        trials[i].append(obs_ids, False, -1)
-                    still.append(i)
-            live = still
+            results = {i: (out.tokens[row, : int(out.lengths[row])].tolist(), out.logprobs[row, : int(out.lengths[row])].tolist())
+                       for row, i in enumerate(live)}
+            live = finish_round(trials, envs, codec, results, live, forced, budget)
         if live:
             raise RuntimeError(f"{len(live)} trial(s) did not terminate within max_episodes+2 rounds")
         return trials
@@ -734,14 +742,7 @@ class HFGenerateEngine(Engine):
                 out = _generate(model, [trials[i].ids for i in rows], lim, codec, greedy)
                 for row, i in enumerate(rows):
                     results[i] = (out.tokens[row, : int(out.lengths[row])].tolist(), out.logprobs[row, : int(out.lengths[row])].tolist())
-            still = []
-            for i in live:
-                done, forced[i], obs_ids = finish_episode(trials[i], envs[i], codec, *results[i], forced[i], budget)
-                if not done:
-                    if obs_ids:
-                        trials[i].append(obs_ids, False, -1)
-                    still.append(i)
-            live = still
+            live = finish_round(trials, envs, codec, results, live, forced, budget)
         if live:
             raise RuntimeError(f"{len(live)} trial(s) did not terminate within max_episodes+2 rounds")
         return trials

@@ -309,7 +309,7 @@ def build_actor_critic(policy: nn.Module, cfg: ModelConfig, seed: int) -> ActorC
 
 
 @contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Run with torch's RNG seeded (CPU, and ``device`` if CUDA), restoring it afterwards."""
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -340,7 +340,7 @@ def add_lora(policy: nn.Module, cfg: PolicyLoraConfig, seed: int) -> "PeftModel"
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
         bias="none", task_type="CAUSAL_LM",
     )
-    with _seeded(seed, next(policy.parameters()).device), warnings.catch_warnings():
+    with seeded(seed, next(policy.parameters()).device), warnings.catch_warnings():
         # peft reads transformers' deprecated `is_gradient_checkpointing`: noise on every run.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         adapter = get_peft_model(policy, lora)

@@ -43,6 +43,7 @@ from envs.arc_grids import ArcTask, Grid, task_prompt
 from metarl_llm.arc_augment import IDENTITY, Transform, permute_pairs, random_transforms, single_row
 from metarl_llm.arc_vote import ANSWER_MARKER, answer_text
 from metarl_llm.config import TTTConfig  # noqa: F401  (re-exported)
+from metarl_llm.models import seeded
 
 log = logging.getLogger(__name__)
 
@@ -181,15 +182,6 @@ def _masked_loss(model, ids: torch.Tensor, attn: torch.Tensor, loss_mask: torch.
     return (nll * m).sum(), m.sum()
 
 
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run with torch's RNG seeded, leaving the global RNG state as it was."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 class TestTimeTrainer:
     """Per-problem LoRA test-time training of a causal LM.
 
@@ -227,7 +219,7 @@ class TestTimeTrainer:
             target_modules=list(self.cfg.target_modules), bias="none", task_type="CAUSAL_LM",
         )
         self.device = next(model.parameters()).device
-        with _seeded(self.cfg.seed, self.device):
+        with seeded(self.cfg.seed, self.device):
             self.model = get_peft_model(model, lora)
         self.params = [p for _, p in self.model.named_parameters() if p.requires_grad]
         self._lora_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
@@ -288,7 +280,7 @@ class TestTimeTrainer:
         losses: list[float] = []
         self.model.train()
         try:
-            with _seeded(seed, self.device):
+            with seeded(seed, self.device):
                 for _ in range(cfg.epochs):
                     order = order_rng.permutation(len(enc))
                     for s in range(0, len(enc), cfg.batch_size):
