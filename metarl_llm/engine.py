@@ -37,6 +37,8 @@ registers itself with :func:`register_engine`; the trainer only calls
 
 from __future__ import annotations
 
+import abc
+
 import inspect
 from dataclasses import dataclass
 from typing import Callable
@@ -137,11 +139,12 @@ def check_keys(keys: torch.Tensor | None, n: int, generator: torch.Generator | N
 # ------------------------------------------------------------------ interface
 
 
-class Engine:
-    """A rollout backend. Subclasses implement :meth:`run_trials`."""
+class Engine(abc.ABC):
+    """A rollout backend (abstract). Subclasses implement :meth:`run_trials`."""
 
     name = "engine"
 
+    @abc.abstractmethod
     def run_trials(
         self, model: torch.nn.Module, codec: StreamCodec, envs: list, resets: list[dict], groups: list[int],
         budget: BudgetConfig, generator: torch.Generator | None = None, keep_cache: bool = False,
@@ -151,7 +154,6 @@ class Engine:
 
         ``keys`` [N] int64: the trials' sampling keys (default: drawn from ``generator``),
         for callers that shard a batch whose keys were drawn globally."""
-        raise NotImplementedError
 
 
 def start_trials(codec: StreamCodec, envs: list, resets: list[dict], groups: list[int], budget: BudgetConfig) -> list[Trial]:
