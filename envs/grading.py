@@ -46,6 +46,12 @@ MAX_ANSWER_CHARS = 512
 """Answers (and references) longer than this score False without being parsed."""
 MAX_NESTING_DEPTH = 64
 """Answers whose ``()[]{}`` nesting is deeper than this score False without being parsed."""
+MAX_DIVISIONS = 10
+"""Answers (or references) with more ``/`` than this score False instead of going to
+math-verify: its comparison is exponential in the length of a plain division chain
+(``a/b/c/...``: ~2 s at 16 terms, found by tests/test_fuzz.py), so a long chain would only
+run into the grading timeout and cost a worker restart. Plain ``a/b`` fractions are
+compared in-process before this check."""
 SETUP_TIMEOUT_S = 120.0
 """Bound on the worker's one-off imports (math-verify, reasoning-gym) after a (re)start."""
 WORKER_MEMORY_HEADROOM = 2 << 30
@@ -180,7 +186,8 @@ def answers_match(answer: str, reference: str, timeout_s: float = 2.0) -> bool:
        byte gives False at once, before any parser sees it.
     2. Plain numbers on both sides (integers, decimals, ``a/b`` fractions, thousands
        commas, optional ``$..$`` or ``\\boxed{}``) are compared exactly in-process.
-    3. Anything else is parsed and compared by math-verify (``verify(gold=reference,
+    3. More than :data:`MAX_DIVISIONS` (10) ``/`` on either side gives False.
+    4. Anything else is parsed and compared by math-verify (``verify(gold=reference,
        target=answer)``) in the grading worker, with a hard ``timeout_s`` wall-clock
        bound per call; on timeout the worker is killed and restarted and the answer
        scores False. Worker start-up (imports) is bounded separately by
@@ -193,6 +200,8 @@ def answers_match(answer: str, reference: str, timeout_s: float = 2.0) -> bool:
         return a == r
     if r is not None and not any(c.isdigit() for c in answer):
         return False  # a number needs digits; spares the worker most garbage
+    if answer.count("/") > MAX_DIVISIONS or reference.count("/") > MAX_DIVISIONS:
+        return False  # math-verify is exponential in a division chain's length
     return _math_verify_match(answer, reference, timeout_s)
 
 

@@ -40,10 +40,11 @@ nested brackets): each overrun costs the timeout plus a worker restart, so those
 examples there, while in-process targets get them freely. Run with ``-s`` for the summary
 per target: examples, timed calls, slowest call and its input, overruns.
 
-Finding (no fix needed, bounded by the worker's timeout): math-verify's comparison (sympy's
-``evalf`` of the unevaluated quotient) is exponential in the length of a plain division
-chain, ~2 s at 16 terms (``"2114509537/2114509537/..."``), so such answers score 0 by
-overrunning, and an equal one (``"$24/2/1/.../1$"``, ~1.3 s) may score either way by machine load.
+Finding: math-verify's comparison (sympy's ``evalf`` of the unevaluated quotient) is
+exponential in the length of a plain division chain, ~2 s at 16 terms
+(``"2114509537/2114509537/..."``), so such answers scored 0 by overrunning the timeout, and
+an equal one (``"$24/2/1/.../1$"``, ~1.3 s) either way by machine load. Fixed: answers with
+more than ``envs.grading.MAX_DIVISIONS`` (10) ``/`` score False before math-verify.
 """
 
 from __future__ import annotations
@@ -428,7 +429,7 @@ REFERENCES = ["12", "4", "-3/4", "1,000", "\\frac{1}{2}", "x+1", "\\sqrt{2}", "(
 @with_examples(reference="12")
 @example(text="12 apples", reference="12")
 # Found by this fuzzing: math-verify (sympy's evalf of the unevaluated quotient) is
-# exponential in the length of a division chain, ~2 s at 16 terms: bounded by the timeout.
+# exponential in the length of a division chain, ~2 s at 16 terms: now refused by a guard.
 @example(text="/".join(["2114509537"] * 20), reference="12")
 def test_answers_match(text, reference):
     """math equivalence: a bool, the same after the memo is cleared, in bounded time."""

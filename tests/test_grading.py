@@ -68,6 +68,22 @@ def test_guards_reject_before_parsing():
     assert answers_match("1" * 512, "1" * 512)  # the limit itself is allowed
 
 
+def test_long_division_chains_are_refused_without_the_worker():
+    """math-verify is exponential in a division chain's length (~2 s at 16 terms): over
+    MAX_DIVISIONS slashes the answer scores False at once, without a worker round-trip."""
+    chain = "/".join(["2114509537"] * 20)
+    restarts = grading.worker_restarts()
+    start = time.monotonic()
+    assert answers_match(chain, "12") is False
+    assert answers_match("$" + "/".join(["24", "2"] + ["1"] * 18) + "$", "12") is False  # equal, but refused
+    assert time.monotonic() - start < 0.5
+    assert grading.worker_restarts() == restarts
+    # At the limit the chain still goes to math-verify: 24/2/1/.../1 with 10 slashes is 12.
+    at_limit = "$" + "/".join(["24", "2"] + ["1"] * (grading.MAX_DIVISIONS - 1)) + "$"
+    assert at_limit.count("/") == grading.MAX_DIVISIONS
+    assert answers_match(at_limit, "12") is True
+
+
 @pytest.mark.parametrize("reference", ["12", "\\frac{1}{2}"])  # numeric and symbolic references
 @pytest.mark.parametrize(
     "answer",
