@@ -7,6 +7,13 @@ work; and the rollout engines on multi-episode trials.
     python bench/throughput.py --sections engine --engine-overrides env=math   # the engine section alone, on math
     python bench/throughput.py --render-only                                 # rewrite the table from the JSON
 
+On a GPU (the committed ``throughput_gpu`` run: a 113M-parameter model of the same
+architecture built from a config, bf16 autocast on both sides):
+
+    M="model.tiny.hidden_size=768 model.tiny.num_layers=12 model.tiny.num_heads=12 model.tiny.intermediate_size=3072"
+    python bench/throughput.py --device cuda --bf16 --threads 4 --reps 5 --steps 6 --matmul-size 8192 \
+        --name throughput_gpu $M --engine-overrides $M
+
 Sections (``--sections``, comma-separated; each is one function, and its results replace
 that section's entry in ``<results-dir>/<name>.json`` while other sections' entries stay):
 
@@ -16,13 +23,15 @@ that section's entry in ``<results-dir>/<name>.json`` while other sections' entr
     - ``ours_ppo``: ``metarl_llm.trainer.train`` with ``algo=ppo bonus=none`` (GAE, shared
       critic: value head on the policy trunk);
     - ``ours_grpo``: the same with ``algo=grpo`` (group-normalised returns, no critic);
-    - ``trl_grpo``: ``trl.GRPOTrainer`` (transformers ``generate``, no vLLM, CPU).
+    - ``trl_grpo``: ``trl.GRPOTrainer`` (transformers ``generate``, no vLLM; CPU or ``--device cuda``).
 
-    Our arms run with ``algo.old_logprobs=sampled`` (TRL_SECTION_OVERRIDES; the trainer's
-    default is ``recompute``): the PPO ratio's old log-probs are the rollout engine's own
-    sampling log-probs, equal to a recomputation up to float rounding (~1e-6, tested), so
-    GRPO skips the policy's no-grad forward, as trl does with ``num_iterations=1``; PPO
-    still runs it for the values. Everything else is the trainer's default (including
+    In float32 our arms run with ``algo.old_logprobs=sampled`` (:func:`precision_overrides`;
+    the trainer's default is ``recompute``): the PPO ratio's old log-probs are the rollout
+    engine's own sampling log-probs, equal to a recomputation up to float rounding (~1e-6,
+    tested), and PPO's values come from the value head on the engine's own hidden states,
+    so neither arm runs a no-grad forward of the policy, as trl does not with
+    ``num_iterations=1``. With ``--bf16`` the old log-probs are recomputed (bf16 passes of
+    different shapes round differently). Everything else is the trainer's default (including
     ``algo.length_bucket_tokens`` and ``rollout.prefill_bucket_tokens``: rows of similar
     length share a forward pass).
 
@@ -66,8 +75,8 @@ What each side does per iteration (and is timed)
 ------------------------------------------------
 ours (``perf/iteration_s`` of the trainer's metrics.jsonl): rollout with the configured
 engine (``rollout.engine``, default ``cached``; environment steps inside); a no-grad
-forward of the reference and, for PPO only, of the policy (its values; with
-``algo.old_logprobs=sampled`` the old log-probs are the sampling ones); rewards, KL and
+forward of the reference (and of the policy only with ``--bf16``: ``algo.old_logprobs=
+recompute``; in float32 the old log-probs and PPO's values come from the rollout); rewards, KL and
 advantages; ``ppo_update`` (whitening, one minibatch forward + backward with entropy, in
 passes of rows of similar length, clip, AdamW step). The held-out evaluation is outside
 the timed iteration.
@@ -108,7 +117,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import json
 import logging
@@ -140,8 +148,27 @@ TRL_SECTION_OVERRIDES = [
     "env=math", "bonus=none", "budget.max_episodes=1", "warm_start.steps=0", "algo.ppo_epochs=1",
     "eval.every=0", "eval.num_problems=1", "eval.samples_per_problem=1", "eval.prover_samples=1",
     "eval.extrapolation=false", "checkpoint_every=0", "logger.mode=disabled", "logger.progress_bar=false",
-    "device=cpu", "algo.old_logprobs=sampled",
 ]
+
+
+def precision_overrides(args) -> list[str]:
+    """Device and precision of our arms. float32 (default): no autocast and the sampling
+    log-probs as the PPO ratio's old log-probs (``algo.old_logprobs=sampled``: equal to a
+    recomputation up to ~1e-6). ``--bf16``: the rollout, scoring and update forwards under
+    bf16 autocast (trl: ``bf16=True``, accelerate's autocast); bf16 sampling and scoring
+    passes round differently, so the old log-probs are recomputed (``recompute``: one more
+    no-grad policy forward than trl, which takes the detached current ones). The cuDNN
+    attention backend is set process-wide for both sides (``--cudnn-attention``)."""
+    common = [f"device={args.device}", f"model.cudnn_attention={str(args.cudnn_attention).lower()}"]
+    if args.bf16:
+        return [*common, "model.autocast=bf16", "algo.old_logprobs=recompute"]
+    return [*common, "model.autocast=off", "algo.old_logprobs=sampled"]
+
+
+def sync(device: str) -> None:
+    """Wait for queued device work, so that a host clock read after it times it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 QUICK_OVERRIDES = ["budget.max_episode_tokens=8", "budget.answer_max_tokens=4"]
 
 log = logging.getLogger("bench.throughput")
@@ -179,25 +206,30 @@ def update_flops(num_params: int, tokens: int, row_lengths: list[int] | None = N
     return flops
 
 
-def matmul_flops_per_s(n: int = 1024, reps: int = 7, threads: int = 1) -> dict:
-    """Measured float32 ``torch.matmul`` of two n x n matrices: 2 n^3 / seconds, median of ``reps``."""
+def matmul_flops_per_s(n: int = 1024, reps: int = 7, threads: int = 1, device: str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> dict:
+    """Measured ``torch.matmul`` of two n x n random matrices of ``dtype`` on ``device``:
+    2 n^3 / seconds, median of ``reps`` (CUDA: synchronised before each clock read)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         g = torch.Generator().manual_seed(0)
-        a = torch.randn(n, n, generator=g)
-        b = torch.randn(n, n, generator=g)
-        for _ in range(2):
+        a = torch.randn(n, n, generator=g).to(device, dtype)
+        b = torch.randn(n, n, generator=g).to(device, dtype)
+        for _ in range(3):
             torch.matmul(a, b)
         times = []
         for _ in range(reps):
+            sync(device)
             t0 = time.perf_counter()
             torch.matmul(a, b)
+            sync(device)
             times.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(before)
     flops = 2.0 * n**3
-    return {"n": n, "threads": threads, "dtype": "float32", "seconds": times, "flops_per_s": flops / median(times)}
+    return {"n": n, "threads": threads, "dtype": str(dtype).removeprefix("torch."), "device": device, "seconds": times,
+            "flops_per_s": flops / median(times)}
 
 
 def block_stop_tokens(model: torch.nn.Module, ids: list[int]) -> None:
@@ -225,15 +257,20 @@ def trainable_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def environment_info(threads: int) -> dict:
+def environment_info(threads: int, device: str = "cpu") -> dict:
     import transformers
     import trl
 
-    return {
+    info = {
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "trl": trl.__version__, "platform": platform.platform(), "processor": platform.processor(),
         "cpu_count": os.cpu_count(), "torch_threads": threads, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "device": device,
     }
+    if device == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                    gpu_memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30)
+    return info
 
 
 # ------------------------------------------------------------------ the trl section
@@ -286,8 +323,10 @@ def run_ours(cfg, run_dir: Path, block: bool) -> tuple[list[dict], dict]:
         return policy, tok
 
     def run_trials(*a, **kw):
+        sync(cfg.device)
         t0 = time.perf_counter()
         trials = orig["run_trials"](*a, **kw)
+        sync(cfg.device)
         rec["rollout"].append({
             "s": time.perf_counter() - t0, "trials": len(trials), "sampled_tokens": sum(t.policy_tokens for t in trials),
             "problem_ids": [t.problem_id for t in trials][:: cfg.algo.group_size],
@@ -296,14 +335,18 @@ def run_ours(cfg, run_dir: Path, block: bool) -> tuple[list[dict], dict]:
         return trials
 
     def score_batch(*a, **kw):
+        sync(cfg.device)
         t0 = time.perf_counter()
         out = orig["score_batch"](*a, **kw)
+        sync(cfg.device)
         rec["score"].append({"s": time.perf_counter() - t0})
         return out
 
     def ppo_update(actor_critic, optimizer, batch, *a, **kw):
+        sync(cfg.device)
         t0 = time.perf_counter()
         stats = orig["ppo_update"](actor_critic, optimizer, batch, *a, **kw)
+        sync(cfg.device)
         lengths = batch.attention_mask.sum(1).tolist()
         rec["update"].append({"s": time.perf_counter() - t0, "tokens": int(stats["update_tokens"]), "rows": len(lengths),
                               "row_lengths": [int(n) for n in lengths], "width": int(batch.input_ids.shape[1])})
@@ -362,9 +405,10 @@ def env_reward(cfg, tokenizer, timer: dict):
     return math_env_outcome
 
 
-def run_trl(cfg, problems: list[dict], work_dir: Path, block: bool, threads: int) -> tuple[list[dict], dict]:
+def run_trl(cfg, problems: list[dict], work_dir: Path, block: bool, threads: int, bf16: bool = False) -> tuple[list[dict], dict]:
     """One ``trl.GRPOTrainer`` run of ``cfg.algo.iterations`` steps on ``problems`` (in order);
-    per-step records and run facts."""
+    per-step records and run facts. On ``cfg.device`` (cpu or cuda); ``bf16``: trl's
+    ``bf16=True`` (accelerate's bf16 autocast, float32 weights), as our ``model.autocast=bf16``."""
     import datasets
     import transformers
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -398,9 +442,11 @@ def run_trl(cfg, problems: list[dict], work_dir: Path, block: bool, threads: int
             torch.set_num_threads(threads)  # in case a library changed it
 
         def on_step_begin(self, args, state, control, **kw):
+            sync(cfg.device)
             timer["step_begin"].append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kw):
+            sync(cfg.device)
             timer["step_end"].append(time.perf_counter())
 
     with warnings.catch_warnings():
@@ -410,7 +456,7 @@ def run_trl(cfg, problems: list[dict], work_dir: Path, block: bool, threads: int
             num_generations=a.group_size, num_iterations=1, max_completion_length=b.max_episode_tokens + b.answer_max_tokens,
             beta=a.kl_coef, epsilon=a.clip_eps, learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0,
             weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm, optim="adamw_torch", max_steps=a.iterations,
-            temperature=1.0, top_k=0, top_p=1.0, use_vllm=False, use_cpu=True, bf16=False, fp16=False, seed=cfg.seed,
+            temperature=1.0, top_k=0, top_p=1.0, use_vllm=False, use_cpu=cfg.device == "cpu", bf16=bf16, fp16=False, seed=cfg.seed,
             shuffle_dataset=False, report_to=[], logging_strategy="no", save_strategy="no", disable_tqdm=True,
             log_completions=False, dataloader_num_workers=0, remove_unused_columns=False,
         )
@@ -428,14 +474,18 @@ def run_trl(cfg, problems: list[dict], work_dir: Path, block: bool, threads: int
     gen_orig, gas_orig = trainer._generate_single_turn, trainer._generate_and_score_completions
 
     def generate_single_turn(*args_, **kw):
+        sync(cfg.device)
         t0 = time.perf_counter()
         completion_ids, logprobs = gen_orig(*args_, **kw)
+        sync(cfg.device)
         timer["gen"].append({"s": time.perf_counter() - t0, "tokens": sum(len(c) for c in completion_ids)})
         return completion_ids, logprobs
 
     def generate_and_score(*args_, **kw):
+        sync(cfg.device)
         t0 = time.perf_counter()
         out = gas_orig(*args_, **kw)
+        sync(cfg.device)
         lengths = (out["prompt_mask"].sum(1) + out["completion_mask"].sum(1)).tolist()
         timer["gas"].append({"s": time.perf_counter() - t0, "completion_tokens": int(out["completion_mask"].sum()),
                              "row_lengths": [int(n) for n in lengths],
@@ -498,11 +548,15 @@ def bench_trl(args, overrides: list[str], peak: float) -> dict:
     n_trials = args.problems * args.group
     base = [*TRL_SECTION_OVERRIDES, f"algo.problems_per_iter={args.problems}", f"algo.group_size={args.group}",
             f"algo.minibatch_size={n_trials}", f"algo.iterations={args.warmup + args.steps}", f"threads={args.threads}",
-            f"seed={args.seed}", *(QUICK_OVERRIDES if args.quick else []), *overrides]
+            f"seed={args.seed}", *precision_overrides(args), *(QUICK_OVERRIDES if args.quick else []), *overrides]
     cfgs = {arm: compose([*base, f"algo={algo}"]) for arm, algo in OUR_ARMS.items()}
     cfg = cfgs["ours_grpo"]
     if cfg.budget.max_episodes != 1:
         raise SystemExit("the trl section compares single-episode trials: budget.max_episodes must stay 1")
+    if cfg.budget.max_total_tokens < cfg.budget.max_episode_tokens:
+        raise SystemExit(f"budget.max_total_tokens={cfg.budget.max_total_tokens} would cut our episode below "
+                         f"budget.max_episode_tokens={cfg.budget.max_episode_tokens} (trl samples the full length): "
+                         "raise it too")
     problems = problem_sequence(cfg, cfg.algo.iterations)
     expected_ids = [p["problem_id"] for p in problems]
     arms = [a for a in ARM_ORDER if a in args.arms]
@@ -513,7 +567,7 @@ def bench_trl(args, overrides: list[str], peak: float) -> dict:
         for arm in arms:
             t0 = time.perf_counter()
             if arm == TRL_ARM:
-                steps, f = run_trl(cfg, problems, out_root / f"{arm}_rep{rep}", not args.allow_stops, args.threads)
+                steps, f = run_trl(cfg, problems, out_root / f"{arm}_rep{rep}", not args.allow_stops, args.threads, args.bf16)
                 played = [i for s in steps for i in s.pop("problem_indices")]
                 if played != [p["index"] for p in problems]:
                     raise RuntimeError("trl played other problems than the trainer's sequence")
@@ -549,6 +603,8 @@ def bench_trl(args, overrides: list[str], peak: float) -> dict:
         "overrides": base, "arms": {**{k: f"metarl_llm.trainer.train algo={v}" for k, v in OUR_ARMS.items()},
                                      TRL_ARM: "trl.GRPOTrainer"},
         "problems_per_iter": args.problems, "group_size": args.group, "trials_per_step": n_trials,
+        "device": cfg.device, "precision": "bf16 autocast" if args.bf16 else "float32",
+        "cudnn_attention": args.cudnn_attention,
         "reps": args.reps, "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
         "episode_tokens": b.max_episode_tokens, "answer_tokens": b.answer_max_tokens,
         "trl_max_completion_length": b.max_episode_tokens + b.answer_max_tokens,
@@ -571,7 +627,8 @@ def table_trl(section: dict) -> str:
         f"{st['trials_per_step']} trials per iteration, one optimiser step per iteration, "
         f"{st['episode_tokens']} + {st['answer_tokens']} sampled tokens per trial "
         f"({'stop tokens blocked: equal lengths' if st['stop_tokens_blocked'] else 'natural lengths'}), "
-        f"{st['num_params']:,} trainable parameters, KL coefficient / beta {st['kl_coef_beta']}, "
+        f"{st['num_params']:,} trainable parameters, {st.get('device', 'cpu')}, {st.get('precision', 'float32')}, "
+        f"KL coefficient / beta {st['kl_coef_beta']}, "
         f"rollout engine `{st['rollout_engine']}`, our arms with `algo.old_logprobs={st.get('old_logprobs', 'recompute')}` "
         f"(`algo.length_bucket_tokens={st.get('length_bucket_tokens', 0)}`, "
         f"`rollout.prefill_bucket_tokens={st.get('prefill_bucket_tokens', 0)}`). "
@@ -620,7 +677,7 @@ def engine_config(args):
     """The engine section's config: ``budget.max_episodes=--engine-episodes`` and, unless
     ``--engine-overrides`` set it, ``budget.max_total_tokens`` = episodes x max_episode_tokens
     (so that the token budget does not force the answer before the last episode)."""
-    overrides = [f"budget.max_episodes={args.engine_episodes}", "device=cpu", f"threads={args.threads}", f"seed={args.seed}",
+    overrides = [f"budget.max_episodes={args.engine_episodes}", f"device={args.device}", f"threads={args.threads}", f"seed={args.seed}",
                  *(QUICK_OVERRIDES if args.quick else []), *args.engine_overrides]
     cfg = compose(overrides)
     if not any(o.lstrip("+").startswith("budget.max_total_tokens=") for o in args.engine_overrides):
@@ -653,9 +710,12 @@ def bench_engine(args, overrides: list[str], peak: float) -> dict:
     from metarl_llm.rollout import StreamCodec, run_trials
     from metarl_llm.trainer import env_factory
 
+    from metarl_llm.models import autocast
+
     cfg, eng_overrides = engine_config(args)
     policy, tokenizer = load_policy(cfg.model, cfg.seed)
-    policy.eval()
+    policy.to(args.device).eval()
+    amp = torch.bfloat16 if args.bf16 else None  # --bf16: every arm's forwards under bf16 autocast
     codec = StreamCodec(tokenizer, "\n", cfg.env.forced_answer_text)
     make = env_factory(cfg)
     n = args.engine_trials
@@ -674,9 +734,12 @@ def bench_engine(args, overrides: list[str], peak: float) -> dict:
     for rep in range(args.engine_reps + 1):
         out = {}
         for arm in ENGINE_ARMS:
+            sync(args.device)
             t0 = time.perf_counter()
-            trials = run_trials(policy, codec, envs, resets, groups, cfg.budget, _torch.Generator().manual_seed(rep),
-                                engine=arm, keep_cache=arm == "cached")
+            with autocast(args.device, amp):
+                trials = run_trials(policy, codec, envs, resets, groups, cfg.budget, _torch.Generator().manual_seed(rep),
+                                    engine=arm, keep_cache=arm == "cached")
+            sync(args.device)
             dt = time.perf_counter() - t0
             out[arm] = trials
             if rep:
@@ -692,9 +755,12 @@ def bench_engine(args, overrides: list[str], peak: float) -> dict:
             if kind == "meta_prover_reencode":
                 for t in trials:
                     t.cache = None  # no kept cache: every boundary prefix is encoded again
+            sync(args.device)
             t0 = time.perf_counter()
-            meta_prover_success(policy, codec, trials, ends, cfg.bonus.num_samples, cfg.budget.answer_max_tokens,
-                                _torch.Generator().manual_seed(rep))
+            with autocast(args.device, amp):
+                meta_prover_success(policy, codec, trials, ends, cfg.bonus.num_samples, cfg.budget.answer_max_tokens,
+                                    _torch.Generator().manual_seed(rep))
+            sync(args.device)
             if rep:
                 mp_times[kind].append(time.perf_counter() - t0)
         if rep:
@@ -719,7 +785,7 @@ def bench_engine(args, overrides: list[str], peak: float) -> dict:
         "settings": {"overrides": eng_overrides, "trials": n, "group": group, "reps": args.engine_reps,
                      "budget": dataclasses.asdict(b), "env": cfg.env.name, "model": dataclasses.asdict(cfg.model.tiny),
                      "num_params": trainable_params(policy), "meta_prover_samples": cfg.bonus.num_samples,
-                     "stop_tokens_blocked": False},
+                     "stop_tokens_blocked": False, "device": args.device, "precision": "bf16 autocast" if args.bf16 else "float32"},
         "cached_equals_reencode_tokens": all(identical),
         "cached_equals_reencode_per_rep": identical,
         "arms": arms,
@@ -740,7 +806,7 @@ def table_engine(section: dict) -> str:
         f"`env={st['env']}`, {st['trials']} trials ({st['trials'] // st['group']} problems x {st['group']}), "
         f"`budget.max_episodes={b['max_episodes']}`, up to {b['max_episode_tokens']} tokens per episode "
         f"(`budget.max_total_tokens={b['max_total_tokens']}`), then a forced answer of up to {b['answer_max_tokens']} tokens; "
-        f"the untrained tiny model ({st['num_params']:,} parameters), stop tokens not blocked (episodes end at the newline, "
+        f"the untrained tiny model ({st['num_params']:,} parameters, {st.get('device', 'cpu')}, {st.get('precision', 'float32')}), stop tokens not blocked (episodes end at the newline, "
         f"EOS or the episode limit). Medians over {st['reps']} repetitions after a warm-up; the arms alternate within "
         "each repetition. Speed-up: the other arm's seconds over cached's, per repetition, median.",
         "",
@@ -789,6 +855,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--steps", type=int, default=4, help="measured iterations per run")
     p.add_argument("--warmup", type=int, default=1, help="iterations per run excluded from the figures")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (set OMP_NUM_THREADS to match)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both trainers run")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast on both sides (ours model.autocast=bf16 with algo.old_logprobs=recompute, trl bf16=True); "
+                        "the matmul peak is then measured in bf16")
+    p.add_argument("--cudnn-attention", action="store_true",
+                   help="allow PyTorch's cuDNN attention backend (CUDA; both sides): it plans every new shape, ~40 ms")
     p.add_argument("--problems", type=int, default=8, help="problems per iteration")
     p.add_argument("--group", type=int, default=8, help="trials per problem (trl num_generations)")
     p.add_argument("--seed", type=int, default=0)
@@ -820,6 +892,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
         p.error(f"--sections: unknown {unknown}; choose from {sorted(SECTIONS)}")
     if min(args.reps, args.steps, args.problems) < 1 or args.group < 2 or args.warmup < 0:
         p.error("--reps, --steps, --problems must be >= 1, --group >= 2, --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
     if min(args.engine_trials, args.engine_episodes, args.engine_reps) < 1:
         p.error("--engine-trials, --engine-episodes, --engine-reps must be >= 1")
     return args, sections
@@ -829,6 +903,9 @@ def main(argv=None) -> dict:
     args, sections = parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     torch.set_num_threads(args.threads)
+    from metarl_llm.models import set_cudnn_attention
+
+    set_cudnn_attention(args.cudnn_attention)  # process-wide: trl's runs and the engine section too
     logging.basicConfig(level=logging.WARNING)
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -844,13 +921,15 @@ def main(argv=None) -> dict:
         tmp = tempfile.mkdtemp(prefix="bench_throughput_")
         args.out_root = tmp
     try:
-        peak = matmul_flops_per_s(args.matmul_size, args.matmul_reps, args.threads)
-        print(f"matmul float32 {args.matmul_size}^2, {args.threads} thread(s): {peak['flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
+        peak = matmul_flops_per_s(args.matmul_size, args.matmul_reps, args.threads, args.device,
+                                  torch.bfloat16 if args.bf16 else torch.float32)
+        print(f"matmul {peak['dtype']} {args.matmul_size}^2 on {args.device}, {args.threads} thread(s): "
+              f"{peak['flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
         for name in sections:
             t0 = time.perf_counter()
             section = SECTIONS[name](args, list(args.overrides), peak["flops_per_s"])
             section["matmul"] = peak
-            section["environment"] = environment_info(args.threads)
+            section["environment"] = environment_info(args.threads, args.device)
             section["command"] = " ".join(["python bench/throughput.py", *(sys.argv[1:] if argv is None else argv)])
             section["quick"] = args.quick
             section["wall_s"] = time.perf_counter() - t0
@@ -872,12 +951,14 @@ def render(results: dict) -> str:
     names = [n for n in SECTIONS if n in results["sections"]]  # in the script's order, whatever the JSON's
     for name in names:
         section = results["sections"][name]
-        m = section["matmul"]
+        m, env = section["matmul"], section["environment"]
+        gpu = f"{env['gpu']} (CUDA {env['cuda']}), " if env.get("device") == "cuda" else ""
         table += [f"## {SECTION_TITLES.get(name, name)}", "", f"    {section['command']}", "",
-                  f"Machine: {section['environment']['cpu_count']} CPUs, torch {section['environment']['torch']}, "
-                  f"transformers {section['environment']['transformers']}, trl {section['environment']['trl']}, "
-                  f"{section['environment']['torch_threads']} torch thread(s); float32 matmul peak "
-                  f"{m['flops_per_s'] / 1e9:.1f} GFLOP/s ({m['n']}x{m['n']}, median of {len(m['seconds'])}).", "",
+                  f"Machine: {gpu}{env['cpu_count']} CPUs, torch {env['torch']}, "
+                  f"transformers {env['transformers']}, trl {env['trl']}, "
+                  f"{env['torch_threads']} torch thread(s); {m.get('dtype', 'float32')} matmul peak "
+                  f"{m['flops_per_s'] / 1e9:.1f} GFLOP/s on {m.get('device', 'cpu')} "
+                  f"({m['n']}x{m['n']}, median of {len(m['seconds'])}).", "",
                   TABLES[name](section)]
     return "\n".join(table)
 

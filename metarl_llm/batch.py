@@ -115,6 +115,19 @@ def sampled_logprobs(trials: list[Trial], width: int) -> torch.Tensor:
     return out
 
 
+def sampled_values(trials: list[Trial], width: int) -> torch.Tensor:
+    """[B, width] the critic's values computed by the rollout engine while sampling
+    (``Trial.sample_values``: token-aligned with ``ids``, 0 off action tokens; ``run_trials``
+    with ``value_head``), right-padded with 0. A trial without them is an error (never zeros)."""
+    out = torch.zeros((len(trials), width))
+    for i, tr in enumerate(trials):
+        if tr.sample_values is None:
+            raise ValueError(f"sampled_values: trial {i} ({tr.problem_id}) has no values from the rollout "
+                             f"(run_trials(..., value_head=...) with an engine that supports it)")
+        out[i, : len(tr.sample_values)] = torch.as_tensor(tr.sample_values, dtype=torch.float32)
+    return out
+
+
 def collate(trials: list[Trial], pad_id: int) -> RolloutBatch:
     """Stack trials into a right-padded batch (model-derived fields zero until scored)."""
     b, t = len(trials), max(len(tr.ids) for tr in trials)

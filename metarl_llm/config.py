@@ -165,9 +165,13 @@ class ModelConfig:
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (PPO update, warm start); less memory, more time
     lora: PolicyLoraConfig = field(default_factory=PolicyLoraConfig)  # LoRA policy (model.lora.r > 0) instead of full fine-tuning
-    # Mixed precision of the PPO update's and the scoring passes' forward: auto (bf16 on CUDA
-    # devices that support it, off elsewhere) | bf16 | off. Log-probs and losses stay float32.
+    # Mixed precision of the training rollout's, the scoring passes' and the PPO update's
+    # forward: auto (bf16 on CUDA devices that support it, off elsewhere) | bf16 | off.
+    # Log-probs, values and losses stay float32.
     autocast: str = "auto"
+    # PyTorch's cuDNN attention kernels on CUDA. Off by default: they build a plan for every
+    # new sequence shape (~40 ms on an H100), and decoding meets a new one at every step.
+    cudnn_attention: bool = False
 
 
 # -------------------------------------------------------------------------- algo
@@ -214,11 +218,15 @@ class AlgoConfig:
     # The PPO ratio's old log-probs. recompute: a no-grad forward of the policy after the
     # rollout (also checks them: train/logprob_mismatch_max). sampled: the rollout engine's
     # own log-probs of the sampled tokens (Trial.sample_logprobs; equal to a recomputation up
-    # to float rounding, ~1e-6, when sampling and scoring run in one precision), so without
-    # a critic (advantage grpo/rloo) the policy's forward is skipped and
-    # train/logprob_mismatch_max is NaN; with a critic (gae) the forward still runs for the
-    # values and its log-probs only feed that check. Needs the scoring in float32 (no
-    # autocast, which the sampling does not use): checked at start.
+    # to float rounding, ~1e-6, when sampling and scoring run in one precision), so the
+    # policy's scoring forward is skipped and train/logprob_mismatch_max is NaN: without a
+    # critic (advantage grpo/rloo), and with a shared critic (gae, model.critic=shared), whose
+    # values the rollout engine then computes from the sampling passes' last hidden state
+    # (Trial.sample_values; equal to the forward's up to float rounding). A separate critic,
+    # or an engine that cannot compute values (Engine.supports_values False), keeps the
+    # forward for the values (its log-probs then only feed that check). Needs float32
+    # forwards (no autocast: bf16 sampling and scoring passes of different shapes round
+    # differently): checked at start.
     old_logprobs: str = "recompute"
 
 

@@ -30,6 +30,15 @@ its own key and logits, not on which other trials share the batch or how the for
 passes were split. The cached engine therefore reproduces exactly the tokens of a
 recomputation from scratch with the same keys (tested), and the two engines agree.
 
+Values while sampling (``value_head``, a shared critic's head; all three engines
+support it, :attr:`Engine.supports_values`): the logits a token is drawn from come from a
+forward pass whose last-layer hidden state (``output_hidden_states``, the tensor
+``ActorCritic.score`` reads) at that position also gives the critic's value V(x_<t) of
+that token, so the engines return each action token's value beside its log-prob
+(``Trial.sample_values``) and the trainer needs no policy forward to score a PPO batch
+(``algo.old_logprobs=sampled``). Only the sampled positions' hidden states go through
+the head; the tokens and log-probs are those drawn without it.
+
 A new backend (for example vLLM for large models) implements :class:`Engine` and
 registers itself with :func:`register_engine`; the trainer only calls
 ``get_engine(name).run_trials(...)``.
@@ -48,7 +57,8 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from metarl_llm.config import BudgetConfig
-from metarl_llm.rollout import StreamCodec, Trial, sample
+from metarl_llm.models import head_values
+from metarl_llm.rollout import StreamCodec, Trial, multinomial, sample
 
 ENGINES: dict[str, Callable[[], "Engine"]] = {}
 
@@ -140,20 +150,27 @@ def check_keys(keys: torch.Tensor | None, n: int, generator: torch.Generator | N
 
 
 class Engine(abc.ABC):
-    """A rollout backend (abstract). Subclasses implement :meth:`run_trials`."""
+    """A rollout backend (abstract). Subclasses implement :meth:`run_trials`.
+
+    ``supports_values``: True when :meth:`run_trials` takes ``value_head`` and fills
+    ``Trial.sample_values``; callers pass ``value_head`` only to such engines (the trainer
+    otherwise scores the values with a forward pass)."""
 
     name = "engine"
+    supports_values = False
 
     @abc.abstractmethod
     def run_trials(
         self, model: torch.nn.Module, codec: StreamCodec, envs: list, resets: list[dict], groups: list[int],
         budget: BudgetConfig, generator: torch.Generator | None = None, keep_cache: bool = False,
-        greedy: bool = False, keys: torch.Tensor | None = None,
+        greedy: bool = False, keys: torch.Tensor | None = None, value_head: torch.nn.Module | None = None,
     ) -> list[Trial]:
         """Play one trial in each environment (see :func:`metarl_llm.rollout.run_trials`).
 
         ``keys`` [N] int64: the trials' sampling keys (default: drawn from ``generator``),
-        for callers that shard a batch whose keys were drawn globally."""
+        for callers that shard a batch whose keys were drawn globally. ``value_head``
+        (engines with ``supports_values``): also store each action token's value, the head
+        on the last hidden state of the pass its logits came from, on ``Trial.sample_values``."""
 
 
 def start_trials(codec: StreamCodec, envs: list, resets: list[dict], groups: list[int], budget: BudgetConfig) -> list[Trial]:
@@ -184,8 +201,8 @@ def episode_limit(t: Trial, forced: bool, budget: BudgetConfig) -> int:
 
 
 def finish_episode(t: Trial, env, codec: StreamCodec, toks: list[int], logps: list[float], forced: bool,
-                   budget: BudgetConfig) -> tuple[bool, bool, list[int]]:
-    """Record an episode of ``t`` and step its environment.
+                   budget: BudgetConfig, values: list[float] | None = None) -> tuple[bool, bool, list[int]]:
+    """Record an episode of ``t`` (its tokens, log-probs and, when computed, values) and step its environment.
 
     Returns (ended, forced_next, observation ids to insert). The trial ends when the
     environment terminates or truncates it; after EOS without a committed answer, at
@@ -193,7 +210,7 @@ def finish_episode(t: Trial, env, codec: StreamCodec, toks: list[int], logps: li
     forced-answer text is inserted and the next episode is the final answer.
     """
     j = len(t.episode_texts)
-    t.append(toks, True, j, logps)
+    t.append(toks, True, j, logps, values)
     text = codec.episode_text(toks)
     t.episode_texts.append(text)
     obs, reward, terminated, truncated, info = env.step(text)
@@ -216,11 +233,14 @@ def finish_episode(t: Trial, env, codec: StreamCodec, toks: list[int], logps: li
 def finish_round(trials: list[Trial], envs: list, codec: StreamCodec, results: dict, live: list[int],
                  forced: list[bool], budget: BudgetConfig) -> list[int]:
     """One episode of every live trial of an episode-by-episode engine: ``results[i]`` =
-    (tokens, log-probs) of trial i's episode; records it, steps the environment, inserts
-    the observation. Updates ``forced`` in place; returns the trials still running."""
+    (tokens, log-probs) or (tokens, log-probs, values) of trial i's episode; records it,
+    steps the environment, inserts the observation. Updates ``forced`` in place; returns
+    the trials still running."""
     still = []
     for i in live:
-        done, forced[i], obs_ids = finish_episode(trials[i], envs[i], codec, *results[i], forced[i], budget)
+        toks, logps, *values = results[i]
+        done, forced[i], obs_ids = finish_episode(trials[i], envs[i], codec, toks, logps, forced[i], budget,
+                                                  values[0] if values else None)
         if not done:
             if obs_ids:
                 trials[i].append(obs_ids, False, -1)
@@ -358,11 +378,17 @@ class _Batch:
     padding, which may sit anywhere), a view of a preallocated [R, capacity] buffer;
     next_pos [R] position id of each row's next token. ``rows`` maps a batch row to its
     trial index. ``capacity``: columns allocated at first (both grow when needed).
+    ``value_head``: when given, every :meth:`feed` also sets ``values`` [R] float32, the
+    head on the last-layer hidden state at the position of the returned logits (the
+    critic's value of the token sampled from them); ``values`` is None otherwise.
     """
 
-    def __init__(self, model, device, n: int, capacity: int = 0):
+    def __init__(self, model, device, n: int, capacity: int = 0, value_head: torch.nn.Module | None = None):
         self.model, self.device = model, device
-        self._last_logits = last_logits_only(model)
+        self.value_head = value_head
+        self.values: torch.Tensor | None = None
+        # The LM head on the last position only; the last layer's hidden states for the value head.
+        self._forward_kwargs = {**last_logits_only(model), **({"output_hidden_states": True} if value_head is not None else {})}
         self.cache = growing_cache(model, capacity)
         self._mask = torch.zeros((n, capacity), dtype=torch.long, device=device)
         self.width = 0
@@ -388,8 +414,9 @@ class _Batch:
 
     def feed(self, blocks: list[list[int]] | torch.Tensor, pad_id: int) -> torch.Tensor:
         """Append each row's tokens to its stream; returns the next-token logits [R, V]
-        after each row's last token. ``blocks``: one list of >= 1 ids per row, or an
-        [R, 1] tensor of one token per row (the decoding fast path, no Python per row)."""
+        after each row's last token (and, with a value head, sets ``values`` [R] at the
+        same positions). ``blocks``: one list of >= 1 ids per row, or an [R, 1] tensor of
+        one token per row (the decoding fast path, no Python per row)."""
         if torch.is_tensor(blocks):
             ids = blocks.to(self.device)
             self._append_mask(torch.ones_like(ids))
@@ -407,8 +434,10 @@ class _Batch:
             self._append_mask(block_mask)
             self.next_pos = self.next_pos + block_mask.sum(-1)
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
-                         use_cache=True, **self._last_logits)
+                         use_cache=True, **self._forward_kwargs)
         self.cache = out.past_key_values
+        if self.value_head is not None:  # the last position only (blocks are left-padded: each row's last token)
+            self.values = head_values(self.value_head, out.hidden_states[-1][:, -1])
         return out.logits[:, -1]
 
     def prefill(self, contexts: list[list[int]], pad_id: int, bucket_tokens: int = 0) -> torch.Tensor:
@@ -429,12 +458,17 @@ class _Batch:
         if len(parts) == 1 or not layers or not all(isinstance(lay, _GrowingLayer) for lay in layers):
             return self.feed(contexts, pad_id)
         logits, keys, values = None, [], []
+        head_out = None  # the value head's outputs (with a value head)
         mask = torch.zeros((n, longest), dtype=torch.long, device=self.device)
         for part in parts:
             rows = part.tolist()
-            sub = _Batch(self.model, self.device, len(rows))
+            sub = _Batch(self.model, self.device, len(rows), value_head=self.value_head)
             out = sub.feed([contexts[i] for i in rows], pad_id)
             idx = part.to(self.device)
+            if sub.values is not None:
+                if head_out is None:
+                    head_out = sub.values.new_empty(n)
+                head_out[idx] = sub.values
             if logits is None:
                 logits = out.new_empty((n, out.shape[-1]))
                 for lay in sub.cache.layers:
@@ -451,6 +485,7 @@ class _Batch:
         self.cache = growing_cache(self.model, capacity, data=list(zip(keys, values)))
         self._mask = F.pad(mask, (0, capacity - longest))
         self.width = longest
+        self.values = head_out
         return logits
 
     def keep(self, rows: torch.Tensor) -> None:
@@ -472,6 +507,8 @@ class _Batch:
 class CachedEngine(Engine):
     """KV cache kept across episodes, observations appended, trials stepped independently."""
 
+    supports_values = True
+
     def __init__(self, max_rows: int = 512, bucket_tokens: int = 128, queue_tokens: int = 32):
         self.max_rows = max_rows  # trials per batched cache (larger calls run in chunks)
         self.bucket_tokens = bucket_tokens  # prompts of similar length prefilled together (_Batch.prefill; 0: one pass)
@@ -480,32 +517,34 @@ class CachedEngine(Engine):
         self.queue_tokens = queue_tokens
 
     @torch.no_grad()
-    def run_trials(self, model, codec, envs, resets, groups, budget, generator=None, keep_cache=False, greedy=False, keys=None):
+    def run_trials(self, model, codec, envs, resets, groups, budget, generator=None, keep_cache=False, greedy=False, keys=None,
+                   value_head=None):
         trials = start_trials(codec, envs, resets, groups, budget)
         keys = check_keys(keys, len(trials), generator)
         caches: list[TrialCache | None] = [None] * len(trials)
         for s in range(0, len(trials), self.max_rows):
             idx = list(range(s, min(s + self.max_rows, len(trials))))
             self._run_chunk(model, codec, [envs[i] for i in idx], [trials[i] for i in idx], keys[idx], budget,
-                            keep_cache, greedy, caches, s)
+                            keep_cache, greedy, caches, s, value_head)
         for t, c in zip(trials, caches):
             t.cache = c
         return trials
 
-    def _run_chunk(self, model, codec, envs, trials, keys, budget, keep_cache, greedy, caches, offset):
+    def _run_chunk(self, model, codec, envs, trials, keys, budget, keep_cache, greedy, caches, offset, value_head=None):
         device = next(model.parameters()).device
         n = len(trials)
         q = self.queue_tokens + 1  # a queue holds the episode's last (sampled, unfed) token and the observation
         # First allocation of the cache: the prompts and every episode of the budget (it grows when needed).
         capacity = (max(len(t.ids) for t in trials) + budget.max_total_tokens + budget.answer_max_tokens
                     + (budget.max_episodes + 1) * min(q, 8) + 16)
-        batch = _Batch(model, device, n, capacity)
+        batch = _Batch(model, device, n, capacity, value_head)
         forced = [False] * n
-        # Per-row state, in tensors: the current episode's sampled tokens and log-probs so far,
-        # and the queue of tokens a row feeds before it samples again (observations).
+        # Per-row state, in tensors: the current episode's sampled tokens, log-probs (and values) so
+        # far, and the queue of tokens a row feeds before it samples again (observations).
         max_ep = max(budget.max_episode_tokens, budget.answer_max_tokens)
         ep_tok = torch.full((n, max_ep), codec.pad_id, dtype=torch.long, device=device)
         ep_lp = torch.zeros((n, max_ep), dtype=torch.float32, device=device)
+        ep_val = torch.zeros((n, max_ep), dtype=torch.float32, device=device) if value_head is not None else None
         ep_len = torch.zeros(n, dtype=torch.long, device=device)
         limit = torch.tensor([episode_limit(t, False, budget) for t in trials], device=device)
         stream_len = torch.tensor([len(t.ids) for t in trials], device=device)  # tokens of each stream so far
@@ -526,6 +565,8 @@ class CachedEngine(Engine):
             col = ep_len.clamp(max=max_ep - 1)
             ep_tok[ar, col] = torch.where(sampling, tok, ep_tok[ar, col])
             ep_lp[ar, col] = torch.where(sampling, lp, ep_lp[ar, col])
+            if ep_val is not None:  # the value from the pass these logits came from
+                ep_val[ar, col] = torch.where(sampling, batch.values, ep_val[ar, col])
             ep_len += sampling.long()
             ended = sampling & (torch.isin(tok, stop_ids) | (ep_len >= limit))
             blocks: dict[int, list[int]] = {}
@@ -538,7 +579,8 @@ class CachedEngine(Engine):
                     i = batch.rows[r]
                     k = int(ep_len[r])
                     toks, lps = ep_tok[r, :k].tolist(), ep_lp[r, :k].tolist()
-                    done, forced[i], obs_ids = finish_episode(trials[i], envs[i], codec, toks, lps, forced[i], budget)
+                    vals = ep_val[r, :k].tolist() if ep_val is not None else None
+                    done, forced[i], obs_ids = finish_episode(trials[i], envs[i], codec, toks, lps, forced[i], budget, vals)
                     if done:
                         live[r] = False
                         if keep_cache:
@@ -564,6 +606,7 @@ class CachedEngine(Engine):
                     blocks = {old.index(r): b for r, b in blocks.items()}
                     batch.keep(keep)
                     ep_tok, ep_lp, ep_len, limit = ep_tok[keep], ep_lp[keep], ep_len[keep], limit[keep]
+                    ep_val = ep_val[keep] if ep_val is not None else None
                     stream_len, row_keys, live = stream_len[keep], row_keys[keep], live[keep]
                     queue, q_pos, q_len, tok = queue[keep], q_pos[keep], q_len[keep], tok[keep]
                     ar = torch.arange(len(batch.rows), device=device)
@@ -622,8 +665,10 @@ class CachedEngine(Engine):
         row_end = torch.tensor([ends[i][b] for i, b in owners])
         tok_out = torch.full((len(owners), max_new_tokens), pad_id, dtype=torch.long)
         len_out = torch.zeros(len(owners), dtype=torch.long)
-        # Rows of similar prefix length share a pass (less left padding), at most max_rows each.
-        for part in length_buckets(row_end, self.bucket_tokens, max_rows=max_rows):
+        # Rows of similar prefix length share a chunk (less left padding), at most max_rows each.
+        # A chunk costs 1 + max_new_tokens forward passes (the suffix, then one per token), so
+        # its overhead in the bucketing's units (padded positions per pass) is that many passes'.
+        for part in length_buckets(row_end, self.bucket_tokens * (1 + max_new_tokens), max_rows=max_rows):
             rows = [owners[r] for r in part.tolist()]
             n = len(rows)
             e = row_end[part].to(device)
@@ -647,7 +692,7 @@ class CachedEngine(Engine):
                 if greedy:
                     tok = logits.float().argmax(-1)
                 else:
-                    tok = torch.multinomial(F.softmax(logits.float(), -1), 1, generator=generator).squeeze(-1)
+                    tok = multinomial(F.softmax(logits.float(), -1), generator)
                 toks[:, t] = torch.where(done, pad_id, tok)
                 lengths += (~done).long()
                 done = done | torch.isin(tok, stop_ids)
@@ -669,8 +714,11 @@ class ReencodeEngine(Engine):
     Draws the same counter-based uniforms as ``cached``, so both engines give the same
     trials (up to floating-point ties)."""
 
+    supports_values = True
+
     @torch.no_grad()
-    def run_trials(self, model, codec, envs, resets, groups, budget, generator=None, keep_cache=False, greedy=False, keys=None):
+    def run_trials(self, model, codec, envs, resets, groups, budget, generator=None, keep_cache=False, greedy=False, keys=None,
+                   value_head=None):
         trials = start_trials(codec, envs, resets, groups, budget)
         keys = check_keys(keys, len(trials), generator)
         live = list(range(len(trials)))
@@ -679,20 +727,28 @@ class ReencodeEngine(Engine):
             if not live:
                 return trials
             limits = [episode_limit(trials[i], forced[i], budget) for i in live]
-            out = _sample_keyed(model, [trials[i].ids for i in live], limits, codec, keys[live], greedy)
-            results = {i: (out.tokens[row, : int(out.lengths[row])].tolist(), out.logprobs[row, : int(out.lengths[row])].tolist())
-                       for row, i in enumerate(live)}
+            out = _sample_keyed(model, [trials[i].ids for i in live], limits, codec, keys[live], greedy, value_head)
+            results = {i: _episode(out, row) for row, i in enumerate(live)}
             live = finish_round(trials, envs, codec, results, live, forced, budget)
         if live:
             raise RuntimeError(f"{len(live)} trial(s) did not terminate within max_episodes+2 rounds")
         return trials
 
 
-def _sample_keyed(model, contexts: list[list[int]], limits: list[int], codec: StreamCodec, keys: torch.Tensor, greedy: bool):
-    """:func:`rollout.sample` with counter-based draws: a fresh prefill of every context."""
+def _episode(out, row: int) -> tuple:
+    """Row ``row`` of a :class:`Sampled`: (tokens, log-probs[, values]) as lists, for :func:`finish_round`."""
+    k = int(out.lengths[row])
+    res = (out.tokens[row, :k].tolist(), out.logprobs[row, :k].tolist())
+    return res if out.values is None else (*res, out.values[row, :k].tolist())
+
+
+def _sample_keyed(model, contexts: list[list[int]], limits: list[int], codec: StreamCodec, keys: torch.Tensor, greedy: bool,
+                  value_head: torch.nn.Module | None = None):
+    """:func:`rollout.sample` with counter-based draws: a fresh prefill of every context
+    (with ``value_head``: the sampled tokens' values too)."""
     device = next(model.parameters()).device
     n = len(contexts)
-    batch = _Batch(model, device, n, capacity=max(len(c) for c in contexts) + max(limits))
+    batch = _Batch(model, device, n, capacity=max(len(c) for c in contexts) + max(limits), value_head=value_head)
     logits = batch.feed(contexts, codec.pad_id)
     lim = torch.tensor(limits, device=device)
     start = torch.tensor([len(c) for c in contexts], device=device)
@@ -701,6 +757,7 @@ def _sample_keyed(model, contexts: list[list[int]], limits: list[int], codec: St
     width = int(lim.max())
     tokens = torch.full((n, width), codec.pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((n, width), dtype=torch.float32, device=device)
+    values = torch.zeros((n, width), dtype=torch.float32, device=device) if value_head is not None else None
     lengths = torch.zeros(n, dtype=torch.long, device=device)
     stopped = torch.zeros(n, dtype=torch.bool, device=device)
     done = lim <= 0
@@ -709,6 +766,8 @@ def _sample_keyed(model, contexts: list[list[int]], limits: list[int], codec: St
         live = ~done
         tokens[:, t] = torch.where(live, tok, codec.pad_id)
         logprobs[:, t] = torch.where(live, lp, 0.0)
+        if values is not None:
+            values[:, t] = torch.where(live, batch.values, 0.0)
         lengths += live.long()
         hit = live & torch.isin(tok, stop_ids)
         stopped |= hit
@@ -719,18 +778,23 @@ def _sample_keyed(model, contexts: list[list[int]], limits: list[int], codec: St
     from metarl_llm.rollout import Sampled
 
     w = int(lengths.max())
-    return Sampled(tokens[:, :w].cpu(), logprobs[:, :w].cpu(), lengths.cpu(), stopped.cpu())
+    return Sampled(tokens[:, :w].cpu(), logprobs[:, :w].cpu(), lengths.cpu(), stopped.cpu(),
+                   values[:, :w].cpu() if values is not None else None)
 
 
 @register_engine("hf_generate")
 class HFGenerateEngine(Engine):
     """``model.generate`` once per episode on the whole re-encoded history (the
     transformers baseline). Sampling: ``do_sample=True``, temperature 1, top-k 0,
-    top-p 1; log-probs from the generation scores. Rows with different token limits are
+    top-p 1; log-probs from the generation scores (values, with ``value_head``: from the
+    generation's last-layer hidden states). Rows with different token limits are
     generated in separate calls (one per distinct limit)."""
 
+    supports_values = True
+
     @torch.no_grad()
-    def run_trials(self, model, codec, envs, resets, groups, budget, generator=None, keep_cache=False, greedy=False, keys=None):
+    def run_trials(self, model, codec, envs, resets, groups, budget, generator=None, keep_cache=False, greedy=False, keys=None,
+                   value_head=None):
         trials = start_trials(codec, envs, resets, groups, budget)
         live = list(range(len(trials)))
         forced = [False] * len(trials)
@@ -741,16 +805,17 @@ class HFGenerateEngine(Engine):
             results = {}
             for lim in sorted(set(limits.values())):
                 rows = [i for i in live if limits[i] == lim]
-                out = _generate(model, [trials[i].ids for i in rows], lim, codec, greedy)
+                out = _generate(model, [trials[i].ids for i in rows], lim, codec, greedy, value_head)
                 for row, i in enumerate(rows):
-                    results[i] = (out.tokens[row, : int(out.lengths[row])].tolist(), out.logprobs[row, : int(out.lengths[row])].tolist())
+                    results[i] = _episode(out, row)
             live = finish_round(trials, envs, codec, results, live, forced, budget)
         if live:
             raise RuntimeError(f"{len(live)} trial(s) did not terminate within max_episodes+2 rounds")
         return trials
 
 
-def _generate(model, contexts: list[list[int]], max_new_tokens: int, codec: StreamCodec, greedy: bool):
+def _generate(model, contexts: list[list[int]], max_new_tokens: int, codec: StreamCodec, greedy: bool,
+              value_head: torch.nn.Module | None = None):
     from metarl_llm.rollout import Sampled
 
     device = next(model.parameters()).device
@@ -764,6 +829,7 @@ def _generate(model, contexts: list[list[int]], max_new_tokens: int, codec: Stre
         input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
         do_sample=not greedy, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=codec.stop_ids.tolist(),
         pad_token_id=codec.pad_id, return_dict_in_generate=True, output_logits=True,
+        **({"output_hidden_states": True} if value_head is not None else {}),
     )
     new = out.sequences[:, width:]
     logits = torch.stack(out.logits, 1).float()  # [n, L, V] raw logits (no processors at temperature 1)
@@ -772,7 +838,12 @@ def _generate(model, contexts: list[list[int]], max_new_tokens: int, codec: Stre
     first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1), torch.full((n,), new.shape[1], device=new.device))
     lengths = torch.clamp(first_stop + 1, max=new.shape[1])
     valid = torch.arange(new.shape[1], device=new.device)[None] < lengths[:, None]
-    return Sampled(torch.where(valid, new, codec.pad_id).cpu(), (logprobs * valid).cpu(), lengths.cpu(), is_stop.any(1).cpu())
+    values = None
+    if value_head is not None:  # hidden_states: one tuple of layers per generation step; its last position gave the logits
+        hidden = torch.stack([step[-1][:, -1] for step in out.hidden_states[: new.shape[1]]], 1)  # [n, L, H]
+        values = (head_values(value_head, hidden) * valid).cpu()
+    return Sampled(torch.where(valid, new, codec.pad_id).cpu(), (logprobs * valid).cpu(), lengths.cpu(), is_stop.any(1).cpu(),
+                   values)
 
 
 __all__ = ["ENGINES", "CachedEngine", "Engine", "HFGenerateEngine", "ReencodeEngine", "TrialCache", "draw_tokens",

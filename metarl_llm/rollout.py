@@ -34,12 +34,29 @@ class Sampled(NamedTuple):
     logprobs [N, L] log pi of each sampled token under the sampling forward pass (0 after the end).
     lengths  [N]    tokens per row, the stop token included.
     stopped  [N]    True if the row ended on a stop id (False: cut by its length limit).
+    values   [N, L] the critic's value of each sampled token from the sampling forward's last
+                    hidden state (0 after the end); None unless the engine was given a value head.
     """
 
     tokens: torch.Tensor
     logprobs: torch.Tensor
     lengths: torch.Tensor
     stopped: torch.Tensor
+    values: torch.Tensor | None = None
+
+
+def multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row of ``probs`` [N, V] (unnormalised is fine) -> [N] long.
+
+    ``generator`` may live on another device than ``probs`` (the trainer's CPU generator
+    with a CUDA policy): the N uniforms are then drawn from it and inverted through the
+    rows' CDF on ``probs``' device; on one device this is ``torch.multinomial``."""
+    if generator is None or generator.device.type == probs.device.type:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    u = torch.rand(probs.shape[0], generator=generator, device=generator.device).to(probs.device)
+    cdf = probs.cumsum(-1)
+    # right=True: the first token whose CDF exceeds u * total, so a zero-probability token is never drawn (even at u = 0).
+    return torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -105,7 +122,7 @@ def sample(
     stopped = torch.zeros(n, dtype=torch.bool, device=device)
     for t in range(max_len):
         logp = F.log_softmax(logits.float(), -1)
-        tok = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        tok = logp.argmax(-1) if greedy else multinomial(logp.exp(), generator)
         live = ~done
         tokens[:, t] = torch.where(live, tok, pad_id)
         logprobs[:, t] = torch.where(live, logp.gather(-1, tok[:, None]).squeeze(-1), 0.0)
@@ -131,6 +148,11 @@ class Trial:
     token (-1 on prompt and observation tokens). ``episode_ends[j]`` is the stream
     position of episode j's last token; ``answer_episode`` the index of the episode
     that gave the final answer (committed or forced).
+
+    ``sample_logprobs``: the sampling pass's log pi of each action token (0 elsewhere).
+    ``sample_values``: the critic's V(x_<t) of each action token, computed by the engine
+    from the last hidden state of the forward pass it sampled that token from (0
+    elsewhere; :func:`run_trials` with ``value_head``); None when the engine computed none.
     """
 
     problem_id: str
@@ -139,6 +161,7 @@ class Trial:
     action: list[int] = field(default_factory=list)
     episode: list[int] = field(default_factory=list)
     sample_logprobs: list[float] = field(default_factory=list)
+    sample_values: list[float] | None = None
     episode_ends: list[int] = field(default_factory=list)
     episode_texts: list[str] = field(default_factory=list)
     episode_correct: list[bool] = field(default_factory=list)
@@ -150,7 +173,22 @@ class Trial:
     env: object = None  # the unwrapped environment, still holding this trial's problem
     cache: object = None  # engine.TrialCache when the engine was asked to keep it (for the meta-prover)
 
-    def append(self, tokens: list[int], is_action: bool, episode: int, logprobs: list[float] | None = None) -> None:
+    def append(self, tokens: list[int], is_action: bool, episode: int, logprobs: list[float] | None = None,
+               values: list[float] | None = None) -> None:
+        """Append ``tokens`` (policy tokens if ``is_action``, with their sampling ``logprobs``
+        and, if the engine computed them, ``values``; inserted tokens get 0 for both)."""
+        if values is not None or self.sample_values is not None:  # values on every episode of the trial or none
+            if values is not None and len(values) != len(tokens):
+                raise ValueError(f"Trial.append: {len(values)} values for {len(tokens)} tokens")
+            if self.sample_values is None:
+                if self.policy_tokens:
+                    raise ValueError("Trial.append: values for an episode after episodes without values")
+                self.sample_values = [0.0] * len(self.ids)
+            if values is None:
+                if is_action:
+                    raise ValueError("Trial.append: an episode without values after episodes with values")
+                values = [0.0] * len(tokens)
+            self.sample_values += values
         self.ids += tokens
         self.action += [int(is_action)] * len(tokens)
         self.episode += [episode if is_action else -1] * len(tokens)
@@ -209,6 +247,7 @@ def run_trials(
     engine="cached",
     keep_cache: bool = False,
     keys: torch.Tensor | None = None,
+    value_head: torch.nn.Module | None = None,
 ) -> list[Trial]:
     """Play one trial in each environment, all trials batched.
 
@@ -218,7 +257,12 @@ def run_trials(
     :class:`metarl_llm.engine.Engine` or the name of one (``cached``: the KV cache kept
     across episodes; ``reencode``; ``hf_generate``); ``keep_cache`` keeps each trial's KV cache
     on ``trial.cache`` for the meta-prover (``cached`` only); ``keys`` [N] fixes the
-    trials' sampling keys (default: drawn from ``generator``).
+    trials' sampling keys (default: drawn from ``generator``). ``value_head``: a shared
+    critic's head (``ActorCritic.value_head``, [..., H] -> [..., 1]); the engine then also
+    applies it to the last hidden state of every forward pass it samples from and stores
+    each action token's value on ``Trial.sample_values`` (the values ``ActorCritic.score``
+    gives, without its forward pass); an engine that cannot (``supports_values`` False)
+    is an error.
 
     Budget: an episode ends at the delimiter, EOS or ``max_episode_tokens``; the trial
     ends when the environment terminates it (a committed answer). When the policy
@@ -230,4 +274,10 @@ def run_trials(
 
     if isinstance(engine, str):
         engine = get_engine(engine)
-    return engine.run_trials(model, codec, envs, resets, groups, budget, generator, keep_cache=keep_cache, keys=keys)
+    extra = {}
+    if value_head is not None:
+        if not getattr(engine, "supports_values", False):
+            raise ValueError(f"rollout engine {getattr(engine, 'name', type(engine).__name__)!r} cannot compute the "
+                             f"critic's values while sampling (supports_values is False); score them with a forward pass")
+        extra["value_head"] = value_head
+    return engine.run_trials(model, codec, envs, resets, groups, budget, generator, keep_cache=keep_cache, keys=keys, **extra)

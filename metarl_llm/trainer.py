@@ -4,7 +4,9 @@ One iteration:
   1. rollout   - ``problems_per_iter`` training problems x ``group_size`` trials, played
                  episode by episode against Gymnasium environments (metarl_llm.rollout);
   2. score     - one forward pass for the sampling policy's log-probs and values, one
-                 for the frozen reference's log-probs;
+                 for the frozen reference's log-probs (with algo.old_logprobs=sampled the
+                 policy's is skipped: the rollout engine's sampling log-probs, and with a
+                 shared critic the values it computed while sampling, are used instead);
   3. bonus     - per-episode progress bonuses (metarl_llm.bonus);
   4. rewards   - outcome and KL (and, with bonus.credit=return, the bonuses) placed on
                  action tokens (metarl_llm.batch);
@@ -41,7 +43,7 @@ from omegaconf import OmegaConf
 import envs  # noqa: F401  (registers the environments)
 from envs.base import EnvironmentFailure, FailureGuard
 from metarl_llm.advantages import episode_credit, get_advantage
-from metarl_llm.batch import RolloutBatch, collate, length_buckets, place_rewards, sampled_logprobs
+from metarl_llm.batch import RolloutBatch, collate, length_buckets, place_rewards, sampled_logprobs, sampled_values
 from metarl_llm.bonus import check_verifier_name, episode_bonuses, get_estimator
 from metarl_llm.config import ModelConfig, PolicyLoraConfig, TrainConfig
 from metarl_llm.evaluate import (
@@ -68,6 +70,7 @@ from metarl_llm.models import (
     frozen_reference,
     load_policy,
     merged_policy,
+    set_cudnn_attention,
     token_logprobs,
 )
 from metarl_llm.ppo import explained_variance, get_policy_loss, ppo_update
@@ -195,7 +198,7 @@ def resolve_device(name: str) -> torch.device:
 def score_batch(
     actor_critic: ActorCritic, reference: torch.nn.Module, batch: RolloutBatch, use_critic: bool, rows: int = 64,
     amp_dtype: torch.dtype | None = None, *, sampling: torch.Tensor | None = None, old_logprobs: str = "recompute",
-    bucket_tokens: int = 0, stats: dict | None = None,
+    bucket_tokens: int = 0, stats: dict | None = None, sampled_values: torch.Tensor | None = None,
 ) -> RolloutBatch:
     """Fill ``logprobs``, ``values`` (sampling policy) and ``ref_logprobs`` (reference), [B, T]
     float32, 0 off action tokens. ``amp_dtype``: the forward passes run under that autocast.
@@ -209,16 +212,26 @@ def score_batch(
     (:func:`metarl_llm.batch.sampled_logprobs`). ``old_logprobs`` (``algo.old_logprobs``):
     ``recompute`` fills ``logprobs`` from a forward pass of the policy; ``sampled`` uses
     ``sampling`` (needed then) and runs the policy's forward only when values are needed
-    (``use_critic``; its log-probs then feed the check below only). ``stats``: a dict that
-    receives ``logprob_mismatch_max``, the largest |forward - sampling| log-prob over action
-    tokens: NaN when the policy's forward was skipped or ``sampling`` is None.
+    (``use_critic``; its log-probs then feed the check below only) and not given as
+    ``sampled_values`` [B, T] (:func:`metarl_llm.batch.sampled_values`: a shared critic's
+    values computed by the rollout engine while sampling; only with ``old_logprobs='sampled'``
+    and ``use_critic``): then no policy forward runs at all, only the reference's.
+    ``stats``: a dict that receives ``logprob_mismatch_max``, the largest |forward - sampling|
+    log-prob over action tokens: NaN when the policy's forward was skipped or ``sampling`` is None.
     """
     if old_logprobs not in OLD_LOGPROBS:
         raise ValueError(f"algo.old_logprobs={old_logprobs!r}; expected one of {OLD_LOGPROBS}")
     if old_logprobs == "sampled" and sampling is None:
         raise ValueError("score_batch: old_logprobs='sampled' needs the sampling log-probs (sampling=...)")
+    if sampled_values is not None:
+        if old_logprobs != "sampled" or not use_critic:
+            raise ValueError(f"score_batch: sampled_values replace the policy forward's values only with "
+                             f"old_logprobs='sampled' and a critic (got old_logprobs={old_logprobs!r}, use_critic={use_critic})")
+        if sampled_values.shape != batch.input_ids.shape:
+            raise ValueError(f"score_batch: sampled_values of shape {tuple(sampled_values.shape)}, the batch is "
+                             f"{tuple(batch.input_ids.shape)}")
     device = next(actor_critic.parameters()).device
-    policy_forward = old_logprobs == "recompute" or use_critic
+    policy_forward = old_logprobs == "recompute" or (use_critic and sampled_values is None)
     b, t = batch.input_ids.shape
     lp, vals, ref = torch.zeros((b, t)), torch.zeros((b, t)), torch.zeros((b, t))
     lengths = batch.attention_mask.sum(1)
@@ -239,6 +252,8 @@ def score_batch(
         stats["logprob_mismatch_max"] = (float(((lp - sampling).abs() * mask).max()) if policy_forward and sampling is not None
                                          and b else float("nan"))
     logprobs = sampling * mask if old_logprobs == "sampled" else lp * mask
+    if sampled_values is not None:
+        vals = sampled_values.float()
     return batch._replace(logprobs=logprobs, values=vals * mask, ref_logprobs=ref * mask)
 
 
@@ -302,8 +317,10 @@ def base_policy(cfg: TrainConfig, device: torch.device):
     policy, tokenizer = load_policy(cfg.model, ws_seed)
     codec = StreamCodec(tokenizer, "\n", cfg.env.forced_answer_text)
     make_env = env_factory(cfg)
-    # LoRA and autocast concern PPO only: runs that differ in them share one warm start (cache entry).
-    ws_model = replace(cfg.model, lora=PolicyLoraConfig(), autocast=ModelConfig.autocast)
+    # LoRA, autocast and the attention backend concern PPO only: runs that differ in them share
+    # one warm start (cache entry).
+    ws_model = replace(cfg.model, lora=PolicyLoraConfig(), autocast=ModelConfig.autocast,
+                       cudnn_attention=ModelConfig.cudnn_attention)
     policy, ws_info = warm_start(policy, tokenizer, codec, make_env, ws_model, cfg.env, cfg.budget, cfg.warm_start, ws_seed)
     if cfg.model.gradient_checkpointing:  # the warm start hands back a freshly loaded model
         enable_gradient_checkpointing(policy)
@@ -351,7 +368,8 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
         dist.barrier()
     actor_critic = build_actor_critic(policy, cfg.model, cfg.seed).to(device)  # model.lora.r > 0: LoRA added, base frozen
     reference = frozen_reference(actor_critic)  # LoRA: the same weights, adapter disabled (no copy)
-    amp = autocast_dtype(cfg.model.autocast, device)  # forward passes of scoring and update (None: off)
+    amp = autocast_dtype(cfg.model.autocast, device)  # forward passes of rollout, scoring and update (None: off)
+    set_cudnn_attention(cfg.model.cudnn_attention)
     if amp is not None and cfg.algo.old_logprobs == "sampled":
         raise ValueError(f"algo.old_logprobs=sampled needs float32 scoring, but model.autocast={cfg.model.autocast} "
                          f"resolves to {amp} on {device}: set model.autocast=off or algo.old_logprobs=recompute")
@@ -404,6 +422,11 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
     my_problems = dist.shard(cfg.algo.problems_per_iter, "algo.problems_per_iter")  # this process's share
     my_rows = slice(my_problems.start * cfg.algo.group_size, my_problems.stop * cfg.algo.group_size)
     engine = engine_from_config(cfg.rollout)
+    # old_logprobs=sampled with a shared critic: the engine computes the values too, from the forward passes it
+    # samples from (value head on their last hidden state), so scoring runs no policy forward. A separate critic
+    # (its own trunk) or an engine that cannot (supports_values False) keeps the scoring forward.
+    rollout_values = (use_critic and cfg.model.critic == "shared" and cfg.algo.old_logprobs == "sampled"
+                      and getattr(engine, "supports_values", False))
     # The sample estimator's meta-prover continues from the rollout's KV caches (same model only).
     keep_cache = (cfg.rollout.reuse_cache and cfg.rollout.engine == "cached" and cfg.bonus.name == "info_gain"
                   and cfg.bonus.estimator == "sample" and not cfg.bonus.use_reference)
@@ -463,8 +486,10 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
         group_ids = [p for p in my_problems for _ in range(cfg.algo.group_size)]
         env_failures = sum(e.failures for e in train_envs)
         try:
-            trials = run_trials(actor_critic.policy, codec, train_envs, resets, group_ids, cfg.budget, generator,
-                                engine=engine, keep_cache=keep_cache, keys=keys[my_rows])
+            with autocast(device, amp):  # model.autocast: the rollout's forward passes too (bf16 on CUDA by default)
+                trials = run_trials(actor_critic.policy, codec, train_envs, resets, group_ids, cfg.budget, generator,
+                                    engine=engine, keep_cache=keep_cache, keys=keys[my_rows],
+                                    value_head=actor_critic.value_head if rollout_values else None)
         except EnvironmentFailure as e:
             e.args = (f"{e.args[0]}; the problem id and text are saved in {save_failure(run_dir, it, e)}",)
             raise
@@ -472,10 +497,12 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
         t_generate = time.perf_counter() - t0
         # 2. score
         batch = collate(trials, codec.pad_id)
+        stream_width = batch.input_ids.shape[1]
         score_stats: dict = {}  # logprob_mismatch_max: NaN when old_logprobs=sampled skipped the policy's forward
         batch = score_batch(actor_critic, reference, batch, use_critic, amp_dtype=amp,
-                            sampling=sampled_logprobs(trials, batch.input_ids.shape[1]), old_logprobs=cfg.algo.old_logprobs,
-                            bucket_tokens=cfg.algo.length_bucket_tokens, stats=score_stats)
+                            sampling=sampled_logprobs(trials, stream_width), old_logprobs=cfg.algo.old_logprobs,
+                            bucket_tokens=cfg.algo.length_bucket_tokens, stats=score_stats,
+                            sampled_values=sampled_values(trials, stream_width) if rollout_values else None)
         env_outcome = batch.outcome
         if reward_verifier is not None:  # reward=verifier: the verifier's P(success) replaces the outcome
             batch = batch._replace(outcome=verifier_rewards(reward_verifier, trials, cfg.reward.rows))

@@ -105,3 +105,32 @@ def test_long_prompt_is_an_error_not_a_silent_cut(setup):
     tok, model, codec = setup
     with pytest.raises(ValueError, match="max_prompt_tokens"):
         play(model, codec, n=1, budget=BudgetConfig(max_prompt_tokens=3))
+
+
+def test_multinomial_on_one_device_is_torch_multinomial():
+    from metarl_llm.rollout import multinomial
+
+    probs = torch.softmax(torch.randn(50, 7, generator=torch.Generator().manual_seed(1)), -1)
+    ours = multinomial(probs, torch.Generator().manual_seed(3))
+    ref = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(3)).squeeze(-1)
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_multinomial_with_a_cpu_generator_and_cuda_probabilities():
+    """The trainer's generator lives on the CPU; a CUDA policy's probabilities do not
+    (torch.multinomial refuses the pair): the draw inverts the CDF of CPU uniforms, with
+    the right frequencies (chi-square over 20k draws) and reproducibly."""
+    from metarl_llm.rollout import multinomial
+
+    p = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    probs = p.repeat(20_000, 1).cuda()
+    draws = multinomial(probs, torch.Generator().manual_seed(0))
+    assert draws.device.type == "cuda"
+    assert torch.equal(draws, multinomial(probs, torch.Generator().manual_seed(0)))
+    counts = torch.bincount(draws.cpu(), minlength=4).double()
+    assert counts[1] == 0  # a zero-probability token is never drawn
+    expected = p.double() * 20_000
+    keep = expected > 0
+    chi2 = float((((counts - expected)[keep]) ** 2 / expected[keep]).sum())
+    assert chi2 < 16.3  # 3 degrees of freedom, p = 0.001
