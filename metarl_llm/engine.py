@@ -32,8 +32,8 @@ recomputation from scratch with the same keys (tested), and the two engines agre
 
 Values while sampling (``value_head``, a shared critic's head; all three engines
 support it, :attr:`Engine.supports_values`): the logits a token is drawn from come from a
-forward pass whose last-layer hidden state (``output_hidden_states``, the tensor
-``ActorCritic.score`` reads) at that position also gives the critic's value V(x_<t) of
+forward pass whose last-layer hidden state (the LM head's input, :func:`lm_head_input`; the
+tensor ``ActorCritic.score`` reads) at that position also gives the critic's value V(x_<t) of
 that token, so the engines return each action token's value beside its log-prob
 (``Trial.sample_values``) and the trainer needs no policy forward to score a PPO batch
 (``algo.old_logprobs=sampled``). Only the sampled positions' hidden states go through
@@ -47,6 +47,7 @@ registers itself with :func:`register_engine`; the trainer only calls
 from __future__ import annotations
 
 import abc
+import contextlib
 
 import inspect
 from dataclasses import dataclass
@@ -371,6 +372,23 @@ def last_logits_only(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
+@contextlib.contextmanager
+def lm_head_input(model, active: bool = True):
+    """While active, a list that receives the input of ``model``'s LM head (its output
+    embeddings) at each forward: the last layer's hidden state after the final norm, the
+    tensor ``output_hidden_states`` returns last and :meth:`ActorCritic.score` reads, but
+    without keeping every layer's (with ``logits_to_keep`` only the kept positions)."""
+    seen: list[torch.Tensor] = []
+    if not active:
+        yield seen
+        return
+    handle = model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 class _Batch:
     """The live rows of a :class:`CachedEngine` call: a batched cache and its bookkeeping.
 
@@ -387,8 +405,10 @@ class _Batch:
         self.model, self.device = model, device
         self.value_head = value_head
         self.values: torch.Tensor | None = None
-        # The LM head on the last position only; the last layer's hidden states for the value head.
-        self._forward_kwargs = {**last_logits_only(model), **({"output_hidden_states": True} if value_head is not None else {})}
+        # The LM head on the last position only; with a value head, that head's input (the
+        # last layer's normed hidden state) is captured by a hook, so no other layer's
+        # hidden states are kept (output_hidden_states would hold every layer's for a prefill).
+        self._forward_kwargs = last_logits_only(model)
         self.cache = growing_cache(model, capacity)
         self._mask = torch.zeros((n, capacity), dtype=torch.long, device=device)
         self.width = 0
@@ -433,11 +453,12 @@ class _Batch:
             pos = self.next_pos[:, None] + (block_mask.cumsum(-1) - 1).clamp(min=0)
             self._append_mask(block_mask)
             self.next_pos = self.next_pos + block_mask.sum(-1)
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
-                         use_cache=True, **self._forward_kwargs)
+        with lm_head_input(self.model, self.value_head is not None) as seen:
+            out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
+                             use_cache=True, **self._forward_kwargs)
         self.cache = out.past_key_values
         if self.value_head is not None:  # the last position only (blocks are left-padded: each row's last token)
-            self.values = head_values(self.value_head, out.hidden_states[-1][:, -1])
+            self.values = head_values(self.value_head, seen[0][:, -1])
         return out.logits[:, -1]
 
     def prefill(self, contexts: list[list[int]], pad_id: int, bucket_tokens: int = 0) -> torch.Tensor:
