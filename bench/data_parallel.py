@@ -24,6 +24,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from metarl_llm.distributed import RUN_TIME_ENV  # noqa: E402
+
 COMPARED = ("train/outcome", "train/tokens_per_trial", "train/loss/policy", "train/loss/value", "train/loss/kl",
             "train/entropy", "train/grad_norm", "train/approx_kl", "train/clipfrac", "train/kl_ref")
 QUICK = ["algo.problems_per_iter=4", "algo.group_size=4", "algo.minibatch_size=8", "warm_start.steps=0",
@@ -34,7 +39,7 @@ QUICK = ["algo.problems_per_iter=4", "algo.group_size=4", "algo.minibatch_size=8
 def run(cmd: list[str], out_dir: Path, overrides: list[str], timeout: int) -> tuple[list[dict], float]:
     """Run ``cmd`` (train.py and its launcher) into ``out_dir``; its metrics.jsonl rows with a train/ metric."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-    env.pop("METARL_RUN_TIME", None)
+    env.pop(RUN_TIME_ENV, None)  # each launch names its own run time
     t0 = time.perf_counter()
     proc = subprocess.run([*cmd, *overrides, f"out_dir={out_dir}"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)

@@ -80,6 +80,7 @@ def main(argv=None) -> dict:
         if proc.wait(timeout=args.timeout) != 0:
             raise RuntimeError(f"the reference run failed; see {root / 'reference.log'}")
         t_ref = time.perf_counter() - t0
+    iterations = json.loads((root / "reference" / "summary.json").read_text())["iterations"]
 
     # 2. killed and resumed
     run = root / "killed"
@@ -95,7 +96,7 @@ def main(argv=None) -> dict:
             started, wall_start = time.perf_counter(), time.time()
             kind = plan[len(kills)] if len(kills) < len(plan) else None
             # A random moment within the run's remaining expected time (at least 5 s in: past start-up).
-            remaining = max(t_ref * (1 - last_iteration(run) / 12), 10.0)
+            remaining = max(t_ref * (1 - last_iteration(run) / iterations), 10.0)
             at = started + 5.0 + rng.random() * max(remaining - 5.0, 1.0)
             killed = None
             while proc.poll() is None:

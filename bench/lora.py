@@ -46,20 +46,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from metarl_llm.config import compose_config as compose  # noqa: E402  (TrainConfig with Hydra overrides)
+
 ARMS = {"full": [], "lora": ["model.lora.r=8"]}
-
-
-def compose(overrides: list[str]):
-    """The project's config with ``overrides``, as train.py composes it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from metarl_llm.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(version_base=None, config_dir=str(ROOT / "conf")):
-        return OmegaConf.to_object(hydra_compose("config", overrides=overrides))
 
 
 def tensor_bytes(tensors) -> int:

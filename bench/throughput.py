@@ -137,6 +137,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from metarl_llm.config import compose_config as compose  # noqa: E402  (TrainConfig with Hydra overrides)
+
 STOP_LOGIT = -1.0e4  # bias on the blocked ids: exp(-1e4) is 0 in float64, and 0 * -1e4 keeps entropies finite
 OUR_ARMS = {"ours_ppo": "ppo", "ours_grpo": "grpo"}
 TRL_ARM = "trl_grpo"
@@ -149,6 +151,7 @@ TRL_SECTION_OVERRIDES = [
     "eval.every=0", "eval.num_problems=1", "eval.samples_per_problem=1", "eval.prover_samples=1",
     "eval.extrapolation=false", "checkpoint_every=0", "logger.mode=disabled", "logger.progress_bar=false",
 ]
+QUICK_OVERRIDES = ["budget.max_episode_tokens=8", "budget.answer_max_tokens=4"]
 
 
 def precision_overrides(args) -> list[str]:
@@ -169,25 +172,9 @@ def sync(device: str) -> None:
     """Wait for queued device work, so that a host clock read after it times it."""
     if device == "cuda":
         torch.cuda.synchronize()
-QUICK_OVERRIDES = ["budget.max_episode_tokens=8", "budget.answer_max_tokens=4"]
-
-log = logging.getLogger("bench.throughput")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def compose(overrides: list[str]):
-    """The project's TrainConfig composed from conf/ with Hydra overrides (as train.py does)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from metarl_llm.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(version_base=None, config_dir=str(ROOT / "conf")):
-        return OmegaConf.to_object(hydra_compose("config", overrides=list(overrides)))
 
 
 def median(xs) -> float:
@@ -609,7 +596,7 @@ def bench_trl(args, overrides: list[str], peak: float) -> dict:
         "episode_tokens": b.max_episode_tokens, "answer_tokens": b.answer_max_tokens,
         "trl_max_completion_length": b.max_episode_tokens + b.answer_max_tokens,
         "stop_tokens_blocked": not args.allow_stops, "stop_logit": STOP_LOGIT,
-        "rollout_engine": getattr(getattr(cfg, "rollout", None), "engine", "run_trials default"),
+        "rollout_engine": cfg.rollout.engine,
         "old_logprobs": cfg.algo.old_logprobs, "length_bucket_tokens": cfg.algo.length_bucket_tokens,
         "prefill_bucket_tokens": cfg.rollout.prefill_bucket_tokens,
         "kl_coef_beta": cfg.algo.kl_coef, "clip_eps": cfg.algo.clip_eps,
@@ -703,7 +690,6 @@ def bench_engine(args, overrides: list[str], peak: float) -> dict:
     alternate within each repetition; the first repetition is a warm-up (not reported). The
     cached arm keeps every trial's cache (``keep_cache=True``, the copies timed with it) for
     the meta-prover. ``overrides`` (the trl section's) are not used here."""
-    import torch as _torch
 
     from metarl_llm.bonus import boundary_prefixes, meta_prover_success
     from metarl_llm.models import load_policy
@@ -737,7 +723,7 @@ def bench_engine(args, overrides: list[str], peak: float) -> dict:
             sync(args.device)
             t0 = time.perf_counter()
             with autocast(args.device, amp):
-                trials = run_trials(policy, codec, envs, resets, groups, cfg.budget, _torch.Generator().manual_seed(rep),
+                trials = run_trials(policy, codec, envs, resets, groups, cfg.budget, torch.Generator().manual_seed(rep),
                                     engine=arm, keep_cache=arm == "cached")
             sync(args.device)
             dt = time.perf_counter() - t0
@@ -759,7 +745,7 @@ def bench_engine(args, overrides: list[str], peak: float) -> dict:
             t0 = time.perf_counter()
             with autocast(args.device, amp):
                 meta_prover_success(policy, codec, trials, ends, cfg.bonus.num_samples, cfg.budget.answer_max_tokens,
-                                    _torch.Generator().manual_seed(rep))
+                                    torch.Generator().manual_seed(rep))
             sync(args.device)
             if rep:
                 mp_times[kind].append(time.perf_counter() - t0)

@@ -90,6 +90,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from envs.arc_grids import ArcTask, format_grid, task_prompt  # noqa: E402
+from metarl_llm.config import compose_config as compose  # noqa: E402  (TrainConfig with Hydra overrides)
 from metarl_llm.arc_augment import IDENTITY, Transform, random_transforms, single_row  # noqa: E402
 from metarl_llm.arc_vote import pass_at_2, predict_with_voting, vote  # noqa: E402
 
@@ -116,18 +117,6 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 
 # ------------------------------------------------------------------ config
 
-
-def compose(overrides: list[str]):
-    """The project's TrainConfig composed from conf/ with Hydra overrides (as train.py does)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from metarl_llm.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(version_base=None, config_dir=str(ROOT / "conf")):
-        return OmegaConf.to_object(hydra_compose("config", overrides=list(overrides)))
 
 
 def ttt_config(cfg, args):

@@ -513,3 +513,19 @@ def register_configs() -> None:
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
     cs.store(group="reward", name="reward_schema", node=RewardConfig)
     cs.store(group="adapt", name="adapt_schema", node=AdaptConfig)
+
+
+CONF_DIR = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "conf")
+"""The project's Hydra config directory (conf/ beside the package: a source checkout)."""
+
+
+def compose_config(overrides=(), to_object: bool = True, config_dir: str = CONF_DIR):
+    """The config ``train.py`` would run with these Hydra overrides, outside a Hydra app
+    (benchmarks, tests): a :class:`TrainConfig` (``to_object``) or the DictConfig."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_configs()
+    with initialize_config_dir(version_base=None, config_dir=config_dir):
+        cfg = compose("config", overrides=list(overrides))
+    return OmegaConf.to_object(cfg) if to_object else cfg

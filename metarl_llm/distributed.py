@@ -1,6 +1,6 @@
 """Data-parallel training through accelerate: one process per device (or CPU slot).
 
-    accelerate launch --num_processes 2 --cpu train.py ...          # 2 CPU processes (gloo)
+    accelerate launch --multi_gpu --num_processes 2 train.py device=cpu   # 2 CPU processes (gloo; accelerate's --cpu form starts one)
     accelerate launch --config_file ddp.yaml train.py ...           # GPUs: DDP, FSDP or DeepSpeed configs
 
 What is split and what is shared (``world`` processes, ``rank`` this one):

@@ -11,18 +11,10 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture
 def compose_cfg():
     """Compose the project's Hydra config with overrides, as train.py would."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from metarl_llm.config import register_configs
-
-    register_configs()
-    conf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    from metarl_llm.config import compose_config
 
     def _compose(*overrides: str, to_object: bool = True):
-        with initialize_config_dir(version_base=None, config_dir=conf_dir):
-            cfg = compose("config", overrides=list(overrides))
-        return OmegaConf.to_object(cfg) if to_object else cfg
+        return compose_config(overrides, to_object=to_object)
 
     return _compose
 

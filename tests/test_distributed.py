@@ -51,7 +51,7 @@ def test_run_time_is_fixed_per_launch(monkeypatch):
 
 
 def test_two_processes_match_one_process(tmp_path):
-    """`accelerate launch --num_processes 2 --cpu train.py` against `train.py`: same trials, same
+    """`accelerate launch --multi_gpu --num_processes 2 train.py device=cpu` against `train.py`: same trials, same
     losses, entropy and gradient norms per iteration (an entropy bonus gives the untrained
     model a non-zero gradient, so the second iteration depends on the first update)."""
     bench = load_bench()
