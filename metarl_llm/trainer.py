@@ -45,7 +45,7 @@ from envs.base import EnvironmentFailure, FailureGuard
 from metarl_llm.advantages import episode_credit, get_advantage
 from metarl_llm.batch import RolloutBatch, collate, length_buckets, place_rewards, sampled_logprobs, sampled_values
 from metarl_llm.bonus import check_verifier_name, episode_bonuses, get_estimator
-from metarl_llm.config import ModelConfig, PolicyLoraConfig, TrainConfig
+from metarl_llm.config import TrainConfig
 from metarl_llm.evaluate import (
     TRANSCRIPT_COLUMNS,
     EvalResult,
@@ -317,11 +317,8 @@ def base_policy(cfg: TrainConfig, device: torch.device):
     policy, tokenizer = load_policy(cfg.model, ws_seed)
     codec = StreamCodec(tokenizer, "\n", cfg.env.forced_answer_text)
     make_env = env_factory(cfg)
-    # LoRA, autocast and the attention backend concern PPO only: runs that differ in them share
-    # one warm start (cache entry).
-    ws_model = replace(cfg.model, lora=PolicyLoraConfig(), autocast=ModelConfig.autocast,
-                       cudnn_attention=ModelConfig.cudnn_attention)
-    policy, ws_info = warm_start(policy, tokenizer, codec, make_env, ws_model, cfg.env, cfg.budget, cfg.warm_start, ws_seed)
+    # The cache key leaves out what concerns PPO only (LoRA, autocast, the attention backend).
+    policy, ws_info = warm_start(policy, tokenizer, codec, make_env, cfg.model, cfg.env, cfg.budget, cfg.warm_start, ws_seed)
     if cfg.model.gradient_checkpointing:  # the warm start hands back a freshly loaded model
         enable_gradient_checkpointing(policy)
     return policy.to(device), tokenizer, codec, make_env, ws_info

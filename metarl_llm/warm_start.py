@@ -110,9 +110,9 @@ def expert_records(
 def cache_key(model: ModelConfig, env: EnvConfig, budget: BudgetConfig, ws: WarmStartConfig, seed: int, vocab: dict) -> str:
     spec = {
         "version": CACHE_VERSION,
-        # LoRA and autocast concern PPO only: leaving them out keeps one entry for both
-        # (and the entries written before those options existed).
-        "model": {k: v for k, v in asdict(model).items() if k not in ("lora", "autocast")},
+        # LoRA, autocast and the attention backend concern PPO only: leaving them out keeps
+        # one entry for all (and the entries written before those options existed).
+        "model": {k: v for k, v in asdict(model).items() if k not in ("lora", "autocast", "cudnn_attention")},
         "env": asdict(env),
         "budget": asdict(budget),
         "warm_start": {k: v for k, v in asdict(ws).items() if k not in ("cache_dir", "seed")},  # the seed used is `seed`
