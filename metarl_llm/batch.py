@@ -106,26 +106,29 @@ def length_buckets(
     return parts[::-1]
 
 
+def _right_padded(rows: list[list[float]], width: int) -> torch.Tensor:
+    """[len(rows), width] float32 of the rows, each right-padded with 0."""
+    out = torch.zeros((len(rows), width))
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.float32)
+    return out
+
+
 def sampled_logprobs(trials: list[Trial], width: int) -> torch.Tensor:
     """[B, width] the rollout engine's own log-probs of the sampled tokens
     (``Trial.sample_logprobs``: token-aligned with ``ids``, 0 off action tokens), right-padded with 0."""
-    out = torch.zeros((len(trials), width))
-    for i, tr in enumerate(trials):
-        out[i, : len(tr.sample_logprobs)] = torch.as_tensor(tr.sample_logprobs, dtype=torch.float32)
-    return out
+    return _right_padded([tr.sample_logprobs for tr in trials], width)
 
 
 def sampled_values(trials: list[Trial], width: int) -> torch.Tensor:
     """[B, width] the critic's values computed by the rollout engine while sampling
     (``Trial.sample_values``: token-aligned with ``ids``, 0 off action tokens; ``run_trials``
     with ``value_head``), right-padded with 0. A trial without them is an error (never zeros)."""
-    out = torch.zeros((len(trials), width))
     for i, tr in enumerate(trials):
         if tr.sample_values is None:
             raise ValueError(f"sampled_values: trial {i} ({tr.problem_id}) has no values from the rollout "
                              f"(run_trials(..., value_head=...) with an engine that supports it)")
-        out[i, : len(tr.sample_values)] = torch.as_tensor(tr.sample_values, dtype=torch.float32)
-    return out
+    return _right_padded([tr.sample_values for tr in trials], width)
 
 
 def collate(trials: list[Trial], pad_id: int) -> RolloutBatch:

@@ -514,7 +514,7 @@ class _Batch:
         self.cache.batch_select_indices(rows.to(self.device))
         self._mask = self._mask[rows]
         self.next_pos = self.next_pos[rows]
-        self.rows = [self.rows[int(r)] for r in rows]
+        self.rows = [self.rows[r] for r in rows.tolist()]  # one host copy, not one sync per row
 
     def trial_cache(self, r: int) -> TrialCache:
         """Row ``r``'s cache with the padding columns removed."""
@@ -576,13 +576,13 @@ class CachedEngine(Engine):
         q_len = torch.zeros(n, dtype=torch.long, device=device)
         live = torch.ones(n, dtype=torch.bool, device=device)
         logits = batch.prefill([t.ids for t in trials], codec.pad_id, self.bucket_tokens)
+        ar = torch.arange(n, device=device)  # batch row indices; rebuilt when finished rows are dropped
         # Bound: every step a live row samples a token or feeds one queued token (or one block);
         # a trial has at most max_episodes + 1 episodes of at most max_ep tokens.
         for _step in range((budget.max_episodes + 2) * (max_ep + q + 1) + 1):
             sampling = live & (q_pos >= q_len)  # rows whose logits are for their next policy token
             u = None if greedy else stream_uniforms(row_keys, stream_len + ep_len)
             tok, lp = draw_tokens(logits, u)
-            ar = torch.arange(len(batch.rows), device=device)
             col = ep_len.clamp(max=max_ep - 1)
             ep_tok[ar, col] = torch.where(sampling, tok, ep_tok[ar, col])
             ep_lp[ar, col] = torch.where(sampling, lp, ep_lp[ar, col])
@@ -624,7 +624,8 @@ class CachedEngine(Engine):
                 if 4 * (len(batch.rows) - n_live) >= len(batch.rows):  # a quarter of the rows finished: drop them
                     keep = live.nonzero().flatten()
                     old = keep.tolist()
-                    blocks = {old.index(r): b for r, b in blocks.items()}
+                    new_index = {r: j for j, r in enumerate(old)}
+                    blocks = {new_index[r]: b for r, b in blocks.items()}
                     batch.keep(keep)
                     ep_tok, ep_lp, ep_len, limit = ep_tok[keep], ep_lp[keep], ep_len[keep], limit[keep]
                     ep_val = ep_val[keep] if ep_val is not None else None
