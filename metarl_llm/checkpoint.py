@@ -7,7 +7,9 @@ Layout of ``<run_dir>/checkpoints/``::
                             ``load_policy`` and ``python -m metarl_llm.evaluate`` read
         adapter/            LoRA only: the adapter alone (peft format)
         trainer_state.pt    value head, critic trunk, optimiser, iteration, every random
-                            generator, counters, the W&B run id, the warm-start cache key
+                            generator, counters, the W&B run id, the warm-start cache key,
+                            the number of metrics.jsonl rows written before it (a resume
+                            keeps exactly those)
         COMPLETE            written last: a checkpoint without it is partial and ignored
     latest                  the name of the newest complete checkpoint
 

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from pathlib import Path
 
 from metarl_llm.config import LoggerConfig
 
 MODES = ("offline", "online", "disabled")
+
+log = logging.getLogger(__name__)
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    """``<run_dir>/summary.json`` when it is complete (a JSON object; :meth:`Tracker.finish`
+    writes it atomically, as the last output of a run), else None."""
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return summary if isinstance(summary, dict) else None
 
 
 class Tracker:
@@ -19,27 +33,41 @@ class Tracker:
     """
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, name: str, resume_step: int | None = None,
-                 run_id: str | None = None):
+                 run_id: str | None = None, resume_rows: int | None = None):
         """``resume_step``: a resumed run continues after that step: rows of metrics.jsonl
         logged after it (by the run that was interrupted) are dropped, and the W&B run
-        ``run_id`` is continued instead of starting a new one."""
+        ``run_id`` is continued instead of starting a new one. ``resume_rows``: the number
+        of rows metrics.jsonl held when the checkpoint resumed from was saved (its
+        ``metrics_rows``, :attr:`rows` then); when given, exactly those first rows are kept,
+        which also drops rows logged after the checkpoint at its own step (the final
+        evaluation's, logged at the last iteration after the last checkpoint). Without it
+        (checkpoints written before ``metrics_rows`` existed) rows up to ``resume_step`` are kept."""
         if cfg.mode not in MODES:
             raise ValueError(f"logger.mode={cfg.mode!r}; expected one of {MODES}")
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / "metrics.jsonl"
-        if resume_step is not None and path.exists():
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by the crash
-                    continue
-                if row.get("iteration", 0) <= resume_step:
-                    kept.append(line)
+        lines = path.read_text().splitlines() if path.exists() else []
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill (only ever the last one)
+                continue
+            if resume_rows is not None:
+                if len(kept) == resume_rows:
+                    break
+            elif resume_step is not None and row.get("iteration", 0) > resume_step:
+                continue
+            kept.append(line)
+        if resume_rows is not None and len(kept) < resume_rows:
+            log.warning("resume: metrics.jsonl has %d rows, its checkpoint was saved after %d; keeping them all",
+                        len(kept), resume_rows)
+        if len(kept) != len(lines):
             tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(k + "\n" for k in kept))
             tmp.replace(path)
+        self.rows = len(kept)  # the rows of metrics.jsonl (a checkpoint records them as metrics_rows)
         self._jsonl = open(path, "a", buffering=1)
         self._wandb = None
         if cfg.mode != "disabled":
@@ -70,6 +98,7 @@ class Tracker:
     def log(self, metrics: dict, step: int) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         self._jsonl.write(json.dumps({"iteration": step, **clean}) + "\n")
+        self.rows += 1
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
@@ -86,7 +115,12 @@ class Tracker:
             self._wandb.log({key: wandb.Image(str(path))}, step=step)
 
     def finish(self, summary: dict) -> None:
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        """Write summary.json (atomically: a complete summary.json marks a finished run, see
+        :func:`read_summary`), close metrics.jsonl and finish the W&B run."""
+        path = self.run_dir / "summary.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+        os.replace(tmp, path)
         self._jsonl.close()
         if self._wandb is not None:
             self._wandb.summary.update(summary)
@@ -99,6 +133,7 @@ class NullTracker:
 
     wandb_run = None
     run_id = None
+    rows = 0
 
     def log(self, metrics: dict, step: int) -> None:
         pass

@@ -79,7 +79,7 @@ from metarl_llm.checkpoint import (find_checkpoint, load_model_weights, load_tra
 from metarl_llm.distributed import Dist, gather_batch, prepare_data_parallel
 from metarl_llm.engine import engine_from_config, trial_keys
 from metarl_llm.rollout import StreamCodec, run_trials
-from metarl_llm.tracking import NullTracker, Tracker
+from metarl_llm.tracking import NullTracker, Tracker, read_summary
 from metarl_llm.warm_start import warm_start
 
 log = logging.getLogger(__name__)
@@ -309,6 +309,24 @@ def resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
     return found
 
 
+def finished_summary(cfg: TrainConfig, run_dir: Path) -> dict | None:
+    """With ``resume=auto`` (or ``resume=<a run directory>``): that run's summary.json when
+    the run already finished (summary.json complete, for this config's iterations, seed and
+    env), else None. A finished run is not redone: a run killed after writing its summary,
+    before its process exited, is complete. (``resume=<a checkpoint>`` always continues from it.)"""
+    if not cfg.resume:
+        return None
+    target = Path(run_dir) if cfg.resume == "auto" else Path(cfg.resume).expanduser()
+    if target.parent.name == "checkpoints":  # checkpoints/iter_XXXXXX: resume from it, as asked
+        return None
+    summary = read_summary(target)
+    if summary is None or (summary.get("iterations"), summary.get("seed"), summary.get("env")) != (
+            cfg.algo.iterations, cfg.seed, cfg.env.name):
+        return None
+    log.info("resume=%s: the run in %s is already complete (summary.json); nothing to do", cfg.resume, target)
+    return summary
+
+
 def base_policy(cfg: TrainConfig, device: torch.device):
     """The policy a job starts from: loaded (``model``) and warm-started (``warm_start``,
     seeded ``warm_start.seed`` or the run's seed). Returns (policy, tokenizer, codec,
@@ -348,6 +366,9 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
         return train_sft_job(cfg, Path(run_dir), wandb_group)
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
+    finished = finished_summary(cfg, run_dir)
+    if finished is not None:
+        return finished
     resume_from = resume_checkpoint(cfg, run_dir)
     if resume_from is not None:
         run_dir = resume_from.parent.parent  # the interrupted run's directory: the run continues there
@@ -400,17 +421,21 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
 
     if wandb_group and not cfg.logger.group:
         cfg.logger.group = wandb_group  # the runs of one sweep share a W&B group
-    # A resumed run drops what the interrupted one logged after its checkpoint (all of it when
+    # A resumed run drops what the interrupted one logged after its checkpoint (exactly the rows
+    # written after it was saved, those at its own iteration included; all of them when
     # resume=auto found no checkpoint) and continues its W&B run.
     run_id_file = run_dir / "wandb_run_id"
     run_id = state.get("wandb_id") if state else None
     if run_id is None and cfg.resume and run_id_file.exists():
         run_id = run_id_file.read_text().strip() or None
     tracker = (Tracker(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), run_dir.name,
-                       resume_step=state["iteration"] if state else (-1 if cfg.resume else None), run_id=run_id)
+                       resume_step=state["iteration"] if state else (-1 if cfg.resume else None), run_id=run_id,
+                       resume_rows=state.get("metrics_rows") if state else None)
                if dist.is_main else NullTracker())
     if tracker.run_id:
         run_id_file.write_text(tracker.run_id)
+    if dist.is_main:  # this run writes its own: a stale summary.json must not mark it finished if it is killed
+        (run_dir / "summary.json").unlink(missing_ok=True)
     # Every process draws the same global numbers (problems, sampling keys, minibatch order).
     generator = torch.Generator().manual_seed(cfg.seed)
     problem_rng = np.random.default_rng(cfg.seed)
@@ -463,6 +488,7 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
             "counters": [rollout_tokens, rollout_time, update_tokens, update_time],
             "start_eval": {"metrics": start_eval.metrics, "curve": np.asarray(start_eval.curve).tolist()} if start_eval else None,
             "wandb_id": tracker.run_id, "warm_start_key": ws_info.get("warm_start/key"),
+            "metrics_rows": tracker.rows,  # rows of metrics.jsonl so far: a resume keeps exactly these
             "config": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
         }
         return save_checkpoint(run_dir, iteration, actor_critic, tokenizer, optimizer, extra, keep=cfg.checkpoint_keep)
@@ -604,7 +630,9 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
     # Final evaluation: the function `python -m metarl_llm.evaluate` calls on the saved
     # checkpoint, with the same seeds, so re-evaluating it reproduces these figures
     # (on the weights policy/ holds: merged, for a LoRA policy).
-    final_ckpt = checkpoint(cfg.algo.iterations)
+    # Resumed from the final checkpoint (killed in the final evaluation): it is this one already.
+    final_ckpt = (resume_from if state is not None and state["iteration"] == cfg.algo.iterations
+                  else checkpoint(cfg.algo.iterations))
     t_final_eval = time.perf_counter()
     final_results, figures, _ = evaluate_and_report(
         merged_policy(actor_critic), codec, cfg, heldout_env_maker(cfg), run_dir, final_ckpt.name, tracker, cfg.algo.iterations

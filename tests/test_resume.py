@@ -99,3 +99,95 @@ def test_checkpoint_keep_bounds_the_checkpoints(compose_cfg, tmp_path):
     root = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["iter_000003", "iter_000004", "latest"]
     assert (root / "latest").read_text() == "iter_000004"
+
+
+def test_tracker_keeps_exactly_the_rows_logged_before_the_checkpoint(tmp_path):
+    from metarl_llm.config import LoggerConfig
+    from metarl_llm.tracking import Tracker, read_summary
+
+    off = LoggerConfig(mode="disabled")
+    t = Tracker(off, tmp_path, {}, "run")
+    t.log({"train/outcome": 1.0}, step=1)
+    t.log({"heldout/success": 0.5}, step=1)
+    saved = t.rows  # a checkpoint of iteration 1 saved here
+    t.log({"heldout/success": 0.25, "heldout_budget/1x/success": 0.25}, step=1)  # after it, at its own step
+    t.log({"train/outcome": 0.0}, step=2)
+    t._jsonl.write('{"iteration": 2, "heldout/succ')  # a row cut by the kill
+    t._jsonl.close()
+    assert saved == 2
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    resumed = Tracker(off, tmp_path, {}, "run", resume_step=1, resume_rows=saved)
+    assert resumed.rows == 2 and (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:2]
+    resumed._jsonl.close()
+    # A checkpoint without metrics_rows (written before it existed): rows up to its step are kept.
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    legacy = Tracker(off, tmp_path, {}, "run", resume_step=1)
+    assert legacy.rows == 3 and (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:3]
+    legacy.finish({"iterations": 2})
+    assert read_summary(tmp_path) == {"iterations": 2} and not list(tmp_path.glob("*.tmp"))
+    (tmp_path / "summary.json").write_text('{"iterations": ')  # cut while being written
+    assert read_summary(tmp_path) is None
+
+
+TIMING_KEYS = ("wall_time_s", "final_eval_s", "rollout_tokens_per_s", "update_tokens_per_s", "warm_start_cached")
+# Iteration 3 is the last: checkpoint 2 (after the held-out evaluation of iteration 2), then the
+# final checkpoint 3 and, after it, the final evaluation's rows, logged at step 3.
+END = [*SMALL, "algo.iterations=3"]
+
+
+def untimed(summary):
+    return {k: v for k, v in summary.items() if k not in TIMING_KEYS}
+
+
+def test_kill_during_the_final_evaluation_then_resume(compose_cfg, tmp_path, monkeypatch):
+    import metarl_llm.evaluate as evaluate_mod
+
+    cache = f"warm_start.cache_dir={tmp_path / 'cache'}"
+    full = train(compose_cfg(*END, cache), tmp_path / "full")
+
+    # Killed in the final evaluation, after its held-out rows (step 3, the final checkpoint's own
+    # iteration) reached metrics.jsonl: evaluate_and_report plots right after logging them.
+    def killed(*args, **kwargs):
+        raise Crash("killed in the final evaluation")
+
+    monkeypatch.setattr(evaluate_mod, "plot_success_curves", killed)
+    with pytest.raises(Crash):
+        train(compose_cfg(*END, cache), tmp_path / "resumed")
+    rows = train_rows(tmp_path / "resumed")
+    assert any(r["iteration"] == 3 and "heldout_budget/1x/success" in r for r in rows)  # the final rows were logged
+    assert find_checkpoint(tmp_path / "resumed").name == "iter_000003"
+    assert not (tmp_path / "resumed" / "summary.json").exists()
+    monkeypatch.undo()
+
+    resumed = train(compose_cfg(*END, cache, "resume=auto"), tmp_path / "resumed")
+    assert train_rows(tmp_path / "resumed") == train_rows(tmp_path / "full")  # the final rows once, as uninterrupted
+    assert untimed(resumed) == untimed(full)
+    assert untimed(json.loads((tmp_path / "resumed" / "summary.json").read_text())) == untimed(full)
+
+
+def test_kill_after_the_summary_does_not_redo_the_run(compose_cfg, tmp_path, monkeypatch):
+    cache = f"warm_start.cache_dir={tmp_path / 'cache'}"
+    run = tmp_path / "run"
+    full = train(compose_cfg(*END, cache), run)
+    metrics, summary = (run / "metrics.jsonl").read_bytes(), (run / "summary.json").read_bytes()
+    rows = train_rows(run)
+
+    # Killed after summary.json was written, before the process exited: resume=auto finds the
+    # run finished and returns its summary without loading a model or logging anything.
+    def nothing_may_run(*args, **kwargs):
+        raise AssertionError("a finished run was redone")
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer_mod, "base_policy", nothing_may_run)
+        again = train(compose_cfg(*END, cache, "resume=auto"), run)
+    assert again == json.loads(summary)
+    assert untimed(again) == untimed(full)
+    assert (run / "metrics.jsonl").read_bytes() == metrics
+    assert (run / "summary.json").read_bytes() == summary
+
+    # Killed while summary.json was being written (a truncated file): not finished, so resume=auto
+    # redoes the final evaluation from the final checkpoint, logging its rows once.
+    (run / "summary.json").write_bytes(summary[: len(summary) // 2])
+    redone = train(compose_cfg(*END, cache, "resume=auto"), run)
+    assert train_rows(run) == rows
+    assert untimed(redone) == untimed(full)
