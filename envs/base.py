@@ -22,6 +22,8 @@ Protocol of a trial, in text::
   that runs out of *tokens* calls :meth:`EpisodicTextEnv.force_answer` to do the same.
   ``info["forcing_answer"]`` says that the returned observation forces the answer.
 - ``step`` receives an episode's text *without* the trailing delimiter.
+- :meth:`EpisodicTextEnv.forced_outcome` scores a forced answer as the trial would be
+  scored at that point (the episodes so far plus that answer): the meta-prover's J.
 
 Subclasses implement the problem source, the grader and the expert traces; the
 trial bookkeeping lives here so every environment behaves the same way.
@@ -174,6 +176,14 @@ class EpisodicTextEnv(gym.Env[str, str], abc.ABC):
     def outcome(self, episodes: list[str], answer: str | None) -> float:
         """The trial's outcome reward; by default the score of the final answer."""
         return 0.0 if answer is None else self.score(answer)
+
+    def forced_outcome(self, episodes: list[str], answer_text: str) -> float:
+        """The outcome the trial would get if, after ``episodes``, it were forced to answer
+        with ``answer_text`` (the text the policy writes after the forced-answer text):
+        the answer is parsed as :meth:`step` parses a forced episode, and scored with the
+        episodes so far by :meth:`outcome`. This is what the meta-prover's J estimates."""
+        answer = self.parse_answer(answer_text) or answer_text.strip()
+        return float(self.outcome(list(episodes), answer or None))
 
     def feedback_text(self, episode_text: str) -> str:
         """Observation after an uncommitted episode when ``feedback=True``."""

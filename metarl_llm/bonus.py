@@ -5,26 +5,33 @@
     bonus_j = alpha * (J(z_0..j) - J(z_0..j-1)),
 
 where J(prefix) is the meta-prover's success after the prefix: append the
-forced-answer text, let the policy answer, score the answer. Progress is
-potential-based, so the bonuses of a trial telescope to ``alpha * (J_last - J_empty)``:
-padding a trial with empty episodes earns nothing.
+forced-answer text, let the policy answer, and score the answer as the trial would be
+scored at that point (``env.forced_outcome``: the episodes so far plus that answer).
+J_empty is measured after the prompt and J_j after every episode j before the
+final-answer one, after any observation the environment inserted in reply to it
+(:func:`boundary_prefixes`).
 
-Boundaries: J_empty is measured after the prompt; J_j after every episode j that
-is not the final-answer episode (the outcome already rewards that one). The sum of a
-trial's bonuses is then ``alpha * (J_last - J_empty)``, which pays a trial for ending
-its last non-answer episode in a state of high J: it can reward one more episode
-before answering. With ``bonus.final_episode=true`` the answer episode gets its
-progress too, with J after it taken as the outcome; the sum becomes
-``alpha * (outcome - J_empty)``: pure potential-based shaping, which redistributes
-credit across episodes without changing which trials are best.
+Where the bonuses telescope to (``bonus.final_episode``):
+
+- ``true`` (default): the answer episode gets its progress too, with J after it taken
+  as the outcome that was rewarded, so a trial's bonuses sum to
+  ``alpha * (outcome - J_empty)``: pure potential-based shaping. It is the same for a
+  trial that answers at once and one that restates its answer uncommitted in an extra
+  episode first; only the split of credit among episodes changes.
+- ``false``: the answer episode gets none, and the bonuses sum to
+  ``alpha * (J_last - J_empty)`` with J_last measured *before* the answer episode. Writing
+  the answer once uncommitted and committing it in one more episode then earns
+  ``alpha * J_last`` on top of the outcome: a pay-off for an extra episode (a length
+  incentive, the opposite of token efficiency). Kept for comparison.
 
 Estimators of J (``bonus.estimator``), all returning, per trial, J at its boundaries:
 
 - ``sample``: the mean score of ``num_samples`` sampled meta-prover answers per
   boundary (unbiased, noisy, costs ``num_samples`` short generations per boundary).
 - ``likelihood``: the probability that the meta-prover writes the environment's
-  canonical correct answer (``env.answer_target()``), teacher-forced. Exact for that
-  surface form and noise-free; where other surface forms are also correct it is a
+  canonical correct answer (``env.answer_target()``), teacher-forced, combined with the
+  outcome the episodes so far already secure (:func:`_with_outcome_so_far`). Exact for
+  that surface form and noise-free; where other surface forms are also correct it is a
   lower bound on J. All boundaries of a trial are scored in one forward pass: the
   stream is encoded once and each boundary's answer block attends to the stream
   prefix up to its boundary through a block attention mask.
@@ -76,10 +83,34 @@ def get_estimator(name: str) -> Estimator:
 
 def boundary_prefixes(trial: Trial) -> list[int]:
     """Stream lengths of the prefixes at which J is measured: after the prompt, then
-    after each episode before the final-answer one."""
+    after each episode before the final-answer one.
+
+    The boundary of episode j lies *after* the observation the environment inserted in
+    reply to it (feedback such as ``[wrong]``), so that J_j already holds the
+    information that reply carries and the progress it brings is credited to episode j,
+    which earned it, not to episode j+1. The exception is an inserted forced-answer text:
+    the meta-prover appends that itself, so the boundary stays before it.
+    """
     prompt_len = trial.action.index(1) if 1 in trial.action else len(trial.ids)
     n = trial.answer_episode if trial.answer_episode >= 0 else len(trial.episode_ends)
-    return [prompt_len] + [trial.episode_ends[j] + 1 for j in range(n)]
+    starts = episode_starts(trial)
+    ends = [prompt_len]
+    for j in range(n):
+        forced_next = trial.forced and j + 1 == trial.answer_episode  # the observation is the forced-answer text
+        ends.append(starts[j + 1] if j + 1 < len(starts) and not forced_next else trial.episode_ends[j] + 1)
+    return ends
+
+
+def episode_starts(trial: Trial) -> list[int]:
+    """Stream position of each episode's first token (episodes are contiguous runs of action tokens)."""
+    idx = np.flatnonzero(np.asarray(trial.action, dtype=bool))
+    ep = np.asarray(trial.episode, dtype=np.int64)[idx]
+    return idx[np.r_[True, ep[1:] != ep[:-1]]].tolist() if len(idx) else []
+
+
+def episodes_before(trial: Trial, end: int) -> list[str]:
+    """Texts of the trial's episodes that lie wholly inside the prefix ``trial.ids[:end]``."""
+    return [text for text, last in zip(trial.episode_texts, trial.episode_ends) if last < end]
 
 
 def meta_prover_context(codec: StreamCodec, trial: Trial, end: int) -> list[int]:
@@ -91,9 +122,12 @@ def meta_prover_success(
     model: torch.nn.Module, codec: StreamCodec, trials: list[Trial], ends: list[list[int]], num_samples: int,
     answer_max_tokens: int, generator: torch.Generator | None = None,
 ) -> list[np.ndarray]:
-    """J after the prefixes ``ends[i]`` (stream lengths) of trial i: the mean ``env.score``
-    of ``num_samples`` meta-prover answers of at most ``answer_max_tokens`` tokens, all
-    from one batched sampling call over the trials' own token ids. Returns one array
+    """J after the prefixes ``ends[i]`` (stream lengths) of trial i: the mean success of
+    ``num_samples`` meta-prover answers of at most ``answer_max_tokens`` tokens, all from
+    one batched sampling call over the trials' own token ids. Each answer is scored as
+    the trial would be if forced to answer there: ``env.forced_outcome(episodes so far,
+    answer)`` (where the outcome counts earlier episodes, as planted_subseq's does, an
+    episode that already holds the gold makes J 1 whatever the answer). Returns one array
     [len(ends[i])] per trial. Trials that kept the rollout's KV cache for ``model``
     (``run_trials(..., keep_cache=True)``) are continued from it instead of re-encoded.
     Either way the answers are ancestral samples from ``generator``."""
@@ -114,10 +148,11 @@ def meta_prover_success(
         out = sample(model, contexts, answer_max_tokens, codec.stop_ids, codec.pad_id, generator)
         tokens, lengths = out.tokens, out.lengths
     sums = [np.zeros(len(prefix_ends)) for prefix_ends in ends]
+    before = [[episodes_before(t, end) for end in prefix_ends] for t, prefix_ends in zip(trials, ends)]
     for row, (i, b) in enumerate(owners):
         text = codec.episode_text(tokens[row, : int(lengths[row])].tolist())
         try:
-            sums[i][b] += trials[i].env.score(text)
+            sums[i][b] += trials[i].env.forced_outcome(before[i][b], text)
         except Exception as e:  # noqa: BLE001 - a grader failure is loud, with the problem and the text
             raise EnvironmentFailure(trials[i].problem_id, text, b, e) from e
     return [x / num_samples for x in sums]
@@ -242,8 +277,25 @@ def estimate_likelihood(model: torch.nn.Module, codec: StreamCodec, trials: list
         sums = [np.zeros(len(p.stop_q)) for p in packs]
         for (r, k, _), v in zip(owners, picked):
             sums[r][k] += v
-        curves += [np.exp(x) for x in sums]
+        curves += [_with_outcome_so_far(t, np.exp(x)) for t, x in zip(trials[s : s + opts.rows], sums)]
     return curves
+
+
+def _with_outcome_so_far(trial: Trial, p_target: np.ndarray) -> np.ndarray:
+    """J at each boundary from P(target) [m]: the trial's outcome if forced to answer there
+    is ``o_target`` when the meta-prover writes the canonical answer and, counting any
+    other answer as none, ``o_none`` = outcome(episodes so far, no answer) otherwise, so
+    J = o_none + P(target) * (o_target - o_none). For an outcome of the answer alone that
+    is P(target); where earlier episodes count (planted_subseq), an episode that already
+    holds the gold makes J 1."""
+    env = trial.env
+    target, _ = env.answer_target()
+    out = np.empty_like(p_target)
+    for k, end in enumerate(boundary_prefixes(trial)):
+        episodes = episodes_before(trial, end)
+        o_none = float(env.outcome(episodes, None))
+        out[k] = o_none + p_target[k] * (env.forced_outcome(episodes, target) - o_none)
+    return out
 
 
 class VerifierInput(NamedTuple):
@@ -328,19 +380,30 @@ def episode_bonuses(
     trials: list[Trial],
     answer_max_tokens: int,
     generator: torch.Generator | None = None,
+    outcomes: list[float] | None = None,
 ) -> tuple[list[list[float]], list[np.ndarray] | None]:
-    """Bonus of each episode of each trial, and the J curves they came from (None for ``none``)."""
+    """Bonus of each episode of each trial, and the J curves they came from (None for ``none``).
+
+    ``outcomes`` [B]: the outcome reward each trial is trained on, which J after the answer
+    episode equals under ``bonus.final_episode=true`` (default: ``trial.outcome``, the
+    environment's). With ``reward=verifier`` that is the verifier's reward, so that no
+    reference-based outcome enters what is optimised.
+    """
     if cfg.name == "none":
         return [[] for _ in trials], None
     if cfg.name != "info_gain":
         raise ValueError(f"bonus.name={cfg.name!r}; expected 'none' or 'info_gain'")
+    if outcomes is None:
+        outcomes = [t.outcome for t in trials]
+    if len(outcomes) != len(trials):
+        raise ValueError(f"episode_bonuses: {len(outcomes)} outcomes for {len(trials)} trials")
     estimate = get_estimator(cfg.estimator)
     opts = JOptions(num_samples=cfg.num_samples, answer_max_tokens=answer_max_tokens, generator=generator, verifier=cfg.verifier)
     curves = estimate(model, codec, trials, opts)
     if cfg.final_episode:
-        # J after the committed answer is the outcome: the answer episode gets its
+        # J after the committed answer is the rewarded outcome: the answer episode gets its
         # progress too and the bonuses telescope to alpha * (outcome - J_empty).
-        bonuses = [list(cfg.alpha * progress(np.append(c, t.outcome), cfg.clip)) for c, t in zip(curves, trials)]
+        bonuses = [list(cfg.alpha * progress(np.append(c, float(o)), cfg.clip)) for c, o in zip(curves, outcomes)]
     else:
         bonuses = [list(cfg.alpha * progress(c, cfg.clip)) for c in curves]
     return bonuses, curves

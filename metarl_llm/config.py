@@ -252,9 +252,11 @@ class BonusConfig:
     # episode j's last token, so it flows into the returns of all earlier tokens (with
     # gamma = lambda = 1 that leaves only alpha * J_last: metarl_llm.advantages.episode_credit).
     credit: str = "episode"
-    # Also reward the final-answer episode's progress (J after it := the outcome), so the
-    # bonuses telescope to alpha * (outcome - J_empty) and cannot pay for extra episodes.
-    final_episode: bool = False
+    # Also reward the final-answer episode's progress (J after it := the rewarded outcome), so
+    # the bonuses telescope to alpha * (outcome - J_empty) and cannot pay for extra episodes.
+    # false: they sum to alpha * (J_last - J_empty), J_last before the answer episode, which pays
+    # alpha * J_last for restating the answer uncommitted in one more episode (metarl_llm.bonus).
+    final_episode: bool = True
 
 
 # ------------------------------------------------------------------------ logger

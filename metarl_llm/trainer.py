@@ -534,7 +534,9 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
         t_bonus = time.perf_counter()
         bonus_model = reference if cfg.bonus.use_reference else actor_critic.policy
         try:
-            bonuses, curves = episode_bonuses(cfg.bonus, bonus_model, codec, trials, cfg.budget.answer_max_tokens, generator)
+            # J after the answer episode is the outcome being optimised (the verifier's with reward=verifier)
+            bonuses, curves = episode_bonuses(cfg.bonus, bonus_model, codec, trials, cfg.budget.answer_max_tokens, generator,
+                                              outcomes=batch.outcome.tolist())
         except EnvironmentFailure as e:
             e.args = (f"{e.args[0]}; the problem id and text are saved in {save_failure(run_dir, it, e)}",)
             raise

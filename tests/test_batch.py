@@ -130,8 +130,13 @@ def test_progress_clip_per_value():
 def test_boundary_prefixes():
     a = _two_trials()[0]  # prompt 3 tokens; episode ends at positions 5 and 8
     assert a.episode_ends == [5, 8]
-    # no answer episode recorded: after the prompt, then after every episode
-    assert boundary_prefixes(a) == [3, 6, 9]
+    # no answer episode recorded: after the prompt, then after every episode and the
+    # observation inserted in reply to it (position 6, so J after episode 0 is at 7)
+    assert boundary_prefixes(a) == [3, 7, 9]
     # episode 1 gave the final answer: J after the prompt and after episode 0 only
     a.answer_episode = 1
+    assert boundary_prefixes(a) == [3, 7]
+    # a forced answer: the observation is the forced-answer text, which the meta-prover
+    # appends itself, so the boundary stays before it
+    a.forced = True
     assert boundary_prefixes(a) == [3, 6]

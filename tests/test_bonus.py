@@ -67,7 +67,14 @@ def test_likelihood_equals_explicit_product_per_boundary(setup, env_id):
     for t, c in zip(trials, curves):
         ends = boundary_prefixes(t)
         assert c.shape == (len(ends),)
-        want = np.array([explicit_j(model, codec, t, e) for e in ends])
+        p = np.array([explicit_j(model, codec, t, e) for e in ends])
+        # J is the trial's success if forced to answer there: what the episodes so far already
+        # secure, plus P(canonical answer) times what it adds (planted_subseq counts earlier episodes)
+        target, _ = t.env.answer_target()
+        before = [[x for x, last in zip(t.episode_texts, t.episode_ends) if last < e] for e in ends]
+        o_none = np.array([t.env.outcome(eps, None) for eps in before])
+        o_target = np.array([t.env.outcome(eps, target.strip()) for eps in before])
+        want = o_none + p * (o_target - o_none)
         np.testing.assert_allclose(np.log(c), np.log(want), rtol=0, atol=1e-4)
 
 
@@ -92,15 +99,22 @@ def test_block_mask_by_hand():
 
 
 @pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
-def test_bonuses_telescope_to_j_final_minus_j_empty(setup, estimator):
+def test_bonuses_telescope(setup, estimator):
+    """Default (bonus.final_episode=true): to alpha * (outcome - J_empty), one bonus per
+    episode; final_episode=false: to alpha * (J_last - J_empty), none for the answer episode."""
     model, codec = setup
     trials = play(model, codec, "metarl/PlantedSubseq-v0")
     cfg = BonusConfig(name="info_gain", estimator=estimator, alpha=0.7, num_samples=3)
     bonuses, curves = episode_bonuses(cfg, model, codec, trials, BUDGET.answer_max_tokens, torch.Generator().manual_seed(1))
     for t, b, c in zip(trials, bonuses, curves):
+        assert len(b) == len(boundary_prefixes(t)) == len(c) == len(t.episode_texts)
+        assert np.isclose(sum(b), 0.7 * (t.outcome - c[0]))
+        assert ((c >= 0) & (c <= 1)).all()
+    cfg = BonusConfig(name="info_gain", estimator=estimator, alpha=0.7, num_samples=3, final_episode=False)
+    bonuses, curves = episode_bonuses(cfg, model, codec, trials, BUDGET.answer_max_tokens, torch.Generator().manual_seed(1))
+    for t, b, c in zip(trials, bonuses, curves):
         assert len(b) == len(boundary_prefixes(t)) - 1 == len(c) - 1
         assert np.isclose(sum(b), 0.7 * (c[-1] - c[0]))
-        assert ((c >= 0) & (c <= 1)).all()
 
 
 def test_sample_estimator_values_are_sample_means(setup):
