@@ -197,10 +197,12 @@ class AlgoConfig:
     vf_coef: float = 0.5  # weight of the value loss
     ent_coef: float = 0.0  # entropy bonus weight
     kl_coef: float = 0.02  # weight of KL(policy || reference)
-    kl_in_reward: bool = False  # True: -kl_coef*k1 per token in the reward; False: k3 loss term
+    kl_in_reward: bool = False  # True: -kl_coef*k1 per token in the reward; False: a k2 loss term (both have the gradient of KL(pi || ref)); k3 is logged
     gamma: float = 1.0  # discount per action token
     lam: float = 1.0  # GAE lambda (1: Monte-Carlo return minus the value baseline, robust for sparse outcomes)
-    whiten_advantages: bool = True  # normalise advantages over the batch's action tokens
+    # Normalise the estimator's advantages over the batch's action tokens; the bonus (bonus.credit=episode)
+    # is added after, in reward units, so that alpha keeps its meaning (advantages.combine_advantages)
+    whiten_advantages: bool = True
     max_grad_norm: float = 1.0
     # A non-finite reward, loss or gradient: raise (stop; the batch saved in RUN/failures/)
     # or skip (drop that update or optimiser step; counted in train/nonfinite_skipped).

@@ -88,9 +88,27 @@ def clipped_value_loss(
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi || pi_ref): exp(d) - d - 1 with d = ref - logprob (>= 0)."""
+    """Per-token k3 estimate of KL(pi || pi_ref): exp(d) - d - 1 with d = ref - logprob (>= 0).
+
+    Its *value* is an unbiased, non-negative, low-variance estimate of KL(pi || ref) on
+    tokens sampled from pi, so it is what the update logs. It is not the loss: its expected
+    gradient is that of KL(ref || pi) (E_pi[(1 - ref/pi) grad log pi] = -sum_x ref(x) grad log pi(x)),
+    the reverse direction.
+    """
     d = ref_logprobs - logprobs
     return d.exp() - d - 1
+
+
+def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k2 = 0.5 * (logprob - ref)^2: the KL loss term of the update.
+
+    On tokens sampled from pi its expected gradient is the gradient of KL(pi || ref):
+    E_pi[(log pi - log ref) grad log pi] = grad sum_x pi(x) (log pi(x) - log ref(x)), since
+    E_pi[grad log pi] = 0. (k1 = log pi - log ref has the right gradient only as a reward,
+    ``algo.kl_in_reward=true``; as a loss its expected gradient is 0. k3's is KL(ref || pi)'s.)
+    tests/test_ppo_kl.py checks both against an exact KL on a small vocabulary.
+    """
+    return 0.5 * (logprobs - ref_logprobs) ** 2
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -173,7 +191,8 @@ def ppo_update(
     returned statistics are summed over processes: the single-process figures.
 
     Returns the means over minibatches of: ``loss/policy``, ``loss/value``,
-    ``loss/kl`` (k3, against the reference), ``entropy``, ``clipfrac``,
+    ``loss/kl`` (the k2 loss term, :func:`kl_k2`), ``kl_k3`` (the k3 estimate of KL(pi || ref),
+    :func:`kl_k3`, the logged value), ``entropy``, ``clipfrac``,
     ``approx_kl``, ``grad_norm`` over the steps taken; plus ``update_tokens`` (real tokens
     forwarded) and ``nonfinite_skipped`` (steps dropped for a non-finite loss or gradient
     norm under ``cfg.on_nonfinite="skip"``; with "raise" such a step raises
@@ -225,9 +244,11 @@ def ppo_update(
                 if use_critic:
                     value_loss = clipped_value_loss(scores.values, mb.values, mb.returns, mask, cfg.value_clip)
                     loss = loss + cfg.vf_coef * value_loss
-                kl = masked_mean(kl_k3(logprobs, mb.ref_logprobs), mask)
+                kl_loss = masked_mean(kl_k2(logprobs, mb.ref_logprobs), mask)  # the loss: gradient of KL(pi || ref)
+                with torch.no_grad():
+                    kl = masked_mean(kl_k3(logprobs, mb.ref_logprobs), mask)  # the logged value: KL(pi || ref), k3
                 if cfg.kl_coef and not cfg.kl_in_reward:
-                    loss = loss + cfg.kl_coef * kl
+                    loss = loss + cfg.kl_coef * kl_loss
                 entropy = masked_mean(scores.entropy, mask)
                 if cfg.ent_coef:
                     loss = loss - cfg.ent_coef * entropy
@@ -237,7 +258,8 @@ def ppo_update(
                 # process's backward); the NaN reaches the gradient norm and the step is skipped.
                 (loss * (share * world)).backward()  # the wrapper averages over the W processes
                 no_sync.close()
-                values = {"loss/policy": pg_loss, "loss/value": value_loss, "loss/kl": kl, "entropy": entropy, **stats}
+                values = {"loss/policy": pg_loss, "loss/value": value_loss, "loss/kl": kl_loss, "kl_k3": kl, "entropy": entropy,
+                          **stats}
                 for k, v in values.items():
                     step[k] = step.get(k, 0.0) + share * float(v.detach() if torch.is_tensor(v) else v)
                 tokens += int(mb.attention_mask.sum())
