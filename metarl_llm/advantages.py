@@ -138,6 +138,26 @@ def episode_credit(episode_index: torch.Tensor, action_mask: torch.Tensor, episo
     return table.gather(1, slot) * action_mask
 
 
+def combine_advantages(
+    advantages: torch.Tensor, action_mask: torch.Tensor, bonus_credit: torch.Tensor | None, whiten_outcome: bool
+) -> torch.Tensor:
+    """The advantages the update uses: the estimator's advantages [B, T] (of the outcome and
+    KL rewards; with ``bonus.credit=return`` of the bonuses too), whitened over the batch's
+    action tokens when ``whiten_outcome`` (``algo.whiten_advantages``), plus ``bonus_credit``
+    [B, T] (:func:`episode_credit`, ``bonus.credit=episode``) added *after* the whitening.
+
+    Why after: whitening the sum rescales it to unit size, so where the outcome advantages
+    vanish (a batch whose trials all fail, or all succeed, under a group baseline) the
+    bonus alone is blown up to full-size steps, and alpha 0.05 and alpha 1.0 give the same
+    update. Added after, the bonus stays in reward units beside outcome advantages of unit
+    scale (a 0/1 outcome's advantages have a scale of at most 1 before whitening too): the
+    update scales with alpha, and alpha is the bonus's weight against a unit outcome
+    advantage. Off action tokens the result is 0.
+    """
+    out = whiten(advantages, action_mask) if whiten_outcome else advantages * action_mask
+    return out if bonus_credit is None else out + bonus_credit * action_mask
+
+
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / std over the masked entries; 0 elsewhere."""
     n = mask.sum().clamp(min=1)

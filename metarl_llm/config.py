@@ -137,7 +137,10 @@ class PolicyLoraConfig:
 
     r: int = 0  # LoRA rank; 0 = full fine-tuning (LoRA off)
     alpha: float = 16.0  # LoRA alpha; the low-rank update is scaled by alpha / r
-    dropout: float = 0.0  # dropout on the LoRA branch's input while training (0: deterministic)
+    # Dropout on the LoRA branch's input: must be 0. PPO's ratio pi / pi_old compares the update's
+    # pass with the sampling and scoring passes, which run without dropout; with dropout the
+    # first ratio would not be 1 (the policy's own dropout is switched off: models.disable_dropout).
+    dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LORA_TARGETS))  # module names given a LoRA (Llama attention + MLP projections)
     seed: Optional[int] = None  # seed of the LoRA A initialisation (B starts at 0); None: the run's seed
 
@@ -147,8 +150,10 @@ class PolicyLoraConfig:
             raise ValueError(f"model.lora.r must be an integer >= 0 (0: LoRA off), got {self.r!r}")
         if not self.alpha > 0:
             raise ValueError(f"model.lora.alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.dropout != 0.0:
+            raise ValueError(f"model.lora.dropout must be 0, got {self.dropout}: PPO's ratio compares the update's "
+                             "forward pass with the sampling pass, which runs without dropout, so with dropout the "
+                             "first ratio would not be 1 (set model.lora.dropout=0)")
         if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
             raise ValueError(f"model.lora.target_modules must name at least one module, got {self.target_modules!r}")
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import string
 import warnings
 from pathlib import Path
@@ -52,6 +53,8 @@ from metarl_llm.config import ModelConfig, PolicyLoraConfig, TinyModelConfig
 
 if TYPE_CHECKING:
     from peft import PeftModel
+
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 CHARSET = "\n" + "".join(chr(c) for c in range(32, 127))  # newline + printable ASCII
@@ -301,10 +304,44 @@ class ActorCritic(nn.Module):
         return Scores(logprobs, values, entropy)
 
 
+def disable_dropout(module: nn.Module) -> list[str]:
+    """Switch off every dropout of ``module`` in place; returns what was non-zero ("name.attr=p").
+
+    PPO's ratio pi / pi_old is 1 at the first step only if the update's forward pass
+    computes the same function as the sampling and scoring passes, which run in eval mode.
+    The update must run in train mode (gradient checkpointing acts only there), so the
+    dropouts themselves are set to 0: ``nn.Dropout`` modules, and the float dropout rates
+    that attention implementations read from their module or the model config
+    (``attention_dropout``, ``*_pdrop``, ...)."""
+    changed = []
+    configs = {}
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Dropout):
+            if m.p > 0:
+                changed.append(f"{name}.p={m.p}")
+                m.p = 0.0
+            continue
+        for attr in ("attention_dropout", "dropout", "attn_dropout"):
+            v = getattr(m, attr, None)
+            if isinstance(v, float) and v > 0:
+                changed.append(f"{name}.{attr}={v}")
+                setattr(m, attr, 0.0)
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "to_dict"):
+            configs[id(cfg)] = cfg
+    for cfg in configs.values():
+        for key, v in cfg.to_dict().items():
+            if ("dropout" in key or key.endswith("pdrop")) and isinstance(v, float) and v > 0:
+                changed.append(f"config.{key}={v}")
+                setattr(cfg, key, 0.0)
+    return changed
+
+
 def build_actor_critic(policy: nn.Module, cfg: ModelConfig, seed: int) -> ActorCritic:
     """Wrap a policy LM with the configured critic; with ``cfg.lora.r > 0`` first give it a
     fresh LoRA adapter (:func:`add_lora`, seeded ``cfg.lora.seed`` or ``seed``), which
-    freezes the policy's own weights."""
+    freezes the policy's own weights. Every dropout of policy and critic is switched off
+    (:func:`disable_dropout`): sampling, scoring and the update then compute one function."""
     adapter = None
     if cfg.lora.r > 0:
         adapter = add_lora(policy, cfg.lora, seed if cfg.lora.seed is None else cfg.lora.seed)
@@ -320,7 +357,12 @@ def build_actor_critic(policy: nn.Module, cfg: ModelConfig, seed: int) -> ActorC
             trunk = AutoModel.from_pretrained(src, dtype=resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(trunk)
-    return ActorCritic(policy, cfg.critic, trunk, adapter)
+    actor_critic = ActorCritic(policy, cfg.critic, trunk, adapter)
+    changed = disable_dropout(actor_critic)
+    if changed:
+        log.warning("PPO runs without dropout (the ratio's passes must compute one function); set to 0: %s",
+                    ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else ""))
+    return actor_critic
 
 
 # ------------------------------------------------------------------ LoRA policies

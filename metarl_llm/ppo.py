@@ -18,7 +18,6 @@ from typing import Callable
 
 import torch
 
-from metarl_llm.advantages import whiten
 from metarl_llm.batch import RolloutBatch, length_buckets
 from metarl_llm.config import AlgoConfig
 from metarl_llm.models import autocast
@@ -200,10 +199,6 @@ def ppo_update(
     """
     loss_fn = get_policy_loss(cfg.policy_loss)
     device = next(actor_critic.parameters()).device
-    advantages = batch.advantages
-    if cfg.whiten_advantages:
-        advantages = whiten(advantages, batch.action_mask)
-    batch = batch._replace(advantages=advantages)
     b = batch.input_ids.shape[0]
     lengths = batch.attention_mask.sum(1)
     sums: dict[str, float] = {}

@@ -10,9 +10,11 @@ One iteration:
   3. bonus     - per-episode progress bonuses (metarl_llm.bonus);
   4. rewards   - outcome and KL (and, with bonus.credit=return, the bonuses) placed on
                  action tokens (metarl_llm.batch);
-  5. advantages- the registered estimator (metarl_llm.advantages); with the default
-                 bonus.credit=episode each episode's bonus is then added to the
-                 advantages of that episode's own tokens (MRT's dense credit);
+  5. advantages- the registered estimator (metarl_llm.advantages); the outcome
+                 advantages are whitened and, with the default bonus.credit=episode,
+                 each episode's bonus is then added to the advantages of that episode's
+                 own tokens (MRT's dense credit), in reward units, so that alpha keeps
+                 its meaning (metarl_llm.advantages.combine_advantages);
   6. update    - PPO epochs over minibatches (metarl_llm.ppo);
   7. log       - scalars to metrics.jsonl and W&B; held-out evaluation and checkpoints
                  at intervals.
@@ -42,7 +44,7 @@ from omegaconf import OmegaConf
 
 import envs  # noqa: F401  (registers the environments)
 from envs.base import EnvironmentFailure, FailureGuard
-from metarl_llm.advantages import episode_credit, get_advantage
+from metarl_llm.advantages import combine_advantages, episode_credit, get_advantage
 from metarl_llm.batch import RolloutBatch, collate, length_buckets, place_rewards, sampled_logprobs, sampled_values
 from metarl_llm.bonus import check_verifier_name, episode_bonuses, get_estimator
 from metarl_llm.config import TrainConfig
@@ -546,24 +548,29 @@ def train(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> di
         # 4. rewards
         in_reward = cfg.bonus.credit == "return"
         token_rewards = place_rewards(batch, bonuses if in_reward else [], cfg.algo.kl_coef, cfg.algo.kl_in_reward)
-        # 5. advantages (bonus.credit=episode: each episode's bonus on its own tokens, MRT)
+        # 5. advantages: the registered estimator on the rewards above; then, over the global batch,
+        # the outcome advantages are whitened and (bonus.credit=episode, MRT) each episode's bonus is
+        # added to its own tokens' advantages in reward units (metarl_llm.advantages.combine_advantages).
         adv, ret = advantage_fn(
             token_rewards, batch.values, batch.action_mask, gamma=cfg.algo.gamma, lam=cfg.algo.lam, group=batch.group
         )
-        if not in_reward and cfg.bonus.name != "none":
-            adv = adv + episode_credit(batch.episode_index, batch.action_mask, bonuses)
         batch = batch._replace(token_rewards=token_rewards, advantages=adv, returns=ret)
         # Multi-process: every process gets the global batch (and the per-trial figures to log).
         per_trial = dist.all_gather_objects({
             "policy_tokens": [t.policy_tokens for t in trials], "episodes": [len(t.episode_texts) for t in trials],
             "forced": [t.forced for t in trials], "outcome": [t.outcome for t in trials],
             "answer_episode": [t.answer_episode for t in trials], "bonus": [sum(b) for b in bonuses],
+            "bonuses": [list(b) for b in bonuses],
             "curves": [list(c) for c in curves] if curves is not None else None, "mismatch": mismatch,
             "env_outcome": env_outcome.tolist(),
         })
         batch = gather_batch(dist, batch)
         glob = {k: [x for part in per_trial for x in part[k]] for k in ("policy_tokens", "episodes", "forced", "outcome",
-                                                                         "answer_episode", "bonus", "env_outcome")}
+                                                                         "answer_episode", "bonus", "bonuses", "env_outcome")}
+        credit = (episode_credit(batch.episode_index, batch.action_mask, glob["bonuses"])
+                  if not in_reward and cfg.bonus.name != "none" else None)
+        batch = batch._replace(advantages=combine_advantages(batch.advantages, batch.action_mask, credit,
+                                                             cfg.algo.whiten_advantages))
         curves = None if curves is None else [c for part in per_trial for c in part["curves"]]
         mismatch = max(part["mismatch"] for part in per_trial)
         env_outcome = torch.tensor(glob["env_outcome"])
