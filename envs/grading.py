@@ -5,8 +5,10 @@ symbolic grader run forever (``9**9**9**9``) or to run code (``__import__('os').
 Everything here is bounded in time and never evaluates model text in this process:
 
 - :func:`answers_match` compares a final answer with a reference. Plain numbers are
-  compared exactly with :class:`fractions.Fraction` in-process (no ``eval``); anything
-  else goes to math-verify in a persistent **grading worker** process.
+  compared exactly with :class:`fractions.Fraction` in-process (no ``eval``); answers
+  that cannot equal anything (a division by a zero literal, a long division chain) score
+  False in-process too; anything else goes to math-verify in a persistent **grading
+  worker** process.
 - :func:`score_reasoning_gym` runs a reasoning-gym scorer in the same worker. Some of
   those scorers ``eval`` the answer or pass it to sympy's ``parse_expr`` (which also
   evaluates), so answers that look like code (:func:`looks_like_code`) are rejected
@@ -82,6 +84,57 @@ def passes_guards(text: str, max_chars: int = MAX_ANSWER_CHARS) -> bool:
     if not isinstance(text, str) or not text.strip() or "\x00" in text or len(text) > max_chars:
         return False
     return nesting_depth(text) <= MAX_NESTING_DEPTH
+
+
+# A zero literal: 0, 00, 0.0, 0., .0, signed.
+_ZERO = r"[+-]?(?:0+(?:\.0*)?|\.0+)"
+# ``/``, ``\div``, ``\over`` or ``÷`` followed by a zero literal (bare, or alone in ``()`` or
+# ``{}``) that nothing binding tighter continues: ``1/0.5``, ``1/0!``, ``1/0^2``, ``1/0x``
+# and ``1/0**2`` are left alone, ``1/0+1``, ``(1/0)^0`` and ``\boxed{0/0}`` are not.
+_ZERO_DIVISOR_RE = re.compile(
+    r"(?:/|\\div(?![A-Za-z])|\\over(?![A-Za-z])|\u00f7)\s*"
+    rf"(?:\(\s*{_ZERO}\s*\)|\{{\s*{_ZERO}\s*\}}|{_ZERO})"
+    r"(?=\s*(?:$|[)\]}=$+\-/]|\*(?!\*)|\\(?:right|cdot|times|div)(?![A-Za-z])))"
+)
+_ZERO_ARG_RE = re.compile(rf"\s*(?:{_ZERO}|\(\s*{_ZERO}\s*\))\s*")
+_FRAC_RE = re.compile(r"\\[dtc]?frac(?![A-Za-z])")
+
+
+def _latex_arg(text: str, i: int) -> tuple[str, int] | None:
+    """The TeX argument starting at ``text[i]`` (after spaces): a ``{...}`` group's content
+    or a single character, and the index after it; None when there is none."""
+    while i < len(text) and text[i].isspace():
+        i += 1
+    if i >= len(text) or text[i] in "}\\":
+        return None  # no argument, or a control sequence (\pi): not a literal
+    if text[i] != "{":
+        return text[i], i + 1
+    end = _closing_brace(text, i)
+    return (text[i + 1: end], end + 1) if end >= 0 else None
+
+
+def divides_by_zero(text: str) -> bool:
+    """True if ``text`` divides by a zero literal: ``0/0``, ``1/0``, ``0/0+1``, ``x/0``,
+    ``1/(0)``, ``2\\div 0``, ``{1 \\over 0}``, ``\\frac{1}{0}``, ``\\frac10``, ...
+
+    Such a value is undefined (sympy makes it ``zoo`` or ``nan``), so it equals no
+    reference; sympy's arithmetic on them is no guide (``(1/0)^0`` is 1 to it, as
+    ``zoo**0 == 1``). Recognising them here spares the grading worker: the comparison
+    itself is fast, but whichever answer first reaches a cold worker (at first use or
+    after a restart) pays its start-up and the LaTeX parser's warm-up, which on a loaded
+    machine can overrun the grading timeout and cost another restart. Textual and
+    conservative: a zero continued by anything that binds tighter (``1/0.5``, ``1/0!``,
+    ``1/0^0``, ``1/0x``) is not a zero literal and is left to the grader. Linear in the
+    length for ``/``; ``\\frac`` arguments are matched with their braces.
+    """
+    if _ZERO_DIVISOR_RE.search(text):
+        return True
+    for m in _FRAC_RE.finditer(text):
+        num = _latex_arg(text, m.end())
+        den = _latex_arg(text, num[1]) if num else None
+        if den is not None and _ZERO_ARG_RE.fullmatch(den[0]):
+            return True
+    return False
 
 
 # Names an answer may call: mathematical functions only (sympy resolves them to its own
@@ -186,7 +239,9 @@ def answers_match(answer: str, reference: str, timeout_s: float = 2.0) -> bool:
        byte gives False at once, before any parser sees it.
     2. Plain numbers on both sides (integers, decimals, ``a/b`` fractions, thousands
        commas, optional ``$..$`` or ``\\boxed{}``) are compared exactly in-process.
-    3. More than :data:`MAX_DIVISIONS` (10) ``/`` on either side gives False.
+    3. More than :data:`MAX_DIVISIONS` (10) ``/`` on either side gives False, and so does a
+       division by a zero literal on either side (:func:`divides_by_zero`: ``\\boxed{0/0}``,
+       ``1/0``, ``\\frac{1}{0}``, ...; undefined, it equals nothing, not even itself).
     4. Anything else is parsed and compared by math-verify (``verify(gold=reference,
        target=answer)``) in the grading worker, with a hard ``timeout_s`` wall-clock
        bound per call; on timeout the worker is killed and restarted and the answer
@@ -202,6 +257,8 @@ def answers_match(answer: str, reference: str, timeout_s: float = 2.0) -> bool:
         return False  # a number needs digits; spares the worker most garbage
     if answer.count("/") > MAX_DIVISIONS or reference.count("/") > MAX_DIVISIONS:
         return False  # math-verify is exponential in a division chain's length
+    if divides_by_zero(answer) or divides_by_zero(reference):
+        return False  # undefined (zoo, nan): equal to nothing, and no worker round-trip
     return _math_verify_match(answer, reference, timeout_s)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from envs.base import SPLITS, EpisodicTextEnv, Problem, split_of
-from envs.grading import MAX_ANSWER_CHARS, answers_match, extract_boxed, parse_number
+from envs.grading import MAX_ANSWER_CHARS, answers_match, divides_by_zero, extract_boxed, parse_number
 
 _OPS = "+-*/"
 _NAMES = ("Tom", "Ann", "Sam", "Mia")
@@ -137,6 +137,9 @@ def _record(row: Any, where: str, problem_key: str, answer_key: str, solution_ke
     answer = str(answer).strip()
     if len(answer) > MAX_ANSWER_CHARS:
         raise ValueError(f"{where}: answer of {len(answer)} characters exceeds the grader's limit of {MAX_ANSWER_CHARS}")
+    if divides_by_zero(answer):
+        # Undefined: the grader matches no answer to it, the expert's included.
+        raise ValueError(f"{where}: answer {answer!r} divides by zero, so no answer can match it; fix or drop the record")
     return {"question": problem, "answer": answer, "solution": solution, "where": where}
 
 
@@ -268,8 +271,8 @@ class MathEnv(EpisodicTextEnv):
     Generator options are ignored when ``dataset`` is set. The generator's split key
     is the expression (``"7+5"``), so a sum and its stories never straddle the split.
     Loading errors name the file and line (JSONL) or row: a missing file, invalid
-    JSON, a non-object record, a record with neither answer nor boxed solution, or an
-    answer too long for the grader. Blank JSONL lines are allowed.
+    JSON, a non-object record, a record with neither answer nor boxed solution, an
+    answer too long for the grader, or one that divides by zero (which nothing matches). Blank JSONL lines are allowed.
 
     Expert traces: ``n_failed`` wrong attempts (a wrong result: off by one, a wrong
     operation, a dropped term), then the equation with the right result and the

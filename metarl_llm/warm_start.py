@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -80,30 +80,93 @@ def trace_record(
     return {"input_ids": ids, "completion_mask": mask}
 
 
-def expert_records(
-    make_env, codec: StreamCodec, budget: BudgetConfig, num: int, n_failed_max: int, variety: float, seed: int
-) -> list[dict]:
-    """Tokenised expert trials: ``input_ids`` and ``completion_mask`` (1 on policy tokens).
+@dataclass
+class TraceNeeds:
+    """The budget a set of traces needs, in tokens as :func:`trace_record` counts them:
+    the longest episode (its text and its delimiter, or EOS for the last), the longest
+    trace (its policy tokens), the longest prompt (with special tokens, as the rollout
+    encodes it).
 
-    Intermediate episodes end with the delimiter token, the final one with EOS. Raises
-    if a trace does not succeed or does not fit the budget: training on traces the
-    rollout could never produce would be silently wrong.
+    Collected over all the traces before any error, so that the error can name one
+    budget that fits them all: a user with a new dataset should not have to find the
+    limits by raising them one failed run at a time.
     """
+
+    episode: int = 0
+    total: int = 0
+    prompt: int = 0
+
+    def add(self, codec: StreamCodec, prompt: str, episodes: list[str]) -> None:
+        sizes = [len(codec.encode(text)) + (1 if k == len(episodes) - 1 else len(codec.delimiter_token))
+                 for k, text in enumerate(episodes)]
+        self.episode = max(self.episode, *sizes) if sizes else self.episode
+        self.total = max(self.total, sum(sizes))
+        self.prompt = max(self.prompt, len(codec.encode(prompt, special=True)))
+
+    def merge(self, other: "TraceNeeds") -> None:
+        self.episode, self.total = max(self.episode, other.episode), max(self.total, other.total)
+        self.prompt = max(self.prompt, other.prompt)
+
+    def too_small(self, budget: BudgetConfig) -> list[str]:
+        """The limits of ``budget`` these traces exceed, as ``budget.<name>=<value>``."""
+        limits = (("max_episode_tokens", self.episode), ("max_total_tokens", self.total), ("max_prompt_tokens", self.prompt))
+        return [f"budget.{name}={getattr(budget, name)}" for name, need in limits if need > getattr(budget, name)]
+
+    def check(self, budget: BudgetConfig, kind: str) -> None:
+        """Raise, naming the smallest budget that fits these traces, unless ``budget`` does."""
+        over = self.too_small(budget)
+        if not over:
+            return
+        prompt_over = self.prompt > budget.max_prompt_tokens
+        facts = f"the longest episode has {self.episode} tokens"
+        facts += f", the longest trace {self.total} and the longest prompt {self.prompt}" if prompt_over else f" and the longest trace {self.total}"
+        fix = f"budget.max_episode_tokens={self.episode} budget.max_total_tokens={self.total}"
+        fix += f" budget.max_prompt_tokens={self.prompt}" if prompt_over else ""
+        raise ValueError(
+            f"{' and '.join(over)} {'is' if len(over) == 1 else 'are'} too small for the {kind} traces: "
+            f"{facts}; the smallest budget that fits them is {fix}"
+        )
+
+
+def _expert_records(
+    make_env, codec: StreamCodec, budget: BudgetConfig, num: int, n_failed_max: int, variety: float, seed: int
+) -> tuple[list[dict], TraceNeeds]:
+    """:func:`expert_records` without the budget check: the records (complete only when
+    the needs fit ``budget``) and what the traces need."""
     if n_failed_max + 1 > budget.max_episodes:
         raise ValueError(
             f"warm_start.n_failed_max={n_failed_max} needs budget.max_episodes >= {n_failed_max + 1}"
         )
     env = make_env("train")
     rng = np.random.default_rng(seed)
-    records = []
+    records, needs = [], TraceNeeds()
     for _ in range(num):
         prompt, info = env.reset(seed=int(rng.integers(2**31 - 1)))
         n_failed = int(rng.integers(0, n_failed_max + 1))
         episodes = env.unwrapped.expert_trace(rng, n_failed=n_failed, variety=variety)
+        needs.add(codec, prompt, episodes)
+        if needs.too_small(budget):
+            continue  # no record will be used; keep measuring the rest for the error
         record = trace_record(env, codec, budget, prompt, info["problem_id"], episodes, "expert")
         if record is None:
             raise RuntimeError(f"expert trace for problem {info['problem_id']} did not succeed: {episodes!r}")
         records.append(record)
+    return records, needs
+
+
+def expert_records(
+    make_env, codec: StreamCodec, budget: BudgetConfig, num: int, n_failed_max: int, variety: float, seed: int
+) -> list[dict]:
+    """Tokenised expert trials: ``input_ids`` and ``completion_mask`` (1 on policy tokens).
+
+    Intermediate episodes end with the delimiter token, the final one with EOS. Raises
+    if a trace does not succeed or does not fit the budget (training on traces the
+    rollout could never produce would be silently wrong); the budget error comes after
+    all ``num`` traces are measured and names the smallest budget that fits them all
+    (:class:`TraceNeeds`).
+    """
+    records, needs = _expert_records(make_env, codec, budget, num, n_failed_max, variety, seed)
+    needs.check(budget, "expert")
     return records
 
 
@@ -138,13 +201,22 @@ def warm_start(
         log.info("warm start: loaded cached model %s", path)
         return loaded, {**info, "warm_start/cached": True}
     focused_steps = int(round(ws.steps * ws.focused_fraction))
-    losses = []
+    # Both phases' traces are built (and their budget checked, as one) before any training:
+    # a budget that fits the focused traces (the answer alone) but not the varied ones
+    # (a dataset's solution written out) would otherwise fail only after the first phase.
+    phases, needs = [], TraceNeeds()
     if focused_steps:
-        recs = expert_records(make_env, codec, budget, ws.num_traces, 0, 0.0, seed)
-        losses += sft_fit(model, tokenizer, recs, focused_steps, ws.batch_size, ws.lr, seed, "constant_with_warmup", model_cfg.gradient_checkpointing)
+        recs, phase_needs = _expert_records(make_env, codec, budget, ws.num_traces, 0, 0.0, seed)
+        phases.append((recs, focused_steps, "constant_with_warmup"))
+        needs.merge(phase_needs)
     if ws.steps - focused_steps:
-        recs = expert_records(make_env, codec, budget, ws.num_traces, ws.n_failed_max, ws.variety, seed + 1)
-        losses += sft_fit(model, tokenizer, recs, ws.steps - focused_steps, ws.batch_size, ws.lr, seed, "cosine", model_cfg.gradient_checkpointing)
+        recs, phase_needs = _expert_records(make_env, codec, budget, ws.num_traces, ws.n_failed_max, ws.variety, seed + 1)
+        phases.append((recs, ws.steps - focused_steps, "cosine"))
+        needs.merge(phase_needs)
+    needs.check(budget, "expert")
+    losses = []
+    for recs, steps, schedule in phases:
+        losses += sft_fit(model, tokenizer, recs, steps, ws.batch_size, ws.lr, seed, schedule, model_cfg.gradient_checkpointing)
     model.config.use_cache = True
     log.info("warm start: %d steps, loss %s", ws.steps, " ".join(f"{x:.3f}" for x in losses))
     info = {"warm_start/steps": ws.steps, "warm_start/final_loss": losses[-1] if losses else float("nan"), "warm_start/key": key}

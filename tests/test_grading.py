@@ -84,6 +84,75 @@ def test_long_division_chains_are_refused_without_the_worker():
     assert answers_match(at_limit, "12") is True
 
 
+# Answers that divide by a zero literal: sympy makes them zoo or nan (or, for ``(1/0)^0``,
+# 1: zoo**0 == 1), which equals no reference; math-verify would only be asked to say so.
+ZERO_DIVISIONS = [
+    "\\boxed{0/0}", "0/0", "1/0", "0/0+1", "\\frac{0}{0}", "\\frac{1}{0}", "$\\dfrac{3}{0}$", "\\frac10",
+    "\\frac{1}{ 0.0 }", "x/0", "1 / 0.0", "-1/(0)", "2/{-0}", "2\\div 0", "{1 \\over 0}", "7/0.", "1/00",
+    "(1/0)^0", "\\left(\\frac{1}{0}\\right)^0", "12 apples/0", "$0/0$.",
+]
+# Near misses that are ordinary numbers: they must still reach the exact path or math-verify.
+NOT_ZERO_DIVISIONS = ["10/2", "0/5", "1/0.5", "1/.5", "1/05", "1/0!", "\\frac{1}{0!}", "\\frac{0}{5}", "\\frac{1}{0.5}",
+                      "\\frac{10}{2}", "1/20", "10/0.25", "3/(0+1)", "0.5", "\\frac{1}{2}", "x/0y", "1/0^0", "2/0x"]
+
+
+def test_division_by_zero_is_refused_without_the_worker(monkeypatch):
+    """``\\boxed{0/0}`` and its relatives score False in-process: they never reach
+    math-verify, so they never start (or wait for) a cold grading worker."""
+
+    def no_math_verify(*args):
+        raise AssertionError(f"reached math-verify: {args!r}")
+
+    monkeypatch.setattr(grading, "_math_verify_match", no_math_verify)
+    slowest = 0.0
+    for answer in ZERO_DIVISIONS:
+        for reference in ["12", "1", "0", "\\frac{1}{2}", "x+1", "\\infty", answer]:  # an undefined value equals nothing
+            for a, r in ((answer, reference), (reference, answer)):
+                start = time.perf_counter()
+                assert answers_match(a, r) is False, (a, r)
+                slowest = max(slowest, time.perf_counter() - start)
+    assert slowest < 0.1, slowest
+    assert all(grading.divides_by_zero(answer) for answer in ZERO_DIVISIONS)
+
+
+def test_near_zero_divisions_are_not_refused():
+    for text in NOT_ZERO_DIVISIONS:
+        assert not grading.divides_by_zero(text), text
+
+
+def test_a_dataset_reference_that_divides_by_zero_is_refused_at_load(tmp_path):
+    """No answer can equal such a reference (not even the expert's), so the loader names
+    the record instead of leaving an unwinnable problem in the data."""
+    from envs.math_env import MathEnv
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "1/0?", "solution": "It is $\\\\boxed{\\\\frac{1}{0}}$."}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: .*divides by zero"):
+        MathEnv(dataset=str(path))
+
+
+@pytest.mark.parametrize(
+    "answer, reference",
+    [
+        ("10/2", "5"),
+        ("\\frac{1}{2}", "0.5"),
+        ("0.5", "\\frac{1}{2}"),
+        ("0/5", "0"),
+        ("\\frac{0}{5}", "0"),
+        ("1/0.5", "2"),
+        ("\\frac{1}{0.5}", "2"),
+        ("1/05", "0.2"),
+        ("10/0.25", "40"),
+        ("\\frac{1}{0!}", "1"),
+        ("\\boxed{\\frac{10}{2}}", "5"),
+        ("3/(0+1)", "3"),
+    ],
+)
+def test_legitimate_fractions_still_grade(answer, reference):
+    assert answers_match(answer, reference) is True
+    assert answers_match(reference, answer) is True
+
+
 @pytest.mark.parametrize("reference", ["12", "\\frac{1}{2}"])  # numeric and symbolic references
 @pytest.mark.parametrize(
     "answer",
