@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import envs  # noqa: F401
+from envs.planted_subseq import PlantedSubseqEnv
 from metarl_llm import bonus
 from metarl_llm.bonus import meta_prover_context
 from metarl_llm.config import BudgetConfig, TinyModelConfig
@@ -161,9 +162,9 @@ def heldout_envs(n):
     return [gym.make("metarl/PlantedSubseq-v0", split="test", gold_length=1, max_episodes=BUDGET.max_episodes) for _ in range(n)]
 
 
-def run(model, codec, problems=3, continuations=4, rollouts=3, margin=0.5, seed=0):
+def run(model, codec, problems=3, continuations=4, rollouts=3, margin=0.5, seed=0, make_envs=None):
     return policy_diagnostics(
-        model, codec, heldout_envs(problems * continuations), BUDGET, problems, continuations, rollouts, margin,
+        model, codec, (make_envs or heldout_envs)(problems * continuations), BUDGET, problems, continuations, rollouts, margin,
         torch.Generator().manual_seed(seed),
     )
 
@@ -219,8 +220,10 @@ def test_driver_values_are_meta_prover_scores_after_each_first_episode(setup, mo
         prompt = t.ids[: t.action.index(1)]
         assert ctx == prompt + first + codec.forced_prefix(prompt + first)
         assert ctx == meta_prover_context(codec, t, len(prompt) + len(first))
+    # each answer scored as the trial would be if forced to answer after episode 0
     scores = [
-        d.trials[row // m].env.score(codec.episode_text(out.tokens[row, : int(out.lengths[row])].tolist()))
+        d.trials[row // m].env.forced_outcome(d.trials[row // m].episode_texts[:1],
+                                              codec.episode_text(out.tokens[row, : int(out.lengths[row])].tolist()))
         for row in range(len(contexts))
     ]
     np.testing.assert_allclose(d.values.ravel(), np.reshape(scores, (12, m)).mean(1), rtol=0, atol=1e-15)
@@ -236,11 +239,21 @@ def test_driver_is_deterministic_under_a_seed(setup):
     assert [t.ids for t in a.trials] != [t.ids for t in c.trials]
 
 
+class AnswerOnlyPlanted(PlantedSubseqEnv):
+    """planted_subseq whose outcome is the final answer's score alone (the stock one also
+    counts earlier episodes, so a first episode holding the gold is worth 1)."""
+
+    def outcome(self, episodes, answer):
+        return 0.0 if answer is None else self.score(answer)
+
+
 def test_context_free_policy_has_no_heterogeneity(setup):
     """A policy whose logits ignore the context values every first episode alike (its
-    forced answers have one distribution), so sigma^2_het = 0: the corrected estimate is
-    within 4 standard errors of 0 (standard error from the P per-problem estimates, which
-    are i.i.d.), while the uncorrected one is clearly positive (the MC noise V(1-V)/m)."""
+    forced answers have one distribution) where the outcome is the answer's alone, so
+    sigma^2_het = 0: the corrected estimate is within 4 standard errors of 0 (standard
+    error from the P per-problem estimates, which are i.i.d.), while the uncorrected one
+    is clearly positive (the MC noise V(1-V)/m). (On the stock planted_subseq a first
+    episode that holds the gold is worth 1: real heterogeneity, issue 20.)"""
     tok, _, codec = setup
     cfg = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
     model = build_tiny_model(cfg, len(tok), tok.pad_token_id, 1).eval()
@@ -249,7 +262,9 @@ def test_context_free_policy_has_no_heterogeneity(setup):
         model.model.embed_tokens.weight.zero_()  # tied: every logit is the bias alone
     digit_bias(model, tok, 5.0, 3.0)
     problems = 32
-    d = run(model, codec, problems=problems, continuations=8, rollouts=4, seed=2)
+    d = run(model, codec, problems=problems, continuations=8, rollouts=4, seed=2,
+            make_envs=lambda n: [AnswerOnlyPlanted(split="test", gold_length=1, max_episodes=BUDGET.max_episodes)
+                                 for _ in range(n)])
     se = np.std(d.heterogeneity.per_prefix, ddof=1) / np.sqrt(problems)
     assert abs(d.heterogeneity.value) < 4 * se
     assert d.heterogeneity.uncorrected > 4 * se + abs(d.heterogeneity.value)

@@ -121,7 +121,7 @@ def hand_built_trial(tok, outcome):
     t.append(enc("e\n"), True, 1)  # 10-11
     t.append(enc("Answer:"), False, -1)  # 12-18
     t.append(enc(" 12"), True, 2)  # 19-21
-    t.answer_episode, t.answer, t.outcome = 2, "12", outcome
+    t.answer_episode, t.answer, t.outcome, t.forced = 2, "12", outcome, True
     return t
 
 
@@ -129,11 +129,12 @@ def test_examples_of_a_hand_built_trial(setup):
     _, codec = setup
     tok = codec.tokenizer
     graded, solved = hand_built_trial(tok, 0.5), hand_built_trial(tok, 1.0)
-    assert boundary_prefixes(graded) == [3, 6, 12]
+    # after the prompt; after episode 0 and the feedback to it; after episode 1 (before the forced text)
+    assert boundary_prefixes(graded) == [3, 10, 12]
     ex = verifier_examples([graded, solved], codec, prefixes=True)
     assert ex.streams[0] is graded.ids and ex.streams[1] is solved.ids  # the trials' own tokens, not re-tokenised
     np.testing.assert_array_equal(ex.stream, [0, 0, 0, 0, 1, 1, 1, 1])
-    np.testing.assert_array_equal(ex.position, [2, 5, 11, 21, 2, 5, 11, 21])  # each prefix's last token, then the end
+    np.testing.assert_array_equal(ex.position, [2, 9, 11, 21, 2, 9, 11, 21])  # each prefix's last token, then the end
     np.testing.assert_array_equal(ex.label, [0, 0, 0, 0, 1, 1, 1, 1])  # graded 0.5 < 1 is a failure
     np.testing.assert_array_equal(ex.at_end, [False, False, False, True] * 2)
     newline = tok.encode("\n", add_special_tokens=False)[0]
@@ -257,8 +258,8 @@ def test_trained_verifier_plugs_into_the_j_estimator(setup, trials, tmp_path):
     bonuses, via_bonus = episode_bonuses(cfg, policy, codec, trials, BUDGET.answer_max_tokens)
     for a, b in zip(via_bonus, curves):  # other rows per pass (32 vs 4): equal up to float rounding
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-    for b, c in zip(bonuses, curves):
-        assert np.isclose(sum(b), 0.5 * (c[-1] - c[0]))
+    for t, b, c in zip(trials, bonuses, curves):  # bonus.final_episode=true: they telescope to the outcome
+        assert np.isclose(sum(b), 0.5 * (t.outcome - c[0]))
     with pytest.raises(FileNotFoundError, match="not a saved verifier"):
         trained_verifier_estimator(policy, codec, trials, JOptions(verifier=str(tmp_path / "nope")))
 
