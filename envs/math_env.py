@@ -121,6 +121,18 @@ def _generated_problems(
 # ----------------------------------------------------------------------- loader
 
 
+def _gsm8k_final(answer: str) -> str | None:
+    """The final answer of a GSM8K-style answer field (the worked solution, then a line
+    ``#### <answer>``), thousands separators removed; None when the field has no such line."""
+    head, sep, tail = answer.rpartition("####")
+    if not sep or (head and not head.endswith("\n")):
+        return None  # "####" inside a line is not GSM8K's marker
+    final = tail.strip().replace(",", "")
+    if not final:
+        raise ValueError(f"GSM8K-style answer ends with '####' but no final answer after it: {answer[-80:]!r}")
+    return final
+
+
 def _record(row: Any, where: str, problem_key: str, answer_key: str, solution_key: str) -> dict:
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected an object with {problem_key!r}, got {type(row).__name__}")
@@ -135,6 +147,10 @@ def _record(row: Any, where: str, problem_key: str, answer_key: str, solution_ke
         if answer is None:
             raise ValueError(f"{where}: no {answer_key!r} and no \\boxed{{}} answer in {solution_key!r}")
     answer = str(answer).strip()
+    final = _gsm8k_final(answer)
+    if final is not None:  # GSM8K: "<worked solution>\n#### <final answer>"
+        solution = solution or answer[: answer.rindex("####")].strip() or None
+        answer = final
     if len(answer) > MAX_ANSWER_CHARS:
         raise ValueError(f"{where}: answer of {len(answer)} characters exceeds the grader's limit of {MAX_ANSWER_CHARS}")
     if divides_by_zero(answer):
@@ -209,7 +225,10 @@ class MathEnv(EpisodicTextEnv):
     shown as ``"7+5=?"`` or, with probability ``word_fraction``, as a short story with
     the same arithmetic (``"Tom has 7 apples and gets 5 more. How many now?"``).
     Otherwise ``dataset`` is a ``.jsonl`` or ``.parquet`` file or a Hugging Face hub id
-    with MATH-style records (``problem``, ``answer`` or a ``solution`` with ``\\boxed{}``).
+    with MATH-style records (``problem``, ``answer`` or a ``solution`` with ``\\boxed{}``)
+    or GSM8K-style ones (an ``answer`` holding the worked solution and a last line
+    ``#### <final answer>``: the final answer is graded, the rest is the solution; GSM8K
+    names its problem field ``question``, so set ``problem_key="question"``).
 
     Example trial (default generator, prompt then episodes, one per line)::
 

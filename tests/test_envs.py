@@ -397,6 +397,26 @@ def test_math_loads_jsonl_and_splits_by_problem_hash(tmp_path):
     assert refs["Simplify 3/6.\n"] == "\\frac{1}{2}" and refs["What is 4 plus 4?\n"] == "8"
 
 
+def test_math_reads_gsm8k_answers(tmp_path):
+    """GSM8K's answer field is the worked solution and a last line "#### <answer>": the
+    final answer (thousands separators dropped) is graded, the working is the solution."""
+    rows = [{"question": "Ann has 1200 pens and buys 34 more. How many?", "answer": "1200 + 34 = <<1200+34=1234>>1234\n#### 1,234"},
+            {"question": "What is 2 times 3?", "answer": "6"},  # a plain answer is kept as it is
+            {"question": "Hash #### inside a line", "answer": "x #### 5"}]
+    env = make("math", dataset=write_jsonl(tmp_path / "g.jsonl", rows), dataset_split="train", problem_key="question")
+    env.reset(options={"index": 0})
+    assert env.reference_answer == "1234" and env.score("1234") == 1.0
+    trace = env.expert_trace(np.random.default_rng(0), 0, 1.0)
+    assert trace[-1].startswith("1200 + 34 = <<1200+34=1234>>1234") and trace[-1].endswith("1234"), trace
+    env.reset(options={"index": 1})
+    assert env.reference_answer == "6"
+    env.reset(options={"index": 2})
+    assert env.reference_answer == "x #### 5"  # not the marker: left alone
+    bad = write_jsonl(tmp_path / "b.jsonl", [{"question": "q", "answer": "work\n####  "}])
+    with pytest.raises(ValueError, match="no final answer after it"):
+        make("math", dataset=bad, dataset_split="train", problem_key="question")
+
+
 def test_math_num_test_problems_caps_the_test_split(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", MATH_ROWS)
     assert make("math", dataset=path, dataset_split="test", split="test", num_test_problems=10).num_problems == 10
