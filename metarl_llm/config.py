@@ -296,6 +296,11 @@ class WarmStartConfig:
     n_failed_max: int = 2  # each trace has 0..n_failed_max failed episodes before the correct one
     variety: float = 0.5  # heterogeneity of the traces (0 focused .. 1 varied)
     focused_fraction: float = 0.5  # curriculum: first share of steps on focused traces (variety 0)
+    # Share of the second (varied) phase's traces that are focused ones, replayed. Without
+    # it the varied phase unlearns the rule the focused phase taught: measured on the default
+    # job (seed 0), held-out success 0.34 after the focused phase fell to 0.008 after the
+    # varied one (0.06 at a 4x lower lr), and rose to 0.46 with half the traces replayed.
+    replay_fraction: float = 0.5
     cache_dir: str = "~/.cache/metarl-llm/warm_start"  # keyed by a hash of everything that determines it
     # Seed of the warm start (the tiny model's initial weights, the traces, the SFT order);
     # None: the run's seed. Fix it to start several RL seeds from one warm-started model.

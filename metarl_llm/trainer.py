@@ -126,6 +126,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"env.id={cfg.env.id!r} is not a registered environment; known: {sorted(k for k in gym.registry if k.startswith('metarl/'))}")
     if cfg.algo.advantage in ("grpo", "rloo") and cfg.algo.group_size < 2:
         raise ValueError(f"algo.advantage={cfg.algo.advantage} needs algo.group_size >= 2")
+    for name in ("focused_fraction", "replay_fraction", "variety"):
+        if not 0.0 <= getattr(cfg.warm_start, name) <= 1.0:
+            raise ValueError(f"warm_start.{name} must be in [0, 1], got {getattr(cfg.warm_start, name)}")
     for name in ("iterations", "problems_per_iter", "group_size", "ppo_epochs", "minibatch_size"):
         if getattr(cfg.algo, name) < 1:
             raise ValueError(f"algo.{name} must be >= 1")

@@ -9,7 +9,10 @@ in a rollout). trl's SFTTrainer fits them with the loss on policy tokens only
 Curriculum (FINDINGS.md): with varied traces from the start the loss plateaus, so
 the first ``focused_fraction`` of steps use focused traces (the correct episode
 alone, variety 0), the rest stitched traces (``0..n_failed_max`` failed episodes
-first) at the configured variety.
+first) at the configured variety, mixed with a ``replay_fraction`` share of the
+focused traces. The replay keeps what the first phase taught: on varied traces alone
+the second phase unlearned it (the default job, seed 0: held-out success 0.34 after
+the focused phase, 0.008 after the varied one; 0.46 with half the traces replayed).
 
 The result is cached under ``cache_dir`` by a hash of everything that determines it
 (model, tokenizer, environment, budget, warm-start settings, seed), so the next run
@@ -35,7 +38,7 @@ from metarl_llm.rollout import StreamCodec
 from metarl_llm.sft import sft_fit
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 4  # bump when the trace format or the SFT recipe changes
+CACHE_VERSION = 5  # bump when the trace format or the SFT recipe changes
 
 
 def trace_record(
@@ -205,13 +208,17 @@ def warm_start(
     # a budget that fits the focused traces (the answer alone) but not the varied ones
     # (a dataset's solution written out) would otherwise fail only after the first phase.
     phases, needs = [], TraceNeeds()
-    if focused_steps:
-        recs, phase_needs = _expert_records(make_env, codec, budget, ws.num_traces, 0, 0.0, seed)
-        phases.append((recs, focused_steps, "constant_with_warmup"))
+    varied_steps = ws.steps - focused_steps
+    n_replay = int(round(ws.num_traces * ws.replay_fraction)) if varied_steps else 0
+    focused = []
+    if focused_steps or n_replay:
+        focused, phase_needs = _expert_records(make_env, codec, budget, ws.num_traces, 0, 0.0, seed)
         needs.merge(phase_needs)
-    if ws.steps - focused_steps:
-        recs, phase_needs = _expert_records(make_env, codec, budget, ws.num_traces, ws.n_failed_max, ws.variety, seed + 1)
-        phases.append((recs, ws.steps - focused_steps, "cosine"))
+    if focused_steps:
+        phases.append((focused, focused_steps, "constant_with_warmup"))
+    if varied_steps:
+        recs, phase_needs = _expert_records(make_env, codec, budget, ws.num_traces - n_replay, ws.n_failed_max, ws.variety, seed + 1)
+        phases.append((recs + focused[:n_replay], varied_steps, "cosine"))
         needs.merge(phase_needs)
     needs.check(budget, "expert")
     losses = []

@@ -64,6 +64,8 @@ def test_bad_values_fail_before_training(compose_cfg, tmp_path):
         ("bonus.name=curiosity", "bonus.name"),
         ("bonus.credit=later", "bonus.credit"),
         ("env.id=metarl/Nope-v0", "env.id"),
+        ("warm_start.replay_fraction=1.5", "warm_start.replay_fraction"),
+        ("warm_start.focused_fraction=-0.1", "warm_start.focused_fraction"),
     ]:
         with pytest.raises(ValueError, match=words.replace(".", r"\.")):
             validate(compose_cfg(override))

@@ -81,3 +81,25 @@ def test_warm_start_seed_fixes_one_start_model_for_several_run_seeds(compose_cfg
     summaries = [train(compose_cfg(*tiny, "warm_start.seed=0", f"seed={s}"), tmp_path / f"run{s}") for s in (0, 1)]
     assert [s["warm_start_cached"] for s in summaries] == [False, True]
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+@pytest.mark.parametrize("replay", [0.0, 0.25])
+def test_varied_phase_replays_a_share_of_the_focused_traces(compose_cfg, tmp_path, monkeypatch, replay):
+    """The second phase fits the varied traces plus round(num_traces * replay_fraction) of the
+    first phase's focused traces (the replay that keeps the first phase's rule learned)."""
+    import metarl_llm.warm_start as ws_mod
+
+    calls = []
+    monkeypatch.setattr(ws_mod, "sft_fit", lambda model, tok, recs, steps, *a, **k: calls.append((recs, steps)) or [0.0])
+    cfg = compose_cfg(*SMALL, "warm_start.num_traces=40", f"warm_start.replay_fraction={replay}",
+                      f"warm_start.cache_dir={tmp_path}")
+    policy, tok = load_policy(cfg.model, 0)
+    codec = StreamCodec(tok, "\n", "Answer:")
+    warm_start(policy, tok, codec, env_factory(cfg), cfg.model, cfg.env, cfg.budget, cfg.warm_start, 0)
+    (focused, steps1), (second, steps2) = calls
+    assert (steps1, steps2) == (2, 2) and len(focused) == len(second) == 40
+    key = lambda r: tuple(r["input_ids"])  # noqa: E731
+    n_replay = int(round(40 * replay))
+    assert [key(r) for r in second[40 - n_replay:]] == [key(r) for r in focused[:n_replay]]
+    longest_focused = max(sum(r["completion_mask"]) for r in focused)  # the answer episode alone
+    assert sum(sum(r["completion_mask"]) > longest_focused for r in second[: 40 - n_replay]) > 10  # failed episodes first
