@@ -296,6 +296,15 @@ class WarmStartConfig:
     n_failed_max: int = 2  # each trace has 0..n_failed_max failed episodes before the correct one
     variety: float = 0.5  # heterogeneity of the traces (0 focused .. 1 varied)
     focused_fraction: float = 0.5  # curriculum: first share of steps on focused traces (variety 0)
+    # The focused phase goes on past its share of ``steps`` until its loss (the mean per policy
+    # token over 10 steps) is below this level, at most ``focused_max_multiple`` times its share in
+    # all (then a warning). Focused traces are deterministic given the problem, so their loss can reach ~0;
+    # a loss above this level is the plateau where the format is learned and the rule is not.
+    # On the default job that plateau (~0.54) ended at step ~90-135 for seeds 0, 1 and 3 at 2
+    # threads, and after step 150 for seed 2 (its loss fell below 0.1 at step ~330 at 1 thread).
+    # 0: the focused phase is exactly its share of ``steps``.
+    focused_until_loss: float = 0.1
+    focused_max_multiple: float = 4.0  # the bound of that extension (default job: 150 -> at most 600 focused steps)
     # Share of the second (varied) phase's traces that are focused ones, replayed. Without
     # it the varied phase unlearns the rule the focused phase taught: measured on the default
     # job (seed 0), held-out success 0.34 after the focused phase fell to 0.008 after the

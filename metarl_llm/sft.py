@@ -32,6 +32,7 @@ import logging
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -51,11 +52,35 @@ def sft_fit(
 ) -> list[float]:
     """Fine-tune ``model`` in place on ``records`` for ``steps`` optimiser steps of
     ``batch_size`` records (AdamW at ``lr``, warm-up over 5% of the steps then
-    ``schedule``), loss on completion tokens only. Returns the logged training losses."""
+    ``schedule``), loss on completion tokens only. Returns the logged training losses
+    (ten, each the mean over a tenth of the steps)."""
+    return fit_records(model, tokenizer, records, steps, batch_size, lr, seed, schedule, checkpointing).losses
+
+
+@dataclass
+class FitResult:
+    losses: list[float]  # the logged training losses, each the mean over its logging window
+    steps: int  # optimiser steps run
+
+
+def fit_records(
+    model, tokenizer, records: list[dict], steps: int, batch_size: int, lr: float, seed: int,
+    schedule: str = "cosine", checkpointing: bool = False, stop_below: float | None = None,
+    min_steps: int = 0, warmup_steps: int | None = None,
+) -> FitResult:
+    """:func:`sft_fit`, with early stopping: ``stop_below`` ends training, after at least
+    ``min_steps`` steps, at the first logged loss below this level (losses are then
+    logged every min(10, ``min_steps``) steps; ``steps`` is the bound). ``warmup_steps``:
+    the warm-up (default 5% of ``steps``)."""
     from datasets import Dataset
-    from transformers import PrinterCallback
+    from transformers import PrinterCallback, TrainerCallback
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
+
+    class StopBelow(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs and state.global_step >= min_steps and logs["loss"] < stop_below:
+                control.should_training_stop = True
 
     if not records:
         raise ValueError("sft_fit: no records to fit")
@@ -69,9 +94,9 @@ def sft_fit(
             per_device_train_batch_size=batch_size,
             learning_rate=lr,
             lr_scheduler_type=schedule,
-            warmup_steps=max(1, steps // 20),
+            warmup_steps=max(1, steps // 20) if warmup_steps is None else warmup_steps,
             weight_decay=0.0,
-            logging_steps=max(1, steps // 10),
+            logging_steps=max(1, min(10, min_steps)) if stop_below is not None else max(1, steps // 10),
             save_strategy="no",
             report_to=[],
             completion_only_loss=True,
@@ -92,8 +117,10 @@ def sft_fit(
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
         trainer.remove_callback(PrinterCallback)  # losses go to our log, not stdout
+        if stop_below is not None:
+            trainer.add_callback(StopBelow())
         trainer.train()
-        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return FitResult([h["loss"] for h in trainer.state.log_history if "loss" in h], trainer.state.global_step)
 
 
 def clean_model(model):

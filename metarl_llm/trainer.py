@@ -129,6 +129,9 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("focused_fraction", "replay_fraction", "variety"):
         if not 0.0 <= getattr(cfg.warm_start, name) <= 1.0:
             raise ValueError(f"warm_start.{name} must be in [0, 1], got {getattr(cfg.warm_start, name)}")
+    if cfg.warm_start.focused_until_loss < 0 or cfg.warm_start.focused_max_multiple < 1:
+        raise ValueError(f"warm_start.focused_until_loss must be >= 0 (0: no extension) and warm_start.focused_max_multiple "
+                         f">= 1, got {cfg.warm_start.focused_until_loss} and {cfg.warm_start.focused_max_multiple}")
     for name in ("iterations", "problems_per_iter", "group_size", "ppo_epochs", "minibatch_size"):
         if getattr(cfg.algo, name) < 1:
             raise ValueError(f"algo.{name} must be >= 1")

@@ -8,7 +8,9 @@ in a rollout). trl's SFTTrainer fits them with the loss on policy tokens only
 
 Curriculum (FINDINGS.md): with varied traces from the start the loss plateaus, so
 the first ``focused_fraction`` of steps use focused traces (the correct episode
-alone, variety 0), the rest stitched traces (``0..n_failed_max`` failed episodes
+alone, variety 0), extended until their loss is below ``focused_until_loss`` (the
+plateau ends at a seed- and thread-dependent step; at most ``focused_max_multiple``
+times the share), the rest stitched traces (``0..n_failed_max`` failed episodes
 first) at the configured variety, mixed with a ``replay_fraction`` share of the
 focused traces. The replay keeps what the first phase taught: on varied traces alone
 the second phase unlearned it (the default job, seed 0: held-out success 0.34 after
@@ -35,10 +37,10 @@ import torch
 
 from metarl_llm.config import BudgetConfig, EnvConfig, ModelConfig, WarmStartConfig
 from metarl_llm.rollout import StreamCodec
-from metarl_llm.sft import sft_fit
+from metarl_llm.sft import fit_records
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 5  # bump when the trace format or the SFT recipe changes
+CACHE_VERSION = 6  # bump when the trace format or the SFT recipe changes
 
 
 def trace_record(
@@ -221,12 +223,30 @@ def warm_start(
         phases.append((recs + focused[:n_replay], varied_steps, "cosine"))
         needs.merge(phase_needs)
     needs.check(budget, "expert")
-    losses = []
+    losses, steps_run = [], 0
     for recs, steps, schedule in phases:
-        losses += sft_fit(model, tokenizer, recs, steps, ws.batch_size, ws.lr, seed, schedule, model_cfg.gradient_checkpointing)
+        max_steps = int(round(steps * ws.focused_max_multiple))
+        extend = schedule == "constant_with_warmup" and ws.focused_until_loss > 0 and max_steps > steps
+        fit = dict(stop_below=ws.focused_until_loss, min_steps=steps, warmup_steps=max(1, steps // 20)) if extend else {}
+        result = fit_records(model, tokenizer, recs, max_steps if extend else steps, ws.batch_size, ws.lr,
+                             seed, schedule, model_cfg.gradient_checkpointing, **fit)
+        phase_losses = result.losses
+        losses += phase_losses
+        if extend:
+            focused_steps = result.steps
+            if phase_losses[-1] >= ws.focused_until_loss:
+                log.warning("warm start: the focused phase's loss is %.3f after %d steps (warm_start.focused_max_multiple="
+                            "%g), above warm_start.focused_until_loss=%g: the policy may not have learned the task's rule "
+                            "(raise focused_max_multiple or lr)", phase_losses[-1], max_steps, ws.focused_max_multiple,
+                            ws.focused_until_loss)
+            else:
+                log.info("warm start: focused phase ended at step %d, loss %.3f", focused_steps, phase_losses[-1])
+            steps = focused_steps
+        steps_run += steps
     model.config.use_cache = True
-    log.info("warm start: %d steps, loss %s", ws.steps, " ".join(f"{x:.3f}" for x in losses))
-    info = {"warm_start/steps": ws.steps, "warm_start/final_loss": losses[-1] if losses else float("nan"), "warm_start/key": key}
+    log.info("warm start: %d steps (%d focused), loss %s", steps_run, focused_steps, " ".join(f"{x:.3f}" for x in losses))
+    info = {"warm_start/steps": steps_run, "warm_start/focused_steps": focused_steps,
+            "warm_start/final_loss": losses[-1] if losses else float("nan"), "warm_start/key": key}
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
     model.save_pretrained(tmp)

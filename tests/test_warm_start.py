@@ -9,6 +9,7 @@ from metarl_llm.config import BudgetConfig
 from metarl_llm.models import build_char_tokenizer, load_policy
 from metarl_llm.rollout import StreamCodec
 from metarl_llm.trainer import env_factory
+from metarl_llm.sft import FitResult, fit_records
 from metarl_llm.warm_start import expert_records, warm_start
 
 SMALL = ["warm_start.steps=4", "warm_start.num_traces=32", "warm_start.batch_size=8", "model.tiny.hidden_size=32",
@@ -90,8 +91,8 @@ def test_varied_phase_replays_a_share_of_the_focused_traces(compose_cfg, tmp_pat
     import metarl_llm.warm_start as ws_mod
 
     calls = []
-    monkeypatch.setattr(ws_mod, "sft_fit", lambda model, tok, recs, steps, *a, **k: calls.append((recs, steps)) or [0.0])
-    cfg = compose_cfg(*SMALL, "warm_start.num_traces=40", f"warm_start.replay_fraction={replay}",
+    monkeypatch.setattr(ws_mod, "fit_records", lambda model, tok, recs, steps, *a, **k: calls.append((recs, steps)) or FitResult([0.0], steps))
+    cfg = compose_cfg(*SMALL, "warm_start.num_traces=40", f"warm_start.replay_fraction={replay}", "warm_start.focused_until_loss=0",
                       f"warm_start.cache_dir={tmp_path}")
     policy, tok = load_policy(cfg.model, 0)
     codec = StreamCodec(tok, "\n", "Answer:")
@@ -103,3 +104,34 @@ def test_varied_phase_replays_a_share_of_the_focused_traces(compose_cfg, tmp_pat
     assert [key(r) for r in second[40 - n_replay:]] == [key(r) for r in focused[:n_replay]]
     longest_focused = max(sum(r["completion_mask"]) for r in focused)  # the answer episode alone
     assert sum(sum(r["completion_mask"]) > longest_focused for r in second[: 40 - n_replay]) > 10  # failed episodes first
+
+
+def test_focused_phase_runs_on_until_its_loss_is_below_the_level(compose_cfg, tmp_path, monkeypatch):
+    """The focused phase is asked for focused_max_multiple x its share of steps, stopping at the
+    first logged loss below focused_until_loss after its share; the steps it ran are recorded."""
+    import metarl_llm.warm_start as ws_mod
+
+    calls = []
+
+    def fake_fit(model, tok, recs, steps, *a, stop_below=None, min_steps=0, **k):
+        calls.append((steps, stop_below, min_steps))
+        return FitResult([0.5] * 7 + [0.05], 80) if stop_below is not None else FitResult([0.9], steps)  # stops at step 80
+
+    monkeypatch.setattr(ws_mod, "fit_records", fake_fit)
+    cfg = compose_cfg(*SMALL, "warm_start.steps=60", "warm_start.focused_until_loss=0.1", f"warm_start.cache_dir={tmp_path}")
+    policy, tok = load_policy(cfg.model, 0)
+    _, info = warm_start(policy, tok, StreamCodec(tok, "\n", "Answer:"), env_factory(cfg), cfg.model, cfg.env, cfg.budget,
+                         cfg.warm_start, 0)
+    assert calls == [(120, 0.1, 30), (30, None, 0)]  # 30 focused steps, up to 4x; then the 30 varied ones
+    assert info["warm_start/focused_steps"] == 80 and info["warm_start/steps"] == 110
+
+
+def test_sft_fit_stops_below_a_loss_level_after_min_steps(compose_cfg):
+    """stop_below ends training at the first 10-step logged loss under the level, not before min_steps."""
+    cfg = compose_cfg(*SMALL)
+    policy, tok = load_policy(cfg.model, 0)
+    recs = expert_records(env_factory(cfg), StreamCodec(tok, "\n", "Answer:"), cfg.budget, 16, 0, 0.0, seed=0)
+    result = fit_records(policy, tok, recs, 60, 4, 1e-3, 0, "constant_with_warmup", stop_below=100.0, min_steps=20)
+    assert result.steps == 20 and len(result.losses) == 2  # logged at steps 10 and 20 (each below 100): stopped at 20 of 60
+    result = fit_records(policy, tok, recs, 30, 4, 1e-3, 0, "constant_with_warmup", stop_below=1e-6, min_steps=20)
+    assert result.steps == 30 and len(result.losses) == 3  # never below the level: runs to the bound
