@@ -10,11 +10,14 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture
 def compose_cfg():
-    """Compose the project's Hydra config with overrides, as train.py would."""
+    """Compose the project's Hydra config with overrides, as train.py would, except that the
+    warm start's focused phase is exactly its share of steps (``warm_start.focused_until_loss=0``,
+    which a test's own override replaces): the tests' few-step warm starts never reach the
+    default loss level, and would otherwise run 4x their steps for nothing they check."""
     from metarl_llm.config import compose_config
 
     def _compose(*overrides: str, to_object: bool = True):
-        return compose_config(overrides, to_object=to_object)
+        return compose_config(("warm_start.focused_until_loss=0", *overrides), to_object=to_object)
 
     return _compose
 

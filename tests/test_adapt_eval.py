@@ -56,7 +56,7 @@ def test_train_with_adapt_ttt_on_arc(tmp_path):
     from metarl_llm.trainer import train
 
     cfg = cfg_of("env=arc", "adapt=ttt", "adapt.ttt.max_tasks=4", "adapt.ttt.epochs=1", "adapt.ttt.num_augmentations=1",
-                 "warm_start.steps=2", "warm_start.num_traces=16", "warm_start.batch_size=8", f"warm_start.cache_dir={tmp_path / 'c'}",
+                 "warm_start.steps=2", "warm_start.focused_until_loss=0", "warm_start.num_traces=16", "warm_start.batch_size=8", f"warm_start.cache_dir={tmp_path / 'c'}",
                  "algo.iterations=1", "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=4",
                  "eval.num_problems=2", "eval.samples_per_problem=1", "eval.prover_samples=2", "eval.extrapolation=false",
                  "checkpoint_every=0")

@@ -9,10 +9,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
     "algo.iterations=1", "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=4",
-    "warm_start.steps=2", "warm_start.num_traces=16", "warm_start.batch_size=8",
+    "warm_start.steps=2", "warm_start.focused_until_loss=0", "warm_start.num_traces=16", "warm_start.batch_size=8",
     "eval.num_problems=2", "eval.samples_per_problem=2", "eval.prover_samples=1",
     "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",
     "logger.mode=disabled", "logger.progress_bar=false", "checkpoint_every=0",
+    "eval.budget_scales=[1]",  # the final evaluation at the training budget only (the sweep is what is checked)
+    "threads=1",  # a model this small gains nothing from two threads, and loses many times over on a busy core
 ]
 
 

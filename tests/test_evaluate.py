@@ -193,7 +193,7 @@ def test_saved_env_config_finds_its_schema(schema):
 
 TINY = [
     "env=planted_subseq", "algo.iterations=2", "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=4",
-    "warm_start.steps=60", "warm_start.num_traces=256", "warm_start.batch_size=16",  # a few non-zero J values
+    "warm_start.steps=60", "warm_start.focused_until_loss=0", "warm_start.num_traces=256", "warm_start.batch_size=16",  # a few non-zero J values
     "eval.num_problems=3", "eval.samples_per_problem=2", "eval.prover_samples=2", "eval.every=0",
     "eval.budget_scales=[0.5,2]",
     "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",

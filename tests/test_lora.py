@@ -217,7 +217,7 @@ def test_lora_config_errors(compose_cfg):
 
 SMALL = [
     "algo.iterations=2", "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=2",
-    "warm_start.steps=10", "warm_start.num_traces=64", "warm_start.batch_size=16",
+    "warm_start.steps=4", "warm_start.num_traces=64", "warm_start.batch_size=16",  # a warm start to cache and reuse
     "eval.num_problems=3", "eval.samples_per_problem=2", "eval.prover_samples=2", "eval.extrapolation=false",
     "checkpoint_every=1", "logger.mode=disabled", "logger.progress_bar=false",
 ]

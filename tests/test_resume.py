@@ -20,6 +20,8 @@ SMALL = [
     "eval.num_problems=2", "eval.samples_per_problem=2", "eval.prover_samples=2", "eval.every=2",
     "eval.extrapolation=false", "checkpoint_every=2", "logger.progress_bar=false", "threads=1",
     "algo.ent_coef=0.05",  # no warm start: the entropy term gives every update a real gradient
+    # A small model: what is checked (bit-exact resume, checkpoint files) does not depend on its size.
+    "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",
 ]
 
 

@@ -207,7 +207,7 @@ SMALL = [
     "algo=ppo", "algo.old_logprobs=sampled", "env=math", "algo.iterations=2", "algo.problems_per_iter=2",
     "algo.group_size=3", "algo.minibatch_size=3", "warm_start.steps=0", "eval.num_problems=1",
     "eval.samples_per_problem=1", "eval.prover_samples=1", "eval.every=0", "eval.extrapolation=false",
-    "checkpoint_every=0", "logger.progress_bar=false", "threads=1", "algo.ent_coef=0.05",
+    "checkpoint_every=0", "logger.mode=disabled", "logger.progress_bar=false", "threads=1", "algo.ent_coef=0.05",
     "algo.lam=0.95",  # advantages and returns depend on the values (with lam=1 and zero outcomes they would not)
 ]
 
@@ -279,6 +279,7 @@ def test_ppo_with_sampled_old_logprobs_scores_without_the_policy_forward(compose
             if k != "train/logprob_mismatch_max":
                 assert (a[k] is None and b[k] is None) or a[k] == pytest.approx(b[k], abs=1e-5, rel=1e-5), k
     # A separate critic (its own trunk) and old_logprobs=recompute keep the scoring forward.
+    # (One iteration each: every iteration scores its batch the same way.)
     for name, override in (("separate", "model.critic=separate"), ("recompute", "algo.old_logprobs=recompute")):
-        _, recs, heads = run(compose_cfg, tmp_path, monkeypatch, name, override)
+        _, recs, heads = run(compose_cfg, tmp_path, monkeypatch, name, override, "algo.iterations=1")
         assert all(h is None for h in heads) and all(not r["sampled_values"] and r["policy_forwards"] for r in recs)

@@ -145,7 +145,9 @@ def test_sft_fit_rejects_empty_or_maskless_records(codec):
 # ------------------------------------------------------------------ jobs
 
 SMALL = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",
-         "warm_start.steps=20", "warm_start.num_traces=64", "warm_start.batch_size=16", "warm_start.lr=3e-3", "env.gold_length=1", "env.chunk_length=2", "env.input_length=4",
+         "warm_start.steps=20", "warm_start.num_traces=64", "warm_start.batch_size=16", "warm_start.lr=3e-3",
+         "warm_start.replay_fraction=0", "warm_start.focused_until_loss=0",  # both needed: a 20-step base policy that still writes failed attempts (stitched data)
+         "env.gold_length=1", "env.chunk_length=2", "env.input_length=4",
          "logger.mode=disabled", "logger.progress_bar=false", "threads=1",
          "diagnostics.num_problems=3", "diagnostics.num_continuations=2", "diagnostics.num_rollouts=2"]
 

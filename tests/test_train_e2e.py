@@ -8,8 +8,9 @@ from metarl_llm.trainer import train
 
 SMALL = [
     "algo.iterations=2", "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=2",
-    "warm_start.steps=10", "warm_start.num_traces=64", "warm_start.batch_size=16",
+    "warm_start.steps=4", "warm_start.num_traces=64", "warm_start.batch_size=16",  # both phases of the curriculum
     "eval.num_problems=3", "eval.samples_per_problem=2", "eval.prover_samples=2",
+    "eval.budget_scales=[0.5]",  # the final evaluation at two budgets (1 is always evaluated): the extrapolation path
     "checkpoint_every=1", "logger.progress_bar=false",
 ]
 

@@ -409,7 +409,7 @@ def test_algo_verifier_job_then_ppo_with_its_verifier_as_the_j_estimator(tmp_pat
 
     root = Path(__file__).resolve().parent.parent
     small = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",
-             "warm_start.steps=4", "warm_start.num_traces=32", "warm_start.batch_size=8", f"warm_start.cache_dir={tmp_path / 'cache'}",
+             "warm_start.steps=4", "warm_start.focused_until_loss=0", "warm_start.num_traces=32", "warm_start.batch_size=8", f"warm_start.cache_dir={tmp_path / 'cache'}",
              "logger.mode=disabled", "logger.progress_bar=false", "threads=1"]
     register_configs()
 

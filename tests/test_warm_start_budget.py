@@ -121,12 +121,13 @@ def test_warm_start_names_one_budget_for_both_phases_before_training(compose_cfg
     def no_training(*args, **kwargs):
         raise AssertionError("the warm start trained before checking the budget of all its traces")
 
-    monkeypatch.setattr(ws_module, "sft_fit", no_training)
+    monkeypatch.setattr(ws_module, "fit_records", no_training)
     policy, tok = load_policy(cfg.model, 0)
     codec = StreamCodec(tok, "\n", "Answer:")
     make_env = env_factory(cfg)
     focused = counted_needs(make_env, tok, ws.num_traces, 0, 0.0, seed=0)
-    varied = counted_needs(make_env, tok, ws.num_traces, ws.n_failed_max, ws.variety, seed=1)
+    n_varied = ws.num_traces - round(ws.num_traces * ws.replay_fraction)  # the rest of the varied phase replays focused traces
+    varied = counted_needs(make_env, tok, n_varied, ws.n_failed_max, ws.variety, seed=1)
     episode, total = max(focused[0], varied[0]), max(focused[1], varied[1])
     assert focused[0] <= cfg.budget.max_episode_tokens < varied[0]
 
