@@ -12,6 +12,9 @@ SMALL = [
     "eval.num_problems=3", "eval.samples_per_problem=2", "eval.prover_samples=2",
     "eval.budget_scales=[0.5]",  # the final evaluation at two budgets (1 is always evaluated): the extrapolation path
     "checkpoint_every=1", "logger.progress_bar=false",
+    # A small model (the default-sized one runs end to end in test_lora, test_rollout_values, test_distributed):
+    # what is checked here (the files written, the metrics logged, the warm start's cache) does not depend on its size.
+    "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",
 ]
 
 SUMMARY_KEYS = {
