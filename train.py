@@ -6,8 +6,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from metarl_llm.config import register_configs
-from metarl_llm.distributed import agree_on_run_time, launched_world_size
+from metarl_llm.runtime.distributed import agree_on_run_time, launched_world_size
+from metarl_llm.runtime.setup import register_configs
 
 register_configs()
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from metarl_llm.distributed import RUN_TIME_ENV  # noqa: E402
+from metarl_llm.runtime.distributed import RUN_TIME_ENV
 
 COMPARED = ("train/outcome", "train/tokens_per_trial", "train/loss/policy", "train/loss/value", "train/loss/kl",
             "train/entropy", "train/grad_norm", "train/approx_kl", "train/clipfrac", "train/kl_ref")

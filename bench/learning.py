@@ -18,7 +18,7 @@ Per run, summary.json gives held-out success, regret at the training budget, tok
 success, success at 0.5x/1x/2x/4x the training budget and the held-out
 success-versus-tokens curve. Token efficiency of an arm is, per seed, the ratio
 tokens_none / tokens_arm to reach a common success level on those curves
-(:func:`metarl_llm.evaluate.token_efficiency_ratio`); above 1 means the arm needs fewer.
+(:func:`metarl_llm.evaluation.curves.token_efficiency_ratio`); above 1 means the arm needs fewer.
 The curve starts at the meta-prover's success right after the prompt, so where a forced
 answer straight away already reaches the level, both arms need 0 tokens and the ratio
 is 1. A second, plainer figure: ``tokens_per_trial_ratio_vs_none``, the tokens a
@@ -48,7 +48,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from metarl_llm.evaluate import token_efficiency_ratio  # noqa: E402
+from metarl_llm.evaluation.curves import token_efficiency_ratio
 
 ARMS = {
     "none": ["bonus=none"],

@@ -14,7 +14,7 @@ nothing else) and run PPO for the same iterations on the same problems:
   adapter (and the value head) trains, at ``--lora-lr`` (1e-3 by default: LoRA updates
   need a larger step), and the reference is the same weights with the adapter disabled.
 
-Each (arm, seed) runs ``metarl_llm.trainer.train`` in a fresh process (the RL seed
+Each (arm, seed) runs ``metarl_llm.jobs.ppo.train`` in a fresh process (the RL seed
 varies; the warm start stays the one of ``warm_start.seed=0``), which reports:
 
 - held-out success of the warm-started model and of the trained one (``eval.num_problems``
@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from metarl_llm.config import compose_config as compose  # noqa: E402  (TrainConfig with Hydra overrides)
+from metarl_llm.runtime.setup import compose_config as compose
 
 ARMS = {"full": [], "lora": ["model.lora.r=8"]}
 
@@ -63,17 +63,18 @@ def tensor_bytes(tensors) -> int:
 
 def worker(arm: str, overrides: list[str], out: Path) -> None:
     """One arm in this (fresh) process: train, measure, write ``out`` (JSON)."""
+    import peft  # noqa: F401  (both arms: the LoRA arm's library code is not part of the training delta)
     import torch
 
-    import metarl_llm.trainer as T
-
-    import peft  # noqa: F401  (both arms: the LoRA arm's library code is not part of the training delta)
+    import metarl_llm.jobs.common as C
+    import metarl_llm.jobs.ppo as T
+    from metarl_llm.trainer import train
 
     rss_after_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     cfg = compose(overrides)
     if arm == "warm":  # fill the warm-start cache, nothing else
-        T.start_job(cfg, Path(out).parent / "warm")
-        _, _, _, _, info = T.base_policy(cfg, torch.device("cpu"))
+        C.start_job(cfg, Path(out).parent / "warm")
+        _, _, _, _, info = C.base_policy(cfg, torch.device("cpu"))
         out.write_text(json.dumps({"warm_start_cached": bool(info.get("warm_start/cached", False))}))
         return
     seen: dict = {}
@@ -105,7 +106,7 @@ def worker(arm: str, overrides: list[str], out: Path) -> None:
 
     T.score_batch, T.ppo_update = score_batch, ppo_update
     t0 = time.perf_counter()
-    summary = T.train(cfg, out.parent / out.stem)
+    summary = train(cfg, out.parent / out.stem)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out.write_text(json.dumps({
         "arm": arm, "overrides": overrides,

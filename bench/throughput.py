@@ -20,7 +20,7 @@ that section's entry in ``<results-dir>/<name>.json`` while other sections' entr
 ``trl``  (:func:`bench_trl`): one optimisation iteration (rollout + scoring + advantages
     + one optimiser step) of three arms, on the same problems, model and batch:
 
-    - ``ours_ppo``: ``metarl_llm.trainer.train`` with ``algo=ppo bonus=none`` (GAE, shared
+    - ``ours_ppo``: ``metarl_llm.jobs.ppo.train`` with ``algo=ppo bonus=none`` (GAE, shared
       critic: value head on the policy trunk);
     - ``ours_grpo``: the same with ``algo=grpo`` (group-normalised returns, no critic);
     - ``trl_grpo``: ``trl.GRPOTrainer`` (transformers ``generate``, no vLLM; CPU or ``--device cuda``).
@@ -137,7 +137,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from metarl_llm.config import compose_config as compose  # noqa: E402  (TrainConfig with Hydra overrides)
+from metarl_llm.runtime.setup import compose_config as compose
 
 STOP_LOGIT = -1.0e4  # bias on the blocked ids: exp(-1e4) is 0 in float64, and 0 * -1e4 keeps entropies finite
 OUR_ARMS = {"ours_ppo": "ppo", "ours_grpo": "grpo"}
@@ -234,7 +234,7 @@ def block_stop_tokens(model: torch.nn.Module, ids: list[int]) -> None:
 
 def stop_ids(tokenizer) -> list[int]:
     """Ids that end an episode (the newline) or a completion (EOS) for either trainer."""
-    from metarl_llm.rollout import StreamCodec
+    from metarl_llm.core.trial import StreamCodec
 
     codec = StreamCodec(tokenizer, "\n", "Answer:")
     return sorted(set(codec.delimiter_ids) | {tokenizer.eos_token_id})
@@ -265,8 +265,8 @@ def environment_info(threads: int, device: str = "cpu") -> dict:
 
 def problem_sequence(cfg, iterations: int) -> list[dict]:
     """The training problems the trainer plays, in order: it draws ``problems_per_iter``
-    reset seeds per iteration from ``np.random.default_rng(cfg.seed)`` (metarl_llm.trainer.train)."""
-    from metarl_llm.trainer import env_factory
+    reset seeds per iteration from ``np.random.default_rng(cfg.seed)`` (metarl_llm.jobs.ppo)."""
+    from metarl_llm.runtime.setup import env_factory
 
     env = env_factory(cfg)("train")
     rng = np.random.default_rng(cfg.seed)
@@ -291,12 +291,14 @@ def patched(module, **replacements):
 
 
 def run_ours(cfg, run_dir: Path, block: bool) -> tuple[list[dict], dict]:
-    """One ``metarl_llm.trainer.train`` run; per-iteration records and run facts.
+    """One ``metarl_llm.jobs.ppo.train`` run; per-iteration records and run facts.
 
     The trainer's own functions are wrapped (called through unchanged) to time the rollout,
     the scoring and the update and to count their tokens; the iteration time is the
     trainer's ``perf/iteration_s``."""
-    import metarl_llm.trainer as T
+    import metarl_llm.jobs.common as C  # the PPO job's set-up (load_policy)
+    import metarl_llm.jobs.ppo as T  # the PPO job's stages
+    from metarl_llm.trainer import train
 
     rec = {"rollout": [], "score": [], "update": []}
     facts = {}
@@ -339,11 +341,11 @@ def run_ours(cfg, run_dir: Path, block: bool) -> tuple[list[dict], dict]:
                               "row_lengths": [int(n) for n in lengths], "width": int(batch.input_ids.shape[1])})
         return stats
 
-    orig = {k: getattr(T, k) for k in ("load_policy", "run_trials", "score_batch", "ppo_update")}
+    orig = {"load_policy": C.load_policy, **{k: getattr(T, k) for k in ("run_trials", "score_batch", "ppo_update")}}
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    with patched(T, load_policy=load_policy, run_trials=run_trials, score_batch=score_batch, ppo_update=ppo_update):
-        T.train(cfg, run_dir)
+    with patched(C, load_policy=load_policy), patched(T, run_trials=run_trials, score_batch=score_batch, ppo_update=ppo_update):
+        train(cfg, run_dir)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rows = [r for r in rows if "perf/iteration_s" in r]
     if not (len(rows) == len(rec["rollout"]) == len(rec["update"]) == cfg.algo.iterations):
@@ -369,7 +371,7 @@ def env_reward(cfg, tokenizer, timer: dict):
     problem, its first ``max_episode_tokens`` tokens as the (single) episode and, once the
     environment forces the answer, the rest as the forced answer; the reward is the
     environment's outcome. Model text is only graded (envs.grading), never executed."""
-    from metarl_llm.trainer import env_factory
+    from metarl_llm.runtime.setup import env_factory
 
     env = env_factory(cfg)("train")
     split = cfg.budget.max_episode_tokens
@@ -587,7 +589,7 @@ def bench_trl(args, overrides: list[str], peak: float) -> dict:
             summary[arm]["speedup_vs_trl_pooled"] = summary[TRL_ARM]["s_per_1k_trials"] / summary[arm]["s_per_1k_trials"]
     b = cfg.budget
     settings = {
-        "overrides": base, "arms": {**{k: f"metarl_llm.trainer.train algo={v}" for k, v in OUR_ARMS.items()},
+        "overrides": base, "arms": {**{k: f"metarl_llm.jobs.ppo.train algo={v}" for k, v in OUR_ARMS.items()},
                                      TRL_ARM: "trl.GRPOTrainer"},
         "problems_per_iter": args.problems, "group_size": args.group, "trials_per_step": n_trials,
         "device": cfg.device, "precision": "bf16 autocast" if args.bf16 else "float32",
@@ -691,12 +693,11 @@ def bench_engine(args, overrides: list[str], peak: float) -> dict:
     cached arm keeps every trial's cache (``keep_cache=True``, the copies timed with it) for
     the meta-prover. ``overrides`` (the trl section's) are not used here."""
 
-    from metarl_llm.bonus import boundary_prefixes, meta_prover_success
-    from metarl_llm.models import load_policy
-    from metarl_llm.rollout import StreamCodec, run_trials
-    from metarl_llm.trainer import env_factory
-
-    from metarl_llm.models import autocast
+    from metarl_llm.core.trial import StreamCodec
+    from metarl_llm.models import autocast, load_policy
+    from metarl_llm.rollout.engine import run_trials
+    from metarl_llm.rollout.meta_prover import boundary_prefixes, meta_prover_success
+    from metarl_llm.runtime.setup import env_factory
 
     cfg, eng_overrides = engine_config(args)
     policy, tokenizer = load_policy(cfg.model, cfg.seed)

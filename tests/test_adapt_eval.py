@@ -10,9 +10,9 @@ import pytest
 
 import envs  # noqa: F401
 from metarl_llm.config import BudgetConfig, EvalConfig, TinyModelConfig
-from metarl_llm.evaluate import eval_generator, evaluate
+from metarl_llm.core.trial import StreamCodec
+from metarl_llm.evaluation.heldout import eval_generator, evaluate
 from metarl_llm.models import build_char_tokenizer, build_tiny_model
-from metarl_llm.rollout import StreamCodec
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",
@@ -26,7 +26,7 @@ def cfg_of(*overrides):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from metarl_llm.config import register_configs
+    from metarl_llm.runtime.setup import register_configs
 
     register_configs()
     with initialize_config_dir(version_base=None, config_dir=str(ROOT / "conf")):
@@ -69,7 +69,7 @@ def test_train_with_adapt_ttt_on_arc(tmp_path):
 
 
 def test_adapt_ttt_needs_an_arc_environment():
-    from metarl_llm.trainer import validate
+    from metarl_llm.jobs.common import validate
 
     with pytest.raises(ValueError, match="adapt=ttt"):
         validate(cfg_of("env=planted_subseq", "adapt=ttt"))

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from metarl_llm.advantages import ADVANTAGES, compress, episode_credit, gae, get_advantage, grpo, rloo, whiten
+from metarl_llm.rl.advantages import ADVANTAGES, compress, episode_credit, gae, get_advantage, grpo, rloo, whiten
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from envs.arc_grids import ArcTask
-from metarl_llm.arc_augment import (
+from metarl_llm.arc.augment import (
     DIHEDRAL_NAMES,
     IDENTITY,
     Transform,
@@ -201,7 +201,7 @@ def test_rows_only_transforms_keep_rows_and_invert():
 
 def test_leave_one_out_of_a_one_row_task_has_only_row_prompts():
     from envs.arc_grids import ArcTask
-    from metarl_llm.ttt import leave_one_out_splits
+    from metarl_llm.arc.ttt import leave_one_out_splits
 
     task = ArcTask.build("t", [([1, 2, 0], [2, 1, 0]), ([3, 4, 0], [4, 3, 0]), ([5, 6, 0], [6, 5, 0])], [([7, 8, 0], [8, 7, 0])])
     splits = leave_one_out_splits(task, np.random.default_rng(0), 7, 64)

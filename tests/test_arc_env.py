@@ -87,7 +87,7 @@ def test_arc_1d_held_out_task_types_never_appear_in_train():
     assert not set(train.task_types) & set(test.task_types)
     assert all(split_of(t, 0.3) == "test" for t in test.task_types)
     assert all(split_of(t, 0.3) == "train" for t in train.task_types)
-    
+
     held = ["move_1pix_solid_right", "gravity_left"]
     train, test = make("train", held_out_types=held), make("test", held_out_types=held)
     assert set(test.task_types) == set(held)
@@ -245,7 +245,7 @@ def test_expert_trace_arguments_are_checked():
     with pytest.raises(ValueError, match="variety"):
         env.expert_trace(np.random.default_rng(0), n_failed=0, variety=1.5)
     with pytest.raises(RuntimeError, match="reset"):
-        make().task
+        _ = make().task
 
 
 # ----------------------------------------------------------------- bad arguments
@@ -287,7 +287,7 @@ def test_unknown_kwarg_is_named():
 
 def test_hydra_config_composes_and_makes_the_env(compose_cfg):
     from metarl_llm.config import ArcEnvConfig
-    from metarl_llm.trainer import env_factory, env_kwargs
+    from metarl_llm.runtime.setup import env_factory, env_kwargs
 
     cfg = compose_cfg("env=arc")
     assert isinstance(cfg.env, ArcEnvConfig) and cfg.env.id == "metarl/Arc-v0" and cfg.env.source == "arc_1d"
@@ -308,7 +308,7 @@ def test_hydra_config_composes_and_makes_the_env(compose_cfg):
 
     from omegaconf import OmegaConf
 
-    from metarl_llm.evaluate import _env_schema
+    from metarl_llm.jobs.evaluate_run import _env_schema
 
     assert _env_schema(OmegaConf.create(asdict(ArcEnvConfig()))) is ArcEnvConfig  # a saved run finds its schema
 
@@ -319,10 +319,10 @@ def test_hydra_config_composes_and_makes_the_env(compose_cfg):
 
 
 def test_arc_1d_defaults_fit_the_default_budget(compose_cfg):
+    from metarl_llm.core.trial import StreamCodec
     from metarl_llm.models import build_char_tokenizer
-    from metarl_llm.rollout import StreamCodec
-    from metarl_llm.trainer import env_factory
-    from metarl_llm.warm_start import expert_records
+    from metarl_llm.runtime.setup import env_factory
+    from metarl_llm.sft.warm_start import expert_records
 
     cfg = compose_cfg("env=arc")
     tok = build_char_tokenizer()

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from metarl_llm.batch import RolloutBatch, collate, place_rewards
-from metarl_llm.bonus import boundary_prefixes, progress
-from metarl_llm.rollout import Trial
+from metarl_llm.core.batch import RolloutBatch, collate, place_rewards
+from metarl_llm.core.trial import Trial
+from metarl_llm.rl.bonus import progress
+from metarl_llm.rollout.meta_prover import boundary_prefixes
 
 PAD = 0
 

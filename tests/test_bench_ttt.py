@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from envs.arc_grids import ArcTask
-from metarl_llm.arc_vote import Prediction
+from metarl_llm.arc.vote import Prediction
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # raised inside peft
 

@@ -7,21 +7,20 @@ import pytest
 import torch
 
 import envs  # noqa: F401
-from metarl_llm.bonus import (
+from metarl_llm.config import BonusConfig, BudgetConfig, TinyModelConfig
+from metarl_llm.core.trial import StreamCodec
+from metarl_llm.models import build_char_tokenizer, build_tiny_model
+from metarl_llm.rl.bonus import (
     ESTIMATORS,
     VERIFIERS,
-    JOptions,
     VerifierInput,
     block_attention_mask,
-    boundary_prefixes,
     episode_bonuses,
     get_estimator,
-    meta_prover_context,
     register_verifier,
 )
-from metarl_llm.config import BonusConfig, BudgetConfig, TinyModelConfig
-from metarl_llm.models import build_char_tokenizer, build_tiny_model
-from metarl_llm.rollout import StreamCodec, run_trials
+from metarl_llm.rollout.engine import run_trials
+from metarl_llm.rollout.meta_prover import JOptions, boundary_prefixes, meta_prover_context
 
 BUDGET = BudgetConfig(max_episodes=3, max_episode_tokens=8, max_total_tokens=20, answer_max_tokens=6)
 

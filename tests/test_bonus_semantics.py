@@ -13,20 +13,12 @@ import pytest
 import torch
 
 import envs  # noqa: F401
-from metarl_llm.bonus import (
-    ESTIMATORS,
-    JOptions,
-    boundary_prefixes,
-    episode_bonuses,
-    estimate_likelihood,
-    meta_prover_context,
-    meta_prover_success,
-    register_estimator,
-)
 from metarl_llm.config import BonusConfig, BudgetConfig, TinyModelConfig
-from metarl_llm.engine import finish_episode, start_trials
+from metarl_llm.core.trial import StreamCodec
 from metarl_llm.models import build_char_tokenizer, build_tiny_model
-from metarl_llm.rollout import StreamCodec
+from metarl_llm.rl.bonus import ESTIMATORS, episode_bonuses, estimate_likelihood, register_estimator
+from metarl_llm.rollout.base import finish_episode, start_trials
+from metarl_llm.rollout.meta_prover import JOptions, boundary_prefixes, meta_prover_context, meta_prover_success
 
 BUDGET = BudgetConfig(max_episodes=3, max_episode_tokens=24, max_total_tokens=72, answer_max_tokens=6)
 

@@ -56,7 +56,7 @@ def test_bad_options_fail_at_compose(compose_cfg, override, exc, words):
 
 
 def test_bad_values_fail_before_training(compose_cfg, tmp_path):
-    from metarl_llm.trainer import validate
+    from metarl_llm.jobs.common import validate
 
     for override, words in [
         ("algo.advantage=vtrace", "algo.advantage"),

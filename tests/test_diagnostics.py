@@ -9,12 +9,12 @@ import torch
 
 import envs  # noqa: F401
 from envs.planted_subseq import PlantedSubseqEnv
-from metarl_llm import bonus
-from metarl_llm.bonus import meta_prover_context
 from metarl_llm.config import BudgetConfig, TinyModelConfig
-from metarl_llm.diagnostics import anti_concentration, heterogeneity, policy_diagnostics
+from metarl_llm.core.trial import StreamCodec
+from metarl_llm.evaluation.diagnostics import anti_concentration, heterogeneity, policy_diagnostics
 from metarl_llm.models import build_char_tokenizer, build_tiny_model
-from metarl_llm.rollout import StreamCodec
+from metarl_llm.rollout import meta_prover as bonus
+from metarl_llm.rollout.meta_prover import meta_prover_context
 
 torch.set_num_threads(1)
 
@@ -201,7 +201,7 @@ def test_driver_values_are_meta_prover_scores_after_each_first_episode(setup, mo
     the prompt and episode 0's sampled tokens then the forced-answer tokens; each value is
     the mean score of that trial's m recorded answers."""
     tok, model, codec = setup
-    calls, real_sample = [], bonus.sample  # the meta-prover's sampling (metarl_llm.bonus.meta_prover_success)
+    calls, real_sample = [], bonus.sample  # the meta-prover's sampling (metarl_llm.rollout.meta_prover.meta_prover_success)
 
     def recording_sample(*args, **kwargs):
         out = real_sample(*args, **kwargs)

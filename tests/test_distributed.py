@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from metarl_llm.batch import RolloutBatch
-from metarl_llm.distributed import RUN_TIME_ENV, Dist, gather_batch, run_time
+from metarl_llm.core.batch import RolloutBatch
+from metarl_llm.runtime.distributed import RUN_TIME_ENV, Dist, gather_batch, run_time
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,14 +14,17 @@ import torch
 import torch.nn.functional as F
 
 import envs  # noqa: F401
-from metarl_llm import bonus as bonus_mod
-from metarl_llm.bonus import boundary_prefixes, meta_prover_context, meta_prover_success
 from metarl_llm.config import BudgetConfig, RolloutConfig, TinyModelConfig
-from metarl_llm.batch import length_buckets
-from metarl_llm.engine import (CachedEngine, _Batch, draw_tokens, engine_from_config, finish_episode, get_engine,
-                               growing_cache, start_trials, stream_uniforms, trial_keys)
+from metarl_llm.core.batch import length_buckets
+from metarl_llm.core.trial import StreamCodec
 from metarl_llm.models import build_char_tokenizer, build_tiny_model
-from metarl_llm.rollout import StreamCodec, run_trials, sample
+from metarl_llm.rollout import meta_prover as bonus_mod
+from metarl_llm.rollout.base import finish_episode, get_engine, start_trials
+from metarl_llm.rollout.cached import CachedEngine, _Batch
+from metarl_llm.rollout.engine import engine_from_config, run_trials
+from metarl_llm.rollout.kv_cache import growing_cache
+from metarl_llm.rollout.meta_prover import boundary_prefixes, meta_prover_context, meta_prover_success
+from metarl_llm.rollout.sampling import draw_tokens, sample, stream_uniforms, trial_keys
 
 # Four episodes before the forced answer; the total budget cuts some trials earlier.
 BUDGET = BudgetConfig(max_episodes=4, max_episode_tokens=9, max_total_tokens=30, answer_max_tokens=6)

@@ -15,24 +15,21 @@ import torch
 from omegaconf import OmegaConf
 
 from metarl_llm import config as C
-from metarl_llm.evaluate import (
+from metarl_llm.core.trial import Trial
+from metarl_llm.evaluation.curves import (
     budget_label,
     budget_scales,
-    compare_reports,
     cumulative_regret,
     curve_tokens,
     default_efficiency_level,
-    load_run_config,
     maj_at_k,
-    parse_command_line,
     scale_budget,
     success_curve,
     token_efficiency_ratio,
     tokens_to_success,
     trial_breakpoints,
-    _env_schema,
 )
-from metarl_llm.rollout import Trial
+from metarl_llm.jobs.evaluate_run import _env_schema, compare_reports, load_run_config, parse_command_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -218,7 +215,7 @@ def trained_run(tmp_path_factory, one_thread):
     """A 2-iteration run of a tiny model (warm start cached in tmp), shared by the tests below."""
     from hydra import compose, initialize_config_dir
 
-    from metarl_llm.config import register_configs
+    from metarl_llm.runtime.setup import register_configs
     from metarl_llm.trainer import train
 
     tmp = tmp_path_factory.mktemp("evalrun")
@@ -235,7 +232,7 @@ def test_cli_reproduces_the_training_runs_final_figures(trained_run):
     assert set(summary["heldout_success_by_budget"]) == {"0.5", "1", "2"}
     assert summary["heldout_success_by_budget"]["1"] == summary["heldout_success_final"]
     written = json.loads((run / "eval_iter_000002.json").read_text())
-    for label, b in written["budgets"].items():  # at t = C every trial has its outcome
+    for _label, b in written["budgets"].items():  # at t = C every trial has its outcome
         assert b["curve"][-1] == pytest.approx(b["metrics"]["success"]) and len(b["curve"]) == b["budget_tokens"] + 1
     other = run.parent / "other"  # an evaluated run to compare with: this one's training-time evaluation
     (other / "checkpoints").mkdir(parents=True)
@@ -274,7 +271,7 @@ def test_overrides_of_the_saved_config(trained_run):
 
 
 def test_missing_run_dir_or_checkpoint_is_named(trained_run, tmp_path):
-    from metarl_llm.evaluate import evaluate_run
+    from metarl_llm.jobs.evaluate_run import evaluate_run
 
     run, _ = trained_run
     with pytest.raises(FileNotFoundError, match="iter_000099"):

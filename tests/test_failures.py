@@ -11,7 +11,7 @@ import torch
 import envs  # noqa: F401
 from envs.base import EnvironmentFailure, FailureGuard
 from envs.planted_subseq import PlantedSubseqEnv
-from metarl_llm.ppo import register_policy_loss
+from metarl_llm.rl.losses import register_policy_loss
 from metarl_llm.trainer import train
 
 SMALL = [

@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 import envs  # noqa: F401
-import metarl_llm.engine as engine_mod
+import metarl_llm.rollout.hf_generate as engine_mod
 from metarl_llm.config import BudgetConfig, TinyModelConfig
-from metarl_llm.engine import HFGenerateEngine, _generate
+from metarl_llm.core.trial import StreamCodec
 from metarl_llm.models import build_char_tokenizer, build_tiny_model
-from metarl_llm.rollout import StreamCodec, run_trials
+from metarl_llm.rollout.engine import run_trials
+from metarl_llm.rollout.hf_generate import HFGenerateEngine, _generate
 
 TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 BUDGET = BudgetConfig(max_episodes=4, max_episode_tokens=9, max_total_tokens=30, answer_max_tokens=6)

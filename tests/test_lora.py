@@ -9,8 +9,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from metarl_llm.batch import RolloutBatch
 from metarl_llm.config import ModelConfig, PolicyLoraConfig, TinyModelConfig
+from metarl_llm.core.batch import RolloutBatch
 from metarl_llm.models import (
     AdapterDisabled,
     add_lora,
@@ -59,7 +59,7 @@ def _train_step(ac, ids, am, mask, lr: float = 0.05) -> None:
 
 
 def test_reference_is_the_base_model_after_the_adapter_trained(one_thread):
-    from metarl_llm.trainer import score_batch
+    from metarl_llm.rl.scoring import score_batch
 
     cfg = _model_cfg()
     policy, _ = load_policy(cfg, 0)
@@ -140,7 +140,7 @@ def test_only_lora_and_critic_parameters_train(one_thread, critic):
 
 def test_lora_checkpoint_reloads_through_load_policy(one_thread, tmp_path):
     from metarl_llm.models import build_char_tokenizer
-    from metarl_llm.trainer import save_checkpoint
+    from metarl_llm.runtime.checkpoint import save_checkpoint
 
     cfg = _model_cfg()
     ac = build_actor_critic(load_policy(cfg, 0)[0], cfg, seed=0)
@@ -191,7 +191,7 @@ def test_gradient_checkpointing_on_the_tiny_model_gives_the_same_lora_gradients(
 def test_lora_config_errors(compose_cfg):
     from hydra.errors import ConfigCompositionException
 
-    from metarl_llm.trainer import validate
+    from metarl_llm.jobs.common import validate
 
     for bad, match in [(dict(r=-1), "model.lora.r"), (dict(alpha=0.0), "model.lora.alpha"),
                        (dict(target_modules=[]), "model.lora.target_modules"), (dict(dropout=1.0), "model.lora.dropout")]:
@@ -228,7 +228,7 @@ SMALL = [
     ["bonus=info_gain", "bonus.estimator=likelihood", "bonus.use_reference=true"],  # the reference's trunk and LM head
 ])
 def test_lora_runs_end_to_end(compose_cfg, tmp_path, one_thread, bonus):
-    from metarl_llm.evaluate import evaluate_run
+    from metarl_llm.jobs.evaluate_run import evaluate_run
     from metarl_llm.trainer import train
 
     cache = f"warm_start.cache_dir={tmp_path / 'cache'}"

@@ -12,20 +12,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from metarl_llm.batch import RolloutBatch, collate
 from metarl_llm.config import AlgoConfig, TinyModelConfig
+from metarl_llm.core.batch import RolloutBatch, collate
+from metarl_llm.core.trial import Trial
 from metarl_llm.models import ActorCritic, Scores, build_char_tokenizer, build_tiny_model
-from metarl_llm.ppo import (
-    clipped_value_loss,
-    explained_variance,
-    get_policy_loss,
-    kl_k3,
-    masked_mean,
-    ppo_clip,
-    ppo_update,
-    reinforce,
-)
-from metarl_llm.rollout import Trial
+from metarl_llm.rl.losses import clipped_value_loss, explained_variance, get_policy_loss, kl_k3, masked_mean, ppo_clip, reinforce
+from metarl_llm.rl.update import ppo_update
 
 HUGE = 1e6
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from metarl_llm.batch import RolloutBatch
 from metarl_llm.config import AlgoConfig
+from metarl_llm.core.batch import RolloutBatch
 from metarl_llm.models import Scores
-from metarl_llm.ppo import kl_k2, kl_k3, ppo_update
+from metarl_llm.rl.losses import kl_k2, kl_k3
+from metarl_llm.rl.update import ppo_update
 
 
 def _setup(seed: int, vocab: int = 6):

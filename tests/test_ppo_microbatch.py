@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from metarl_llm.batch import RolloutBatch
 from metarl_llm.config import AlgoConfig, TinyModelConfig
+from metarl_llm.core.batch import RolloutBatch
 from metarl_llm.models import ActorCritic, autocast, autocast_dtype, build_char_tokenizer, build_tiny_model
-from metarl_llm.ppo import micro_batches, ppo_update
+from metarl_llm.rl.update import micro_batches, ppo_update
 
 LENGTHS = [24, 10, 20, 8, 16, 12]  # real tokens per row (rows are right-padded to 24)
 BUDGET = 40  # longest first: [24] (2 x 24 > 40), [20, 16] (3 x 20 > 40), [12, 10, 8] (3 x 12 <= 40)

@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 
-import metarl_llm.trainer as trainer_mod
-from metarl_llm.checkpoint import COMPLETE, complete_checkpoints, find_checkpoint
+import metarl_llm.jobs.ppo as trainer_mod
+from metarl_llm.runtime.checkpoint import COMPLETE, complete_checkpoints, find_checkpoint
 from metarl_llm.trainer import train
 
 SMALL = [
@@ -105,7 +105,7 @@ def test_checkpoint_keep_bounds_the_checkpoints(compose_cfg, tmp_path):
 
 def test_tracker_keeps_exactly_the_rows_logged_before_the_checkpoint(tmp_path):
     from metarl_llm.config import LoggerConfig
-    from metarl_llm.tracking import Tracker, read_summary
+    from metarl_llm.runtime.tracking import Tracker, read_summary
 
     off = LoggerConfig(mode="disabled")
     t = Tracker(off, tmp_path, {}, "run")
@@ -142,7 +142,7 @@ def untimed(summary):
 
 
 def test_kill_during_the_final_evaluation_then_resume(compose_cfg, tmp_path, monkeypatch):
-    import metarl_llm.evaluate as evaluate_mod
+    import metarl_llm.evaluation.heldout as evaluate_mod
 
     cache = f"warm_start.cache_dir={tmp_path / 'cache'}"
     full = train(compose_cfg(*END, cache), tmp_path / "full")

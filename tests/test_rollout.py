@@ -6,8 +6,10 @@ import torch
 
 import envs  # noqa: F401
 from metarl_llm.config import BudgetConfig, TinyModelConfig
+from metarl_llm.core.trial import StreamCodec
 from metarl_llm.models import ActorCritic, build_char_tokenizer, build_tiny_model
-from metarl_llm.rollout import StreamCodec, run_trials, sample
+from metarl_llm.rollout.engine import run_trials
+from metarl_llm.rollout.sampling import sample
 
 BUDGET = BudgetConfig(max_episodes=3, max_episode_tokens=10, max_total_tokens=24, answer_max_tokens=6)
 
@@ -108,7 +110,7 @@ def test_long_prompt_is_an_error_not_a_silent_cut(setup):
 
 
 def test_multinomial_on_one_device_is_torch_multinomial():
-    from metarl_llm.rollout import multinomial
+    from metarl_llm.rollout.sampling import multinomial
 
     probs = torch.softmax(torch.randn(50, 7, generator=torch.Generator().manual_seed(1)), -1)
     ours = multinomial(probs, torch.Generator().manual_seed(3))
@@ -121,7 +123,7 @@ def test_multinomial_with_a_cpu_generator_and_cuda_probabilities():
     """The trainer's generator lives on the CPU; a CUDA policy's probabilities do not
     (torch.multinomial refuses the pair): the draw inverts the CDF of CPU uniforms, with
     the right frequencies (chi-square over 20k draws) and reproducibly."""
-    from metarl_llm.rollout import multinomial
+    from metarl_llm.rollout.sampling import multinomial
 
     p = torch.tensor([0.1, 0.0, 0.6, 0.3])
     probs = p.repeat(20_000, 1).cuda()

@@ -11,15 +11,20 @@ import gymnasium as gym
 import pytest
 import torch
 
-import envs  # noqa: F401
-import metarl_llm.trainer as trainer_mod
-from metarl_llm.advantages import get_advantage
-from metarl_llm.batch import collate, place_rewards, sampled_logprobs, sampled_values
+import envs as _registers_envs  # noqa: F401  (registers the environments)
+import metarl_llm.jobs.ppo as trainer_mod
 from metarl_llm.config import BudgetConfig, ModelConfig, PolicyLoraConfig, TinyModelConfig
-from metarl_llm.engine import CachedEngine, Engine, HFGenerateEngine, ReencodeEngine, get_engine
+from metarl_llm.core.batch import collate, place_rewards, sampled_logprobs, sampled_values
+from metarl_llm.core.trial import StreamCodec, Trial
 from metarl_llm.models import ActorCritic, build_actor_critic, build_char_tokenizer, build_tiny_model
-from metarl_llm.rollout import StreamCodec, Trial, run_trials
-from metarl_llm.trainer import score_batch, train
+from metarl_llm.rl.advantages import get_advantage
+from metarl_llm.rl.scoring import score_batch
+from metarl_llm.rollout.base import Engine, get_engine
+from metarl_llm.rollout.cached import CachedEngine
+from metarl_llm.rollout.engine import run_trials
+from metarl_llm.rollout.hf_generate import HFGenerateEngine
+from metarl_llm.rollout.reencode import ReencodeEngine
+from metarl_llm.trainer import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # raised inside peft
 

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 import envs  # noqa: F401
-from metarl_llm.batch import collate, length_buckets, sampled_logprobs
 from metarl_llm.config import BudgetConfig, TinyModelConfig
+from metarl_llm.core.batch import collate, length_buckets, sampled_logprobs
+from metarl_llm.core.trial import StreamCodec
+from metarl_llm.jobs.common import validate
 from metarl_llm.models import ActorCritic, build_char_tokenizer, build_tiny_model
-from metarl_llm.ppo import update_passes
-from metarl_llm.rollout import StreamCodec, run_trials
-from metarl_llm.trainer import score_batch, validate
+from metarl_llm.rl.scoring import score_batch
+from metarl_llm.rl.update import update_passes
+from metarl_llm.rollout.engine import run_trials
 
 BUDGET = BudgetConfig(max_episodes=3, max_episode_tokens=9, max_total_tokens=24, answer_max_tokens=6)
 

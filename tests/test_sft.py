@@ -12,9 +12,10 @@ import torch
 
 import envs  # noqa: F401
 from metarl_llm.config import BudgetConfig, TinyModelConfig
+from metarl_llm.core.trial import StreamCodec, Trial
 from metarl_llm.models import build_char_tokenizer, build_tiny_model
-from metarl_llm.rollout import StreamCodec, Trial
-from metarl_llm.sft import failed_attempts, sft_fit, star_records, stitched_records
+from metarl_llm.sft.fit import sft_fit
+from metarl_llm.sft.traces import failed_attempts, star_records, stitched_records
 
 ENV = "metarl/PlantedSubseq-v0"
 BUDGET = BudgetConfig(max_episodes=3, max_episode_tokens=16, max_total_tokens=48, answer_max_tokens=16)
@@ -156,7 +157,7 @@ def cfg_of(tmp_path, *overrides):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from metarl_llm.config import register_configs
+    from metarl_llm.runtime.setup import register_configs
 
     register_configs()
     with initialize_config_dir(version_base=None, config_dir=str(ROOT / "conf")):
@@ -187,9 +188,11 @@ def test_reward_verifier_replaces_the_outcome_in_ppo(tmp_path):
     """reward=verifier: PPO optimises the saved verifier's P(success); train/outcome stays
     the environment's, train/reward is the verifier's, equal to score_trials of the same
     trials (checked through the rollout of a recorded iteration)."""
-    from metarl_llm import trainer as trainer_mod
-    from metarl_llm.trainer import train, validate
-    from metarl_llm.verifier import build_verifier, score_trials
+    from metarl_llm.jobs import ppo as trainer_mod
+    from metarl_llm.jobs.common import validate
+    from metarl_llm.trainer import train
+    from metarl_llm.verify.model import build_verifier
+    from metarl_llm.verify.scoring import score_trials
 
     tok = build_char_tokenizer()
     verifier = build_verifier(tok, tiny=TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), seed=1)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from test_docs import undocumented_keys
 
 from metarl_llm.trainer import train
 
@@ -47,6 +48,7 @@ def test_two_iterations_write_all_outputs(compose_cfg, tmp_path, env, bonus):
         if bonus == "info_gain":
             assert "train/J_boundary_0" in r
     assert any("heldout/success" in r for r in rows)
+    assert not undocumented_keys(rows), f"logged keys missing from docs/metrics.md: {undocumented_keys(rows)}"
 
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text() == "iter_000002"

@@ -10,20 +10,13 @@ import pytest
 import torch
 
 from envs.arc_grids import ArcTask, format_grid, parse_grid, task_prompt
-from metarl_llm import arc_vote
-from metarl_llm.arc_augment import IDENTITY, dihedral, dihedral_transforms, random_transforms
-from metarl_llm.arc_vote import Decoded, answer_text, greedy_decode, parse_answer, pass_at_2, predict_with_voting, vote
+from metarl_llm.arc import vote as arc_vote
+from metarl_llm.arc.augment import IDENTITY, dihedral, dihedral_transforms, random_transforms
+from metarl_llm.arc.ttt import LooSplit, TestTimeTrainer, TTTConfig, encode_examples, leave_one_out_splits, leave_one_out_tasks
+from metarl_llm.arc.vote import Decoded, answer_text, greedy_decode, parse_answer, pass_at_2, predict_with_voting, vote
 from metarl_llm.config import TinyModelConfig
+from metarl_llm.core.trial import StreamCodec
 from metarl_llm.models import build_char_tokenizer, build_tiny_model
-from metarl_llm.rollout import StreamCodec
-from metarl_llm.ttt import (
-    LooSplit,
-    TestTimeTrainer,
-    TTTConfig,
-    encode_examples,
-    leave_one_out_splits,
-    leave_one_out_tasks,
-)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # raised inside peft
 

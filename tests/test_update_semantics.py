@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from metarl_llm.advantages import combine_advantages, episode_credit, grpo
-from metarl_llm.batch import collate
 from metarl_llm.config import AlgoConfig, ModelConfig, TinyModelConfig
+from metarl_llm.core.batch import collate
+from metarl_llm.core.trial import Trial
 from metarl_llm.models import build_actor_critic, build_char_tokenizer, build_tiny_model
-from metarl_llm.ppo import ppo_update
-from metarl_llm.rollout import Trial
+from metarl_llm.rl.advantages import combine_advantages, episode_credit, grpo
+from metarl_llm.rl.update import ppo_update
 
 
 def _trial(tok, group: int, ep0: str, ep1: str) -> Trial:

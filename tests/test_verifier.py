@@ -11,31 +11,19 @@ import pytest
 import torch
 
 import envs  # noqa: F401
-from metarl_llm.bonus import JOptions, boundary_prefixes, episode_bonuses
 from metarl_llm.config import BonusConfig, BudgetConfig, TinyModelConfig
-from metarl_llm.evaluate import heldout_resets, maj_at_k
+from metarl_llm.core.trial import StreamCodec, Trial
+from metarl_llm.evaluation.curves import maj_at_k
 from metarl_llm.models import build_char_tokenizer, build_tiny_model
-from metarl_llm.rollout import StreamCodec, Trial, run_trials
-from metarl_llm.verifier import (
-    VerifierConfig,
-    auroc,
-    best_of_n,
-    best_of_n_trials,
-    brier,
-    build_verifier,
-    check_same_vocabulary,
-    evaluate_verifier,
-    expected_calibration_error,
-    is_saved_verifier,
-    load_verifier,
-    run_verifier_training,
-    score_prefixes,
-    score_trials,
-    train_verifier,
-    trained_verifier_estimator,
-    verifier_examples,
-    verifier_metrics,
-)
+from metarl_llm.rl.bonus import episode_bonuses
+from metarl_llm.rollout.engine import heldout_resets, run_trials
+from metarl_llm.rollout.meta_prover import JOptions, boundary_prefixes
+from metarl_llm.verify.best_of_n import best_of_n, best_of_n_trials
+from metarl_llm.verify.calibration import auroc, brier, evaluate_verifier, expected_calibration_error, verifier_metrics
+from metarl_llm.verify.data import verifier_examples
+from metarl_llm.verify.model import build_verifier, check_same_vocabulary, is_saved_verifier, load_verifier
+from metarl_llm.verify.scoring import score_prefixes, score_trials, trained_verifier_estimator
+from metarl_llm.verify.train import VerifierConfig, run_verifier_training, train_verifier
 
 BUDGET = BudgetConfig(max_episodes=3, max_episode_tokens=8, max_total_tokens=20, answer_max_tokens=6)
 TINY = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
@@ -404,8 +392,9 @@ def test_algo_verifier_job_then_ppo_with_its_verifier_as_the_j_estimator(tmp_pat
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from metarl_llm.config import register_configs
-    from metarl_llm.trainer import train, validate
+    from metarl_llm.jobs.common import validate
+    from metarl_llm.runtime.setup import register_configs
+    from metarl_llm.trainer import train
 
     root = Path(__file__).resolve().parent.parent
     small = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",

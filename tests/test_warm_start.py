@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from metarl_llm.config import BudgetConfig
+from metarl_llm.core.trial import StreamCodec
 from metarl_llm.models import build_char_tokenizer, load_policy
-from metarl_llm.rollout import StreamCodec
-from metarl_llm.trainer import env_factory
-from metarl_llm.sft import FitResult, fit_records
-from metarl_llm.warm_start import expert_records, warm_start
+from metarl_llm.runtime.setup import env_factory
+from metarl_llm.sft.fit import FitResult, fit_records
+from metarl_llm.sft.warm_start import expert_records, warm_start
 
 SMALL = ["warm_start.steps=4", "warm_start.num_traces=32", "warm_start.batch_size=8", "model.tiny.hidden_size=32",
          "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64"]
@@ -67,8 +67,8 @@ def test_warm_start_seed_fixes_one_start_model_for_several_run_seeds(compose_cfg
     """warm_start.seed=0 makes runs with seeds 0 and 1 share one warm start (one cache entry);
     warm_start.seed=null (the default) gives each run seed its own."""
     from metarl_llm.config import WarmStartConfig
+    from metarl_llm.sft.warm_start import cache_key
     from metarl_llm.trainer import train
-    from metarl_llm.warm_start import cache_key
 
     cfg = compose_cfg()
     vocab = build_char_tokenizer().get_vocab()
@@ -88,7 +88,7 @@ def test_warm_start_seed_fixes_one_start_model_for_several_run_seeds(compose_cfg
 def test_varied_phase_replays_a_share_of_the_focused_traces(compose_cfg, tmp_path, monkeypatch, replay):
     """The second phase fits the varied traces plus round(num_traces * replay_fraction) of the
     first phase's focused traces (the replay that keeps the first phase's rule learned)."""
-    import metarl_llm.warm_start as ws_mod
+    import metarl_llm.sft.warm_start as ws_mod
 
     calls = []
     monkeypatch.setattr(ws_mod, "fit_records", lambda model, tok, recs, steps, *a, **k: calls.append((recs, steps)) or FitResult([0.0], steps))
@@ -109,7 +109,7 @@ def test_varied_phase_replays_a_share_of_the_focused_traces(compose_cfg, tmp_pat
 def test_focused_phase_runs_on_until_its_loss_is_below_the_level(compose_cfg, tmp_path, monkeypatch):
     """The focused phase is asked for focused_max_multiple x its share of steps, stopping at the
     first logged loss below focused_until_loss after its share; the steps it ran are recorded."""
-    import metarl_llm.warm_start as ws_mod
+    import metarl_llm.sft.warm_start as ws_mod
 
     calls = []
 

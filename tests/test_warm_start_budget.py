@@ -15,11 +15,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from metarl_llm import warm_start as ws_module
+from metarl_llm.core.trial import StreamCodec
 from metarl_llm.models import build_char_tokenizer, load_policy
-from metarl_llm.rollout import StreamCodec
-from metarl_llm.trainer import env_factory
-from metarl_llm.warm_start import expert_records, warm_start
+from metarl_llm.runtime.setup import env_factory
+from metarl_llm.sft import warm_start as ws_module
+from metarl_llm.sft.warm_start import expert_records, warm_start
 
 # MATH format: ``problem`` and a ``solution`` whose last \boxed{} is the answer (no ``answer`` field).
 MATH_ROWS = [

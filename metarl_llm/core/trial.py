@@ -1,0 +1,116 @@
+"""Trials as token streams, and the codec between text and tokens.
+
+The MDP the trainer optimises (DESIGN.md section 5)
+---------------------------------------------------
+The state is every token so far; an **action is one policy token**. Tokens that the
+environment inserts (feedback observations, the forced-answer text) and the prompt
+are part of the transition, not actions: ``action_mask`` is 0 on them and no loss,
+advantage or reward is ever placed there. Episode ends are *not* terminal (return
+flows across episodes, the point of RL^2); only the trial end is.
+
+Token in, token out: the stream is the concatenation of the tokenised prompt, the
+sampled tokens (kept as sampled, never decoded and re-encoded) and the tokenised
+observations. Text is decoded only to hand an episode to the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Trial:
+    """One trial as built by :func:`run_trials` (lists are token-aligned).
+
+    ``action`` is 1 on policy tokens; ``episode`` holds the episode index of each
+    token (-1 on prompt and observation tokens). ``episode_ends[j]`` is the stream
+    position of episode j's last token; ``answer_episode`` the index of the episode
+    that gave the final answer (committed or forced).
+
+    ``sample_logprobs``: the sampling pass's log pi of each action token (0 elsewhere).
+    ``sample_values``: the critic's V(x_<t) of each action token, computed by the engine
+    from the last hidden state of the forward pass it sampled that token from (0
+    elsewhere; :func:`run_trials` with ``value_head``); None when the engine computed none.
+    """
+
+    problem_id: str
+    group: int
+    ids: list[int] = field(default_factory=list)
+    action: list[int] = field(default_factory=list)
+    episode: list[int] = field(default_factory=list)
+    sample_logprobs: list[float] = field(default_factory=list)
+    sample_values: list[float] | None = None
+    episode_ends: list[int] = field(default_factory=list)
+    episode_texts: list[str] = field(default_factory=list)
+    episode_correct: list[bool] = field(default_factory=list)
+    answer_episode: int = -1
+    answer: str | None = None
+    outcome: float = 0.0
+    forced: bool = False
+    policy_tokens: int = 0
+    env: object = None  # the unwrapped environment, still holding this trial's problem
+    cache: object = None  # engine.TrialCache when the engine was asked to keep it (for the meta-prover)
+
+    def append(self, tokens: list[int], is_action: bool, episode: int, logprobs: list[float] | None = None,
+               values: list[float] | None = None) -> None:
+        """Append ``tokens`` (policy tokens if ``is_action``, with their sampling ``logprobs``
+        and, if the engine computed them, ``values``; inserted tokens get 0 for both)."""
+        if values is not None or self.sample_values is not None:  # values on every episode of the trial or none
+            if values is not None and len(values) != len(tokens):
+                raise ValueError(f"Trial.append: {len(values)} values for {len(tokens)} tokens")
+            if self.sample_values is None:
+                if self.policy_tokens:
+                    raise ValueError("Trial.append: values for an episode after episodes without values")
+                self.sample_values = [0.0] * len(self.ids)
+            if values is None:
+                if is_action:
+                    raise ValueError("Trial.append: an episode without values after episodes with values")
+                values = [0.0] * len(tokens)
+            self.sample_values += values
+        self.ids += tokens
+        self.action += [int(is_action)] * len(tokens)
+        self.episode += [episode if is_action else -1] * len(tokens)
+        self.sample_logprobs += logprobs if logprobs is not None else [0.0] * len(tokens)
+        if is_action:
+            self.policy_tokens += len(tokens)
+            self.episode_ends.append(len(self.ids) - 1)
+
+
+class StreamCodec:
+    """Tokenisation of the text pieces around sampled tokens, and the stop ids."""
+
+    def __init__(self, tokenizer, delimiter: str, forced_answer_text: str):
+        self.tokenizer = tokenizer
+        self.delimiter = delimiter
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # Every vocabulary entry whose text contains the delimiter ends an episode, so a
+        # merged token such as ".\n" stops it too.
+        vocab_text = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        decoded = [tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in vocab_text]
+        delim_ids = [i for i, s in enumerate(decoded) if delimiter and delimiter in s]
+        if not delim_ids:
+            raise ValueError(f"episode delimiter {delimiter!r} is not in the tokenizer's vocabulary")
+        self.delimiter_ids = set(delim_ids)
+        self.stop_ids = torch.tensor(sorted(self.delimiter_ids | ({self.eos_id} if self.eos_id is not None else set())))
+        self.delimiter_token = self.encode(delimiter)
+        self.forced_ids = self.encode(forced_answer_text)
+
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=special) if text else []
+
+    def episode_text(self, tokens: list[int]) -> str:
+        """The text handed to the environment: the episode without its delimiter or EOS."""
+        if tokens and tokens[-1] == self.eos_id:
+            tokens = tokens[:-1]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if tokens and tokens[-1] in self.delimiter_ids:
+            text = text[: text.rfind(self.delimiter)] if self.delimiter in text else text
+        return text
+
+    def forced_prefix(self, stream: list[int]) -> list[int]:
+        """Tokens that turn the policy into the meta-prover after ``stream``."""
+        ends_clean = bool(stream) and stream[-1] in self.delimiter_ids
+        return ([] if ends_clean else self.delimiter_token) + self.forced_ids

@@ -1,0 +1,196 @@
+"""What every job shares: validation of cross-group rules, resume and finished-run checks, the
+start of a job (threads, seeds, config.yaml), the warm-started base policy and the
+base-policy diagnostics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import torch
+from omegaconf import OmegaConf
+
+import envs  # noqa: F401  (registers the environments)
+from metarl_llm.config import TrainConfig
+from metarl_llm.core.trial import StreamCodec
+from metarl_llm.evaluation.diagnostics import policy_diagnostics
+from metarl_llm.evaluation.heldout import (
+    check_eval_config,
+)
+from metarl_llm.models import (
+    AUTOCAST_MODES,
+    enable_gradient_checkpointing,
+    load_policy,
+)
+from metarl_llm.rl.advantages import get_advantage
+from metarl_llm.rl.bonus import check_verifier_name, get_estimator
+from metarl_llm.rl.losses import get_policy_loss
+from metarl_llm.rl.scoring import OLD_LOGPROBS
+from metarl_llm.rollout.engine import engine_from_config
+from metarl_llm.runtime.checkpoint import (
+    find_checkpoint,
+)
+from metarl_llm.runtime.setup import env_factory, quiet_libraries, resolve_device, seed_everything
+from metarl_llm.runtime.tracking import read_summary
+from metarl_llm.sft.warm_start import warm_start
+from metarl_llm.verify.model import is_saved_verifier
+
+log = logging.getLogger(__name__)
+
+BONUSES = ("none", "info_gain")
+ALGOS = ("ppo", "grpo", "verifier", "sft")
+REWARDS = ("env", "verifier")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Fail at start, naming the option, for values a schema type cannot rule out."""
+    get_advantage(cfg.algo.advantage)
+    get_policy_loss(cfg.algo.policy_loss)
+    if cfg.bonus.name not in BONUSES:
+        raise ValueError(f"bonus.name={cfg.bonus.name!r}; expected one of {BONUSES}")
+    if cfg.bonus.credit not in ("episode", "return"):
+        raise ValueError(f"bonus.credit={cfg.bonus.credit!r}; expected 'episode' or 'return'")
+    if cfg.bonus.name != "none":
+        get_estimator(cfg.bonus.estimator)
+        if cfg.bonus.estimator == "verifier":
+            check_verifier_name(cfg.bonus.verifier)
+    if cfg.env.id not in gym.registry:
+        raise ValueError(f"env.id={cfg.env.id!r} is not a registered environment; known: {sorted(k for k in gym.registry if k.startswith('metarl/'))}")
+    if cfg.algo.advantage in ("grpo", "rloo") and cfg.algo.group_size < 2:
+        raise ValueError(f"algo.advantage={cfg.algo.advantage} needs algo.group_size >= 2")
+    for name in ("focused_fraction", "replay_fraction", "variety"):
+        if not 0.0 <= getattr(cfg.warm_start, name) <= 1.0:
+            raise ValueError(f"warm_start.{name} must be in [0, 1], got {getattr(cfg.warm_start, name)}")
+    if cfg.warm_start.focused_until_loss < 0 or cfg.warm_start.focused_max_multiple < 1:
+        raise ValueError(f"warm_start.focused_until_loss must be >= 0 (0: no extension) and warm_start.focused_max_multiple "
+                         f">= 1, got {cfg.warm_start.focused_until_loss} and {cfg.warm_start.focused_max_multiple}")
+    for name in ("iterations", "problems_per_iter", "group_size", "ppo_epochs", "minibatch_size"):
+        if getattr(cfg.algo, name) < 1:
+            raise ValueError(f"algo.{name} must be >= 1")
+    if cfg.algo.micro_batch_tokens < 0:
+        raise ValueError(f"algo.micro_batch_tokens must be >= 0 (0: one pass per minibatch), got {cfg.algo.micro_batch_tokens}")
+    if cfg.algo.length_bucket_tokens < 0:
+        raise ValueError(f"algo.length_bucket_tokens must be >= 0 (0: no grouping of rows by length), "
+                         f"got {cfg.algo.length_bucket_tokens}")
+    if cfg.algo.old_logprobs not in OLD_LOGPROBS:
+        raise ValueError(f"algo.old_logprobs={cfg.algo.old_logprobs!r}; expected one of {OLD_LOGPROBS}")
+    if cfg.algo.old_logprobs == "sampled" and (cfg.model.dtype != "float32" or cfg.model.autocast == "bf16"):
+        raise ValueError(
+            f"algo.old_logprobs=sampled takes the PPO ratio's old log-probs from the sampling passes, which match a "
+            f"recomputation only in float32: it needs model.dtype=float32 and model.autocast off (got model.dtype="
+            f"{cfg.model.dtype}, model.autocast={cfg.model.autocast}); or use algo.old_logprobs=recompute")
+    cfg.model.lora.validate()
+    if cfg.model.autocast not in AUTOCAST_MODES:
+        raise ValueError(f"model.autocast={cfg.model.autocast!r}; expected one of {AUTOCAST_MODES}")
+    b = cfg.budget
+    if min(b.max_episode_tokens, b.max_total_tokens, b.answer_max_tokens) < 1:
+        raise ValueError("budget token limits must be >= 1")
+    check_eval_config(cfg.eval)
+    if cfg.reward.on_error not in ("raise", "score"):
+        raise ValueError(f"reward.on_error={cfg.reward.on_error!r}; expected 'raise' or 'score'")
+    if cfg.algo.on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"algo.on_nonfinite={cfg.algo.on_nonfinite!r}; expected 'raise' or 'skip'")
+    if cfg.checkpoint_keep < 0:
+        raise ValueError(f"checkpoint_keep must be >= 0, got {cfg.checkpoint_keep}")
+    engine_from_config(cfg.rollout)
+    if cfg.algo.name not in ALGOS:
+        raise ValueError(f"algo.name={cfg.algo.name!r}; expected one of {ALGOS}")
+    if cfg.adapt.name not in ("none", "ttt"):
+        raise ValueError(f"adapt.name={cfg.adapt.name!r}; expected 'none' or 'ttt'")
+    if cfg.adapt.name == "ttt":
+        cfg.adapt.ttt.validate()
+        if cfg.env.name != "arc":
+            raise ValueError(f"adapt=ttt fits each problem's demonstrations: it needs env=arc, got env={cfg.env.name}")
+    if cfg.reward.name not in REWARDS:
+        raise ValueError(f"reward.name={cfg.reward.name!r}; expected one of {REWARDS}")
+    if cfg.reward.name == "verifier":
+
+        if not cfg.reward.verifier or not is_saved_verifier(Path(cfg.reward.verifier).expanduser()):
+            raise ValueError(f"reward=verifier needs reward.verifier=<a saved verifier directory>, got {cfg.reward.verifier!r}")
+
+
+def resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    """The checkpoint ``cfg.resume`` names: None (no resume), ``auto`` (this run
+    directory's latest complete checkpoint; None when there is none yet) or a path to a
+    run directory or checkpoint (an error when it holds no complete checkpoint)."""
+    if not cfg.resume:
+        return None
+    found = find_checkpoint(run_dir if cfg.resume == "auto" else cfg.resume)
+    if found is None:
+        if cfg.resume != "auto":
+            raise ValueError(f"resume={cfg.resume}: no complete checkpoint there")
+        log.info("resume=auto: no complete checkpoint in %s yet; starting from the beginning", run_dir)
+    return found
+
+
+def finished_summary(cfg: TrainConfig, run_dir: Path) -> dict | None:
+    """With ``resume=auto`` (or ``resume=<a run directory>``): that run's summary.json when
+    the run already finished (summary.json complete, for this config's iterations, seed and
+    env), else None. A finished run is not redone: a run killed after writing its summary,
+    before its process exited, is complete. (``resume=<a checkpoint>`` always continues from it.)"""
+    if not cfg.resume:
+        return None
+    target = Path(run_dir) if cfg.resume == "auto" else Path(cfg.resume).expanduser()
+    if target.parent.name == "checkpoints":  # checkpoints/iter_XXXXXX: resume from it, as asked
+        return None
+    summary = read_summary(target)
+    if summary is None or (summary.get("iterations"), summary.get("seed"), summary.get("env")) != (
+            cfg.algo.iterations, cfg.seed, cfg.env.name):
+        return None
+    log.info("resume=%s: the run in %s is already complete (summary.json); nothing to do", cfg.resume, target)
+    return summary
+
+
+def base_policy(cfg: TrainConfig, device: torch.device):
+    """The policy a job starts from: loaded (``model``) and warm-started (``warm_start``,
+    seeded ``warm_start.seed`` or the run's seed). Returns (policy, tokenizer, codec,
+    env_factory, warm-start info)."""
+    ws_seed = cfg.seed if cfg.warm_start.seed is None else cfg.warm_start.seed
+    policy, tokenizer = load_policy(cfg.model, ws_seed)
+    codec = StreamCodec(tokenizer, "\n", cfg.env.forced_answer_text)
+    make_env = env_factory(cfg)
+    # The cache key leaves out what concerns PPO only (LoRA, autocast, the attention backend).
+    policy, ws_info = warm_start(policy, tokenizer, codec, make_env, cfg.model, cfg.env, cfg.budget, cfg.warm_start, ws_seed)
+    if cfg.model.gradient_checkpointing:  # the warm start hands back a freshly loaded model
+        enable_gradient_checkpointing(policy)
+    return policy.to(device), tokenizer, codec, make_env, ws_info
+
+
+def start_job(cfg: TrainConfig, run_dir: Path, write: bool = True) -> torch.device:
+    """Validate, set threads and seeds; create ``run_dir`` and write config.yaml there
+    (``write``: False on the non-main processes of a launch); the device."""
+    validate(cfg)
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    quiet_libraries()
+    seed_everything(cfg.seed)
+    if write:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    return resolve_device(cfg.device)
+
+
+def base_diagnostics(cfg: TrainConfig, policy, codec: StreamCodec, make_env, log_fn) -> dict:
+    """Heterogeneity and anti-concentration of the base policy on held-out problems
+    (metarl_llm.evaluation.diagnostics, settings ``cfg.diagnostics``), logged as ``diagnostics/...``
+    at step 0. Returns those scalars ({} when disabled)."""
+
+    d = cfg.diagnostics
+    if not d.enabled:
+        return {}
+    t0 = time.perf_counter()
+    size = make_env("test").unwrapped.num_problems
+    num = min(d.num_problems, size) if size is not None else d.num_problems
+    pool = [make_env("test") for _ in range(num * d.num_continuations)]
+    out = policy_diagnostics(policy, codec, pool, cfg.budget, num, d.num_continuations, d.num_rollouts, d.margin,
+                             torch.Generator().manual_seed(cfg.seed))
+    scalars = {f"diagnostics/{k}": v for k, v in out.metrics.items()}
+    scalars["diagnostics/time_s"] = time.perf_counter() - t0
+    log_fn(scalars, 0)
+    log.info("base policy: heterogeneity %.4f, anti-concentration %.3f (margin %g), success %.3f",
+             out.metrics["heterogeneity"], out.metrics["anti_concentration"], d.margin, out.metrics["success"])
+    return scalars

@@ -1,0 +1,179 @@
+"""Rollout engines: how trials are generated, behind one small interface. The :class:`Engine` interface, the
+engine registry (``rollout.engine``) and the episode bookkeeping every engine shares
+(:func:`start_trials`, :func:`episode_limit`, :func:`finish_episode`, :func:`finish_round`).
+
+A trial is a token stream (prompt, episodes, inserted observations; see
+:mod:`metarl_llm.core.trial`). Engines differ only in how they compute it:
+
+- ``cached`` (default, :class:`CachedEngine`): one batched KV cache per call. Each
+  trial's cache is kept across its episodes; the observation tokens the environment
+  inserts are appended to it, so the history is never encoded twice. Trials step
+  independently: when one ends an episode, the environment is stepped at once and its
+  observation is fed one token per forward pass beside the other trials' sampled tokens
+  (no trial waits for the slowest episode of the batch, and no pass is padded to the
+  longest observation; observations longer than ``queue_tokens`` go in as one block).
+  Every pass is then one token per row, the cache grows by one column per pass and is
+  appended in place (preallocated, :class:`_GrowingLayer`), prompts of similar length are
+  prefilled together (:meth:`_Batch.prefill`), and finished trials leave the batch once a
+  quarter of its rows have finished. With ``keep_cache=True`` each finished trial keeps
+  its KV cache (:class:`TrialCache`) so that the meta-prover's forced answers continue
+  from it (:meth:`CachedEngine.continue_prefixes`) instead of re-encoding every prefix.
+- ``reencode`` (:class:`ReencodeEngine`): episode by episode, every trial's whole history
+  is prefilled again before each episode (with a KV cache inside the episode). The
+  engine of earlier versions, kept as a reference.
+- ``hf_generate`` (:class:`HFGenerateEngine`): plain ``model.generate`` once per episode
+  on the whole history: the baseline a user of transformers would write.
+
+Sampling is ancestral sampling from softmax(logits) (temperature 1, no top-k/top-p),
+so the log-probs are those of the policy the trainer scores. ``cached`` and
+``reencode`` draw each token by inverse-CDF from a *counter-based* uniform
+u(trial key, stream position) (:func:`stream_uniforms`): a trial's tokens depend only on
+its own key and logits, not on which other trials share the batch or how the forward
+passes were split. The cached engine therefore reproduces exactly the tokens of a
+recomputation from scratch with the same keys (tested), and the two engines agree.
+
+Values while sampling (``value_head``, a shared critic's head; all three engines
+support it, :attr:`Engine.supports_values`): the logits a token is drawn from come from a
+forward pass whose last-layer hidden state (the LM head's input, :func:`lm_head_input`; the
+tensor ``ActorCritic.score`` reads) at that position also gives the critic's value V(x_<t) of
+that token, so the engines return each action token's value beside its log-prob
+(``Trial.sample_values``) and the trainer needs no policy forward to score a PPO batch
+(``algo.old_logprobs=sampled``). Only the sampled positions' hidden states go through
+the head; the tokens and log-probs are those drawn without it.
+
+A new backend (for example vLLM for large models) implements :class:`Engine` and
+registers itself with :func:`register_engine`; the trainer only calls
+``get_engine(name).run_trials(...)``.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from metarl_llm.config import BudgetConfig
+from metarl_llm.core.registry import Registry
+from metarl_llm.core.trial import StreamCodec, Trial
+
+ENGINES = Registry("rollout engine", "rollout.engine")  # name -> Engine subclass
+
+
+def register_engine(name: str):
+    """Class decorator: register an :class:`Engine` subclass as ``name`` (and set its ``name``)."""
+
+    def wrap(cls):
+        ENGINES.register(name)(cls)
+        cls.name = name
+        return cls
+
+    return wrap
+
+
+def get_engine(name: str, **options) -> "Engine":
+    """A new engine registered as ``name``; ``options`` go to its constructor (cached:
+    ``max_rows``, ``bucket_tokens``; the others take none). The engines register on import
+    of metarl_llm.rollout.engine."""
+    return ENGINES.lookup(name)(**options)
+
+
+# ------------------------------------------------------------------ interface
+
+
+class Engine(abc.ABC):
+    """A rollout backend (abstract). Subclasses implement :meth:`run_trials`.
+
+    ``supports_values``: True when :meth:`run_trials` takes ``value_head`` and fills
+    ``Trial.sample_values``; callers pass ``value_head`` only to such engines (the trainer
+    otherwise scores the values with a forward pass)."""
+
+    name = "engine"
+    supports_values = False
+
+    @abc.abstractmethod
+    def run_trials(
+        self, model: torch.nn.Module, codec: StreamCodec, envs: list, resets: list[dict], groups: list[int],
+        budget: BudgetConfig, generator: torch.Generator | None = None, keep_cache: bool = False,
+        greedy: bool = False, keys: torch.Tensor | None = None, value_head: torch.nn.Module | None = None,
+    ) -> list[Trial]:
+        """Play one trial in each environment (see :func:`metarl_llm.rollout.engine.run_trials`).
+
+        ``keys`` [N] int64: the trials' sampling keys (default: drawn from ``generator``),
+        for callers that shard a batch whose keys were drawn globally. ``value_head``
+        (engines with ``supports_values``): also store each action token's value, the head
+        on the last hidden state of the pass its logits came from, on ``Trial.sample_values``."""
+
+
+def start_trials(codec: StreamCodec, envs: list, resets: list[dict], groups: list[int], budget: BudgetConfig) -> list[Trial]:
+    """Reset every environment and start its trial with the tokenised prompt."""
+    if not (len(envs) == len(resets) == len(groups)):
+        raise ValueError(f"run_trials: {len(envs)} envs, {len(resets)} resets and {len(groups)} groups must match")
+    trials = []
+    for env, kw, g in zip(envs, resets, groups):
+        prompt, info = env.reset(**kw)
+        t = Trial(problem_id=info["problem_id"], group=g, env=env.unwrapped)
+        ids = codec.encode(prompt, special=True)
+        if len(ids) > budget.max_prompt_tokens:
+            raise ValueError(
+                f"problem {t.problem_id}: prompt of {len(ids)} tokens exceeds budget.max_prompt_tokens={budget.max_prompt_tokens}"
+            )
+        if not ids:
+            raise ValueError(f"problem {t.problem_id}: the prompt encodes to no tokens")
+        t.append(ids, False, -1)
+        trials.append(t)
+    return trials
+
+
+def episode_limit(t: Trial, forced: bool, budget: BudgetConfig) -> int:
+    """Tokens the next episode of ``t`` may sample."""
+    if forced:
+        return budget.answer_max_tokens
+    return max(1, min(budget.max_episode_tokens, budget.max_total_tokens - t.policy_tokens))
+
+
+def finish_episode(t: Trial, env, codec: StreamCodec, toks: list[int], logps: list[float], forced: bool,
+                   budget: BudgetConfig, values: list[float] | None = None) -> tuple[bool, bool, list[int]]:
+    """Record an episode of ``t`` (its tokens, log-probs and, when computed, values) and step its environment.
+
+    Returns (ended, forced_next, observation ids to insert). The trial ends when the
+    environment terminates or truncates it; after EOS without a committed answer, at
+    ``max_total_tokens`` or when the environment itself forces the answer, the
+    forced-answer text is inserted and the next episode is the final answer.
+    """
+    j = len(t.episode_texts)
+    t.append(toks, True, j, logps, values)
+    text = codec.episode_text(toks)
+    t.episode_texts.append(text)
+    obs, reward, terminated, truncated, info = env.step(text)
+    t.episode_correct.append(bool(info.get("correct", False)))
+    if terminated or truncated:
+        t.outcome, t.answer, t.answer_episode, t.forced = float(reward), info.get("answer"), j, forced
+        return True, forced, []
+    if forced:
+        raise RuntimeError(f"problem {t.problem_id}: environment did not end the trial after a forced answer")
+    n = len(toks)
+    if info.get("forcing_answer"):
+        return False, True, codec.forced_prefix(t.ids)
+    if (n > 0 and toks[-1] == codec.eos_id) or t.policy_tokens >= budget.max_total_tokens:
+        t.env.force_answer()
+        return False, True, codec.forced_prefix(t.ids)
+    cut = n > 0 and toks[-1] not in codec.delimiter_ids
+    return False, False, (codec.delimiter_token if cut else []) + codec.encode(obs)
+
+
+def finish_round(trials: list[Trial], envs: list, codec: StreamCodec, results: dict, live: list[int],
+                 forced: list[bool], budget: BudgetConfig) -> list[int]:
+    """One episode of every live trial of an episode-by-episode engine: ``results[i]`` =
+    (tokens, log-probs) or (tokens, log-probs, values) of trial i's episode; records it,
+    steps the environment, inserts the observation. Updates ``forced`` in place; returns
+    the trials still running."""
+    still = []
+    for i in live:
+        toks, logps, *values = results[i]
+        done, forced[i], obs_ids = finish_episode(trials[i], envs[i], codec, toks, logps, forced[i], budget,
+                                                  values[0] if values else None)
+        if not done:
+            if obs_ids:
+                trials[i].append(obs_ids, False, -1)
+            still.append(i)
+    return still

@@ -1,0 +1,82 @@
+"""The engines registered by name, built from ``rollout`` config (:func:`engine_from_config`), and
+:func:`run_trials`, the one call the jobs make to play trials; :func:`heldout_resets` gives the
+reset arguments of held-out problems.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from metarl_llm.config import (
+    BudgetConfig,
+)
+from metarl_llm.core.trial import StreamCodec, Trial
+from metarl_llm.rollout.base import Engine, get_engine
+
+log = logging.getLogger(__name__)
+
+def run_trials(
+    model: torch.nn.Module,
+    codec: StreamCodec,
+    envs: list,
+    resets: list[dict],
+    groups: list[int],
+    budget: BudgetConfig,
+    generator: torch.Generator | None = None,
+    engine="cached",
+    keep_cache: bool = False,
+    keys: torch.Tensor | None = None,
+    value_head: torch.nn.Module | None = None,
+) -> list[Trial]:
+    """Play one trial in each environment, all trials batched.
+
+    ``envs`` are Gymnasium environments (as made by ``gymnasium.make``); ``resets``
+    the keyword arguments of each ``reset`` (``seed``, ``options``); ``groups`` the
+    problem group of each trial (trials of one problem share it). ``engine`` is a
+    :class:`metarl_llm.rollout.base.Engine` or the name of one (``cached``: the KV cache kept
+    across episodes; ``reencode``; ``hf_generate``); ``keep_cache`` keeps each trial's KV cache
+    on ``trial.cache`` for the meta-prover (``cached`` only); ``keys`` [N] fixes the
+    trials' sampling keys (default: drawn from ``generator``). ``value_head``: a shared
+    critic's head (``ActorCritic.value_head``, [..., H] -> [..., 1]); the engine then also
+    applies it to the last hidden state of every forward pass it samples from and stores
+    each action token's value on ``Trial.sample_values`` (the values ``ActorCritic.score``
+    gives, without its forward pass); an engine that cannot (``supports_values`` False)
+    is an error.
+
+    Budget: an episode ends at the delimiter, EOS or ``max_episode_tokens``; the trial
+    ends when the environment terminates it (a committed answer). When the policy
+    emits EOS without committing, spends ``max_total_tokens``, or the environment
+    reaches ``max_episodes``, the forced-answer text is inserted and the next episode
+    (at most ``answer_max_tokens``) is the final answer.
+    """
+
+    if isinstance(engine, str):
+        engine = get_engine(engine)
+    extra = {}
+    if value_head is not None:
+        if not getattr(engine, "supports_values", False):
+            raise ValueError(f"rollout engine {getattr(engine, 'name', type(engine).__name__)!r} cannot compute the "
+                             f"critic's values while sampling (supports_values is False); score them with a forward pass")
+        extra["value_head"] = value_head
+    return engine.run_trials(model, codec, envs, resets, groups, budget, generator, keep_cache=keep_cache, keys=keys, **extra)
+
+
+def engine_from_config(cfg) -> "Engine":
+    """The engine of a RolloutConfig (``rollout.*``)."""
+    if cfg.max_rows < 1:
+        raise ValueError(f"rollout.max_rows must be >= 1, got {cfg.max_rows}")
+    if cfg.prefill_bucket_tokens < 0:
+        raise ValueError(f"rollout.prefill_bucket_tokens must be >= 0, got {cfg.prefill_bucket_tokens}")
+    options = {"max_rows": cfg.max_rows, "bucket_tokens": cfg.prefill_bucket_tokens}
+    return get_engine(cfg.engine, **(options if cfg.engine == "cached" else {}))
+
+
+def heldout_resets(num_problems: int, samples: int) -> tuple[list[dict], list[int]]:
+    """Reset arguments for problems 0..num_problems-1 of the held-out split, ``samples``
+    each (problem-major), and the problem index of each: two lists of length
+    num_problems x samples."""
+    resets = [{"options": {"index": p}} for p in range(num_problems) for _ in range(samples)]
+    groups = [p for p in range(num_problems) for _ in range(samples)]
+    return resets, groups

@@ -1,0 +1,106 @@
+"""The meta-prover: J(prefix), the success a trial would have if forced to answer right after
+that prefix (DESIGN.md section 6). :func:`boundary_prefixes` gives the prefixes (after the
+prompt, after each episode before the answer one, after any observation replying to it);
+:func:`meta_prover_success` appends the forced-answer text, samples answers and scores them
+with ``env.forced_outcome``. Used by the ``sample`` progress estimator, the held-out
+success-vs-tokens curves and the verifier's prefix examples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from envs.base import EnvironmentFailure
+from metarl_llm.core.trial import StreamCodec, Trial
+from metarl_llm.rollout.cached import CachedEngine
+from metarl_llm.rollout.sampling import sample
+
+
+@dataclass
+class JOptions:
+    """Settings shared by the estimators (each reads the ones it needs)."""
+
+    num_samples: int = 4  # sample: meta-prover answers per boundary
+    answer_max_tokens: int = 12  # sample: tokens per meta-prover answer
+    generator: torch.Generator | None = None  # sample: RNG of the meta-prover answers
+    verifier: str = "episode_score"  # verifier: name in VERIFIERS
+    rows: int = 32  # likelihood: trials per forward pass
+
+
+def boundary_prefixes(trial: Trial) -> list[int]:
+    """Stream lengths of the prefixes at which J is measured: after the prompt, then
+    after each episode before the final-answer one.
+
+    The boundary of episode j lies *after* the observation the environment inserted in
+    reply to it (feedback such as ``[wrong]``), so that J_j already holds the
+    information that reply carries and the progress it brings is credited to episode j,
+    which earned it, not to episode j+1. The exception is an inserted forced-answer text:
+    the meta-prover appends that itself, so the boundary stays before it.
+    """
+    prompt_len = trial.action.index(1) if 1 in trial.action else len(trial.ids)
+    n = trial.answer_episode if trial.answer_episode >= 0 else len(trial.episode_ends)
+    starts = episode_starts(trial)
+    ends = [prompt_len]
+    for j in range(n):
+        forced_next = trial.forced and j + 1 == trial.answer_episode  # the observation is the forced-answer text
+        ends.append(starts[j + 1] if j + 1 < len(starts) and not forced_next else trial.episode_ends[j] + 1)
+    return ends
+
+
+def episode_starts(trial: Trial) -> list[int]:
+    """Stream position of each episode's first token (episodes are contiguous runs of action tokens)."""
+    idx = np.flatnonzero(np.asarray(trial.action, dtype=bool))
+    ep = np.asarray(trial.episode, dtype=np.int64)[idx]
+    return idx[np.r_[True, ep[1:] != ep[:-1]]].tolist() if len(idx) else []
+
+
+def episodes_before(trial: Trial, end: int) -> list[str]:
+    """Texts of the trial's episodes that lie wholly inside the prefix ``trial.ids[:end]``."""
+    return [text for text, last in zip(trial.episode_texts, trial.episode_ends) if last < end]
+
+
+def meta_prover_context(codec: StreamCodec, trial: Trial, end: int) -> list[int]:
+    """The stream up to ``end`` followed by the forced-answer tokens: what the meta-prover sees."""
+    return trial.ids[:end] + codec.forced_prefix(trial.ids[:end])
+
+
+def meta_prover_success(
+    model: torch.nn.Module, codec: StreamCodec, trials: list[Trial], ends: list[list[int]], num_samples: int,
+    answer_max_tokens: int, generator: torch.Generator | None = None,
+) -> list[np.ndarray]:
+    """J after the prefixes ``ends[i]`` (stream lengths) of trial i: the mean success of
+    ``num_samples`` meta-prover answers of at most ``answer_max_tokens`` tokens, all from
+    one batched sampling call over the trials' own token ids. Each answer is scored as
+    the trial would be if forced to answer there: ``env.forced_outcome(episodes so far,
+    answer)`` (where the outcome counts earlier episodes, as planted_subseq's does, an
+    episode that already holds the gold makes J 1 whatever the answer). Returns one array
+    [len(ends[i])] per trial. Trials that kept the rollout's KV cache for ``model``
+    (``run_trials(..., keep_cache=True)``) are continued from it instead of re-encoded.
+    Either way the answers are ancestral samples from ``generator``."""
+    if trials and all(t.cache is not None and t.cache.model_id == id(model) for t in trials):
+        # The rollout kept each trial's KV cache (engine "cached", keep_cache=True) for this
+        # very model: continue every prefix from it, encoding only the forced-answer tokens.
+
+        suffixes = [[codec.forced_prefix(t.ids[:end]) for end in prefix_ends] for t, prefix_ends in zip(trials, ends)]
+        tokens, lengths, owners = CachedEngine().continue_prefixes(
+            model, trials, ends, suffixes, num_samples, answer_max_tokens, codec.stop_ids, codec.pad_id, generator)
+    else:
+        contexts, owners = [], []
+        for i, (t, prefix_ends) in enumerate(zip(trials, ends)):
+            for b, end in enumerate(prefix_ends):
+                contexts += [meta_prover_context(codec, t, end)] * num_samples
+                owners += [(i, b)] * num_samples
+        out = sample(model, contexts, answer_max_tokens, codec.stop_ids, codec.pad_id, generator)
+        tokens, lengths = out.tokens, out.lengths
+    sums = [np.zeros(len(prefix_ends)) for prefix_ends in ends]
+    before = [[episodes_before(t, end) for end in prefix_ends] for t, prefix_ends in zip(trials, ends)]
+    for row, (i, b) in enumerate(owners):
+        text = codec.episode_text(tokens[row, : int(lengths[row])].tolist())
+        try:
+            sums[i][b] += trials[i].env.forced_outcome(before[i][b], text)
+        except Exception as e:  # noqa: BLE001 - a grader failure is loud, with the problem and the text
+            raise EnvironmentFailure(trials[i].problem_id, text, b, e) from e
+    return [x / num_samples for x in sums]

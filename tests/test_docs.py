@@ -1,0 +1,69 @@
+"""docs/config.md is generated from the schema and must be fresh; it names every key a run has."""
+
+import importlib.util
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from metarl_llm.runtime.setup import compose_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_generator():
+    spec = importlib.util.spec_from_file_location("config_reference", ROOT / "docs" / "config_reference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_config_reference_is_fresh():
+    gen = load_generator()
+    assert (ROOT / "docs" / "config.md").read_text() == gen.render(), "docs/config.md is stale: run python docs/config_reference.py"
+
+
+def leaf_keys(node, prefix=""):
+    for k, v in node.items():
+        if OmegaConf.is_dict(v):
+            yield from leaf_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+def test_config_reference_names_every_key_of_every_env():
+    text = (ROOT / "docs" / "config.md").read_text()
+    missing = []
+    for env in ("planted_subseq", "math", "reasoning_gym", "arc"):
+        cfg = compose_config([f"env={env}"], to_object=False)
+        missing += [k for k in leaf_keys(cfg) if not k.startswith("hydra") and f"`{k}`" not in text]
+    assert not missing, f"keys missing from docs/config.md: {sorted(set(missing))}"
+
+
+def glossary_patterns() -> list:
+    """The keys of docs/metrics.md's tables (first column), placeholders as regular expressions."""
+    import re
+
+    pats = []
+    for line in (ROOT / "docs" / "metrics.md").read_text().splitlines():
+        if not line.startswith("| `"):
+            continue
+        for key in re.findall(r"`([^`]+)`", line.split(" | ")[0]):
+            rx = re.escape(key)
+            for ph, sub in (("<j>", r"\d+"), ("<b>", r"\d+"), ("<n>", r"\d+"), ("<k>", r"\d+"), ("<s>", r"[\d.]+"),
+                            ("<metric>", r"\w+")):
+                rx = rx.replace(re.escape(ph), sub)
+            pats.append(re.compile(rx + r"\Z"))
+    return pats
+
+
+def undocumented_keys(rows: list) -> list:
+    """Keys of metrics.jsonl rows that docs/metrics.md does not list (``iteration`` is the step)."""
+    pats = glossary_patterns()
+    keys = {k for r in rows for k in r} - {"iteration"}
+    return sorted(k for k in keys if not any(p.match(k) for p in pats))
+
+
+def test_glossary_patterns_match_what_they_say():
+    assert undocumented_keys([{"train/J_boundary_3": 0, "heldout_budget/0.5x/pass@4": 0, "heldout/prefix/ece": 0,
+                               "iteration": 1}]) == []
+    assert undocumented_keys([{"train/made_up": 0}]) == ["train/made_up"]

@@ -1,0 +1,17 @@
+"""The tree is clean under ruff (the rules in pyproject.toml's [tool.ruff]), as pre-commit keeps it."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ruff") is None, reason="ruff is not installed (pip install -e '.[dev]')")
+def test_ruff_check_is_clean():
+    res = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, f"ruff check found problems (ruff check --fix . repairs the import order):\n{res.stdout}{res.stderr}"
