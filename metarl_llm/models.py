@@ -139,11 +139,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     ``use_cache=False`` in training (:meth:`ActorCritic.score` does); generation in eval
     mode is unaffected.
     """
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
-        model.activation_checkpointing_enable(kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.activation_checkpointing_enable({"use_reentrant": False})
 
 
 # ------------------------------------------------------------------ precision

@@ -19,9 +19,9 @@ from metarl_llm.core.batch import length_buckets
 from metarl_llm.core.trial import StreamCodec
 from metarl_llm.models import build_char_tokenizer, build_tiny_model
 from metarl_llm.rollout import meta_prover as bonus_mod
-from metarl_llm.rollout.base import finish_episode, get_engine, start_trials
+from metarl_llm.rollout.base import finish_episode, start_trials
 from metarl_llm.rollout.cached import CachedEngine, _Batch
-from metarl_llm.rollout.engine import engine_from_config, run_trials
+from metarl_llm.rollout.engine import engine_from_config, get_engine, run_trials
 from metarl_llm.rollout.kv_cache import growing_cache
 from metarl_llm.rollout.meta_prover import boundary_prefixes, meta_prover_context, meta_prover_success
 from metarl_llm.rollout.sampling import draw_tokens, sample, stream_uniforms, trial_keys
@@ -144,12 +144,12 @@ def test_growing_cache_keeps_the_numbers_of_a_concatenating_one(setup, one_threa
     with torch.no_grad():
         outs = []
         for cache in (growing_cache(model, capacity=2), DynamicCache(config=model.config)):
-            o = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            o = model(input_ids=ids, cache=cache, use_cache=True)
             steps = [o.logits[:, -1]]
             for _ in range(5):  # capacity 2 < 6 + 5 columns: the buffers grow (doubling) on the way
-                o = model(input_ids=steps[-1].argmax(-1, keepdim=True), past_key_values=o.past_key_values, use_cache=True)
+                o = model(input_ids=steps[-1].argmax(-1, keepdim=True), cache=o.cache, use_cache=True)
                 steps.append(o.logits[:, -1])
-            outs.append((torch.stack(steps), o.past_key_values))
+            outs.append((torch.stack(steps), o.cache))
         (a, ca), (b, cb) = outs
         assert torch.equal(a, b) and ca.get_seq_length() == cb.get_seq_length() == 11
         ca.batch_select_indices(torch.tensor([2, 0]))

@@ -19,9 +19,9 @@ from metarl_llm.core.trial import StreamCodec, Trial
 from metarl_llm.models import ActorCritic, build_actor_critic, build_char_tokenizer, build_tiny_model
 from metarl_llm.rl.advantages import get_advantage
 from metarl_llm.rl.scoring import score_batch
-from metarl_llm.rollout.base import Engine, get_engine
+from metarl_llm.rollout.base import Engine
 from metarl_llm.rollout.cached import CachedEngine
-from metarl_llm.rollout.engine import run_trials
+from metarl_llm.rollout.engine import get_engine, run_trials
 from metarl_llm.rollout.hf_generate import HFGenerateEngine
 from metarl_llm.rollout.reencode import ReencodeEngine
 from metarl_llm.trainer import train

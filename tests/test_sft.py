@@ -119,7 +119,7 @@ def test_sft_loss_covers_only_policy_tokens(codec):
     recs = [{"input_ids": [5, 6, 7, 8, 9, 10], "completion_mask": [0, 0, 1, 1, 0, 1]},
             {"input_ids": [11, 12, 13, 14], "completion_mask": [0, 1, 1, 1]}]
     args = SFTConfig(output_dir="/tmp/unused", completion_only_loss=True, max_length=None, report_to=[], use_cpu=True,
-                     per_device_train_batch_size=2)
+                     per_device_train_batch_size=2, activation_checkpointing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(recs), processing_class=tok)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     mask = torch.zeros_like(batch["input_ids"])

@@ -43,7 +43,7 @@ the head; the tokens and log-probs are those drawn without it.
 
 A new backend (for example vLLM for large models) implements :class:`Engine` and
 registers itself with :func:`register_engine`; the trainer only calls
-``get_engine(name).run_trials(...)``.
+``get_engine(name).run_trials(...)`` (:func:`metarl_llm.rollout.engine.get_engine`, which imports every engine).
 """
 
 from __future__ import annotations
@@ -68,13 +68,6 @@ def register_engine(name: str):
         return cls
 
     return wrap
-
-
-def get_engine(name: str, **options) -> "Engine":
-    """A new engine registered as ``name``; ``options`` go to its constructor (cached:
-    ``max_rows``, ``bucket_tokens``; the others take none). The engines register on import
-    of metarl_llm.rollout.engine."""
-    return ENGINES.lookup(name)(**options)
 
 
 # ------------------------------------------------------------------ interface

@@ -81,9 +81,9 @@ class _Batch:
             self._append_mask(block_mask)
             self.next_pos = self.next_pos + block_mask.sum(-1)
         with lm_head_input(self.model, self.value_head is not None) as seen:
-            out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
+            out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, cache=self.cache,
                              use_cache=True, **self._forward_kwargs)
-        self.cache = out.past_key_values
+        self.cache = out.cache
         if self.value_head is not None:  # the last position only (blocks are left-padded: each row's last token)
             self.values = head_values(self.value_head, seen[0][:, -1])
         return out.logits[:, -1]

@@ -13,9 +13,17 @@ from metarl_llm.config import (
     BudgetConfig,
 )
 from metarl_llm.core.trial import StreamCodec, Trial
-from metarl_llm.rollout.base import Engine, get_engine
+from metarl_llm.rollout import cached, hf_generate, reencode  # noqa: F401  (each registers its engine)
+from metarl_llm.rollout.base import ENGINES, Engine
 
 log = logging.getLogger(__name__)
+
+def get_engine(name: str, **options) -> "Engine":
+    """A new engine registered as ``name``; ``options`` go to its constructor (cached:
+    ``max_rows``, ``bucket_tokens``; the others take none). This module imports every engine
+    shipped, so all are registered."""
+    return ENGINES.lookup(name)(**options)
+
 
 def run_trials(
     model: torch.nn.Module,

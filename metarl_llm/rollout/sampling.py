@@ -100,9 +100,9 @@ def sample(
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     max_len = int(limits.max())
 
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=growing_cache(model, width + max_len),
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=growing_cache(model, width + max_len),
                 use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    cache, logits = out.cache, out.logits[:, -1]
     next_pos = position[:, -1:] + 1
     tokens = torch.full((n, max_len), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((n, max_len), dtype=torch.float32, device=device)
@@ -122,8 +122,8 @@ def sample(
         if bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], 1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1]
         next_pos = next_pos + 1
     width = int(lengths.max())
     return Sampled(tokens[:, :width].cpu(), logprobs[:, :width].cpu(), lengths.cpu(), stopped.cpu())

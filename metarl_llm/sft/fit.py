@@ -78,9 +78,7 @@ def fit_records(
             fp16=False,
             disable_tqdm=True,
             # trl turns checkpointing on by default; on small models it only costs time.
-            # transformers 5 renamed the argument (the old name still works, with a warning).
-            **{"activation_checkpointing" if "activation_checkpointing" in TrlSFTConfig.__dataclass_fields__
-               else "gradient_checkpointing": checkpointing},
+            activation_checkpointing=checkpointing,
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
         trainer.remove_callback(PrinterCallback)  # losses go to our log, not stdout
