@@ -1,6 +1,6 @@
 """The environment contract shared by every metarl-llm environment.
 
-Vocabulary (see DESIGN.md): one Gymnasium *episode* (``reset`` -> terminated) is
+Vocabulary (see docs/design.md): one Gymnasium *episode* (``reset`` -> terminated) is
 one **trial** here: everything the policy writes for one problem. One ``step``
 consumes one **episode** of that trial (an attempt, a check, a revision).
 

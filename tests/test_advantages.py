@@ -1,7 +1,7 @@
 """Advantage estimators (metarl_llm/advantages.py) against independent references.
 
 GAE is checked against a per-row Python loop over the action positions; the
-invariance to inserted observation tokens (DESIGN.md section 5) is checked for
+invariance to inserted observation tokens (docs/design.md section 5) is checked for
 gae, grpo and rloo; grpo/rloo against hand-computed numbers.
 """
 

@@ -1,4 +1,4 @@
-"""Rollout batch: collation, reward placement (DESIGN.md section 5), select; and the
+"""Rollout batch: collation, reward placement (docs/design.md section 5), select; and the
 per-episode progress of bonus.py that the episode bonuses come from."""
 
 from __future__ import annotations

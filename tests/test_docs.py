@@ -67,3 +67,15 @@ def test_glossary_patterns_match_what_they_say():
     assert undocumented_keys([{"train/J_boundary_3": 0, "heldout_budget/0.5x/pass@4": 0, "heldout/prefix/ece": 0,
                                "iteration": 1}]) == []
     assert undocumented_keys([{"train/made_up": 0}]) == ["train/made_up"]
+
+
+def test_documents_the_code_cites_exist():
+    """Every *.md a module, test or benchmark cites (docs/design.md, bench/results/...) is in the tree."""
+    import re
+
+    missing = []
+    for f in [*ROOT.glob("metarl_llm/**/*.py"), *ROOT.glob("envs/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("bench/*.py")]:
+        for ref in set(re.findall(r"\b((?:docs|bench|bench/results)/[\w./-]+\.md)\b", f.read_text())):
+            if not (ROOT / ref).exists():
+                missing.append(f"{f.relative_to(ROOT)} cites {ref}")
+    assert not missing, "\n".join(missing)

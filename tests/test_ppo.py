@@ -263,7 +263,7 @@ class _FixedScorer(nn.Module):
 
 
 def test_ppo_update_masked_tokens_never_enter_the_loss():
-    """DESIGN.md 5 / ppo.py: prompt and observation tokens never enter a loss.
+    """docs/design.md section 5 / ppo.py: prompt and observation tokens never enter a loss.
 
     The trainer stores old and reference log-probs as 0 off action tokens; here a prompt
     token is very unlikely under the current policy (log-prob -100). With the default KL

@@ -1,4 +1,4 @@
-"""The rollout batch: right-padded [B, T] tensors, one row per trial (DESIGN.md section 5).
+"""The rollout batch: right-padded [B, T] tensors, one row per trial (docs/design.md section 5).
 
 Rewards are placed on action tokens only:
 - the bonus of episode j on episode j's last action token;

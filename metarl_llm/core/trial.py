@@ -1,6 +1,6 @@
 """Trials as token streams, and the codec between text and tokens.
 
-The MDP the trainer optimises (DESIGN.md section 5)
+The MDP the trainer optimises (docs/design.md section 5)
 ---------------------------------------------------
 The state is every token so far; an **action is one policy token**. Tokens that the
 environment inserts (feedback observations, the forced-answer text) and the prompt

@@ -1,4 +1,4 @@
-"""Base-policy diagnostics: heterogeneity and anti-concentration (DESIGN.md section 1.2).
+"""Base-policy diagnostics: heterogeneity and anti-concentration (docs/design.md section 1.2).
 
 Setlur et al. 2025 ("Scaling test-time compute without verification or RL is
 suboptimal", arXiv 2502.12118) show that verifier-based training beats verifier-free

@@ -1,4 +1,4 @@
-"""Dense per-episode bonuses (DESIGN.md section 6).
+"""Dense per-episode bonuses (docs/design.md section 6).
 
 ``none`` gives zeros. ``info_gain`` gives MRT's progress bonus
 

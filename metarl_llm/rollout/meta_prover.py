@@ -1,5 +1,5 @@
 """The meta-prover: J(prefix), the success a trial would have if forced to answer right after
-that prefix (DESIGN.md section 6). :func:`boundary_prefixes` gives the prefixes (after the
+that prefix (docs/design.md section 6). :func:`boundary_prefixes` gives the prefixes (after the
 prompt, after each episode before the answer one, after any observation replying to it);
 :func:`meta_prover_success` appends the forced-answer text, samples answers and scores them
 with ``env.forced_outcome``. Used by the ``sample`` progress estimator, the held-out

@@ -5,7 +5,7 @@ SFTTrainer, the loss on ``completion_mask == 1`` tokens only (the policy's episo
 prompt and inserted observations are context). The warm start uses it on expert traces.
 
 The VF baselines of Setlur et al. 2025 ("Scaling test-time compute without
-verification or RL is suboptimal", DESIGN.md section 1) learn from the base policy's
+verification or RL is suboptimal", docs/design.md section 1) learn from the base policy's
 own samples without ever training a verifier (``algo=sft``, :func:`run_vf`):
 
 - ``sft.data=star``: rejection sampling (STaR-like). The base policy's successful

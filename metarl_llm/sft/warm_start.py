@@ -6,7 +6,7 @@ each expert trace through the environment (so observations are inserted exactly 
 in a rollout). trl's SFTTrainer fits them with the loss on policy tokens only
 (``completion_mask`` = action tokens; prompt and observations are masked).
 
-Curriculum (FINDINGS.md): with varied traces from the start the loss plateaus, so
+Curriculum (measured: bench/results/main_job.md): with varied traces from the start the loss plateaus, so
 the first ``focused_fraction`` of steps use focused traces (the correct episode
 alone, variety 0), extended until their loss is below ``focused_until_loss`` (the
 plateau ends at a seed- and thread-dependent step; at most ``focused_max_multiple``

@@ -7,7 +7,7 @@ then serves two uses:
 
 - **VB at test time**: best-of-N, the trial with the highest verifier score among N
   sampled trials, beside maj@N and pass@N (:func:`best_of_n`);
-- **the ``verifier`` estimator of J** (DESIGN.md section 6): its score at every episode
+- **the ``verifier`` estimator of J** (docs/design.md section 6): its score at every episode
   boundary of a trial (:func:`score_prefixes`, :func:`trained_verifier_estimator`).
 
 Token in, token out: a verifier reads the policy's own token ids (never decoded and
