@@ -47,9 +47,9 @@ def test_iteration_metrics_against_hand_computed_values():
     # the verifier's reward (>= 0.5) against the environment's success: [0.9 vs 1] right, [0.2 vs 0] right
     assert m["train/reward_verifier_accuracy"] == 1.0
     # J at each boundary over the trials that have it: b0 (0.1 + 0.1) / 2, b1 (0.6 + 0.2) / 2, b2 0.3
-    assert [m[f"train/J_boundary_{b}"] for b in range(3)] == pytest.approx([0.1, 0.4, 0.3])
+    assert [m[f"train/J/boundary_{b}"] for b in range(3)] == pytest.approx([0.1, 0.4, 0.3])
     # success by the answer's episode: trial 0 correct at episode 1
-    assert [m[f"train/success_after_episode_{j}"] for j in range(4)] == [0.0, 0.5, 0.5, 0.5]
+    assert [m[f"train/success_by_episode_{j}"] for j in range(4)] == [0.0, 0.5, 0.5, 0.5]
     assert not any(k.startswith("perf/") for k in m)  # timings are the job's, not this function's
 
 
@@ -63,7 +63,7 @@ def test_iteration_metrics_without_bonus_or_verifier():
                           env_failures=0.0, curves=None, verifier_reward=False)
     assert m["train/bonus_return"] == 0.0 and m["train/kl_ref"] == 0.0
     assert m["train/explained_variance"] == pytest.approx(1.0)  # values equal the returns
-    assert not any(k.startswith("train/J_boundary") for k in m) and "train/reward_verifier_accuracy" not in m
+    assert not any(k.startswith("train/J/boundary") for k in m) and "train/reward_verifier_accuracy" not in m
 
 
 def test_iteration_reads_as_the_stages_in_order():

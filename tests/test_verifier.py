@@ -421,6 +421,6 @@ def test_algo_verifier_job_then_ppo_with_its_verifier_as_the_j_estimator(tmp_pat
     out = train(ppo, tmp_path / "prun")
     assert out["bonus"] == "info_gain/verifier"
     rows = [json.loads(x) for x in (tmp_path / "prun" / "metrics.jsonl").read_text().splitlines()]
-    assert any("train/J_boundary_0" in r for r in rows)
+    assert any("train/J/boundary_0" in r for r in rows)
     with pytest.raises(ValueError, match="saved verifier directory"):
         validate(cfg_of("bonus=info_gain", "bonus.estimator=verifier", f"bonus.verifier={tmp_path / 'nothing'}"))

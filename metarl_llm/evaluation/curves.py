@@ -28,6 +28,25 @@ DEFAULT_EFFICIENCY_SHARE = 0.9  # token_efficiency_ratio's default level: this s
 # ------------------------------------------------------------------ pure measures
 
 
+def episode_figures(outcomes: Sequence[float], answer_episodes: Sequence[int], j_curves: Sequence[Sequence[float]] | None,
+                    max_episodes: int) -> dict[str, float]:
+    """Per-episode figures of a set of trials, under the names training and held-out logs share
+    (``train/...`` and ``heldout/...`` prefix them):
+
+    - ``J/boundary_<b>``: the mean meta-prover success J at boundary b (after the prompt for b = 0,
+      after episode b-1 otherwise) over the trials that reach it (none without ``j_curves``);
+    - ``success_by_episode_<j>``, j = 0..max_episodes: the share of trials whose committed answer
+      came at episode <= j and was correct (outcome >= 1; ``answer_episodes`` -1: none committed).
+    """
+    out = {}
+    if j_curves is not None:
+        for b in range(max(len(c) for c in j_curves)):
+            out[f"J/boundary_{b}"] = float(np.mean([c[b] for c in j_curves if len(c) > b]))
+    for j in range(max_episodes + 1):
+        out[f"success_by_episode_{j}"] = float(np.mean([o >= 1.0 and 0 <= a <= j for o, a in zip(outcomes, answer_episodes)]))
+    return out
+
+
 def curve_tokens(budget: BudgetConfig) -> int:
     """C, the last token count of the success curve: every trial has its outcome by then
     (``max_total_tokens`` before the forced answer, plus ``answer_max_tokens`` for it)."""

@@ -77,6 +77,7 @@ from metarl_llm.evaluation.curves import (
     budget_scales,
     cumulative_regret,
     curve_tokens,
+    episode_figures,
     finite_or_none,
     maj_at_k,
     scale_budget,
@@ -199,13 +200,8 @@ def evaluate(
         "episodes_per_trial": float(np.mean([len(t.episode_texts) for t in trials])),
         "forced_answer_rate": float(np.mean([t.forced for t in trials])),
     }
-    width = max(len(c) for c in j_curves)
-    for b in range(width):
-        metrics[f"J/boundary_{b}"] = float(np.mean([c[b] for c in j_curves if len(c) > b]))
-    for j in range(budget.max_episodes + 1):
-        metrics[f"success_by_episode_{j}"] = float(
-            np.mean([t.outcome >= 1.0 and 0 <= t.answer_episode <= j for t in trials])
-        )
+    metrics.update(episode_figures([t.outcome for t in trials], [t.answer_episode for t in trials], j_curves,
+                                   budget.max_episodes))
     return EvalResult(metrics, trials, j_curves, curve, budget)
 
 

@@ -49,7 +49,7 @@ import envs  # noqa: F401  (registers the environments)
 from envs.base import FailureGuard
 from metarl_llm.config import TrainConfig
 from metarl_llm.core.batch import RolloutBatch, collate, place_rewards, sampled_logprobs, sampled_values
-from metarl_llm.evaluation.curves import finite_or_none, token_efficiency_ratio
+from metarl_llm.evaluation.curves import episode_figures, finite_or_none, token_efficiency_ratio
 from metarl_llm.evaluation.heldout import (
     TRANSCRIPT_COLUMNS,
     EvalResult,
@@ -167,13 +167,8 @@ def iteration_metrics(per_trial: dict, batch: RolloutBatch, env_outcome: torch.T
     }
     if verifier_reward:
         metrics["train/reward_verifier_accuracy"] = float(((batch.outcome >= 0.5) == (env_outcome >= 1.0)).float().mean())
-    if curves is not None:
-        for b in range(max(len(c) for c in curves)):
-            metrics[f"train/J_boundary_{b}"] = float(np.mean([c[b] for c in curves if len(c) > b]))
-    for j in range(max_episodes + 1):
-        metrics[f"train/success_after_episode_{j}"] = float(
-            np.mean([o >= 1.0 and 0 <= a <= j for o, a in zip(per_trial["outcome"], per_trial["answer_episode"])])
-        )
+    figures = episode_figures(per_trial["outcome"], per_trial["answer_episode"], curves, max_episodes)
+    metrics.update({f"train/{k}": v for k, v in figures.items()})  # the names heldout/* uses too
     return metrics
 
 
