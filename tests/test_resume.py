@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-import metarl_llm.jobs.ppo as trainer_mod
+from metarl_llm.jobs.ppo import PPOJob
 from metarl_llm.runtime.checkpoint import COMPLETE, complete_checkpoints, find_checkpoint
 from metarl_llm.trainer import train
 
@@ -42,21 +42,21 @@ def test_crash_then_resume_gives_the_uninterrupted_run(compose_cfg, tmp_path, mo
 
     # The same run, crashing in the update of iteration 4 (after the checkpoint of iteration 2
     # and the evaluation of iteration 2, with iteration 3 already logged).
-    real_update = trainer_mod.ppo_update
+    real_update = PPOJob.update
     calls = {"n": 0}
 
-    def crashing_update(*args, **kwargs):
+    def crashing_update(self, it, batch):
         calls["n"] += 1
         if calls["n"] == 4:
             raise Crash("killed")
-        return real_update(*args, **kwargs)
+        return real_update(self, it, batch)
 
-    monkeypatch.setattr(trainer_mod, "ppo_update", crashing_update)
+    monkeypatch.setattr(PPOJob, "update", crashing_update)  # the update stage of iteration 4
     cfg_b = compose_cfg(f"bonus={bonus}", *SMALL, f"warm_start.cache_dir={tmp_path / 'cache'}")
     with pytest.raises(Crash):
         train(cfg_b, tmp_path / "resumed")
     assert [r["iteration"] for r in train_rows(tmp_path / "resumed") if "train/outcome" in r] == [1, 2, 3]
-    monkeypatch.setattr(trainer_mod, "ppo_update", real_update)
+    monkeypatch.setattr(PPOJob, "update", real_update)
 
     cfg_c = compose_cfg(f"bonus={bonus}", *SMALL, f"warm_start.cache_dir={tmp_path / 'cache'}", "resume=auto")
     resumed = train(cfg_c, tmp_path / "resumed")
@@ -180,7 +180,7 @@ def test_kill_after_the_summary_does_not_redo_the_run(compose_cfg, tmp_path, mon
         raise AssertionError("a finished run was redone")
 
     with monkeypatch.context() as m:
-        m.setattr(trainer_mod, "base_policy", nothing_may_run)
+        m.setattr(PPOJob, "__init__", nothing_may_run)  # no set-up: no model loaded, nothing logged
         again = train(compose_cfg(*END, cache, "resume=auto"), run)
     assert again == json.loads(summary)
     assert untimed(again) == untimed(full)

@@ -188,8 +188,8 @@ def test_reward_verifier_replaces_the_outcome_in_ppo(tmp_path):
     """reward=verifier: PPO optimises the saved verifier's P(success); train/outcome stays
     the environment's, train/reward is the verifier's, equal to score_trials of the same
     trials (checked through the rollout of a recorded iteration)."""
-    from metarl_llm.jobs import ppo as trainer_mod
     from metarl_llm.jobs.common import validate
+    from metarl_llm.jobs.ppo import PPOJob
     from metarl_llm.trainer import train
     from metarl_llm.verify.model import build_verifier
     from metarl_llm.verify.scoring import score_trials
@@ -200,22 +200,21 @@ def test_reward_verifier_replaces_the_outcome_in_ppo(tmp_path):
         torch.nn.init.normal_(verifier.head.weight, std=1.0)  # scores that differ between trials
     verifier.save(tmp_path / "v")
     seen = {}
-    original = trainer_mod.verifier_rewards
+    real_score = PPOJob.score
 
-    def spy(v, trials, rows):
-        out = original(v, trials, rows)
-        seen["reward"], seen["ref"] = out, score_trials(v, trials, rows=rows)
-        seen["outcome"] = [t.outcome for t in trials]
-        return out
+    def spy(self, roll):  # the score stage: its batch's outcome is the reward PPO optimises
+        scored = real_score(self, roll)
+        seen["reward"] = scored.batch.outcome
+        seen["ref"] = score_trials(self.reward_verifier, roll.trials, rows=self.cfg.reward.rows)
+        seen["outcome"] = [t.outcome for t in roll.trials]
+        return scored
 
-    trainer_mod.verifier_rewards = spy
-    try:
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(PPOJob, "score", spy)
         cfg = cfg_of(tmp_path, "reward=verifier", f"reward.verifier={tmp_path / 'v'}", "algo.iterations=1",
                      "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=4", "eval.num_problems=2",
                      "eval.samples_per_problem=1", "eval.extrapolation=false", "checkpoint_every=0")
         train(cfg, tmp_path / "run")
-    finally:
-        trainer_mod.verifier_rewards = original
     row = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "train/reward" in x][0]
     np.testing.assert_allclose(seen["reward"].numpy(), seen["ref"], atol=1e-6)
     assert row["train/reward"] == pytest.approx(float(seen["reward"].mean()), abs=1e-6)

@@ -21,6 +21,7 @@ from metarl_llm.rollout.meta_prover import boundary_prefixes
 
 log = logging.getLogger(__name__)
 
+
 LEVEL_TOLERANCE = 1e-9  # S(t) >= level - this: absorbs float rounding when the level is derived from S itself
 DEFAULT_EFFICIENCY_SHARE = 0.9  # token_efficiency_ratio's default level: this share of the smaller final success
 

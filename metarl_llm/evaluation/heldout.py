@@ -93,6 +93,7 @@ from metarl_llm.rollout.meta_prover import JOptions
 
 log = logging.getLogger(__name__)
 
+
 EVAL_SEED_OFFSET = 10_000  # evaluation generator seed = cfg.seed + this (apart from training's RNG)
 
 EnvMaker = Callable[[BudgetConfig], object]  # a held-out (split "test") environment for a budget

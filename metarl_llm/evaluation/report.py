@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # annotations only (heldout imports this module)
 
 log = logging.getLogger(__name__)
 
+
 def plot_success_curves(curves: dict[str, np.ndarray], path: Path, title: str = "") -> None:
     """Step plot of S(t) against policy tokens, one line per label; ``curves`` label ->
     S [C+1] (each on its own grid). Writes a PNG at ``path``."""

@@ -34,11 +34,12 @@ from metarl_llm.runtime.checkpoint import (
     find_checkpoint,
 )
 from metarl_llm.runtime.setup import env_factory, quiet_libraries, resolve_device, seed_everything
-from metarl_llm.runtime.tracking import read_summary
+from metarl_llm.runtime.tracking import Tracker, read_summary
 from metarl_llm.sft.warm_start import warm_start
 from metarl_llm.verify.model import is_saved_verifier
 
 log = logging.getLogger(__name__)
+
 
 BONUSES = ("none", "info_gain")
 ALGOS = ("ppo", "grpo", "verifier", "sft")
@@ -194,3 +195,12 @@ def base_diagnostics(cfg: TrainConfig, policy, codec: StreamCodec, make_env, log
     log.info("base policy: heterogeneity %.4f, anti-concentration %.3f (margin %g), success %.3f",
              out.metrics["heterogeneity"], out.metrics["anti_concentration"], d.margin, out.metrics["success"])
     return scalars
+
+
+def job_tracker(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None, **resume) -> Tracker:
+    """The job's metrics.jsonl and W&B run in ``run_dir``, its config as the run's config;
+    ``wandb_group`` (a sweep's directory) is the W&B group unless ``logger.group`` names one.
+    ``resume``: :class:`~metarl_llm.runtime.tracking.Tracker`'s ``resume_step``, ``run_id``, ``resume_rows``."""
+    if wandb_group and not cfg.logger.group:
+        cfg.logger.group = wandb_group  # the runs of one sweep share a W&B group
+    return Tracker(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), run_dir.name, **resume)

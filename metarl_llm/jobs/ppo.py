@@ -61,7 +61,7 @@ from metarl_llm.evaluation.heldout import (
     transcript_rows,
 )
 from metarl_llm.evaluation.report import plot_success_curves
-from metarl_llm.jobs.common import base_policy, finished_summary, resume_checkpoint, start_job
+from metarl_llm.jobs.common import base_policy, finished_summary, job_tracker, resume_checkpoint, start_job
 from metarl_llm.models import (
     autocast,
     autocast_dtype,
@@ -88,7 +88,7 @@ from metarl_llm.runtime.checkpoint import (
 from metarl_llm.runtime.distributed import Dist, gather_batch, prepare_data_parallel
 from metarl_llm.runtime.failures import failure_record
 from metarl_llm.runtime.setup import heldout_env_maker
-from metarl_llm.runtime.tracking import NullTracker, Tracker
+from metarl_llm.runtime.tracking import NullTracker
 from metarl_llm.verify.model import check_same_vocabulary, load_verifier
 
 log = logging.getLogger(__name__)
@@ -249,15 +249,13 @@ class PPOJob:
         iteration included; all of them when resume=auto found no checkpoint) and continues
         its W&B run."""
         cfg, state, run_dir = self.cfg, self.state, self.run_dir
-        if wandb_group and not cfg.logger.group:
-            cfg.logger.group = wandb_group  # the runs of one sweep share a W&B group
         run_id_file = run_dir / "wandb_run_id"
         run_id = state.get("wandb_id") if state else None
         if run_id is None and cfg.resume and run_id_file.exists():
             run_id = run_id_file.read_text().strip() or None
-        self.tracker = (Tracker(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), run_dir.name,
-                                resume_step=state["iteration"] if state else (-1 if cfg.resume else None), run_id=run_id,
-                                resume_rows=state.get("metrics_rows") if state else None)
+        self.tracker = (job_tracker(cfg, run_dir, wandb_group, run_id=run_id,
+                                    resume_step=state["iteration"] if state else (-1 if cfg.resume else None),
+                                    resume_rows=state.get("metrics_rows") if state else None)
                         if self.dist.is_main else NullTracker())
         if self.tracker.run_id:
             run_id_file.write_text(self.tracker.run_id)

@@ -10,16 +10,15 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 import envs  # noqa: F401  (registers the environments)
 from metarl_llm.config import TrainConfig
-from metarl_llm.jobs.common import base_diagnostics, base_policy, start_job
+from metarl_llm.jobs.common import base_diagnostics, base_policy, job_tracker, start_job
 from metarl_llm.runtime.setup import heldout_env_maker
-from metarl_llm.runtime.tracking import Tracker
 from metarl_llm.sft.vf import run_vf
 
 log = logging.getLogger(__name__)
+
 
 def train_sft_job(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> dict:
     """``algo=sft``: warm-start the base policy as PPO would, log its diagnostics, then the
@@ -30,9 +29,7 @@ def train_sft_job(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = Non
     t_start = time.perf_counter()
     device = start_job(cfg, run_dir)
     policy, tokenizer, codec, make_env, ws_info = base_policy(cfg, device)
-    if wandb_group and not cfg.logger.group:
-        cfg.logger.group = wandb_group
-    tracker = Tracker(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), run_dir.name)
+    tracker = job_tracker(cfg, run_dir, wandb_group)
     diag = base_diagnostics(cfg, policy, codec, make_env, tracker.log)
     policy, result = run_vf(policy, tokenizer, codec, make_env, heldout_env_maker(cfg), cfg.budget, cfg.sft, cfg.seed,
                             torch.Generator().manual_seed(cfg.seed), cfg.model.gradient_checkpointing, tracker.log)

@@ -9,16 +9,15 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 import envs  # noqa: F401  (registers the environments)
 from metarl_llm.config import TrainConfig
-from metarl_llm.jobs.common import base_diagnostics, base_policy, start_job
-from metarl_llm.runtime.tracking import Tracker
+from metarl_llm.jobs.common import base_diagnostics, base_policy, job_tracker, start_job
 from metarl_llm.verify.model import build_verifier
 from metarl_llm.verify.train import run_verifier_training
 
 log = logging.getLogger(__name__)
+
 
 def train_verifier_job(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> dict:
     """``algo=verifier``: warm-start the base policy as PPO would, then train a verifier on
@@ -32,9 +31,7 @@ def train_verifier_job(cfg: TrainConfig, run_dir: Path, wandb_group: str | None 
     v = cfg.verifier
     verifier = build_verifier(tokenizer, v.name_or_path, policy=policy, tiny=v.tiny, seed=cfg.seed, dtype=v.dtype,
                               trust_remote_code=cfg.model.trust_remote_code).to(device)
-    if wandb_group and not cfg.logger.group:
-        cfg.logger.group = wandb_group
-    tracker = Tracker(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), run_dir.name)
+    tracker = job_tracker(cfg, run_dir, wandb_group)
     diag = base_diagnostics(cfg, policy, codec, make_env, tracker.log)
     result = run_verifier_training(policy, codec, make_env, verifier, cfg.budget, v, torch.Generator().manual_seed(cfg.seed),
                                    run_dir, tracker.log, cfg.logger.progress_bar)

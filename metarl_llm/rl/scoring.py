@@ -19,6 +19,7 @@ from metarl_llm.verify.scoring import score_trials
 
 log = logging.getLogger(__name__)
 
+
 OLD_LOGPROBS = ("recompute", "sampled")
 
 

@@ -18,6 +18,7 @@ from metarl_llm.rollout.base import ENGINES, Engine
 
 log = logging.getLogger(__name__)
 
+
 def get_engine(name: str, **options) -> "Engine":
     """A new engine registered as ``name``; ``options`` go to its constructor (cached:
     ``max_rows``, ``bucket_tokens``; the others take none). This module imports every engine

@@ -40,6 +40,7 @@ from metarl_llm.models import save_policy
 
 log = logging.getLogger(__name__)
 
+
 COMPLETE = "COMPLETE"
 _NAME = re.compile(r"^iter_(\d{6,})$")
 

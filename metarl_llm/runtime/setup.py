@@ -38,6 +38,7 @@ from metarl_llm.runtime.distributed import run_time
 
 log = logging.getLogger(__name__)
 
+
 def env_kwargs(cfg: TrainConfig) -> dict:
     """``gymnasium.make`` keyword arguments from the env config and the budget."""
     kw = {k: v for k, v in asdict(cfg.env).items() if k not in ("name", "id")}

@@ -12,6 +12,7 @@ from metarl_llm.config import LoggerConfig
 
 log = logging.getLogger(__name__)
 
+
 MODES = ("offline", "online", "disabled")
 
 

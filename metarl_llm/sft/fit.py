@@ -14,6 +14,7 @@ from transformers import PrinterCallback, TrainerCallback
 
 log = logging.getLogger(__name__)
 
+
 def sft_fit(
     model, tokenizer, records: list[dict], steps: int, batch_size: int, lr: float, seed: int,
     schedule: str = "cosine", checkpointing: bool = False,

@@ -15,6 +15,7 @@ from metarl_llm.core.trial import StreamCodec, Trial
 
 log = logging.getLogger(__name__)
 
+
 SFT_DATA = ("star", "stitched")
 
 

@@ -41,6 +41,7 @@ from metarl_llm.sft.traces import trace_record
 
 log = logging.getLogger(__name__)
 
+
 CACHE_VERSION = 6  # bump when the trace format or the SFT recipe changes
 
 
