@@ -384,26 +384,34 @@ def add_lora(policy: nn.Module, cfg: PolicyLoraConfig, seed: int) -> "PeftModel"
     the base model's outputs. Only the ``lora_`` parameters require grad afterwards.
     The returned ``PeftModel`` manages the adapter (disable, save, merge).
     """
-    from peft import LoraConfig, get_peft_model  # deferred: start-up cost (peft loads only when LoRA is on)
-
     cfg.validate()
     if cfg.r < 1:
         raise ValueError(f"add_lora: model.lora.r must be >= 1 to add an adapter, got {cfg.r}")
-    names = {n.rsplit(".", 1)[-1] for n, _ in policy.named_modules()}
-    missing = [m for m in cfg.target_modules if m not in names]
+    return inject_lora(policy, cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules, seed, option="model.lora")
+
+
+def inject_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modules, seed: int,
+                option: str) -> "PeftModel":
+    """The one LoRA injection (the PPO policy's ``model.lora`` and test-time training's ``ttt``):
+    peft LoRA layers of rank ``r`` and scale ``alpha / r`` on the ``target_modules`` projections of
+    ``model``, *in place*, its own weights frozen; A drawn from ``seed``, B zero, so the model starts
+    with exactly its base outputs. Returns the ``PeftModel`` (disable, save, merge, reset).
+    ``option`` names the config group in errors. Only ``lora_`` parameters require grad afterwards."""
+    from peft import LoraConfig, get_peft_model  # deferred: start-up cost (peft loads only when LoRA is on)
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [m for m in target_modules if m not in names]
     if missing:
-        raise ValueError(f"model.lora.target_modules: {missing} not found in the policy (it has e.g. {sorted(names)[:12]})")
-    lora = LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
-        bias="none", task_type="CAUSAL_LM",
-    )
-    with seeded(seed, next(policy.parameters()).device), warnings.catch_warnings():
+        raise ValueError(f"{option}.target_modules: {missing} not found in the model (it has e.g. {sorted(names)[:12]})")
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), bias="none",
+                      task_type="CAUSAL_LM")
+    with seeded(seed, next(model.parameters()).device), warnings.catch_warnings():
         # peft reads transformers' deprecated `is_gradient_checkpointing`: noise on every run.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        adapter = get_peft_model(policy, lora)
-    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+        adapter = get_peft_model(model, lora)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if not trainable or not all("lora_" in n for n in trainable):
-        raise RuntimeError(f"add_lora: unexpected trainable parameters {trainable[:6]}")
+        raise RuntimeError(f"{option}: unexpected trainable parameters after adding LoRA: {trainable[:6]}")
     return adapter
 
 

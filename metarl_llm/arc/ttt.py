@@ -44,7 +44,7 @@ from envs.arc_grids import ArcTask, Grid, task_prompt
 from metarl_llm.arc.augment import IDENTITY, Transform, permute_pairs, random_transforms, single_row
 from metarl_llm.arc.vote import ANSWER_MARKER, answer_text
 from metarl_llm.config import TTTConfig  # noqa: F401  (re-exported)
-from metarl_llm.models import seeded
+from metarl_llm.models import inject_lora, seeded
 
 log = logging.getLogger(__name__)
 
@@ -203,29 +203,17 @@ class TestTimeTrainer:
     __test__ = False  # not a pytest test class despite its name
 
     def __init__(self, model: torch.nn.Module, tokenizer, cfg: TTTConfig | None = None):
-        from peft import LoraConfig, get_peft_model  # deferred: start-up cost (peft loads only when LoRA is on)
-
         self.cfg = cfg if cfg is not None else TTTConfig()
         self.cfg.validate()
         self.tokenizer = tokenizer
         if tokenizer.eos_token_id is None:
             raise ValueError("TestTimeTrainer: the tokenizer has no EOS token")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-        missing = [m for m in self.cfg.target_modules if m not in names]
-        if missing:
-            raise ValueError(f"ttt.target_modules: {missing} not found in the model (it has e.g. {sorted(names)[:12]})")
-        lora = LoraConfig(
-            r=self.cfg.r, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
-            target_modules=list(self.cfg.target_modules), bias="none", task_type="CAUSAL_LM",
-        )
         self.device = next(model.parameters()).device
-        with seeded(self.cfg.seed, self.device):
-            self.model = get_peft_model(model, lora)
+        c = self.cfg
+        self.model = inject_lora(model, c.r, c.alpha, c.dropout, c.target_modules, c.seed, option="ttt")
         self.params = [p for _, p in self.model.named_parameters() if p.requires_grad]
         self._lora_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        if not self.params or not all("lora_" in n for n in self._lora_names):
-            raise RuntimeError(f"TestTimeTrainer: unexpected trainable parameters {self._lora_names[:6]}")
         self._initial = [p.detach().clone() for p in self.params]
         self.model.eval()
 

@@ -17,6 +17,7 @@ from metarl_llm.config import (
     EvalConfig,
 )
 from metarl_llm.core.trial import Trial
+from metarl_llm.core.voting import majority_index
 from metarl_llm.rollout.meta_prover import boundary_prefixes
 
 log = logging.getLogger(__name__)
@@ -173,16 +174,8 @@ def maj_at_k(trials: Sequence[Trial]) -> float:
         raise ValueError("maj_at_k: no trials")
     scores = []
     for group in problems.values():
-        votes: dict[str, list] = {}  # answer -> [count, first trial that gave it]
-        for t in group:
-            answer = (t.answer or "").strip()
-            if answer:
-                votes.setdefault(answer, [0, t])[0] += 1
-        if not votes:
-            scores.append(0.0)
-            continue
-        answer, (_, trial) = max(votes.items(), key=lambda kv: kv[1][0])  # max keeps the first of equal counts
-        scores.append(float(trial.env.score(answer)))
+        i = majority_index([t.answer for t in group])
+        scores.append(0.0 if i is None else float(group[i].env.score(group[i].answer.strip())))
     return float(np.mean(scores))
 
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from metarl_llm.config import BudgetConfig
 from metarl_llm.core.trial import StreamCodec, Trial
+from metarl_llm.core.voting import majority_index
 from metarl_llm.rollout.engine import run_trials
 from metarl_llm.runtime.plotting import pyplot
 
@@ -80,15 +81,9 @@ def best_of_n(
 
 
 def _majority_score(answers: np.ndarray, scores: np.ndarray) -> float:
-    votes: dict[str, list] = {}  # answer -> [count, index of the first trial that gave it]
-    for i, a in enumerate(answers):
-        a = (a or "").strip()
-        if a:
-            votes.setdefault(a, [0, i])[0] += 1
-    if not votes:
-        return 0.0
-    _, (_, first) = max(votes.items(), key=lambda kv: kv[1][0])  # max keeps the first of equal counts
-    return float(scores[first])
+    """The score of the majority answer among ``answers`` (0 when none was given)."""
+    i = majority_index(list(answers))
+    return 0.0 if i is None else float(scores[i])
 
 
 def answer_scores_of(trials: Sequence[Trial]) -> np.ndarray:
