@@ -44,6 +44,7 @@ from envs.arc_grids import ArcTask, Grid, task_prompt
 from metarl_llm.arc.augment import IDENTITY, Transform, permute_pairs, random_transforms, single_row
 from metarl_llm.arc.vote import ANSWER_MARKER, answer_text
 from metarl_llm.config import TTTConfig  # noqa: F401  (re-exported)
+from metarl_llm.core.batch import pad_rows
 from metarl_llm.models import inject_lora, seeded
 
 log = logging.getLogger(__name__)
@@ -164,14 +165,8 @@ def encode_examples(tokenizer, examples: Sequence[tuple[str, str]]) -> list[Enco
 
 def _collate(batch: Sequence[Encoded], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids, attention mask and loss mask, each [B, T]."""
-    width = max(len(e.ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(batch), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(batch), width), dtype=torch.float32)
-    for r, e in enumerate(batch):
-        ids[r, : len(e.ids)] = torch.as_tensor(e.ids)
-        attn[r, : len(e.ids)] = 1
-        loss_mask[r, : len(e.ids)] = torch.as_tensor(e.mask, dtype=torch.float32)
+    ids, attn = pad_rows([e.ids for e in batch], pad_id)
+    loss_mask = pad_rows([e.mask for e in batch], 0.0, width=ids.shape[1], dtype=torch.float32)[0]
     return ids.to(device), attn.to(device), loss_mask.to(device)
 
 

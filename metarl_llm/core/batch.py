@@ -12,7 +12,7 @@ bonus to the advantages of that episode's tokens (``metarl_llm.rl.advantages.epi
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -106,12 +106,28 @@ def length_buckets(
     return parts[::-1]
 
 
+def pad_rows(rows: Sequence[Sequence], value, *, width: int | None = None, left: bool = False,
+             dtype: torch.dtype = torch.long) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one padding into a rectangle: ``[len(rows), width]`` of ``dtype`` holding the rows, each
+    padded with ``value`` on the right (``left=True``: on the left, so that every row's last element
+    is in the last column, as a batch about to be continued needs), and the ``[len(rows), width]``
+    long mask of the real elements. ``width``: the longest row by default; a longer row is an error."""
+    lengths = [len(r) for r in rows]
+    width = max(lengths, default=0) if width is None else width
+    if lengths and max(lengths) > width:
+        raise ValueError(f"pad_rows: a row of {max(lengths)} elements does not fit width {width}")
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        cols = slice(width - n, width) if left else slice(0, n)
+        out[i, cols] = torch.as_tensor(row, dtype=dtype)
+        mask[i, cols] = 1
+    return out, mask
+
+
 def _right_padded(rows: list[list[float]], width: int) -> torch.Tensor:
     """[len(rows), width] float32 of the rows, each right-padded with 0."""
-    out = torch.zeros((len(rows), width))
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.float32)
-    return out
+    return pad_rows(rows, 0.0, width=width, dtype=torch.float32)[0]
 
 
 def sampled_logprobs(trials: list[Trial], width: int) -> torch.Tensor:
@@ -134,16 +150,9 @@ def sampled_values(trials: list[Trial], width: int) -> torch.Tensor:
 def collate(trials: list[Trial], pad_id: int) -> RolloutBatch:
     """Stack trials into a right-padded batch (model-derived fields zero until scored)."""
     b, t = len(trials), max(len(tr.ids) for tr in trials)
-    input_ids = torch.full((b, t), pad_id, dtype=torch.long)
-    attention = torch.zeros((b, t), dtype=torch.long)
-    action = torch.zeros((b, t))
-    episode = torch.full((b, t), -1, dtype=torch.long)
-    for i, tr in enumerate(trials):
-        n = len(tr.ids)
-        input_ids[i, :n] = torch.as_tensor(tr.ids)
-        attention[i, :n] = 1
-        action[i, :n] = torch.as_tensor(tr.action, dtype=torch.float32)
-        episode[i, :n] = torch.as_tensor(tr.episode)
+    input_ids, attention = pad_rows([tr.ids for tr in trials], pad_id)
+    action = pad_rows([tr.action for tr in trials], 0.0, width=t, dtype=torch.float32)[0]
+    episode = pad_rows([tr.episode for tr in trials], -1, width=t)[0]
     zeros = torch.zeros((b, t))
     return RolloutBatch(
         input_ids, attention, action, episode, zeros, zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone(),

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from metarl_llm.config import BonusConfig
+from metarl_llm.core.batch import pad_rows
 from metarl_llm.core.registry import Registry
 from metarl_llm.core.trial import StreamCodec, Trial
 from metarl_llm.rollout.meta_prover import JOptions, boundary_prefixes, episodes_before, meta_prover_success
@@ -149,12 +150,10 @@ def estimate_likelihood(model: torch.nn.Module, codec: StreamCodec, trials: list
     curves: list[np.ndarray] = []
     for s in range(0, len(trials), opts.rows):
         packs = [_pack(codec, t) for t in trials[s : s + opts.rows]]
-        length = max(len(p.ids) for p in packs)
-        pad = lambda xs, v: xs + [v] * (length - len(xs))  # noqa: E731, B023  (called in this iteration only)
-        ids = torch.tensor([pad(p.ids, codec.pad_id) for p in packs], device=device)
-        pos = torch.tensor([pad(p.pos, 0) for p in packs], device=device)
-        seg = torch.tensor([pad(p.seg, -2) for p in packs], device=device)
-        limit = torch.tensor([pad(p.limit, 0) for p in packs], device=device)
+        ids = pad_rows([p.ids for p in packs], codec.pad_id)[0].to(device)
+        pos = pad_rows([p.pos for p in packs], 0)[0].to(device)
+        seg = pad_rows([p.seg for p in packs], -2)[0].to(device)  # -2: padding, attends to nothing
+        limit = pad_rows([p.limit for p in packs], 0)[0].to(device)
         mask = block_attention_mask(seg, limit, dtype)
         hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
         # Gather every (row, query) whose prediction is read, score them in one LM-head call.

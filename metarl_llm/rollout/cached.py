@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from metarl_llm.core.batch import length_buckets
+from metarl_llm.core.batch import length_buckets, pad_rows
 from metarl_llm.core.trial import Trial
 from metarl_llm.models import head_values
 from metarl_llm.rollout.base import Engine, episode_limit, finish_episode, register_engine, start_trials
@@ -70,12 +70,9 @@ class _Batch:
             pos = self.next_pos[:, None]
             self.next_pos = self.next_pos + 1
         else:
-            n, width = len(blocks), max(len(b) for b in blocks)
-            ids = torch.full((n, width), pad_id, dtype=torch.long)
-            block_mask = torch.zeros((n, width), dtype=torch.long)
-            for r, b in enumerate(blocks):  # left-padded within the block: every row's last token is in the last column
-                ids[r, width - len(b):] = torch.as_tensor(b)
-                block_mask[r, width - len(b):] = 1
+            width = max(len(b) for b in blocks)
+            # left-padded within the block: every row's last token is in the last column
+            ids, block_mask = pad_rows(blocks, pad_id, width=width, left=True)
             ids, block_mask = ids.to(self.device), block_mask.to(self.device)
             pos = self.next_pos[:, None] + (block_mask.cumsum(-1) - 1).clamp(min=0)
             self._append_mask(block_mask)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
+from metarl_llm.core.batch import pad_rows
 from metarl_llm.core.trial import StreamCodec
 from metarl_llm.models import head_values
 from metarl_llm.rollout.base import Engine, episode_limit, finish_round, register_engine, start_trials
@@ -128,11 +129,7 @@ def _generate(model, contexts: list[list[int]], max_new_tokens: int, codec: Stre
 
     device = next(model.parameters()).device
     n, width = len(contexts), max(len(c) for c in contexts)
-    ids = torch.full((n, width), codec.pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, c in enumerate(contexts):
-        ids[i, width - len(c):] = torch.as_tensor(c)
-        mask[i, width - len(c):] = 1
+    ids, mask = pad_rows(contexts, codec.pad_id, width=width, left=True)
     out = model.generate(
         input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
         **{**_neutral_generation_kwargs(greedy), "do_sample": not greedy, "eos_token_id": codec.stop_ids.tolist(),

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from metarl_llm.core.batch import pad_rows
 from metarl_llm.rollout.kv_cache import growing_cache
 
 
@@ -91,11 +92,7 @@ def sample(
     limits = limits.to(device)
     stop_ids = stop_ids.to(device)
     width = max(len(c) for c in contexts)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, c in enumerate(contexts):
-        ids[i, width - len(c) :] = torch.as_tensor(c)
-        mask[i, width - len(c) :] = 1
+    ids, mask = pad_rows(contexts, pad_id, width=width, left=True)
     ids, mask = ids.to(device), mask.to(device)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     max_len = int(limits.max())

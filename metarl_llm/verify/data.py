@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from metarl_llm.core.batch import pad_rows
 from metarl_llm.core.trial import StreamCodec, Trial
 from metarl_llm.rollout.meta_prover import boundary_prefixes
 
@@ -88,10 +89,7 @@ def _batch(streams: Sequence[list[int]], pad_id: int, stream: np.ndarray, positi
     lengths = np.zeros(len(uniq), dtype=np.int64)
     np.maximum.at(lengths, row, position + 1)
     width = int(lengths.max())
-    ids = torch.full((len(uniq), width), pad_id, dtype=torch.long)
-    for r, (s, n) in enumerate(zip(uniq, lengths)):
-        ids[r, :n] = torch.as_tensor(streams[s][:n], dtype=torch.long)
-    mask = (torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]).long()
+    ids, mask = pad_rows([streams[s][:n] for s, n in zip(uniq, lengths)], pad_id, width=width)
     return ids.to(device), mask.to(device), torch.as_tensor(row, device=device), torch.as_tensor(position, device=device)
 
 
