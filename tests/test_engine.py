@@ -188,7 +188,7 @@ def test_kept_cache_covers_the_stream_and_continues_like_a_fresh_prefill(setup, 
     model, codec = setup
     trials = play(model, codec, "cached", keep_cache=True)
     for t in trials:
-        assert t.cache is not None and t.cache.length == len(t.ids) - 1 and t.cache.model_id == id(model)
+        assert t.cache is not None and t.cache.length == len(t.ids) - 1 and t.cache.computed_by(model)
     ends = [boundary_prefixes(t) for t in trials]
     suffixes = [[codec.forced_prefix(t.ids[:e]) for e in es] for t, es in zip(trials, ends)]
     toks, lengths, owners = CachedEngine().continue_prefixes(model, trials, ends, suffixes, 2, BUDGET.answer_max_tokens,
@@ -248,3 +248,21 @@ def test_bad_engine_names_and_options_are_errors():
     with pytest.raises(ValueError, match="rollout.prefill_bucket_tokens"):
         engine_from_config(RolloutConfig(prefill_bucket_tokens=-1))
     assert engine_from_config(RolloutConfig(prefill_bucket_tokens=64)).bucket_tokens == 64
+
+
+def test_a_kept_cache_belongs_to_the_model_object_that_computed_it():
+    """TrialCache holds its model weakly: another model (even of the same weights) is not its
+    model, and once its model is freed no model is, whatever id() the next one gets."""
+    import gc
+    import weakref
+
+    from metarl_llm.rollout.kv_cache import TrialCache
+
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    b.load_state_dict(a.state_dict())
+    cache = TrialCache([torch.zeros(1, 3, 2)], [torch.zeros(1, 3, 2)], weakref.ref(a))
+    assert cache.computed_by(a) and not cache.computed_by(b) and cache.length == 3
+    del a
+    gc.collect()
+    assert not any(cache.computed_by(torch.nn.Linear(2, 2)) for _ in range(20))
+    assert not TrialCache([torch.zeros(1, 1, 2)], [torch.zeros(1, 1, 2)]).computed_by(b)

@@ -5,6 +5,8 @@ trial's episodes, observations appended to it; trials step independently. See
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -144,7 +146,7 @@ class _Batch:
         cols = self.mask[r].bool()
         layers = self.cache.layers
         return TrialCache([lay.keys[r][:, cols].clone() for lay in layers], [lay.values[r][:, cols].clone() for lay in layers],
-                          id(self.model))
+                          weakref.ref(self.model))
 
 
 @register_engine("cached")

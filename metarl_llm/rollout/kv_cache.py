@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,13 @@ class TrialCache:
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
-    model_id: int = 0  # id() of the model that computed it: the cache is only valid for that model
+    # The model that computed it, weakly held: the cache is valid for that model object only. (An
+    # id() could be reused by another model once the first is freed; a weak reference cannot.)
+    model_ref: weakref.ref | None = None
+
+    def computed_by(self, model: torch.nn.Module) -> bool:
+        """Whether ``model`` (that very object, still alive) computed this cache."""
+        return self.model_ref is not None and self.model_ref() is model
 
     @property
     def length(self) -> int:

@@ -80,7 +80,7 @@ def meta_prover_success(
     [len(ends[i])] per trial. Trials that kept the rollout's KV cache for ``model``
     (``run_trials(..., keep_cache=True)``) are continued from it instead of re-encoded.
     Either way the answers are ancestral samples from ``generator``."""
-    if trials and all(t.cache is not None and t.cache.model_id == id(model) for t in trials):
+    if trials and all(t.cache is not None and t.cache.computed_by(model) for t in trials):
         # The rollout kept each trial's KV cache (engine "cached", keep_cache=True) for this
         # very model: continue every prefix from it, encoding only the forced-answer tokens.
 
