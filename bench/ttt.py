@@ -90,8 +90,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from envs.arc_grids import ArcTask, format_grid, task_prompt  # noqa: E402
+from metarl_llm.arc import vote as arc_vote  # predict_with_voting looked up at call time (tests script it)
 from metarl_llm.arc.augment import IDENTITY, Transform, random_transforms, single_row
-from metarl_llm.arc.vote import pass_at_2, predict_with_voting, vote
+from metarl_llm.arc.vote import pass_at_2, vote
 from metarl_llm.runtime.setup import compose_config as compose
 
 ARMS = ("in_context", "voting", "ttt", "ttt_voting", "ttt_control")
@@ -154,12 +155,12 @@ def choose_transforms(task: ArcTask, k: int, spatial: str, seed: int) -> list[Tr
 
 def in_context_attempts(model, tokenizer, codec, task: ArcTask, p: "PredictOpts", problem_id: str):
     """(attempts, parsed share): the greedy grid, then the most frequent other sampled grid."""
-    greedy = predict_with_voting(model, tokenizer, task, [IDENTITY], 1, p.max_new_tokens, codec=codec,
+    greedy = arc_vote.predict_with_voting(model, tokenizer, task, [IDENTITY], 1, p.max_new_tokens, codec=codec,
                                  force_marker=p.force_marker, marker=p.marker)
     cands = [greedy.candidates[0][0]]
     ranking = []
     if p.ic_samples > 0:
-        sampled = predict_with_voting(model, tokenizer, task, [IDENTITY], p.ic_samples, p.max_new_tokens,
+        sampled = arc_vote.predict_with_voting(model, tokenizer, task, [IDENTITY], p.ic_samples, p.max_new_tokens,
                                       generator_of(model, p.seed, problem_id, "in_context"), codec=codec,
                                       force_marker=p.force_marker, marker=p.marker)
         cands += sampled.candidates[0]
@@ -175,7 +176,7 @@ def voting_attempts(model, tokenizer, codec, task: ArcTask, p: "PredictOpts", pr
     """(attempts, parsed share) of predict_with_voting over the problem's transforms."""
     transforms = choose_transforms(task, p.transforms, p.spatial, p.seed)
     gen = generator_of(model, p.seed, problem_id, "voting") if p.samples > 1 else None
-    pred = predict_with_voting(model, tokenizer, task, transforms, p.samples, p.max_new_tokens, gen, codec=codec,
+    pred = arc_vote.predict_with_voting(model, tokenizer, task, transforms, p.samples, p.max_new_tokens, gen, codec=codec,
                                top_k=p.top_k, attempts=2, force_marker=p.force_marker, marker=p.marker)
     flat = [c for group in pred.candidates for c in group]
     return list(pred.attempts), sum(c is not None for c in flat) / len(flat)

@@ -32,6 +32,7 @@ trial bookkeeping lives here so every environment behaves the same way.
 from __future__ import annotations
 
 import abc
+import copy
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -209,6 +210,11 @@ class EpisodicTextEnv(gym.Env[str, str], abc.ABC):
         """
         return " " + self.reference_answer, True
 
+    def grader(self) -> "ProblemGrader":
+        """The grading of the current problem, detached from this environment (which the next
+        ``reset`` moves to another problem): what a finished trial keeps."""
+        return ProblemGrader(self)
+
     def force_answer(self) -> str:
         """Turn the policy into the meta-prover: the next step is the final answer.
 
@@ -283,6 +289,58 @@ class EpisodicTextEnv(gym.Env[str, str], abc.ABC):
         else:
             obs = ""
         return obs, 0.0, False, False, info
+
+
+# ------------------------------------------------------------------ grading a finished trial
+
+
+class ProblemGrader:
+    """The grading functions of one problem, detached from the environment that served it.
+
+    A trial keeps this (``Trial.grader``), not the environment: an environment is reset to
+    the next problem as soon as its trial ends, while the trial's bonus, J estimates,
+    majority votes and verifier labels are computed later. A grader never changes problem.
+    It holds a private shallow copy of the environment taken at :meth:`EpisodicTextEnv.grader`
+    (sharing the problem source and any grading worker, which are read-only) and exposes only
+    the pure grading methods; it has no ``reset`` or ``step``.
+    """
+
+    def __init__(self, env: EpisodicTextEnv):
+        if env.problem is None:
+            raise RuntimeError(f"{type(env).__name__}: call reset() before taking a grader")
+        frozen = copy.copy(env)
+        frozen._episodes, frozen._done = [], True  # its own (finished) trial state: step() on it raises
+        self._env = frozen
+        self.problem: Problem = env.problem
+
+    @property
+    def reference_answer(self) -> str:
+        """Gold answer of the problem (training-time estimators only)."""
+        return self.problem.reference
+
+    def score(self, answer_text: str) -> float:
+        """:meth:`EpisodicTextEnv.score` of a final answer to this problem."""
+        return self._env.score(answer_text)
+
+    def score_episode(self, episode_text: str) -> float:
+        """:meth:`EpisodicTextEnv.score_episode` of one uncommitted episode."""
+        return self._env.score_episode(episode_text)
+
+    def outcome(self, episodes: list[str], answer: str | None) -> float:
+        """:meth:`EpisodicTextEnv.outcome`: the outcome of a trial with these episodes and answer."""
+        return self._env.outcome(episodes, answer)
+
+    def forced_outcome(self, episodes: list[str], answer_text: str) -> float:
+        """:meth:`EpisodicTextEnv.forced_outcome`: the outcome if forced to answer ``answer_text`` after ``episodes``."""
+        return self._env.forced_outcome(episodes, answer_text)
+
+    def answer_target(self) -> tuple[str, bool]:
+        """:meth:`EpisodicTextEnv.answer_target`: the canonical correct forced answer."""
+        return self._env.answer_target()
+
+    def parse_answer(self, episode_text: str) -> str | None:
+        """:meth:`EpisodicTextEnv.parse_answer`: the committed answer of an episode, or None."""
+        return self._env.parse_answer(episode_text)
 
 
 # ------------------------------------------------------------------ failures

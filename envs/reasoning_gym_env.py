@@ -122,6 +122,10 @@ class ReasoningGymEnv(EpisodicTextEnv):
     (and a short lead-in before the answer) instead of the canonical one.
     """
 
+    # The task's scorer (task, task_config, seed, size, answer, entry, timeout_s) -> score; a class
+    # attribute so that a subclass (or a test) can replace it.
+    scorer = staticmethod(score_reasoning_gym)
+
     def __init__(
         self,
         *,
@@ -209,7 +213,7 @@ class ReasoningGymEnv(EpisodicTextEnv):
         if not passes_guards(answer_text, limit) or looks_like_code(answer_text):
             return 0.0, "rejected"
         try:
-            value = score_reasoning_gym(
+            value = self.scorer(
                 self.task, self.task_config, self.seed, self.size, answer_text, self.problem.data["entry"],
                 self.grading_timeout_s,
             )

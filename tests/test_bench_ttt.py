@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from envs.arc_grids import ArcTask
+from metarl_llm.arc import vote as arc_vote
 from metarl_llm.arc.vote import Prediction
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # raised inside peft
@@ -47,7 +48,7 @@ def test_in_context_attempts_greedy_first_then_most_frequent_other_sample(bt, mo
     def fake(model, tokenizer, task, transforms, samples, max_new_tokens, generator=None, **kw):
         return Prediction([], [script[samples]], [[""] * samples])
 
-    monkeypatch.setattr(bt, "predict_with_voting", fake)
+    monkeypatch.setattr(arc_vote, "predict_with_voting", fake)
     p = bt.PredictOpts(max_new_tokens=8, force_marker=True, marker="Answer:", ic_samples=4, transforms=2, samples=1,
                        spatial="auto", top_k=3, seed=0)
     script.update({1: [a], 4: [c, a, b, b]})

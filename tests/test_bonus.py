@@ -43,7 +43,7 @@ def play(model, codec, env_id, n=10, seed=0):
 @torch.no_grad()
 def explicit_j(model, codec, trial, end):
     """P(target [+ stop] | prefix + forced), one boundary at a time, one plain forward pass."""
-    text, must_stop = trial.env.answer_target()
+    text, must_stop = trial.grader.answer_target()
     target = codec.encode(text)
     ctx = meta_prover_context(codec, trial, end)
     full = torch.tensor([ctx + target])
@@ -69,10 +69,10 @@ def test_likelihood_equals_explicit_product_per_boundary(setup, env_id):
         p = np.array([explicit_j(model, codec, t, e) for e in ends])
         # J is the trial's success if forced to answer there: what the episodes so far already
         # secure, plus P(canonical answer) times what it adds (planted_subseq counts earlier episodes)
-        target, _ = t.env.answer_target()
+        target, _ = t.grader.answer_target()
         before = [[x for x, last in zip(t.episode_texts, t.episode_ends) if last < e] for e in ends]
-        o_none = np.array([t.env.outcome(eps, None) for eps in before])
-        o_target = np.array([t.env.outcome(eps, target.strip()) for eps in before])
+        o_none = np.array([t.grader.outcome(eps, None) for eps in before])
+        o_target = np.array([t.grader.outcome(eps, target.strip()) for eps in before])
         want = o_none + p * (o_target - o_none)
         np.testing.assert_allclose(np.log(c), np.log(want), rtol=0, atol=1e-4)
 
@@ -143,7 +143,7 @@ def test_verifier_estimator_passes_prompt_and_episodes_so_far(setup):
         VERIFIERS.pop("test_count")
     for t, c in zip(trials, curves):
         np.testing.assert_allclose(c, np.arange(len(boundary_prefixes(t))) / 10)
-    assert all(isinstance(it, VerifierInput) and it.prompt == it.env.problem.prompt for it in seen)
+    assert all(isinstance(it, VerifierInput) and it.prompt == it.grader.problem.prompt for it in seen)
 
 
 def test_episode_score_verifier_on_a_hand_built_prefix():

@@ -13,7 +13,8 @@ from metarl_llm.config import BudgetConfig, TinyModelConfig
 from metarl_llm.core.trial import StreamCodec
 from metarl_llm.evaluation.diagnostics import anti_concentration, heterogeneity, policy_diagnostics
 from metarl_llm.models import build_char_tokenizer, build_tiny_model
-from metarl_llm.rollout import meta_prover as bonus
+from metarl_llm.rollout.cached import CachedEngine
+from metarl_llm.rollout.decode import Sampled
 from metarl_llm.rollout.meta_prover import meta_prover_context
 
 torch.set_num_threads(1)
@@ -162,10 +163,10 @@ def heldout_envs(n):
     return [gym.make("metarl/PlantedSubseq-v0", split="test", gold_length=1, max_episodes=BUDGET.max_episodes) for _ in range(n)]
 
 
-def run(model, codec, problems=3, continuations=4, rollouts=3, margin=0.5, seed=0, make_envs=None):
+def run(model, codec, problems=3, continuations=4, rollouts=3, margin=0.5, seed=0, make_envs=None, engine=None):
     return policy_diagnostics(
         model, codec, (make_envs or heldout_envs)(problems * continuations), BUDGET, problems, continuations, rollouts, margin,
-        torch.Generator().manual_seed(seed),
+        torch.Generator().manual_seed(seed), engine,
     )
 
 
@@ -197,20 +198,21 @@ def test_driver_shapes_ranges_and_agreement_with_the_estimators(setup):
 
 
 def test_driver_values_are_meta_prover_scores_after_each_first_episode(setup, monkeypatch):
-    """Record the meta-prover's sampling call: m contexts per trial, in trial order, each
+    """Record the meta-prover's sampling call (on the engine it is given): m contexts per trial, in trial order, each
     the prompt and episode 0's sampled tokens then the forced-answer tokens; each value is
     the mean score of that trial's m recorded answers."""
     tok, model, codec = setup
-    calls, real_sample = [], bonus.sample  # the meta-prover's sampling (metarl_llm.rollout.meta_prover.meta_prover_success)
+    calls = []
 
-    def recording_sample(*args, **kwargs):
-        out = real_sample(*args, **kwargs)
-        calls.append((args[1], out))
-        return out
+    class Recording(CachedEngine):  # the engine is the seam: it records what the meta-prover asks of it
+        def continue_prefixes(self, model, trials, ends, suffixes, copies, *args, **kwargs):
+            toks, lengths, owners = super().continue_prefixes(model, trials, ends, suffixes, copies, *args, **kwargs)
+            contexts = [trials[i].ids[: ends[i][b]] + suffixes[i][b] for i, b in owners]
+            calls.append((contexts, Sampled(toks, toks.float(), lengths, lengths > 0)))
+            return toks, lengths, owners
 
-    monkeypatch.setattr(bonus, "sample", recording_sample)
     m = 3
-    d = run(model, codec, rollouts=m)
+    d = run(model, codec, rollouts=m, engine=Recording())
     assert len(calls) == 1  # one batched call for every trial
     contexts, out = calls[0]
     assert len(contexts) == 12 * m
@@ -222,7 +224,7 @@ def test_driver_values_are_meta_prover_scores_after_each_first_episode(setup, mo
         assert ctx == meta_prover_context(codec, t, len(prompt) + len(first))
     # each answer scored as the trial would be if forced to answer after episode 0
     scores = [
-        d.trials[row // m].env.forced_outcome(d.trials[row // m].episode_texts[:1],
+        d.trials[row // m].grader.forced_outcome(d.trials[row // m].episode_texts[:1],
                                               codec.episode_text(out.tokens[row, : int(out.lengths[row])].tolist()))
         for row in range(len(contexts))
     ]

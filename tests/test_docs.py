@@ -79,3 +79,16 @@ def test_documents_the_code_cites_exist():
             if not (ROOT / ref).exists():
                 missing.append(f"{f.relative_to(ROOT)} cites {ref}")
     assert not missing, "\n".join(missing)
+
+
+def test_files_the_documents_name_exist():
+    """Every project source file README.md and docs/*.md name (``metarl_llm/rl/bonus.py``, ``envs/arc.py``, ...)
+    exists: a module moved or renamed leaves no stale path in the documentation."""
+    import re
+
+    missing = []
+    for doc in [ROOT / "README.md", *ROOT.glob("docs/*.md")]:
+        for ref in set(re.findall(r"\b((?:metarl_llm|envs|bench|tests|docs)/[\w/]+\.(?:py|yaml|md))\b", doc.read_text())):
+            if not (ROOT / ref).exists():
+                missing.append(f"{doc.relative_to(ROOT)} names {ref}")
+    assert not missing, "\n".join(missing)

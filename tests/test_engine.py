@@ -18,9 +18,9 @@ from metarl_llm.config import BudgetConfig, RolloutConfig, TinyModelConfig
 from metarl_llm.core.batch import length_buckets
 from metarl_llm.core.trial import StreamCodec
 from metarl_llm.models import build_char_tokenizer, build_tiny_model
-from metarl_llm.rollout import meta_prover as bonus_mod
 from metarl_llm.rollout.base import finish_episode, start_trials
-from metarl_llm.rollout.cached import CachedEngine, _Batch
+from metarl_llm.rollout.cached import CachedEngine
+from metarl_llm.rollout.decode import DecodeBatch
 from metarl_llm.rollout.engine import engine_from_config, get_engine, run_trials
 from metarl_llm.rollout.kv_cache import growing_cache
 from metarl_llm.rollout.meta_prover import boundary_prefixes, meta_prover_context, meta_prover_success
@@ -118,7 +118,7 @@ def test_grouped_prefill_gives_the_cache_and_logits_of_one_pass(setup, one_threa
     g = torch.Generator().manual_seed(3)
     contexts = [torch.randint(3, 90, (n,), generator=g).tolist() for n in (3, 21, 4, 19, 5, 20, 2)]
     with torch.no_grad():
-        one, grouped = _Batch(model, torch.device("cpu"), 7), _Batch(model, torch.device("cpu"), 7)
+        one, grouped = DecodeBatch(model, torch.device("cpu"), 7), DecodeBatch(model, torch.device("cpu"), 7)
         a = one.feed(contexts, codec.pad_id)
         b = grouped.prefill(contexts, codec.pad_id, bucket_tokens=8)
         assert length_buckets([len(c) for c in contexts], 8).__len__() > 1  # really several passes
@@ -191,8 +191,8 @@ def test_kept_cache_covers_the_stream_and_continues_like_a_fresh_prefill(setup, 
         assert t.cache is not None and t.cache.length == len(t.ids) - 1 and t.cache.computed_by(model)
     ends = [boundary_prefixes(t) for t in trials]
     suffixes = [[codec.forced_prefix(t.ids[:e]) for e in es] for t, es in zip(trials, ends)]
-    toks, lengths, owners = CachedEngine().continue_prefixes(model, trials, ends, suffixes, 2, BUDGET.answer_max_tokens,
-                                                              codec.stop_ids, codec.pad_id, greedy=True, max_rows=7)
+    toks, lengths, owners = CachedEngine(max_rows=7).continue_prefixes(model, trials, ends, suffixes, 2, BUDGET.answer_max_tokens,
+                                                                       codec.stop_ids, codec.pad_id, greedy=True)
     contexts = [meta_prover_context(codec, trials[i], ends[i][b]) for i, b in owners]
     fresh = sample(model, contexts, BUDGET.answer_max_tokens, codec.stop_ids, codec.pad_id, greedy=True)
     assert len(owners) == 2 * sum(len(e) for e in ends) > 20
@@ -200,20 +200,49 @@ def test_kept_cache_covers_the_stream_and_continues_like_a_fresh_prefill(setup, 
         assert toks[r, : lengths[r]].tolist() == fresh.tokens[r, : fresh.lengths[r]].tolist()
 
 
-def test_meta_prover_uses_the_cache_only_for_its_own_model(setup, one_thread, monkeypatch):
+def test_sampled_continuations_depend_on_the_keys_only(setup, one_thread):
+    """With the same keys, the meta-prover's sampled answers are the same whether they continue the
+    kept caches or re-encode every prefix (the base Engine method), on any engine, and whatever
+    the chunking (max_rows) and prefill bucketing: each row draws at u(its key, stream position)."""
     model, codec = setup
     trials = play(model, codec, "cached", keep_cache=True)
     ends = [boundary_prefixes(t) for t in trials]
-    calls = []
-    real_sample = bonus_mod.sample
-    monkeypatch.setattr(bonus_mod, "sample", lambda *a, **k: calls.append(1) or real_sample(*a, **k))
-    j = meta_prover_success(model, codec, trials, ends, 3, BUDGET.answer_max_tokens, torch.Generator().manual_seed(0))
-    assert calls == [] and [len(x) for x in j] == [len(e) for e in ends]
-    assert all(((x >= 0) & (x <= 1)).all() for x in j)
+    suffixes = [[codec.forced_prefix(t.ids[:e]) for e in es] for t, es in zip(trials, ends)]
+    m = 3 * sum(len(e) for e in ends)
+    keys = trial_keys(m, torch.Generator().manual_seed(5))
+    args = (model, trials, ends, suffixes, 3, BUDGET.answer_max_tokens, codec.stop_ids, codec.pad_id)
+    runs = [CachedEngine().continue_prefixes(*args, keys=keys),
+            CachedEngine(max_rows=5, bucket_tokens=0).continue_prefixes(*args, keys=keys),
+            get_engine("reencode", max_rows=4).continue_prefixes(*args, keys=keys),
+            get_engine("hf_generate").continue_prefixes(*args, keys=keys)]
+    rows = lambda toks, lengths: [toks[r, : lengths[r]].tolist() for r in range(m)]  # noqa: E731
+    reference = rows(*runs[0][:2])
+    assert len(set(map(tuple, reference))) > 5  # sampled, not all alike
+    for toks, lengths, owners in runs[1:]:
+        assert rows(toks, lengths) == reference and owners == runs[0][2]
+
+
+def test_meta_prover_uses_the_cache_only_for_its_own_model(setup, one_thread):
+    """J from the kept caches equals J re-encoded (same generator, so the same answer keys), for the
+    model that computed the caches; for another model the caches are not used (its J with and
+    without them is the same)."""
+    model, codec = setup
+    trials = play(model, codec, "cached", keep_cache=True)
+    ends = [boundary_prefixes(t) for t in trials]
+    kept = [t.cache for t in trials]
+
+    def j_of(m, with_cache):
+        for t, c in zip(trials, kept):
+            t.cache = c if with_cache else None
+        return meta_prover_success(m, codec, trials, ends, 3, BUDGET.answer_max_tokens, torch.Generator().manual_seed(0))
+
+    j = j_of(model, True)
+    assert [len(x) for x in j] == [len(e) for e in ends] and all(((x >= 0) & (x <= 1)).all() for x in j)
+    assert all(np.array_equal(a, b) for a, b in zip(j, j_of(model, False)))
     other = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
                              model.config.vocab_size, codec.pad_id, 1).eval()
-    meta_prover_success(other, codec, trials, ends, 1, BUDGET.answer_max_tokens, torch.Generator().manual_seed(0))
-    assert calls == [1]  # a cache computed by another model is never used
+    j_other = j_of(other, True)
+    assert all(np.array_equal(a, b) for a, b in zip(j_other, j_of(other, False)))
 
 
 def test_stream_uniforms_are_deterministic_and_uniform():
@@ -266,3 +295,22 @@ def test_a_kept_cache_belongs_to_the_model_object_that_computed_it():
     gc.collect()
     assert not any(cache.computed_by(torch.nn.Linear(2, 2)) for _ in range(20))
     assert not TrialCache([torch.zeros(1, 1, 2)], [torch.zeros(1, 1, 2)]).computed_by(b)
+
+
+def test_a_finished_trial_keeps_grading_its_own_problem_after_its_env_is_reset(setup, one_thread):
+    """Trials hold their problem's grader, not the environment: resetting the pool to other problems
+    (as the next rollout does) changes neither what a finished trial's grader scores nor its reference."""
+    model, codec = setup
+    envs_ = make_envs(4)
+    resets, groups = resets_of(4)
+    trials = run_trials(model, codec, envs_, resets, groups, BUDGET, torch.Generator().manual_seed(0))
+    before = [(t.grader.reference_answer, t.grader.score(t.grader.reference_answer), t.grader.score("999"),
+               [t.grader.forced_outcome(t.episode_texts[:1], " " + t.grader.reference_answer)]) for t in trials]
+    for i, env in enumerate(envs_):
+        env.reset(seed=900 + i)  # other problems
+    assert any(env.unwrapped.problem.reference != t.grader.reference_answer for env, t in zip(envs_, trials))
+    after = [(t.grader.reference_answer, t.grader.score(t.grader.reference_answer), t.grader.score("999"),
+              [t.grader.forced_outcome(t.episode_texts[:1], " " + t.grader.reference_answer)]) for t in trials]
+    assert after == before and all(b[1] == 1.0 and b[3] == [1.0] for b in before)
+    assert all(t.grader.problem.problem_id == t.problem_id for t in trials)
+    assert not hasattr(trials[0].grader, "step") and not hasattr(trials[0].grader, "reset")

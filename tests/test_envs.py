@@ -499,12 +499,12 @@ def test_reasoning_gym_scorer_errors_are_counted(monkeypatch):
     _, reward, terminated, _, info = env.step(f"{env.answer_marker} {env.reference_answer}")
     assert terminated and reward == 1.0 and info["scorer_errors"] == 1
 
-    import envs.reasoning_gym_env as rg_env
+    from envs.reasoning_gym_env import ReasoningGymEnv
 
     def broken_scorer(*args, **kwargs):
         raise RuntimeError("scorer exploded")
 
-    monkeypatch.setattr(rg_env, "score_reasoning_gym", broken_scorer)
+    monkeypatch.setattr(ReasoningGymEnv, "scorer", staticmethod(broken_scorer))
     env.reset(seed=1)
     _, reward, terminated, _, info = env.step(f"{env.answer_marker} {env.reference_answer}")
     assert terminated and reward == 0.0 and info["scorer_errors"] == 2

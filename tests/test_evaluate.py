@@ -122,7 +122,7 @@ def test_compare_reports_per_budget():
 # ------------------------------------------------------------------ maj@k
 
 
-class GoldEnv:
+class GoldGrader:
     def __init__(self, gold):
         self.gold = gold
 
@@ -131,7 +131,7 @@ class GoldEnv:
 
 
 def _trial(group, answer, gold):
-    return Trial(problem_id=f"p{group}", group=group, answer=answer, env=GoldEnv(gold))
+    return Trial(problem_id=f"p{group}", group=group, answer=answer, grader=GoldGrader(gold))
 
 
 def test_maj_at_k_hand_built():

@@ -142,7 +142,7 @@ def untimed(summary):
 
 
 def test_kill_during_the_final_evaluation_then_resume(compose_cfg, tmp_path, monkeypatch):
-    import metarl_llm.evaluation.heldout as evaluate_mod
+    import metarl_llm.evaluation.report as report  # the final evaluation's plots (heldout calls them through it)
 
     cache = f"warm_start.cache_dir={tmp_path / 'cache'}"
     full = train(compose_cfg(*END, cache), tmp_path / "full")
@@ -152,7 +152,7 @@ def test_kill_during_the_final_evaluation_then_resume(compose_cfg, tmp_path, mon
     def killed(*args, **kwargs):
         raise Crash("killed in the final evaluation")
 
-    monkeypatch.setattr(evaluate_mod, "plot_success_curves", killed)
+    monkeypatch.setattr(report, "plot_success_curves", killed)
     with pytest.raises(Crash):
         train(compose_cfg(*END, cache), tmp_path / "resumed")
     rows = train_rows(tmp_path / "resumed")

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import envs as _registers_envs  # noqa: F401  (registers the environments)
-import metarl_llm.jobs.ppo as trainer_mod
 from metarl_llm.config import BudgetConfig, ModelConfig, PolicyLoraConfig, TinyModelConfig
 from metarl_llm.core.batch import collate, place_rewards, sampled_logprobs, sampled_values
 from metarl_llm.core.trial import StreamCodec, Trial
+from metarl_llm.jobs.ppo import PPOJob
 from metarl_llm.models import ActorCritic, build_actor_critic, build_char_tokenizer, build_tiny_model
 from metarl_llm.rl.advantages import get_advantage
 from metarl_llm.rl.scoring import score_batch
@@ -218,10 +218,11 @@ SMALL = [
 
 
 def run(compose_cfg, tmp_path, monkeypatch, name, *overrides, engine_values=True):
-    """A 2-iteration PPO run; returns (per-iteration train metrics, scoring records)."""
+    """A 2-iteration PPO run; returns (per-iteration train metrics, scoring records, and per
+    rollout whether the engine computed the values). The PPO job's stages are the seams."""
     cfg = compose_cfg(*SMALL, f"warm_start.cache_dir={tmp_path / 'cache'}", *overrides)
     records = []
-    real_build, real_score_batch, real_run_trials = trainer_mod.build_actor_critic, trainer_mod.score_batch, trainer_mod.run_trials
+    real_setup, real_rollout, real_score = PPOJob._setup_models, PPOJob.rollout, PPOJob.score
     state = {"scoring": False, "value_head": []}
     real_forward = ActorCritic.score
 
@@ -230,29 +231,35 @@ def run(compose_cfg, tmp_path, monkeypatch, name, *overrides, engine_values=True
             records[-1]["policy_forwards"] += 1
         return real_forward(self, *a, **k)
 
-    def build(*a, **k):
-        return randomise_critic(real_build(*a, **k), 3)
+    def setup_models(job):
+        real_setup(job)
+        randomise_critic(job.actor_critic, 3)
 
-    def run_trials(*a, **k):
-        state["value_head"].append(k.get("value_head"))
-        return real_run_trials(*a, **k)
+    def rollout(job, it):
+        roll = real_rollout(job, it)
+        state["value_head"].append(job.actor_critic.value_head if all(t.sample_values is not None for t in roll.trials)
+                                   else None)
+        return roll
 
-    def score_batch(ac, reference, batch, use_critic, *a, **k):
-        records.append({"policy_forwards": 0, "sampled_values": k.get("sampled_values") is not None})
+    def score(job, roll):
+        records.append({"policy_forwards": 0, "sampled_values": job.rollout_values})
         state["scoring"] = True
         try:
-            out = real_score_batch(ac, reference, batch, use_critic, *a, **k)
+            out = real_score(job, roll)
         finally:
             state["scoring"] = False
-        if k.get("sampled_values") is not None:  # the forward's values, for comparison (not used by the run)
-            k = {**k, "sampled_values": None, "stats": None}
-            records[-1]["forward_values"] = real_score_batch(ac, reference, batch, use_critic, *a, **k).values
-        records[-1]["values"], records[-1]["mask"] = out.values, out.action_mask
+        if job.rollout_values:  # the forward's values, for comparison (not used by the run)
+            batch = collate(roll.trials, job.codec.pad_id)
+            records[-1]["forward_values"] = score_batch(
+                job.actor_critic, job.reference, batch, job.use_critic, amp_dtype=job.amp,
+                sampling=sampled_logprobs(roll.trials, batch.input_ids.shape[1]), old_logprobs=job.cfg.algo.old_logprobs,
+                bucket_tokens=job.cfg.algo.length_bucket_tokens).values
+        records[-1]["values"], records[-1]["mask"] = out.batch.values, out.batch.action_mask
         return out
 
-    monkeypatch.setattr(trainer_mod, "build_actor_critic", build)
-    monkeypatch.setattr(trainer_mod, "score_batch", score_batch)
-    monkeypatch.setattr(trainer_mod, "run_trials", run_trials)
+    monkeypatch.setattr(PPOJob, "_setup_models", setup_models)
+    monkeypatch.setattr(PPOJob, "rollout", rollout)
+    monkeypatch.setattr(PPOJob, "score", score)
     monkeypatch.setattr(ActorCritic, "score", counting_score)
     if not engine_values:
         monkeypatch.setattr(CachedEngine, "supports_values", False)

@@ -88,15 +88,13 @@ def test_warm_start_seed_fixes_one_start_model_for_several_run_seeds(compose_cfg
 def test_varied_phase_replays_a_share_of_the_focused_traces(compose_cfg, tmp_path, monkeypatch, replay):
     """The second phase fits the varied traces plus round(num_traces * replay_fraction) of the
     first phase's focused traces (the replay that keeps the first phase's rule learned)."""
-    import metarl_llm.sft.warm_start as ws_mod
-
     calls = []
-    monkeypatch.setattr(ws_mod, "fit_records", lambda model, tok, recs, steps, *a, **k: calls.append((recs, steps)) or FitResult([0.0], steps))
+    recording_fit = lambda model, tok, recs, steps, *a, **k: calls.append((recs, steps)) or FitResult([0.0], steps)  # noqa: E731
     cfg = compose_cfg(*SMALL, "warm_start.num_traces=40", f"warm_start.replay_fraction={replay}", "warm_start.focused_until_loss=0",
                       f"warm_start.cache_dir={tmp_path}")
     policy, tok = load_policy(cfg.model, 0)
     codec = StreamCodec(tok, "\n", "Answer:")
-    warm_start(policy, tok, codec, env_factory(cfg), cfg.model, cfg.env, cfg.budget, cfg.warm_start, 0)
+    warm_start(policy, tok, codec, env_factory(cfg), cfg.model, cfg.env, cfg.budget, cfg.warm_start, 0, fit=recording_fit)
     (focused, steps1), (second, steps2) = calls
     assert (steps1, steps2) == (2, 2) and len(focused) == len(second) == 40
     key = lambda r: tuple(r["input_ids"])  # noqa: E731
@@ -109,19 +107,16 @@ def test_varied_phase_replays_a_share_of_the_focused_traces(compose_cfg, tmp_pat
 def test_focused_phase_runs_on_until_its_loss_is_below_the_level(compose_cfg, tmp_path, monkeypatch):
     """The focused phase is asked for focused_max_multiple x its share of steps, stopping at the
     first logged loss below focused_until_loss after its share; the steps it ran are recorded."""
-    import metarl_llm.sft.warm_start as ws_mod
-
     calls = []
 
     def fake_fit(model, tok, recs, steps, *a, stop_below=None, min_steps=0, **k):
         calls.append((steps, stop_below, min_steps))
         return FitResult([0.5] * 7 + [0.05], 80) if stop_below is not None else FitResult([0.9], steps)  # stops at step 80
 
-    monkeypatch.setattr(ws_mod, "fit_records", fake_fit)
     cfg = compose_cfg(*SMALL, "warm_start.steps=60", "warm_start.focused_until_loss=0.1", f"warm_start.cache_dir={tmp_path}")
     policy, tok = load_policy(cfg.model, 0)
     _, info = warm_start(policy, tok, StreamCodec(tok, "\n", "Answer:"), env_factory(cfg), cfg.model, cfg.env, cfg.budget,
-                         cfg.warm_start, 0)
+                         cfg.warm_start, 0, fit=fake_fit)
     assert calls == [(120, 0.1, 30), (30, None, 0)]  # 30 focused steps, up to 4x; then the 30 varied ones
     assert info["warm_start/focused_steps"] == 80 and info["warm_start/steps"] == 110
 

@@ -18,7 +18,6 @@ import pytest
 from metarl_llm.core.trial import StreamCodec
 from metarl_llm.models import build_char_tokenizer, load_policy
 from metarl_llm.runtime.setup import env_factory
-from metarl_llm.sft import warm_start as ws_module
 from metarl_llm.sft.warm_start import expert_records, warm_start
 
 # MATH format: ``problem`` and a ``solution`` whose last \boxed{} is the answer (no ``answer`` field).
@@ -121,7 +120,6 @@ def test_warm_start_names_one_budget_for_both_phases_before_training(compose_cfg
     def no_training(*args, **kwargs):
         raise AssertionError("the warm start trained before checking the budget of all its traces")
 
-    monkeypatch.setattr(ws_module, "fit_records", no_training)
     policy, tok = load_policy(cfg.model, 0)
     codec = StreamCodec(tok, "\n", "Answer:")
     make_env = env_factory(cfg)
@@ -132,7 +130,7 @@ def test_warm_start_names_one_budget_for_both_phases_before_training(compose_cfg
     assert focused[0] <= cfg.budget.max_episode_tokens < varied[0]
 
     with pytest.raises(ValueError, match=re.escape(smallest(episode, total)) + "$"):
-        warm_start(policy, tok, codec, make_env, cfg.model, cfg.env, cfg.budget, ws, 0)
+        warm_start(policy, tok, codec, make_env, cfg.model, cfg.env, cfg.budget, ws, 0, fit=no_training)
     fits = replace(cfg.budget, max_episode_tokens=episode, max_total_tokens=total)
     assert len(expert_records(make_env, codec, fits, ws.num_traces, 0, 0.0, seed=0)) == ws.num_traces
     assert len(expert_records(make_env, codec, fits, ws.num_traces, ws.n_failed_max, ws.variety, seed=1)) == ws.num_traces

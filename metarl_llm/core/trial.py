@@ -50,7 +50,7 @@ class Trial:
     outcome: float = 0.0
     forced: bool = False
     policy_tokens: int = 0
-    env: object = None  # the unwrapped environment, still holding this trial's problem
+    grader: object = None  # envs.base.ProblemGrader: the grading of this trial's problem (never reset to another)
     cache: object = None  # engine.TrialCache when the engine was asked to keep it (for the meta-prover)
 
     def append(self, tokens: list[int], is_action: bool, episode: int, logprobs: list[float] | None = None,

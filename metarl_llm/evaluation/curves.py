@@ -175,7 +175,7 @@ def maj_at_k(trials: Sequence[Trial]) -> float:
     scores = []
     for group in problems.values():
         i = majority_index([t.answer for t in group])
-        scores.append(0.0 if i is None else float(group[i].env.score(group[i].answer.strip())))
+        scores.append(0.0 if i is None else float(group[i].grader.score(group[i].answer.strip())))
     return float(np.mean(scores))
 
 

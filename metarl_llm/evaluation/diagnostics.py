@@ -37,6 +37,7 @@ import torch
 
 from metarl_llm.config import BudgetConfig
 from metarl_llm.core.trial import StreamCodec, Trial
+from metarl_llm.rollout.base import Engine
 from metarl_llm.rollout.engine import heldout_resets, run_trials
 from metarl_llm.rollout.meta_prover import meta_prover_success
 
@@ -170,13 +171,14 @@ def first_episode_values(
     num_rollouts: int,
     answer_max_tokens: int,
     generator: torch.Generator | None = None,
+    engine: Engine | None = None,
 ) -> np.ndarray:
     """J after each trial's first episode: the mean ``env.score`` of ``num_rollouts``
     meta-prover answers (at most ``answer_max_tokens`` tokens each) sampled after the
     prompt + episode 0 + forced-answer tokens. All trials' answers come from one batched
     ``sample`` call; the contexts are the trials' own token ids. Returns [len(trials)]."""
     ends = [[t.episode_ends[0] + 1] for t in trials]
-    values = meta_prover_success(model, codec, trials, ends, num_rollouts, answer_max_tokens, generator)
+    values = meta_prover_success(model, codec, trials, ends, num_rollouts, answer_max_tokens, generator, engine)
     return np.concatenate(values) if values else np.zeros(0)
 
 
@@ -213,6 +215,7 @@ def policy_diagnostics(
     num_rollouts: int,
     margin: float,
     generator: torch.Generator | None = None,
+    engine: Engine | None = None,
 ) -> PolicyDiagnostics:
     """Heterogeneity and anti-concentration of ``model`` on held-out problems 0..P-1.
 
@@ -224,7 +227,8 @@ def policy_diagnostics(
        N first episodes of a problem are N continuations of its prompt; each is valued
        by m = ``num_rollouts`` meta-prover answers (one batched ``sample`` call).
 
-    The model is put in eval mode for the sampling and restored after.
+    ``engine``: the rollout engine of the trials and of the meta-prover's answers (None: a
+    default cached one). The model is put in eval mode for the sampling and restored after.
     """
     fn = "policy_diagnostics"
     for name, value, least in (("num_problems", num_problems, 1), ("num_continuations", num_continuations, 2)):
@@ -239,8 +243,8 @@ def policy_diagnostics(
     model.eval()
     try:
         resets, groups = heldout_resets(num_problems, num_continuations)
-        trials = run_trials(model, codec, envs[:n], resets, groups, budget, generator)
-        values = first_episode_values(model, codec, trials, num_rollouts, budget.answer_max_tokens, generator)
+        trials = run_trials(model, codec, envs[:n], resets, groups, budget, generator, engine=engine or "cached")
+        values = first_episode_values(model, codec, trials, num_rollouts, budget.answer_max_tokens, generator, engine)
     finally:
         model.train(was_training)
     shape = (num_problems, num_continuations)

@@ -72,6 +72,7 @@ from metarl_llm.config import (
     TrainConfig,
 )
 from metarl_llm.core.trial import StreamCodec, Trial
+from metarl_llm.evaluation import report as plots  # looked up at call time (a test replaces a plot)
 from metarl_llm.evaluation.curves import (
     budget_label,
     budget_scales,
@@ -86,9 +87,9 @@ from metarl_llm.evaluation.curves import (
     tokens_to_success,
     trial_breakpoints,
 )
-from metarl_llm.evaluation.report import plot_budget_extrapolation, plot_success_curves
 from metarl_llm.rl.bonus import estimate_sample
-from metarl_llm.rollout.engine import heldout_resets, run_trials
+from metarl_llm.rollout.base import Engine
+from metarl_llm.rollout.engine import engine_from_config, get_engine, heldout_resets, run_trials
 from metarl_llm.rollout.meta_prover import JOptions
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ def eval_generator(seed: int) -> torch.Generator:
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, codec: StreamCodec, envs: list, budget: BudgetConfig, cfg: EvalConfig,
-    generator: torch.Generator, adapt: Callable[[object], torch.nn.Module] | None = None,
+    generator: torch.Generator, adapt: Callable[[object], torch.nn.Module] | None = None, engine: Engine | None = None,
 ) -> EvalResult:
     """Play ``cfg.samples_per_problem`` trials on each of ``cfg.num_problems`` held-out
     problems under ``budget`` and measure them. ``envs``: at least N held-out
@@ -156,7 +157,9 @@ def evaluate(
     ``adapt`` (per-problem adaptation, e.g. :func:`metarl_llm.arc.ttt.problem_adapter`):
     called with the unwrapped environment reset to each problem in turn, it returns the
     model that plays (and, as meta-prover, values) that problem's trials; problems are
-    then played one after the other instead of all in one batch."""
+    then played one after the other instead of all in one batch. ``engine``: the rollout engine
+    that plays the trials and samples the meta-prover's answers (the run's ``rollout`` engine;
+    None: a default cached one)."""
     k = cfg.samples_per_problem
     n = cfg.num_problems * k
     if len(envs) < n:
@@ -164,9 +167,11 @@ def evaluate(
     was_training = model.training
     model.eval()
     resets, groups = heldout_resets(cfg.num_problems, k)
-    opts = JOptions(num_samples=cfg.prover_samples, answer_max_tokens=budget.answer_max_tokens, generator=generator)
+    engine = engine if engine is not None else get_engine("cached")
+    opts = JOptions(num_samples=cfg.prover_samples, answer_max_tokens=budget.answer_max_tokens, generator=generator,
+                    engine=engine)
     if adapt is None:
-        trials = run_trials(model, codec, envs[:n], resets, groups, budget, generator, keep_cache=True)
+        trials = run_trials(model, codec, envs[:n], resets, groups, budget, generator, engine=engine, keep_cache=True)
         j_curves = estimate_sample(model, codec, trials, opts)  # continues from the kept caches
         for t in trials:
             t.cache = None
@@ -178,7 +183,8 @@ def evaluate(
             with torch.enable_grad():
                 adapted = adapt(envs[p * k].unwrapped)
             adapted.eval()
-            part = run_trials(adapted, codec, envs[rows], resets[rows], groups[rows], budget, generator, keep_cache=True)
+            part = run_trials(adapted, codec, envs[rows], resets[rows], groups[rows], budget, generator, engine=engine,
+                              keep_cache=True)
             trials += part
             j_curves += estimate_sample(adapted, codec, part, opts)
             for t in part:
@@ -226,11 +232,12 @@ def evaluate_at_budgets(
     environments from ``make_env(budget)`` and a fresh :func:`eval_generator`."""
     n = cfg.eval.num_problems * cfg.eval.samples_per_problem
     adapt = problem_adapter_of(cfg, model, codec)
+    engine = engine_from_config(cfg.rollout)
     results = {}
     for scale in budget_scales(cfg.eval):
         budget = scale_budget(cfg.budget, scale)
         envs = [make_env(budget) for _ in range(n)]
-        results[budget_label(scale)] = evaluate(model, codec, envs, budget, cfg.eval, eval_generator(cfg.seed), adapt)
+        results[budget_label(scale)] = evaluate(model, codec, envs, budget, cfg.eval, eval_generator(cfg.seed), adapt, engine)
         log.info("held-out at %sx budget (%d episodes, C=%d tokens): success %.3f, regret %.3f",
                  budget_label(scale), budget.max_episodes, curve_tokens(budget),
                  results[budget_label(scale)].metrics["success"], results[budget_label(scale)].metrics["regret"])
@@ -318,11 +325,11 @@ def evaluate_and_report(
     tracker.table(f"transcripts/{checkpoint}", TRANSCRIPT_COLUMNS,
                   transcript_rows(base.trials, base.j_curves, cfg.logger.num_transcripts), step=step)
     curves_png = run_dir / f"success_vs_tokens_{checkpoint}.png"
-    plot_success_curves({f"{label}x budget (C={curve_tokens(r.budget)})": r.curve for label, r in results.items()},
+    plots.plot_success_curves({f"{label}x budget (C={curve_tokens(r.budget)})": r.curve for label, r in results.items()},
                         curves_png, title=f"{cfg.env.name}, {checkpoint}")
     tracker.image("heldout/success_vs_tokens_by_budget", curves_png, step=step)
     if len(results) > 1:
         budget_png = run_dir / f"budget_extrapolation_{checkpoint}.png"
-        plot_budget_extrapolation(results, k, budget_png, title=f"{cfg.env.name}, {checkpoint}")
+        plots.plot_budget_extrapolation(results, k, budget_png, title=f"{cfg.env.name}, {checkpoint}")
         tracker.image("heldout/budget_extrapolation", budget_png, step=step)
     return results, figures, report

@@ -188,7 +188,7 @@ def base_diagnostics(cfg: TrainConfig, policy, codec: StreamCodec, make_env, log
     num = min(d.num_problems, size) if size is not None else d.num_problems
     pool = [make_env("test") for _ in range(num * d.num_continuations)]
     out = policy_diagnostics(policy, codec, pool, cfg.budget, num, d.num_continuations, d.num_rollouts, d.margin,
-                             torch.Generator().manual_seed(cfg.seed))
+                             torch.Generator().manual_seed(cfg.seed), engine_from_config(cfg.rollout))
     scalars = {f"diagnostics/{k}": v for k, v in out.metrics.items()}
     scalars["diagnostics/time_s"] = time.perf_counter() - t0
     log_fn(scalars, 0)

@@ -314,7 +314,7 @@ class PPOJob:
         if self.dist.is_main:
             adapter_policy = merged_policy(ac) if cfg.adapt.name == "ttt" else ac.policy
             res = evaluate(ac.policy, self.codec, self.eval_envs, cfg.budget, cfg.eval, eval_generator(cfg.seed),
-                           problem_adapter_of(cfg, adapter_policy, self.codec))
+                           problem_adapter_of(cfg, adapter_policy, self.codec), engine=self.engine)
             self.tracker.log({f"heldout/{k}": v for k, v in res.metrics.items()}, step=iteration)
             self.tracker.table(f"transcripts/{label}", TRANSCRIPT_COLUMNS,
                                transcript_rows(res.trials, res.j_curves, cfg.logger.num_transcripts), step=iteration)
@@ -402,7 +402,7 @@ class PPOJob:
         with failure_record(self.run_dir, it):
             scored.bonuses, scored.curves = episode_bonuses(cfg.bonus, bonus_model, self.codec, roll.trials,
                                                             cfg.budget.answer_max_tokens, self.generator,
-                                                            outcomes=scored.batch.outcome.tolist())
+                                                            outcomes=scored.batch.outcome.tolist(), engine=self.engine)
         for t in roll.trials:
             t.cache = None  # the kept KV caches served the meta-prover; free them before the update
         scored.bonus_seconds = time.perf_counter() - t0

@@ -50,6 +50,7 @@ from metarl_llm.config import BonusConfig
 from metarl_llm.core.batch import pad_rows
 from metarl_llm.core.registry import Registry
 from metarl_llm.core.trial import StreamCodec, Trial
+from metarl_llm.rollout.base import Engine
 from metarl_llm.rollout.meta_prover import JOptions, boundary_prefixes, episodes_before, meta_prover_success
 from metarl_llm.verify.model import is_saved_verifier
 from metarl_llm.verify.scoring import trained_verifier_estimator
@@ -65,7 +66,8 @@ def estimate_sample(model: torch.nn.Module, codec: StreamCodec, trials: list[Tri
     """J at every boundary of every trial: the mean score of ``num_samples`` meta-prover
     answers (all boundaries of all trials in one batched sampling call)."""
     ends = [boundary_prefixes(t) for t in trials]
-    return meta_prover_success(model, codec, trials, ends, opts.num_samples, opts.answer_max_tokens, opts.generator)
+    return meta_prover_success(model, codec, trials, ends, opts.num_samples, opts.answer_max_tokens, opts.generator,
+                               opts.engine)
 
 
 class _Packed(NamedTuple):
@@ -88,7 +90,7 @@ class _Packed(NamedTuple):
 
 def _pack(codec: StreamCodec, trial: Trial) -> _Packed:
     ends = boundary_prefixes(trial)
-    text, must_stop = trial.env.answer_target()
+    text, must_stop = trial.grader.answer_target()
     target = codec.encode(text)
     stream = trial.ids[: ends[-1]]
     ids, pos, seg = list(stream), list(range(len(stream))), [-1] * len(stream)
@@ -188,23 +190,23 @@ def _with_outcome_so_far(trial: Trial, p_target: np.ndarray) -> np.ndarray:
     J = o_none + P(target) * (o_target - o_none). For an outcome of the answer alone that
     is P(target); where earlier episodes count (planted_subseq), an episode that already
     holds the gold makes J 1."""
-    env = trial.env
-    target, _ = env.answer_target()
+    grader = trial.grader
+    target, _ = grader.answer_target()
     out = np.empty_like(p_target)
     for k, end in enumerate(boundary_prefixes(trial)):
         episodes = episodes_before(trial, end)
-        o_none = float(env.outcome(episodes, None))
-        out[k] = o_none + p_target[k] * (env.forced_outcome(episodes, target) - o_none)
+        o_none = float(grader.outcome(episodes, None))
+        out[k] = o_none + p_target[k] * (grader.forced_outcome(episodes, target) - o_none)
     return out
 
 
 class VerifierInput(NamedTuple):
     """What a verifier sees at one boundary: the problem's prompt, the episodes so far
-    (texts, delimiters excluded) and the environment holding the problem."""
+    (texts, delimiters excluded) and the problem's grading (envs.base.ProblemGrader)."""
 
     prompt: str
     episodes: list[str]
-    env: object
+    grader: object
 
 
 TextVerifier = Callable[[list[VerifierInput]], np.ndarray]  # -> [N] estimated P(success) in [0, 1]
@@ -215,11 +217,11 @@ register_verifier = VERIFIERS.register
 @register_verifier("episode_score")
 def episode_score_verifier() -> TextVerifier:
     """Rule-based verifier: 1 if some episode so far already scores as correct under the
-    environment's ``score_episode`` (e.g. its last number is the answer), else 0. It
-    reads the reference through the environment, like the outcome reward does."""
+    problem's ``score_episode`` (e.g. its last number is the answer), else 0. It
+    reads the reference through the problem's grader, like the outcome reward does."""
 
     def verify(items: list[VerifierInput]) -> np.ndarray:
-        return np.array([float(any(it.env.score_episode(e) >= 1.0 for e in it.episodes)) for it in items])
+        return np.array([float(any(it.grader.score_episode(e) >= 1.0 for e in it.episodes)) for it in items])
 
     return verify
 
@@ -247,8 +249,8 @@ def estimate_verifier(model: torch.nn.Module, codec: StreamCodec, trials: list[T
     items, sizes = [], []
     for t in trials:
         ends = boundary_prefixes(t)
-        prompt = t.env.problem.prompt
-        items += [VerifierInput(prompt, t.episode_texts[:b], t.env) for b in range(len(ends))]
+        prompt = t.grader.problem.prompt
+        items += [VerifierInput(prompt, t.episode_texts[:b], t.grader) for b in range(len(ends))]
         sizes.append(len(ends))
     values = np.asarray(verify(items), dtype=np.float64)
     if values.shape != (len(items),):
@@ -272,13 +274,15 @@ def episode_bonuses(
     answer_max_tokens: int,
     generator: torch.Generator | None = None,
     outcomes: list[float] | None = None,
+    engine: Engine | None = None,
 ) -> tuple[list[list[float]], list[np.ndarray] | None]:
     """Bonus of each episode of each trial, and the J curves they came from (None for ``none``).
 
     ``outcomes`` [B]: the outcome reward each trial is trained on, which J after the answer
     episode equals under ``bonus.final_episode=true`` (default: ``trial.outcome``, the
     environment's). With ``reward=verifier`` that is the verifier's reward, so that no
-    reference-based outcome enters what is optimised.
+    reference-based outcome enters what is optimised. ``engine``: the rollout engine the sample
+    estimator's meta-prover runs on (the run's ``rollout`` engine; None: a default cached one).
     """
     if cfg.name == "none":
         return [[] for _ in trials], None
@@ -289,7 +293,8 @@ def episode_bonuses(
     if len(outcomes) != len(trials):
         raise ValueError(f"episode_bonuses: {len(outcomes)} outcomes for {len(trials)} trials")
     estimate = get_estimator(cfg.estimator)
-    opts = JOptions(num_samples=cfg.num_samples, answer_max_tokens=answer_max_tokens, generator=generator, verifier=cfg.verifier)
+    opts = JOptions(num_samples=cfg.num_samples, answer_max_tokens=answer_max_tokens, generator=generator, verifier=cfg.verifier,
+                    engine=engine)
     curves = estimate(model, codec, trials, opts)
     if cfg.final_episode:
         # J after the committed answer is the rewarded outcome: the answer episode gets its

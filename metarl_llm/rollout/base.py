@@ -14,7 +14,7 @@ A trial is a token stream (prompt, episodes, inserted observations; see
   longest observation; observations longer than ``queue_tokens`` go in as one block).
   Every pass is then one token per row, the cache grows by one column per pass and is
   appended in place (preallocated, :class:`_GrowingLayer`), prompts of similar length are
-  prefilled together (:meth:`_Batch.prefill`), and finished trials leave the batch once a
+  prefilled together (:meth:`DecodeBatch.prefill`), and finished trials leave the batch once a
   quarter of its rows have finished. With ``keep_cache=True`` each finished trial keeps
   its KV cache (:class:`TrialCache`) so that the meta-prover's forced answers continue
   from it (:meth:`CachedEngine.continue_prefixes`) instead of re-encoding every prefix.
@@ -30,7 +30,11 @@ so the log-probs are those of the policy the trainer scores. ``cached`` and
 u(trial key, stream position) (:func:`stream_uniforms`): a trial's tokens depend only on
 its own key and logits, not on which other trials share the batch or how the forward
 passes were split. The cached engine therefore reproduces exactly the tokens of a
-recomputation from scratch with the same keys (tested), and the two engines agree.
+recomputation from scratch with the same keys (tested), and the two engines agree. The
+meta-prover's forced answers (:meth:`Engine.continue_prefixes`) draw the same way, one key per
+answer, so J does not depend on the engine, on ``rollout.max_rows`` or on whether the answers
+continue kept caches or re-encode their prefixes. Every such decode runs the one decode loop,
+:func:`metarl_llm.rollout.decode.decode`.
 
 Values while sampling (``value_head``, a shared critic's head; all three engines
 support it, :attr:`Engine.supports_values`): the logits a token is drawn from come from a
@@ -55,6 +59,7 @@ import torch
 from metarl_llm.config import BudgetConfig
 from metarl_llm.core.registry import Registry
 from metarl_llm.core.trial import StreamCodec, Trial
+from metarl_llm.rollout.sampling import check_keys, sample
 
 ENGINES = Registry("rollout engine", "rollout.engine")  # name -> Engine subclass
 
@@ -83,6 +88,17 @@ class Engine(abc.ABC):
     name = "engine"
     supports_values = False
 
+    def __init__(self, max_rows: int = 512, bucket_tokens: int = 128):
+        if max_rows < 1:
+            raise ValueError(f"rollout.max_rows must be >= 1, got {max_rows}")
+        if bucket_tokens < 0:
+            raise ValueError(f"rollout.prefill_bucket_tokens must be >= 0, got {bucket_tokens}")
+        self.max_rows = max_rows  # rows per batched forward pass (trials, or meta-prover answers); larger calls run in chunks
+        # Rows of similar length share a pass, cut where the padded positions saved outweigh one more
+        # pass costed as this many (metarl_llm.core.batch.length_buckets; 0: one pass). Engines that
+        # prefill whole histories in one pass ignore it.
+        self.bucket_tokens = bucket_tokens
+
     @abc.abstractmethod
     def run_trials(
         self, model: torch.nn.Module, codec: StreamCodec, envs: list, resets: list[dict], groups: list[int],
@@ -96,6 +112,36 @@ class Engine(abc.ABC):
         (engines with ``supports_values``): also store each action token's value, the head
         on the last hidden state of the pass its logits came from, on ``Trial.sample_values``."""
 
+    @torch.no_grad()
+    def continue_prefixes(
+        self, model: torch.nn.Module, trials: list[Trial], ends: list[list[int]], suffixes: list[list[list[int]]],
+        copies: int, max_new_tokens: int, stop_ids: torch.Tensor, pad_id: int, generator: torch.Generator | None = None,
+        greedy: bool = False, keys: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """Sample ``copies`` continuations of each prefix ``trials[i].ids[:ends[i][b]]`` followed by
+        ``suffixes[i][b]`` (the meta-prover's forced-answer tokens), at most ``max_new_tokens``
+        each, stopping at ``stop_ids``.
+
+        Returns (tokens [M, L], lengths [M], owners) with one row per (trial i, boundary b,
+        copy), ``owners[row] = (i, b)`` (:func:`prefix_owners`). Row r draws counter-based at
+        its key ``keys[r]`` (default: M keys drawn from ``generator``) and stream positions, so
+        its answer does not depend on the batching (``max_rows``) or on the engine; ``greedy``:
+        the argmax. This base method re-encodes every prefix (:func:`sample`); engines that keep
+        caches continue from them."""
+        owners = prefix_owners(ends, copies)
+        keys = check_keys(keys, len(owners), generator)
+        if not owners:
+            return torch.zeros((0, 0), dtype=torch.long), torch.zeros(0, dtype=torch.long), owners
+        contexts = [trials[i].ids[: ends[i][b]] + suffixes[i][b] for i, b in owners]
+        out = sample(model, contexts, max_new_tokens, stop_ids, pad_id, max_rows=self.max_rows, greedy=greedy, keys=keys)
+        return out.tokens, out.lengths, owners
+
+
+def prefix_owners(ends: list[list[int]], copies: int) -> list[tuple[int, int]]:
+    """(trial i, boundary b) of each row of :meth:`Engine.continue_prefixes`: trial-major, then
+    boundary, then ``copies`` rows per boundary."""
+    return [(i, b) for i, e in enumerate(ends) for b in range(len(e)) for _ in range(copies)]
+
 
 def start_trials(codec: StreamCodec, envs: list, resets: list[dict], groups: list[int], budget: BudgetConfig) -> list[Trial]:
     """Reset every environment and start its trial with the tokenised prompt."""
@@ -104,7 +150,7 @@ def start_trials(codec: StreamCodec, envs: list, resets: list[dict], groups: lis
     trials = []
     for env, kw, g in zip(envs, resets, groups):
         prompt, info = env.reset(**kw)
-        t = Trial(problem_id=info["problem_id"], group=g, env=env.unwrapped)
+        t = Trial(problem_id=info["problem_id"], group=g, grader=env.unwrapped.grader())
         ids = codec.encode(prompt, special=True)
         if len(ids) > budget.max_prompt_tokens:
             raise ValueError(
@@ -148,7 +194,7 @@ def finish_episode(t: Trial, env, codec: StreamCodec, toks: list[int], logps: li
     if info.get("forcing_answer"):
         return False, True, codec.forced_prefix(t.ids)
     if (n > 0 and toks[-1] == codec.eos_id) or t.policy_tokens >= budget.max_total_tokens:
-        t.env.force_answer()
+        env.unwrapped.force_answer()
         return False, True, codec.forced_prefix(t.ids)
     cut = n > 0 and toks[-1] not in codec.delimiter_ids
     return False, False, (codec.delimiter_token if cut else []) + codec.encode(obs)

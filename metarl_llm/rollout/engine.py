@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def get_engine(name: str, **options) -> "Engine":
-    """A new engine registered as ``name``; ``options`` go to its constructor (cached:
-    ``max_rows``, ``bucket_tokens``; the others take none). This module imports every engine
+    """A new engine registered as ``name``; ``options`` go to its constructor (every engine takes
+    ``max_rows`` and ``bucket_tokens``, :class:`Engine`). This module imports every engine
     shipped, so all are registered."""
     return ENGINES.lookup(name)(**options)
 
@@ -73,13 +73,9 @@ def run_trials(
 
 
 def engine_from_config(cfg) -> "Engine":
-    """The engine of a RolloutConfig (``rollout.*``)."""
-    if cfg.max_rows < 1:
-        raise ValueError(f"rollout.max_rows must be >= 1, got {cfg.max_rows}")
-    if cfg.prefill_bucket_tokens < 0:
-        raise ValueError(f"rollout.prefill_bucket_tokens must be >= 0, got {cfg.prefill_bucket_tokens}")
-    options = {"max_rows": cfg.max_rows, "bucket_tokens": cfg.prefill_bucket_tokens}
-    return get_engine(cfg.engine, **(options if cfg.engine == "cached" else {}))
+    """The engine of a RolloutConfig (``rollout.*``): ``rollout.engine`` with ``rollout.max_rows``
+    and ``rollout.prefill_bucket_tokens``."""
+    return get_engine(cfg.engine, max_rows=cfg.max_rows, bucket_tokens=cfg.prefill_bucket_tokens)
 
 
 def heldout_resets(num_problems: int, samples: int) -> tuple[list[dict], list[int]]:

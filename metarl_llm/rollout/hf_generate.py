@@ -27,7 +27,7 @@ class HFGenerateEngine(Engine):
     (:data:`_NEUTRAL_GENERATION`), and an error if ``generate`` still changed the scores it drew
     from; log-probs from the raw generation logits (values, with ``value_head``: from the
     generation's last-layer hidden states). Rows with different token limits are
-    generated in separate calls (one per distinct limit)."""
+    generated in separate calls (one per distinct limit, of at most ``max_rows`` trials each)."""
 
     supports_values = True
 
@@ -43,10 +43,12 @@ class HFGenerateEngine(Engine):
             limits = {i: episode_limit(trials[i], forced[i], budget) for i in live}
             results = {}
             for lim in sorted(set(limits.values())):
-                rows = [i for i in live if limits[i] == lim]
-                out = _generate(model, [trials[i].ids for i in rows], lim, codec, greedy, value_head)
-                for row, i in enumerate(rows):
-                    results[i] = _episode(out, row)
+                same = [i for i in live if limits[i] == lim]
+                for s in range(0, len(same), self.max_rows):  # at most max_rows trials per generate call
+                    rows = same[s : s + self.max_rows]
+                    out = _generate(model, [trials[i].ids for i in rows], lim, codec, greedy, value_head)
+                    for row, i in enumerate(rows):
+                        results[i] = _episode(out, row)
             live = finish_round(trials, envs, codec, results, live, forced, budget)
         if live:
             raise RuntimeError(f"{len(live)} trial(s) did not terminate within max_episodes+2 rounds")

@@ -15,8 +15,8 @@ import torch
 
 from envs.base import EnvironmentFailure
 from metarl_llm.core.trial import StreamCodec, Trial
+from metarl_llm.rollout.base import Engine
 from metarl_llm.rollout.cached import CachedEngine
-from metarl_llm.rollout.sampling import sample
 
 
 @dataclass
@@ -25,7 +25,8 @@ class JOptions:
 
     num_samples: int = 4  # sample: meta-prover answers per boundary
     answer_max_tokens: int = 12  # sample: tokens per meta-prover answer
-    generator: torch.Generator | None = None  # sample: RNG of the meta-prover answers
+    generator: torch.Generator | None = None  # sample: RNG of the meta-prover answers' keys
+    engine: Engine | None = None  # sample: the engine the answers are sampled on (None: a default cached engine)
     verifier: str = "episode_score"  # verifier: name in VERIFIERS
     rows: int = 32  # likelihood: trials per forward pass
 
@@ -69,38 +70,31 @@ def meta_prover_context(codec: StreamCodec, trial: Trial, end: int) -> list[int]
 
 def meta_prover_success(
     model: torch.nn.Module, codec: StreamCodec, trials: list[Trial], ends: list[list[int]], num_samples: int,
-    answer_max_tokens: int, generator: torch.Generator | None = None,
+    answer_max_tokens: int, generator: torch.Generator | None = None, engine: Engine | None = None,
 ) -> list[np.ndarray]:
     """J after the prefixes ``ends[i]`` (stream lengths) of trial i: the mean success of
-    ``num_samples`` meta-prover answers of at most ``answer_max_tokens`` tokens, all from
-    one batched sampling call over the trials' own token ids. Each answer is scored as
-    the trial would be if forced to answer there: ``env.forced_outcome(episodes so far,
-    answer)`` (where the outcome counts earlier episodes, as planted_subseq's does, an
-    episode that already holds the gold makes J 1 whatever the answer). Returns one array
-    [len(ends[i])] per trial. Trials that kept the rollout's KV cache for ``model``
-    (``run_trials(..., keep_cache=True)``) are continued from it instead of re-encoded.
-    Either way the answers are ancestral samples from ``generator``."""
-    if trials and all(t.cache is not None and t.cache.computed_by(model) for t in trials):
-        # The rollout kept each trial's KV cache (engine "cached", keep_cache=True) for this
-        # very model: continue every prefix from it, encoding only the forced-answer tokens.
+    ``num_samples`` meta-prover answers of at most ``answer_max_tokens`` tokens, sampled on
+    ``engine`` (the run's ``rollout`` engine; default: a ``cached`` engine with default
+    settings) by :meth:`Engine.continue_prefixes` over the trials' own token ids. Each
+    answer is scored as the trial would be if forced to answer there:
+    ``forced_outcome(episodes so far, answer)`` of the trial's problem (where the outcome
+    counts earlier episodes, as planted_subseq's does, an episode that already holds the
+    gold makes J 1 whatever the answer). Returns one array [len(ends[i])] per trial.
 
-        suffixes = [[codec.forced_prefix(t.ids[:end]) for end in prefix_ends] for t, prefix_ends in zip(trials, ends)]
-        tokens, lengths, owners = CachedEngine().continue_prefixes(
-            model, trials, ends, suffixes, num_samples, answer_max_tokens, codec.stop_ids, codec.pad_id, generator)
-    else:
-        contexts, owners = [], []
-        for i, (t, prefix_ends) in enumerate(zip(trials, ends)):
-            for b, end in enumerate(prefix_ends):
-                contexts += [meta_prover_context(codec, t, end)] * num_samples
-                owners += [(i, b)] * num_samples
-        out = sample(model, contexts, answer_max_tokens, codec.stop_ids, codec.pad_id, generator)
-        tokens, lengths = out.tokens, out.lengths
+    Each answer draws from its own key (drawn from ``generator``), so J does not depend on
+    ``rollout.max_rows``, ``rollout.prefill_bucket_tokens`` or on whether the rollout kept
+    each trial's KV cache (``run_trials(..., keep_cache=True)``: continued from it; else
+    every prefix is re-encoded)."""
+    engine = engine if engine is not None else CachedEngine()
+    suffixes = [[codec.forced_prefix(t.ids[:end]) for end in prefix_ends] for t, prefix_ends in zip(trials, ends)]
+    tokens, lengths, owners = engine.continue_prefixes(model, trials, ends, suffixes, num_samples, answer_max_tokens,
+                                                       codec.stop_ids, codec.pad_id, generator)
     sums = [np.zeros(len(prefix_ends)) for prefix_ends in ends]
     before = [[episodes_before(t, end) for end in prefix_ends] for t, prefix_ends in zip(trials, ends)]
     for row, (i, b) in enumerate(owners):
         text = codec.episode_text(tokens[row, : int(lengths[row])].tolist())
         try:
-            sums[i][b] += trials[i].env.forced_outcome(before[i][b], text)
+            sums[i][b] += trials[i].grader.forced_outcome(before[i][b], text)
         except Exception as e:  # noqa: BLE001 - a grader failure is loud, with the problem and the text
             raise EnvironmentFailure(trials[i].problem_id, text, b, e) from e
     return [x / num_samples for x in sums]

@@ -1,7 +1,8 @@
-"""Sampling: ancestral draws from softmax(logits), plain (:func:`multinomial`) or counter-based
-(:func:`stream_uniforms`, :func:`draw_tokens`: token = inverse-CDF of u(trial key, stream position),
-so a trial's tokens depend on its own key and logits only), and :func:`sample`, the
-KV-cached decode loop that continues a batch of token prefixes.
+"""Draw rules and :func:`sample`: ancestral draws from softmax(logits) (:func:`multinomial`),
+counter-based ones (:func:`stream_uniforms`, :func:`draw_tokens`: token = inverse-CDF of
+u(trial key, stream position), so a trial's tokens depend on its own key and logits only) or
+the argmax, chosen by :func:`draw_rule`; :func:`sample` prefills a batch of token contexts and
+runs the one decode loop (:func:`metarl_llm.rollout.decode.decode`) on it.
 
 Sampling is plain ancestral sampling from softmax(logits) (temperature 1, no top-k,
 no top-p), so the sampling distribution is the policy the trainer scores.
@@ -9,31 +10,12 @@ no top-p), so the sampling distribution is the policy the trainer scores.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
-from metarl_llm.core.batch import pad_rows
-from metarl_llm.rollout.kv_cache import growing_cache
+from metarl_llm.rollout.decode import DecodeBatch, Draw, Sampled, cat_sampled, decode
 
-
-class Sampled(NamedTuple):
-    """Output of :func:`sample`; N rows.
-
-    tokens   [N, L] sampled ids, ``pad_id`` after each row's end.
-    logprobs [N, L] log pi of each sampled token under the sampling forward pass (0 after the end).
-    lengths  [N]    tokens per row, the stop token included.
-    stopped  [N]    True if the row ended on a stop id (False: cut by its length limit).
-    values   [N, L] the critic's value of each sampled token from the sampling forward's last
-                    hidden state (0 after the end); None unless the engine was given a value head.
-    """
-
-    tokens: torch.Tensor
-    logprobs: torch.Tensor
-    lengths: torch.Tensor
-    stopped: torch.Tensor
-    values: torch.Tensor | None = None
+__all__ = ["Sampled", "check_keys", "draw_rule", "draw_tokens", "multinomial", "sample", "stream_uniforms", "trial_keys"]
 
 
 def multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -50,6 +32,30 @@ def multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torch
     return torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
+def draw_rule(generator: torch.Generator | None = None, keys: torch.Tensor | None = None,
+              start: torch.Tensor | None = None, greedy: bool = False) -> Draw:
+    """The draw rule of a :func:`~metarl_llm.rollout.decode.decode` call.
+
+    ``greedy``: the argmax (first index on ties). ``keys`` [R] (with ``start`` [R], each row's
+    stream length before its first sampled token): counter-based inverse-CDF draws at
+    ``stream_uniforms(keys, start + t)``, so a row's tokens depend on its key and logits only,
+    never on the batch it shares or how the batch is chunked. Otherwise ancestral draws
+    from ``generator`` (:func:`multinomial`), which depend on the batch's composition."""
+    if greedy:
+        return lambda logits, t: draw_tokens(logits, None)
+    if keys is not None:
+        if start is None:
+            raise ValueError("draw_rule: counter-based draws need each row's start position")
+        return lambda logits, t: draw_tokens(logits, stream_uniforms(keys, start + t))
+
+    def ancestral(logits: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logp = F.log_softmax(logits.float(), -1)
+        tok = multinomial(logp.exp(), generator)
+        return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+    return ancestral
+
+
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
@@ -60,13 +66,18 @@ def sample(
     generator: torch.Generator | None = None,
     max_rows: int = 512,
     greedy: bool = False,
+    keys: torch.Tensor | None = None,
+    value_head: torch.nn.Module | None = None,
 ) -> Sampled:
-    """Sample continuations of token contexts with a KV cache, batched (``greedy``: the
-    argmax token instead, first index on ties; log-probs are still reported).
+    """Sample continuations of token contexts with a KV cache, batched: each context is
+    prefilled (left-padded) and :func:`~metarl_llm.rollout.decode.decode` continues it.
 
     Rows stop independently at any id in ``stop_ids`` (episode delimiter, EOS) or at
-    their own ``max_new_tokens``; the batch runs until every row has stopped. Contexts
-    are left-padded internally; ``max_rows`` bounds the rows per forward pass.
+    their own ``max_new_tokens``. ``max_rows`` bounds the rows per forward pass (larger
+    calls run in chunks). Draws (:func:`draw_rule`): ``greedy`` the argmax (log-probs are
+    still reported); ``keys`` [N] int64 counter-based draws at each row's stream positions
+    (then the result does not depend on ``max_rows``); else ancestral draws from
+    ``generator``. ``value_head``: also each sampled token's value (``Sampled.values``).
     """
     n = len(contexts)
     limits = torch.as_tensor(max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * n)
@@ -75,55 +86,21 @@ def sample(
         return Sampled(empty, empty.float(), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool))
     if any(len(c) == 0 for c in contexts):
         raise ValueError("sample: every context needs at least one token")
+    if keys is not None:
+        keys = torch.as_tensor(keys)
+        if keys.shape != (n,) or keys.is_floating_point():
+            raise ValueError(f"sample: keys must be an integer tensor of shape [{n}], got {tuple(keys.shape)} {keys.dtype}")
     if n > max_rows:
-        parts = [
-            sample(model, contexts[s : s + max_rows], limits[s : s + max_rows].tolist(), stop_ids, pad_id, generator, max_rows, greedy)
-            for s in range(0, n, max_rows)
-        ]
-        width = max(p.tokens.shape[1] for p in parts)
-        pad = lambda t, v: F.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
-        return Sampled(
-            torch.cat([pad(p.tokens, pad_id) for p in parts]),
-            torch.cat([pad(p.logprobs, 0.0) for p in parts]),
-            torch.cat([p.lengths for p in parts]),
-            torch.cat([p.stopped for p in parts]),
-        )
+        parts = [sample(model, contexts[s : s + max_rows], limits[s : s + max_rows].tolist(), stop_ids, pad_id, generator,
+                        max_rows, greedy, None if keys is None else keys[s : s + max_rows], value_head)
+                 for s in range(0, n, max_rows)]
+        return cat_sampled(parts, pad_id)
     device = next(model.parameters()).device
-    limits = limits.to(device)
-    stop_ids = stop_ids.to(device)
-    width = max(len(c) for c in contexts)
-    ids, mask = pad_rows(contexts, pad_id, width=width, left=True)
-    ids, mask = ids.to(device), mask.to(device)
-    position = (mask.cumsum(-1) - 1).clamp(min=0)
-    max_len = int(limits.max())
-
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=growing_cache(model, width + max_len),
-                use_cache=True)
-    cache, logits = out.cache, out.logits[:, -1]
-    next_pos = position[:, -1:] + 1
-    tokens = torch.full((n, max_len), pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros((n, max_len), dtype=torch.float32, device=device)
-    done = limits <= 0
-    lengths = torch.zeros(n, dtype=torch.long, device=device)
-    stopped = torch.zeros(n, dtype=torch.bool, device=device)
-    for t in range(max_len):
-        logp = F.log_softmax(logits.float(), -1)
-        tok = logp.argmax(-1) if greedy else multinomial(logp.exp(), generator)
-        live = ~done
-        tokens[:, t] = torch.where(live, tok, pad_id)
-        logprobs[:, t] = torch.where(live, logp.gather(-1, tok[:, None]).squeeze(-1), 0.0)
-        lengths += live.long()
-        hit = live & torch.isin(tok, stop_ids)
-        stopped |= hit
-        done = done | hit | (lengths >= limits)
-        if bool(done.all()):
-            break
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], 1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, cache=cache, use_cache=True)
-        cache, logits = out.cache, out.logits[:, -1]
-        next_pos = next_pos + 1
-    width = int(lengths.max())
-    return Sampled(tokens[:, :width].cpu(), logprobs[:, :width].cpu(), lengths.cpu(), stopped.cpu())
+    batch = DecodeBatch(model, device, n, capacity=max(len(c) for c in contexts) + int(limits.max()), value_head=value_head)
+    logits = batch.feed(contexts, pad_id)
+    start = torch.tensor([len(c) for c in contexts], device=device)
+    draw = draw_rule(generator, None if keys is None else keys.long().to(device), start, greedy)
+    return decode(batch, logits, limits, stop_ids, pad_id, draw)
 
 
 # ------------------------------------------------------------------ randomness

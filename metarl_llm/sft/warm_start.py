@@ -31,12 +31,13 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from metarl_llm.config import BudgetConfig, EnvConfig, ModelConfig, WarmStartConfig
 from metarl_llm.core.trial import StreamCodec
-from metarl_llm.sft.fit import fit_records
+from metarl_llm.sft.fit import FitResult, fit_records
 from metarl_llm.sft.traces import trace_record
 
 log = logging.getLogger(__name__)
@@ -152,9 +153,12 @@ def cache_key(model: ModelConfig, env: EnvConfig, budget: BudgetConfig, ws: Warm
 
 def warm_start(
     model, tokenizer, codec: StreamCodec, make_env, model_cfg: ModelConfig, env_cfg: EnvConfig,
-    budget: BudgetConfig, ws: WarmStartConfig, seed: int,
+    budget: BudgetConfig, ws: WarmStartConfig, seed: int, fit: Callable[..., FitResult] = fit_records,
 ) -> tuple[object, dict]:
-    """Fine-tune ``model`` on expert traces (or load the cached result). Returns (model, info)."""
+    """Fine-tune ``model`` on expert traces (or load the cached result). Returns (model, info).
+
+    ``fit``: the SFT fit of each phase (:func:`metarl_llm.sft.fit.fit_records`'s signature), a seam
+    for tests and for other fitters."""
     if ws.steps <= 0:
         return model, {"warm_start/cached": False, "warm_start/steps": 0}
     key = cache_key(model_cfg, env_cfg, budget, ws, seed, tokenizer.get_vocab())
@@ -187,9 +191,9 @@ def warm_start(
     for recs, steps, schedule in phases:
         max_steps = int(round(steps * ws.focused_max_multiple))
         extend = schedule == "constant_with_warmup" and ws.focused_until_loss > 0 and max_steps > steps
-        fit = dict(stop_below=ws.focused_until_loss, min_steps=steps, warmup_steps=max(1, steps // 20)) if extend else {}
-        result = fit_records(model, tokenizer, recs, max_steps if extend else steps, ws.batch_size, ws.lr,
-                             seed, schedule, model_cfg.gradient_checkpointing, **fit)
+        until = dict(stop_below=ws.focused_until_loss, min_steps=steps, warmup_steps=max(1, steps // 20)) if extend else {}
+        result = fit(model, tokenizer, recs, max_steps if extend else steps, ws.batch_size, ws.lr,
+                     seed, schedule, model_cfg.gradient_checkpointing, **until)
         phase_losses = result.losses
         losses += phase_losses
         if extend:

@@ -87,19 +87,19 @@ def _majority_score(answers: np.ndarray, scores: np.ndarray) -> float:
 
 
 def answer_scores_of(trials: Sequence[Trial]) -> np.ndarray:
-    """env.score(answer) [N] of each trial's stripped answer (0 without one), while each
-    ``trial.env`` still holds the trial's problem (once per distinct answer of a problem)."""
+    """score(answer) [N] of each trial's stripped answer (0 without one) by the trial's
+    problem grader (once per distinct answer of a problem)."""
     cache: dict[tuple[int, str], float] = {}
     out = np.zeros(len(trials))
     for i, t in enumerate(trials):
         answer = (t.answer or "").strip()
         if not answer:
             continue
-        if t.env is None:
-            raise ValueError(f"answer_scores_of: trial {i} (problem {t.problem_id}) has no environment to score its answer")
+        if t.grader is None:
+            raise ValueError(f"answer_scores_of: trial {i} (problem {t.problem_id}) has no grader to score its answer")
         key = (t.group, answer)
         if key not in cache:
-            cache[key] = float(t.env.score(answer))
+            cache[key] = float(t.grader.score(answer))
         out[i] = cache[key]
     return out
 
@@ -161,15 +161,12 @@ def play_trials(
     groups: list[int], budget: BudgetConfig, generator: torch.Generator, rows: int,
 ) -> tuple[list[Trial], np.ndarray]:
     """:func:`rollout.run_trials` in rounds of ``rows`` trials over a pool of ``rows``
-    environments of ``split``. Returns the trials and :func:`answer_scores_of` them,
-    taken while the pool still holds their problems; after that the pool is reused, so
-    ``trial.env`` is set to None on every trial (it would hold another problem)."""
+    environments of ``split`` (reset to the next round's problems; each trial keeps its own
+    problem's grader). Returns the trials and :func:`answer_scores_of` them."""
     envs = [make_env(split) for _ in range(min(rows, len(resets)))]
     trials, scores = [], []
     for s in range(0, len(resets), rows):
         batch = run_trials(policy, codec, envs[: len(resets[s : s + rows])], resets[s : s + rows], groups[s : s + rows], budget, generator)
         scores.append(answer_scores_of(batch))
-        for t in batch:
-            t.env = None
         trials += batch
     return trials, np.concatenate(scores)
