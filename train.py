@@ -1,5 +1,6 @@
 """Hydra entry point: python train.py env=math bonus=info_gain (see README.md)."""
 
+import os
 import sys
 
 import hydra
@@ -14,7 +15,7 @@ register_configs()
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from metarl_llm.trainer import train
+    from metarl_llm.trainer import train  # deferred: start-up cost (torch, transformers; not needed for --help or --cfg)
 
     hydra_cfg = HydraConfig.get()
     run_dir = cfg.out_dir or hydra_cfg.runtime.output_dir
@@ -28,7 +29,6 @@ def quiet_replicas() -> None:
     Hydra's .hydra/ snapshot nor a log file into the shared run directory."""
     if launched_world_size() > 1:
         agree_on_run_time(cpu=True if "device=cpu" in sys.argv[1:] else None)
-        import os
 
         if int(os.environ.get("RANK", "0")) != 0:
             sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
