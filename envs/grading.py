@@ -54,7 +54,7 @@ MAX_NESTING_DEPTH = 64
 MAX_DIVISIONS = 10
 """Answers (or references) with more ``/`` than this score False instead of going to
 math-verify: its comparison is exponential in the length of a plain division chain
-(``a/b/c/...``: ~2 s at 16 terms, found by tests/test_fuzz.py), so a long chain would only
+(``a/b/c/...``: ~2 s at 16 terms, found by tests/envs/test_fuzz.py), so a long chain would only
 run into the grading timeout and cost a worker restart. Plain ``a/b`` fractions are
 compared in-process before this check."""
 SETUP_TIMEOUT_S = 120.0

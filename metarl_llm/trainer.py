@@ -6,7 +6,7 @@
 
 The package is layered (README "Layout"): config and core at the bottom, then models and
 runtime, rollout and verify, rl and arc, evaluation, sft, jobs, and this module on top;
-imports only go down (tests/test_layering.py).
+imports only go down (tests/project/test_layering.py).
 """
 
 from __future__ import annotations

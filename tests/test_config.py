@@ -1,13 +1,13 @@
 """Every option of every config group composes; bad options fail at start with a clear message."""
 
-from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from metarl_llm import config as C
+from tests.support import ROOT
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = ROOT / "conf"
 GROUPS = ["env", "budget", "model", "algo", "bonus", "logger"]
 SCHEMA = {
     "env": C.EnvConfig, "budget": C.BudgetConfig, "model": C.ModelConfig,

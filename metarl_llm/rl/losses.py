@@ -83,7 +83,7 @@ def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     E_pi[(log pi - log ref) grad log pi] = grad sum_x pi(x) (log pi(x) - log ref(x)), since
     E_pi[grad log pi] = 0. (k1 = log pi - log ref has the right gradient only as a reward,
     ``algo.kl_in_reward=true``; as a loss its expected gradient is 0. k3's is KL(ref || pi)'s.)
-    tests/test_ppo_kl.py checks both against an exact KL on a small vocabulary.
+    tests/rl/test_ppo_kl.py checks both against an exact KL on a small vocabulary.
     """
     return 0.5 * (logprobs - ref_logprobs) ** 2
 

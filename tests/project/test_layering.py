@@ -6,7 +6,7 @@ import is allowed only with a ``# deferred: <reason>`` comment on its line (star
 optional dependency); ``if TYPE_CHECKING:`` imports count for the direction of the layers but
 not for circles (they never run).
 
-    python tests/test_layering.py     # prints the layers, the module graph's size and the deferred imports
+    python -m tests.project.test_layering     # prints the layers, the module graph's size and the deferred imports
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
 
 # Bottom to top. A module may import its own package and any package of a lower layer; two
 # packages of one layer are independent of each other.
@@ -221,3 +221,13 @@ if __name__ == "__main__":
     print(f"function-level imports: {len(fn)} ({sum(is_project(i.target) for i in fn)} of project modules)")
     for i in fn:
         print(f"  {i.source}:{i.line} {i.target}{'' if i.marked else '  (UNMARKED)'}")
+
+
+def test_tests_are_laid_out_like_the_package():
+    """tests/<name>/ tests metarl_llm/<name>/ (or envs/); tests/project/ holds the tree's habits and
+    tests/bench/ the benchmarks' code; a test file at the top of tests/ tests a top-level module."""
+    tests = ROOT / "tests"
+    packages = {p.name for p in (ROOT / "metarl_llm").iterdir() if (p / "__init__.py").exists()} | {"envs"}
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders <= packages | {"project", "bench"}, f"test folders that mirror no package: {sorted(folders - packages)}"
+    assert all((tests / f / "__init__.py").exists() for f in folders), "every test folder is a package (unique module names)"

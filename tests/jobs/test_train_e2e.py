@@ -3,9 +3,9 @@
 import json
 
 import pytest
-from test_docs import undocumented_keys
 
 from metarl_llm.trainer import train
+from tests.support import undocumented_keys
 
 SMALL = [
     "algo.iterations=2", "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=2",

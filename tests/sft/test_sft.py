@@ -3,7 +3,6 @@ hand-made trials, the SFT loss on policy tokens only (against a hand-computed ma
 cross-entropy), the algo=sft job, reward=verifier in PPO, and bad input."""
 
 import json
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -16,10 +15,10 @@ from metarl_llm.core.trial import StreamCodec, Trial
 from metarl_llm.models import build_char_tokenizer, build_tiny_model
 from metarl_llm.sft.fit import sft_fit
 from metarl_llm.sft.traces import failed_attempts, star_records, stitched_records
+from tests.support import ROOT
 
 ENV = "metarl/PlantedSubseq-v0"
 BUDGET = BudgetConfig(max_episodes=3, max_episode_tokens=16, max_total_tokens=48, answer_max_tokens=16)
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,11 @@ registry complete as soon as the module that looks names up is imported (a fresh
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from metarl_llm.core.registry import Registry
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
 
 
 def test_register_lookup_and_the_duplicate_check():

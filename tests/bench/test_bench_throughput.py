@@ -2,16 +2,14 @@
 sections (trl: our PPO and GRPO iterations and trl's GRPOTrainer; engine: multi-episode
 trials by the cached, hf_generate and reencode engines and the meta-prover; files written)."""
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import load_script
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),  # tests/conftest.py
               pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -19,11 +17,7 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def tp():
-    spec = importlib.util.spec_from_file_location("bench_throughput", ROOT / "bench" / "throughput.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_throughput"] = mod
-    spec.loader.exec_module(mod)
-    yield mod
+    yield load_script("bench/throughput.py", "bench_throughput")
     sys.modules.pop("bench_throughput", None)
 
 

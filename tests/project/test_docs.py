@@ -1,20 +1,14 @@
 """docs/config.md is generated from the schema and must be fresh; it names every key a run has."""
 
-import importlib.util
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from metarl_llm.runtime.setup import compose_config
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT, load_script, undocumented_keys
 
 
 def load_generator():
-    spec = importlib.util.spec_from_file_location("config_reference", ROOT / "docs" / "config_reference.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("docs/config_reference.py", "config_reference")
 
 
 def test_config_reference_is_fresh():
@@ -37,30 +31,6 @@ def test_config_reference_names_every_key_of_every_env():
         cfg = compose_config([f"env={env}"], to_object=False)
         missing += [k for k in leaf_keys(cfg) if not k.startswith("hydra") and f"`{k}`" not in text]
     assert not missing, f"keys missing from docs/config.md: {sorted(set(missing))}"
-
-
-def glossary_patterns() -> list:
-    """The keys of docs/metrics.md's tables (first column), placeholders as regular expressions."""
-    import re
-
-    pats = []
-    for line in (ROOT / "docs" / "metrics.md").read_text().splitlines():
-        if not line.startswith("| `"):
-            continue
-        for key in re.findall(r"`([^`]+)`", line.split(" | ")[0]):
-            rx = re.escape(key)
-            for ph, sub in (("<j>", r"\d+"), ("<b>", r"\d+"), ("<n>", r"\d+"), ("<k>", r"\d+"), ("<s>", r"[\d.]+"),
-                            ("<metric>", r"\w+")):
-                rx = rx.replace(re.escape(ph), sub)
-            pats.append(re.compile(rx + r"\Z"))
-    return pats
-
-
-def undocumented_keys(rows: list) -> list:
-    """Keys of metrics.jsonl rows that docs/metrics.md does not list (``iteration`` is the step)."""
-    pats = glossary_patterns()
-    keys = {k for r in rows for k in r} - {"iteration"}
-    return sorted(k for k in keys if not any(p.match(k) for p in pats))
 
 
 def test_glossary_patterns_match_what_they_say():

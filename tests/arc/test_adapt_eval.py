@@ -3,7 +3,6 @@ problem with that problem's environment, TTT runs end to end through train.py on
 and adapt=ttt is refused where problems have no demonstrations."""
 
 import json
-from pathlib import Path
 
 import gymnasium as gym
 import pytest
@@ -13,8 +12,8 @@ from metarl_llm.config import BudgetConfig, EvalConfig, TinyModelConfig
 from metarl_llm.core.trial import StreamCodec
 from metarl_llm.evaluation.heldout import eval_generator, evaluate
 from metarl_llm.models import build_char_tokenizer, build_tiny_model
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",
         "logger.mode=disabled", "logger.progress_bar=false", "threads=1"]
 

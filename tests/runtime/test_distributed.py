@@ -1,24 +1,18 @@
 """Data parallel through accelerate: a 2-process launch equals a 1-process run of the same global batch."""
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from metarl_llm.core.batch import RolloutBatch
 from metarl_llm.runtime.distributed import RUN_TIME_ENV, Dist, gather_batch, run_time
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import load_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_data_parallel", ROOT / "bench" / "data_parallel.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/data_parallel.py", "bench_data_parallel")
 
 
 def test_single_process_is_the_identity(monkeypatch):

@@ -3,7 +3,6 @@ on a learnable signal, one-pass prefix scores, save/load, the J-estimator plug-i
 best-of-N, the algo=verifier entry point and bad input."""
 
 import json
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -24,6 +23,7 @@ from metarl_llm.verify.data import verifier_examples
 from metarl_llm.verify.model import build_verifier, check_same_vocabulary, is_saved_verifier, load_verifier
 from metarl_llm.verify.scoring import score_prefixes, score_trials, trained_verifier_estimator
 from metarl_llm.verify.train import VerifierConfig, run_verifier_training, train_verifier
+from tests.support import ROOT
 
 BUDGET = BudgetConfig(max_episodes=3, max_episode_tokens=8, max_total_tokens=20, answer_max_tokens=6)
 TINY = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
@@ -396,7 +396,7 @@ def test_algo_verifier_job_then_ppo_with_its_verifier_as_the_j_estimator(tmp_pat
     from metarl_llm.runtime.setup import register_configs
     from metarl_llm.trainer import train
 
-    root = Path(__file__).resolve().parent.parent
+    root = ROOT
     small = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",
              "warm_start.steps=4", "warm_start.focused_until_loss=0", "warm_start.num_traces=32", "warm_start.batch_size=8", f"warm_start.cache_dir={tmp_path / 'cache'}",
              "logger.mode=disabled", "logger.progress_bar=false", "threads=1"]

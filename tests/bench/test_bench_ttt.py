@@ -4,7 +4,6 @@ run (every arm on every problem, controls adapted on another task type, files wr
 a second run resumes from the records without recomputing)."""
 
 import csv
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -16,21 +15,17 @@ import torch
 from envs.arc_grids import ArcTask
 from metarl_llm.arc import vote as arc_vote
 from metarl_llm.arc.vote import Prediction
+from tests.support import load_script
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # raised inside peft
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",
         "warm_start.steps=4", "warm_start.num_traces=32", "warm_start.batch_size=16"]
 
 
 @pytest.fixture(scope="module")
 def bt():
-    spec = importlib.util.spec_from_file_location("bench_ttt", ROOT / "bench" / "ttt.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_ttt"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    yield mod
+    yield load_script("bench/ttt.py", "bench_ttt")
     sys.modules.pop("bench_ttt", None)
 
 

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,8 +29,7 @@ from metarl_llm.evaluation.curves import (
     trial_breakpoints,
 )
 from metarl_llm.jobs.evaluate_run import _env_schema, compare_reports, load_run_config, parse_command_line
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
 
 # ------------------------------------------------------------------ curve
 

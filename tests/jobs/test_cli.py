@@ -4,9 +4,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
+
 TINY = [
     "algo.iterations=1", "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=4",
     "warm_start.steps=2", "warm_start.focused_until_loss=0", "warm_start.num_traces=16", "warm_start.batch_size=8",
