@@ -7,9 +7,7 @@ import pytest
 import torch
 
 import envs  # noqa: F401
-from metarl_llm.config import BonusConfig, BudgetConfig, TinyModelConfig
-from metarl_llm.core.trial import StreamCodec
-from metarl_llm.models import build_char_tokenizer, build_tiny_model
+from metarl_llm.config import BonusConfig, BudgetConfig
 from metarl_llm.rl.bonus import (
     ESTIMATORS,
     VERIFIERS,
@@ -26,12 +24,8 @@ BUDGET = BudgetConfig(max_episodes=3, max_episode_tokens=8, max_total_tokens=20,
 
 
 @pytest.fixture(scope="module")
-def setup():
-    tok = build_char_tokenizer()
-    cfg = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    model = build_tiny_model(cfg, len(tok), tok.pad_token_id, 0).eval()
-    codec = StreamCodec(tok, "\n", "Answer:")
-    return model, codec
+def setup(char_policy):
+    return char_policy  # tests/rl/conftest.py
 
 
 def play(model, codec, env_id, n=10, seed=0):

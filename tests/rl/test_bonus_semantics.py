@@ -13,9 +13,7 @@ import pytest
 import torch
 
 import envs  # noqa: F401
-from metarl_llm.config import BonusConfig, BudgetConfig, TinyModelConfig
-from metarl_llm.core.trial import StreamCodec
-from metarl_llm.models import build_char_tokenizer, build_tiny_model
+from metarl_llm.config import BonusConfig, BudgetConfig
 from metarl_llm.rl.bonus import ESTIMATORS, episode_bonuses, estimate_likelihood, register_estimator
 from metarl_llm.rollout.base import finish_episode, start_trials
 from metarl_llm.rollout.meta_prover import JOptions, boundary_prefixes, meta_prover_context, meta_prover_success
@@ -24,11 +22,8 @@ BUDGET = BudgetConfig(max_episodes=3, max_episode_tokens=24, max_total_tokens=72
 
 
 @pytest.fixture(scope="module")
-def setup():
-    tok = build_char_tokenizer()
-    cfg = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    model = build_tiny_model(cfg, len(tok), tok.pad_token_id, 0).eval()
-    return model, StreamCodec(tok, "\n", "Answer:")
+def setup(char_policy):
+    return char_policy  # tests/rl/conftest.py
 
 
 def scripted(codec, env, texts, index=0, budget=BUDGET):
