@@ -91,6 +91,7 @@ from metarl_llm.rl.bonus import estimate_sample
 from metarl_llm.rollout.base import Engine
 from metarl_llm.rollout.engine import engine_from_config, get_engine, heldout_resets, run_trials
 from metarl_llm.rollout.meta_prover import JOptions
+from metarl_llm.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,7 @@ def evaluate(
             t.cache = None
     else:
         trials, j_curves = [], []
+        progress = Progress(cfg.num_problems, "held-out problems, adapted one by one", unit="problem")
         for p in range(cfg.num_problems):
             rows = slice(p * k, (p + 1) * k)
             envs[p * k].reset(**resets[p * k])
@@ -189,6 +191,8 @@ def evaluate(
             j_curves += estimate_sample(adapted, codec, part, opts)
             for t in part:
                 t.cache = None
+            progress.update(1, success=float(np.mean([t.outcome for t in trials])))
+        progress.close()
     model.train(was_training)
     outcome = np.array([t.outcome for t in trials])  # [N]
     solved = outcome.reshape(cfg.num_problems, k).max(1) >= 1.0  # [num_problems]
@@ -234,13 +238,17 @@ def evaluate_at_budgets(
     adapt = problem_adapter_of(cfg, model, codec)
     engine = engine_from_config(cfg.rollout)
     results = {}
-    for scale in budget_scales(cfg.eval):
+    scales = budget_scales(cfg.eval)
+    progress = Progress(len(scales), "held-out evaluation at scaled budgets", unit="budget", every_s=0)
+    for scale in scales:
         budget = scale_budget(cfg.budget, scale)
         envs = [make_env(budget) for _ in range(n)]
         results[budget_label(scale)] = evaluate(model, codec, envs, budget, cfg.eval, eval_generator(cfg.seed), adapt, engine)
         log.info("held-out at %sx budget (%d episodes, C=%d tokens): success %.3f, regret %.3f",
                  budget_label(scale), budget.max_episodes, curve_tokens(budget),
                  results[budget_label(scale)].metrics["success"], results[budget_label(scale)].metrics["regret"])
+        progress.update(1)
+    progress.close()
     return results
 
 

@@ -12,18 +12,20 @@ from dataclasses import dataclass
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
+from metarl_llm.runtime.progress import Progress
+
 log = logging.getLogger(__name__)
 
 
 def sft_fit(
     model, tokenizer, records: list[dict], steps: int, batch_size: int, lr: float, seed: int,
-    schedule: str = "cosine", checkpointing: bool = False,
+    schedule: str = "cosine", checkpointing: bool = False, desc: str = "sft",
 ) -> list[float]:
     """Fine-tune ``model`` in place on ``records`` for ``steps`` optimiser steps of
     ``batch_size`` records (AdamW at ``lr``, warm-up over 5% of the steps then
     ``schedule``), loss on completion tokens only. Returns the logged training losses
     (ten, each the mean over a tenth of the steps)."""
-    return fit_records(model, tokenizer, records, steps, batch_size, lr, seed, schedule, checkpointing).losses
+    return fit_records(model, tokenizer, records, steps, batch_size, lr, seed, schedule, checkpointing, desc=desc).losses
 
 
 @dataclass
@@ -35,15 +37,24 @@ class FitResult:
 def fit_records(
     model, tokenizer, records: list[dict], steps: int, batch_size: int, lr: float, seed: int,
     schedule: str = "cosine", checkpointing: bool = False, stop_below: float | None = None,
-    min_steps: int = 0, warmup_steps: int | None = None,
+    min_steps: int = 0, warmup_steps: int | None = None, desc: str = "sft", progress_bar: bool = True,
 ) -> FitResult:
     """:func:`sft_fit`, with early stopping: ``stop_below`` ends training, after at least
     ``min_steps`` steps, at the first logged loss below this level (losses are then
     logged every min(10, ``min_steps``) steps; ``steps`` is the bound). ``warmup_steps``:
-    the warm-up (default 5% of ``steps``)."""
+    the warm-up (default 5% of ``steps``). Progress (steps, rate, ETA, the latest loss) is shown
+    as ``desc`` (:class:`metarl_llm.runtime.progress.Progress`; ``progress_bar``: a bar on a terminal)."""
     from datasets import Dataset  # deferred: start-up cost (datasets loads only when it is needed)
     from trl import SFTConfig as TrlSFTConfig  # deferred: start-up cost (trl loads only when an SFT runs)
     from trl import SFTTrainer  # deferred: start-up cost (trl loads only when an SFT runs)
+
+    class ShowProgress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            progress.update(1)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                progress.values["loss"] = float(logs["loss"])
 
     class StopBelow(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -85,7 +96,9 @@ def fit_records(
         trainer.remove_callback(PrinterCallback)  # losses go to our log, not stdout
         if stop_below is not None:
             trainer.add_callback(StopBelow())
-        trainer.train()
+        trainer.add_callback(ShowProgress())
+        with Progress(steps, desc, unit="step", bar=progress_bar) as progress:
+            trainer.train()
         return FitResult([h["loss"] for h in trainer.state.log_history if "loss" in h], trainer.state.global_step)
 
 

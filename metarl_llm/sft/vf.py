@@ -120,7 +120,8 @@ def run_vf(
         )
     log.info("sft.data=%s: %d records from %d trials (%s)", cfg.data, len(records), len(trials), counts)
     t1 = time.perf_counter()
-    losses = sft_fit(policy, tokenizer, records, cfg.steps, cfg.batch_size, cfg.lr, seed, "cosine", checkpointing)
+    losses = sft_fit(policy, tokenizer, records, cfg.steps, cfg.batch_size, cfg.lr, seed, "cosine", checkpointing,
+                     desc=f"SFT baseline ({cfg.data})")
     t_fit = time.perf_counter() - t1
     policy = clean_model(policy)
 

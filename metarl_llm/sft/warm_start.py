@@ -192,8 +192,9 @@ def warm_start(
         max_steps = int(round(steps * ws.focused_max_multiple))
         extend = schedule == "constant_with_warmup" and ws.focused_until_loss > 0 and max_steps > steps
         until = dict(stop_below=ws.focused_until_loss, min_steps=steps, warmup_steps=max(1, steps // 20)) if extend else {}
+        phase = "warm start, focused phase" if schedule == "constant_with_warmup" else "warm start, varied phase"
         result = fit(model, tokenizer, recs, max_steps if extend else steps, ws.batch_size, ws.lr,
-                     seed, schedule, model_cfg.gradient_checkpointing, **until)
+                     seed, schedule, model_cfg.gradient_checkpointing, desc=phase, **until)
         phase_losses = result.losses
         losses += phase_losses
         if extend:

@@ -80,11 +80,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from metarl_llm.config import BudgetConfig, VerifierConfig
 from metarl_llm.core.trial import StreamCodec
 from metarl_llm.rollout.engine import heldout_resets
+from metarl_llm.runtime.progress import Progress
 from metarl_llm.verify.best_of_n import best_of_n_trials, play_trials, plot_best_of_n
 from metarl_llm.verify.calibration import evaluate_verifier
 from metarl_llm.verify.data import VerifierExamples, _batch, verifier_examples
@@ -153,7 +153,8 @@ def train_verifier(
 
 
     verifier.train()
-    for step in tqdm(range(1, steps + 1), desc="verifier", disable=not progress_bar, dynamic_ncols=True):
+    progress = Progress(steps, "verifier training", bar=progress_bar)
+    for step in range(1, steps + 1):
         take, got = [], 0
         while got < min(batch_size, m):
             if cursor == m:
@@ -170,6 +171,7 @@ def train_verifier(
         grad_norm = float(torch.nn.utils.clip_grad_norm_(verifier.parameters(), max_grad_norm))
         optimizer.step()
         losses.append(loss.detach().item())
+        progress.update(1, loss=losses[-1])
         if step % log_every == 0 or step == steps:
             metrics["train/loss"] = float(np.mean(losses[-log_every:]))
             if log is not None:
@@ -177,6 +179,7 @@ def train_verifier(
         if eval_every and step % eval_every == 0 and step != steps:
             heldout(step)
             verifier.train()
+    progress.close()
     verifier.eval()
     heldout(steps)
     metrics.update({"train/steps": float(steps), "train/examples": float(m), "train/time_s": time.perf_counter() - t0})
