@@ -143,6 +143,60 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     model.activation_checkpointing_enable({"use_reentrant": False})
 
 
+# ------------------------------------------------------------------ tempered policy
+
+_TEMPERATURE = "_metarl_temperature"  # attribute of the output-embedding module holding T
+
+
+def _head(model: nn.Module) -> nn.Module:
+    """The output-embedding module of ``model`` (through a LoRA reference's AdapterDisabled wrapper)."""
+    head = model.get_output_embeddings()
+    return head.module if isinstance(head, AdapterDisabled) else head
+
+
+def _temper_logits(head: nn.Module, _args, logits: torch.Tensor) -> torch.Tensor:
+    return logits / getattr(head, _TEMPERATURE)
+
+
+def set_temperature(model: nn.Module, temperature: float) -> None:
+    """Make ``model`` the tempered policy softmax(logits / ``temperature``): its LM head's output is
+    divided by ``temperature`` (a forward hook on the output embeddings), so every distribution
+    taken from it is the tempered one: the rollout's draws and their log-probs, the scoring and
+    update passes, the reference (a copy, or the same weights with the adapter disabled), the
+    meta-prover and the likelihood estimator. 1.0 removes the hook (the raw logits). Every
+    computation of the policy's logits must go through the output-embedding module.
+
+    Saved weights are unchanged (a hook is not state); a model loaded back has temperature 1
+    until this is called again."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature} (greedy decoding is its own option)")
+    head = _head(model)
+    handle = getattr(head, "_metarl_temperature_hook", None)
+    if handle is not None:
+        handle.remove()
+        head._metarl_temperature_hook = None
+    setattr(head, _TEMPERATURE, float(temperature))
+    if temperature != 1.0:
+        head._metarl_temperature_hook = head.register_forward_hook(_temper_logits)
+
+
+def temperature_of(model: nn.Module) -> float:
+    """The temperature :func:`set_temperature` gave ``model`` (1.0 if none)."""
+    return float(getattr(_head(model), _TEMPERATURE, 1.0))
+
+
+@contextlib.contextmanager
+def tempered(model: nn.Module, temperature: float):
+    """``model`` at ``temperature`` inside the block (held-out evaluation at its own temperature),
+    its own temperature restored after."""
+    before = temperature_of(model)
+    set_temperature(model, temperature)
+    try:
+        yield model
+    finally:
+        set_temperature(model, before)
+
+
 # ------------------------------------------------------------------ precision
 
 AUTOCAST_MODES = ("auto", "bf16", "off")
