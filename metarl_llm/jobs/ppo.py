@@ -42,7 +42,6 @@ from typing import NamedTuple
 import numpy as np
 import psutil
 import torch
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 import envs  # noqa: F401  (registers the environments)
@@ -330,7 +329,7 @@ class PPOJob:
             "start_eval": {"metrics": start_eval.metrics, "curve": np.asarray(start_eval.curve).tolist()} if start_eval else None,
             "wandb_id": self.tracker.run_id, "warm_start_key": self.ws_info.get("warm_start/key"),
             "metrics_rows": self.tracker.rows,  # rows of metrics.jsonl so far: a resume keeps exactly these
-            "config": OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
+            "config": self.cfg.to_yaml(),
         }
         return save_checkpoint(self.run_dir, iteration, self.actor_critic, self.tokenizer, self.optimizer, extra,
                                keep=self.cfg.checkpoint_keep)

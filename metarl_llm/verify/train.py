@@ -211,10 +211,7 @@ def run_verifier_training(
     best-of-N figures (``best_of_n/...``, at step ``cfg.steps``). Returns a summary dict
     (JSON-ready): every last metric, the best-of-N table and the paths written.
     """
-    if cfg.num_train_problems < 1 or cfg.samples_per_problem < 1 or cfg.num_heldout_problems < 1:
-        raise ValueError("verifier: num_train_problems, samples_per_problem and num_heldout_problems must be >= 1")
-    if not cfg.n_values or min(cfg.n_values) < 1:
-        raise ValueError(f"verifier.n_values must be a non-empty list of integers >= 1, got {cfg.n_values}")
+    cfg.validate()
     check_same_vocabulary(verifier.tokenizer, codec.tokenizer)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
