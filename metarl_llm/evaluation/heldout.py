@@ -101,16 +101,6 @@ EVAL_SEED_OFFSET = 10_000  # evaluation generator seed = cfg.seed + this (apart 
 EnvMaker = Callable[[BudgetConfig], object]  # a held-out (split "test") environment for a budget
 
 
-def check_eval_config(cfg: EvalConfig) -> None:
-    """Fail at start, naming the option, on values the schema's types cannot rule out."""
-    for name in ("num_problems", "samples_per_problem", "prover_samples"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"eval.{name} must be >= 1, got {getattr(cfg, name)}")
-    budget_scales(cfg)
-    if not 0 < cfg.success_level <= 1:
-        raise ValueError(f"eval.success_level must be in (0, 1], got {cfg.success_level}")
-
-
 def clamp_num_problems(cfg: EvalConfig, num_test_problems: int | None) -> None:
     """Cap ``cfg.num_problems`` at the size of the held-out split (None: unbounded), in place."""
     if num_test_problems is not None and cfg.num_problems > num_test_problems:

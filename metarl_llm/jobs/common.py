@@ -1,6 +1,7 @@
-"""What every job shares: validation of cross-group rules, resume and finished-run checks, the
-start of a job (threads, seeds, config.yaml), the warm-started base policy and the
-base-policy diagnostics.
+"""What every job shares: validation (the rules across groups and the registry names, after
+each group's own: :meth:`TrainConfig.validate`), resume and finished-run checks, the start
+of a job (threads, seeds, config.yaml), the warm-started base policy and the base-policy
+diagnostics.
 """
 
 from __future__ import annotations
@@ -11,24 +12,18 @@ from pathlib import Path
 
 import gymnasium as gym
 import torch
-from omegaconf import OmegaConf
 
 import envs  # noqa: F401  (registers the environments)
 from metarl_llm.config import TrainConfig
 from metarl_llm.core.trial import StreamCodec
 from metarl_llm.evaluation.diagnostics import policy_diagnostics
-from metarl_llm.evaluation.heldout import (
-    check_eval_config,
-)
 from metarl_llm.models import (
-    AUTOCAST_MODES,
     enable_gradient_checkpointing,
     load_policy,
 )
 from metarl_llm.rl.advantages import get_advantage
 from metarl_llm.rl.bonus import check_verifier_name, get_estimator
 from metarl_llm.rl.losses import get_policy_loss
-from metarl_llm.rl.scoring import OLD_LOGPROBS
 from metarl_llm.rollout.engine import engine_from_config
 from metarl_llm.runtime.checkpoint import (
     find_checkpoint,
@@ -41,74 +36,29 @@ from metarl_llm.verify.model import is_saved_verifier
 log = logging.getLogger(__name__)
 
 
-BONUSES = ("none", "info_gain")
-ALGOS = ("ppo", "grpo", "verifier", "sft")
-REWARDS = ("env", "verifier")
-
-
 def validate(cfg: TrainConfig) -> None:
-    """Fail at start, naming the option, for values a schema type cannot rule out."""
+    """Fail at start, naming the option: every group's own rules (:meth:`TrainConfig.validate`),
+    then the registry names (open choices: code can register more) and the rules across groups."""
+    cfg.validate()
+    # registry names
     get_advantage(cfg.algo.advantage)
     get_policy_loss(cfg.algo.policy_loss)
-    if cfg.bonus.name not in BONUSES:
-        raise ValueError(f"bonus.name={cfg.bonus.name!r}; expected one of {BONUSES}")
-    if cfg.bonus.credit not in ("episode", "return"):
-        raise ValueError(f"bonus.credit={cfg.bonus.credit!r}; expected 'episode' or 'return'")
     if cfg.bonus.name != "none":
         get_estimator(cfg.bonus.estimator)
         if cfg.bonus.estimator == "verifier":
             check_verifier_name(cfg.bonus.verifier)
     if cfg.env.id not in gym.registry:
         raise ValueError(f"env.id={cfg.env.id!r} is not a registered environment; known: {sorted(k for k in gym.registry if k.startswith('metarl/'))}")
-    if cfg.algo.advantage in ("grpo", "rloo") and cfg.algo.group_size < 2:
-        raise ValueError(f"algo.advantage={cfg.algo.advantage} needs algo.group_size >= 2")
-    for name in ("focused_fraction", "replay_fraction", "variety"):
-        if not 0.0 <= getattr(cfg.warm_start, name) <= 1.0:
-            raise ValueError(f"warm_start.{name} must be in [0, 1], got {getattr(cfg.warm_start, name)}")
-    if cfg.warm_start.focused_until_loss < 0 or cfg.warm_start.focused_max_multiple < 1:
-        raise ValueError(f"warm_start.focused_until_loss must be >= 0 (0: no extension) and warm_start.focused_max_multiple "
-                         f">= 1, got {cfg.warm_start.focused_until_loss} and {cfg.warm_start.focused_max_multiple}")
-    for name in ("iterations", "problems_per_iter", "group_size", "ppo_epochs", "minibatch_size"):
-        if getattr(cfg.algo, name) < 1:
-            raise ValueError(f"algo.{name} must be >= 1")
-    if cfg.algo.micro_batch_tokens < 0:
-        raise ValueError(f"algo.micro_batch_tokens must be >= 0 (0: one pass per minibatch), got {cfg.algo.micro_batch_tokens}")
-    if cfg.algo.length_bucket_tokens < 0:
-        raise ValueError(f"algo.length_bucket_tokens must be >= 0 (0: no grouping of rows by length), "
-                         f"got {cfg.algo.length_bucket_tokens}")
-    if cfg.algo.old_logprobs not in OLD_LOGPROBS:
-        raise ValueError(f"algo.old_logprobs={cfg.algo.old_logprobs!r}; expected one of {OLD_LOGPROBS}")
+    engine_from_config(cfg.rollout)
+    # rules across groups
     if cfg.algo.old_logprobs == "sampled" and (cfg.model.dtype != "float32" or cfg.model.autocast == "bf16"):
         raise ValueError(
             f"algo.old_logprobs=sampled takes the PPO ratio's old log-probs from the sampling passes, which match a "
             f"recomputation only in float32: it needs model.dtype=float32 and model.autocast off (got model.dtype="
             f"{cfg.model.dtype}, model.autocast={cfg.model.autocast}); or use algo.old_logprobs=recompute")
-    cfg.model.lora.validate()
-    if cfg.model.autocast not in AUTOCAST_MODES:
-        raise ValueError(f"model.autocast={cfg.model.autocast!r}; expected one of {AUTOCAST_MODES}")
-    b = cfg.budget
-    if min(b.max_episode_tokens, b.max_total_tokens, b.answer_max_tokens) < 1:
-        raise ValueError("budget token limits must be >= 1")
-    check_eval_config(cfg.eval)
-    if cfg.reward.on_error not in ("raise", "score"):
-        raise ValueError(f"reward.on_error={cfg.reward.on_error!r}; expected 'raise' or 'score'")
-    if cfg.algo.on_nonfinite not in ("raise", "skip"):
-        raise ValueError(f"algo.on_nonfinite={cfg.algo.on_nonfinite!r}; expected 'raise' or 'skip'")
-    if cfg.checkpoint_keep < 0:
-        raise ValueError(f"checkpoint_keep must be >= 0, got {cfg.checkpoint_keep}")
-    engine_from_config(cfg.rollout)
-    if cfg.algo.name not in ALGOS:
-        raise ValueError(f"algo.name={cfg.algo.name!r}; expected one of {ALGOS}")
-    if cfg.adapt.name not in ("none", "ttt"):
-        raise ValueError(f"adapt.name={cfg.adapt.name!r}; expected 'none' or 'ttt'")
-    if cfg.adapt.name == "ttt":
-        cfg.adapt.ttt.validate()
-        if cfg.env.name != "arc":
-            raise ValueError(f"adapt=ttt fits each problem's demonstrations: it needs env=arc, got env={cfg.env.name}")
-    if cfg.reward.name not in REWARDS:
-        raise ValueError(f"reward.name={cfg.reward.name!r}; expected one of {REWARDS}")
+    if cfg.adapt.name == "ttt" and cfg.env.name != "arc":
+        raise ValueError(f"adapt=ttt fits each problem's demonstrations: it needs env=arc, got env={cfg.env.name}")
     if cfg.reward.name == "verifier":
-
         if not cfg.reward.verifier or not is_saved_verifier(Path(cfg.reward.verifier).expanduser()):
             raise ValueError(f"reward=verifier needs reward.verifier=<a saved verifier directory>, got {cfg.reward.verifier!r}")
 
@@ -171,7 +121,7 @@ def start_job(cfg: TrainConfig, run_dir: Path, write: bool = True) -> torch.devi
     quiet_libraries()
     seed_everything(cfg.seed)
     if write:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
     return resolve_device(cfg.device)
 
 
@@ -203,4 +153,4 @@ def job_tracker(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None,
     ``resume``: :class:`~metarl_llm.runtime.tracking.Tracker`'s ``resume_step``, ``run_id``, ``resume_rows``."""
     if wandb_group and not cfg.logger.group:
         cfg.logger.group = wandb_group  # the runs of one sweep share a W&B group
-    return Tracker(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), run_dir.name, **resume)
+    return Tracker(cfg.logger, run_dir, cfg.to_container(), run_dir.name, **resume)

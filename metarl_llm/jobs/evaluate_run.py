@@ -183,8 +183,7 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "latest", overrides: Seq
     clamp_num_problems(cfg.eval, make_env(cfg.budget).unwrapped.num_problems)
 
     logger = replace(cfg.logger, tags=[*cfg.logger.tags, "eval"])
-    tracker = Tracker(logger, run_dir / "eval" / name, OmegaConf.to_container(OmegaConf.structured(cfg)),
-                      f"{run_dir.name}/eval_{name}")
+    tracker = Tracker(logger, run_dir / "eval" / name, cfg.to_container(), f"{run_dir.name}/eval_{name}")
     step = int(name.split("_")[-1]) if name.split("_")[-1].isdigit() else 0
     _, figures, report = evaluate_and_report(model, codec, cfg, make_env, run_dir, name, tracker, step)
     if compare is not None:

@@ -42,7 +42,6 @@ from typing import NamedTuple
 import numpy as np
 import psutil
 import torch
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 import envs  # noqa: F401  (registers the environments)
@@ -176,8 +175,8 @@ PER_TRIAL_KEYS = ("policy_tokens", "episodes", "forced", "outcome", "answer_epis
 
 
 class PPOJob:
-    """``algo=ppo`` / ``algo=grpo`` in one run directory: :meth:`__init__` sets everything up,
-    :meth:`run` loops :meth:`iteration` and finishes with the final evaluation and summary.
+    """``job=ppo`` (``algo=ppo`` / ``algo=grpo``) in one run directory: :meth:`__init__` sets
+    everything up, :meth:`run` loops :meth:`iteration` and finishes with the final evaluation and summary.
 
     The stages are methods, so a benchmark or a test can wrap one (a subclass, or
     ``monkeypatch.setattr(PPOJob, "update", ...)``) without reaching into the module's imports.
@@ -330,7 +329,7 @@ class PPOJob:
             "start_eval": {"metrics": start_eval.metrics, "curve": np.asarray(start_eval.curve).tolist()} if start_eval else None,
             "wandb_id": self.tracker.run_id, "warm_start_key": self.ws_info.get("warm_start/key"),
             "metrics_rows": self.tracker.rows,  # rows of metrics.jsonl so far: a resume keeps exactly these
-            "config": OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
+            "config": self.cfg.to_yaml(),
         }
         return save_checkpoint(self.run_dir, iteration, self.actor_critic, self.tokenizer, self.optimizer, extra,
                                keep=self.cfg.checkpoint_keep)
@@ -545,8 +544,9 @@ def run_summary(cfg: TrainConfig, start_eval: EvalSummary, final: dict, final_cu
 
 
 def train_ppo_job(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> dict:
-    """``algo=ppo`` / ``algo=grpo``: warm start, then PPO; write metrics.jsonl, checkpoints,
-    plots and summary.json into ``run_dir`` (a finished run with ``resume`` is not redone)."""
+    """``job=ppo`` (``algo=ppo`` / ``algo=grpo``): warm start, then PPO; write metrics.jsonl,
+    checkpoints, plots and summary.json into ``run_dir`` (a finished run with ``resume`` is not
+    redone)."""
     run_dir = Path(run_dir)
     finished = finished_summary(cfg, run_dir)
     if finished is not None:

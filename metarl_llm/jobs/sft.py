@@ -1,5 +1,6 @@
-"""``algo=sft``: warm-start the base policy as PPO would, then the verifier-free baseline (SFT on
-its own rejection-sampled or stitched trials) and its held-out measurement.
+"""``job=sft`` (old spelling ``algo=sft``): warm-start the base policy as PPO would, then the
+verifier-free baseline (SFT on its own rejection-sampled or stitched trials) and its held-out
+measurement.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def train_sft_job(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> dict:
-    """``algo=sft``: warm-start the base policy as PPO would, log its diagnostics, then the
+    """``job=sft``: warm-start the base policy as PPO would, log its diagnostics, then the
     verifier-free baseline of ``cfg.sft`` (metarl_llm.sft.vf.run_vf): SFT on its own
     rejection-sampled or stitched trials and the held-out measurement. Writes the fitted
     policy to ``policy/``, ``vf_summary.json``, metrics.jsonl and summary.json."""

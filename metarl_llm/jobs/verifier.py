@@ -1,5 +1,5 @@
-"""``algo=verifier``: warm-start the base policy as PPO would, then train a verifier on its trials
-and measure best-of-N.
+"""``job=train_verifier`` (old spelling ``algo=verifier``): warm-start the base policy as PPO
+would, then train a verifier on its trials and measure best-of-N.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def train_verifier_job(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = None) -> dict:
-    """``algo=verifier``: warm-start the base policy as PPO would, then train a verifier on
+    """``job=train_verifier``: warm-start the base policy as PPO would, then train a verifier on
     its trials and measure best-of-N (metarl_llm.verify.train.run_verifier_training). Writes
     ``verifier/`` (usable as ``bonus.estimator=verifier bonus.verifier=RUN/verifier``),
     ``best_of_n.png``, ``verifier_summary.json``, metrics.jsonl and summary.json."""

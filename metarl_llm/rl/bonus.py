@@ -228,11 +228,11 @@ def episode_score_verifier() -> TextVerifier:
 
 def check_verifier_name(name: str) -> None:
     """``bonus.verifier`` must name a verifier of :data:`VERIFIERS` or the directory of a
-    trained verifier saved by ``algo=verifier`` (``RUN/verifier``)."""
+    trained verifier saved by ``job=train_verifier`` (``RUN/verifier``)."""
 
     if name not in VERIFIERS and not is_saved_verifier(name):
         raise ValueError(f"bonus.verifier={name!r} is neither one of {sorted(VERIFIERS)} nor a saved verifier directory "
-                         "(written by `python train.py algo=verifier` into RUN/verifier)")
+                         "(written by `python train.py job=train_verifier` into RUN/verifier)")
 
 
 @register_estimator("verifier")

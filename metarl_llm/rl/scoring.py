@@ -9,6 +9,7 @@ import logging
 import torch
 
 import envs  # noqa: F401  (registers the environments)
+from metarl_llm.config import OldLogprobs
 from metarl_llm.core.batch import RolloutBatch, length_buckets
 from metarl_llm.models import (
     ActorCritic,
@@ -20,7 +21,7 @@ from metarl_llm.verify.scoring import score_trials
 log = logging.getLogger(__name__)
 
 
-OLD_LOGPROBS = ("recompute", "sampled")
+OLD_LOGPROBS = tuple(m.value for m in OldLogprobs)  # ("recompute", "sampled")
 
 
 @torch.no_grad()

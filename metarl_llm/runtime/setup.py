@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import asdict, replace
+from enum import Enum
 from pathlib import Path
 
 import gymnasium as gym
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 
 def env_kwargs(cfg: TrainConfig) -> dict:
     """``gymnasium.make`` keyword arguments from the env config and the budget."""
-    kw = {k: v for k, v in asdict(cfg.env).items() if k not in ("name", "id")}
+    # closed choices (env.source of env=arc) as plain strings: the environments know no Enum types
+    kw = {k: str(v) if isinstance(v, Enum) else v for k, v in asdict(cfg.env).items() if k not in ("name", "id")}
     kw["max_episodes"] = cfg.budget.max_episodes
     return kw
 
@@ -77,7 +79,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda"):
         raise ValueError(f"device={name!r}; expected auto, cpu or cuda")
-    return torch.device(name)
+    return torch.device(str(name))  # a plain string (name may be a Device)
 
 
 def register_configs() -> None:

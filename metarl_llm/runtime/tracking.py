@@ -8,12 +8,12 @@ import math
 import os
 from pathlib import Path
 
-from metarl_llm.config import LoggerConfig
+from metarl_llm.config import LoggerConfig, LoggerMode
 
 log = logging.getLogger(__name__)
 
 
-MODES = ("offline", "online", "disabled")
+MODES = tuple(m.value for m in LoggerMode)  # ("offline", "online", "disabled")
 
 
 def read_summary(run_dir: Path) -> dict | None:
@@ -81,7 +81,7 @@ class Tracker:
                 tags=list(cfg.tags),
                 name=name,
                 dir=str(self.run_dir),
-                mode=cfg.mode,
+                mode=str(cfg.mode),  # a plain string (cfg.mode may be a LoggerMode)
                 config=config,
                 settings=wandb.Settings(console="off", silent=True),
                 **({"id": run_id, "resume": "allow"} if run_id else {}),

@@ -16,9 +16,6 @@ from metarl_llm.core.trial import StreamCodec, Trial
 log = logging.getLogger(__name__)
 
 
-SFT_DATA = ("star", "stitched")
-
-
 # ------------------------------------------------------------------ VF data
 
 

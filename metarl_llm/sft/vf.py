@@ -6,7 +6,7 @@ prompt and inserted observations are context). The warm start uses it on expert 
 
 The VF baselines of Setlur et al. 2025 ("Scaling test-time compute without
 verification or RL is suboptimal", docs/design.md section 1) learn from the base policy's
-own samples without ever training a verifier (``algo=sft``, :func:`run_vf`):
+own samples without ever training a verifier (``job=sft``, :func:`run_vf`):
 
 - ``sft.data=star``: rejection sampling (STaR-like). The base policy's successful
   trials on training problems, exactly as sampled (:func:`star_records`).
@@ -41,7 +41,7 @@ from metarl_llm.core.trial import StreamCodec, Trial
 from metarl_llm.evaluation.curves import scale_budget
 from metarl_llm.rollout.engine import heldout_resets, run_trials
 from metarl_llm.sft.fit import clean_model, sft_fit
-from metarl_llm.sft.traces import SFT_DATA, star_records, stitched_records
+from metarl_llm.sft.traces import star_records, stitched_records
 from metarl_llm.verify.best_of_n import best_of_n_trials, play_trials
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def run_vf(
     make_heldout_env: Callable[[BudgetConfig], object], budget: BudgetConfig, cfg: SFTConfig, seed: int,
     generator: torch.Generator, checkpointing: bool = False, log_fn=None,
 ) -> tuple[object, dict]:
-    """``algo=sft``: a verifier-free baseline fitted to ``policy``'s own samples.
+    """``job=sft``: a verifier-free baseline fitted to ``policy``'s own samples.
 
     1. Sample ``cfg.samples_per_problem`` trials on each of ``cfg.num_train_problems``
        training problems (seeds from ``generator``).
@@ -89,13 +89,7 @@ def run_vf(
     Returns (fitted policy, JSON-ready summary).
     """
 
-    if cfg.data not in SFT_DATA:
-        raise ValueError(f"sft.data={cfg.data!r}; expected one of {SFT_DATA}")
-    for name in ("num_train_problems", "samples_per_problem", "num_heldout_problems", "steps", "traces_per_problem"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"sft.{name} must be >= 1, got {getattr(cfg, name)}")
-    if not cfg.n_values or min(cfg.n_values) < 1:
-        raise ValueError(f"sft.n_values must be a non-empty list of integers >= 1, got {cfg.n_values}")
+    cfg.validate()
     t0 = time.perf_counter()
     policy.eval()
     seeds = torch.randint(0, 2**31 - 1, (cfg.num_train_problems,), generator=generator).tolist()

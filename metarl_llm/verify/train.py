@@ -63,7 +63,7 @@ Integration
 - The ``verifier`` estimator of J: :func:`trained_verifier_estimator` has the
   ``Estimator`` signature of :mod:`metarl_llm.rl.bonus` and reads ``opts.verifier`` as the
   directory of a saved verifier (``bonus.verifier=/path/to/verifier``).
-- ``algo=verifier``: :func:`run_verifier_training` takes already-built objects (policy,
+- ``job=train_verifier``: :func:`run_verifier_training` takes already-built objects (policy,
   codec, environment factory, verifier, budget, :class:`VerifierConfig`) and does it all:
   sample, label, train, save, best-of-N.
 """
@@ -198,7 +198,7 @@ def run_verifier_training(
     log: LogFn | None = None,
     progress_bar: bool = False,
 ) -> dict:
-    """``algo=verifier``: train a verifier on a base policy's trials and measure best-of-N.
+    """``job=train_verifier``: train a verifier on a base policy's trials and measure best-of-N.
 
     1. Sample ``cfg.samples_per_problem`` trials on each of ``cfg.num_train_problems``
        training-split problems (problem seeds drawn from ``generator``), and max(n_values)
@@ -214,10 +214,7 @@ def run_verifier_training(
     best-of-N figures (``best_of_n/...``, at step ``cfg.steps``). Returns a summary dict
     (JSON-ready): every last metric, the best-of-N table and the paths written.
     """
-    if cfg.num_train_problems < 1 or cfg.samples_per_problem < 1 or cfg.num_heldout_problems < 1:
-        raise ValueError("verifier: num_train_problems, samples_per_problem and num_heldout_problems must be >= 1")
-    if not cfg.n_values or min(cfg.n_values) < 1:
-        raise ValueError(f"verifier.n_values must be a non-empty list of integers >= 1, got {cfg.n_values}")
+    cfg.validate()
     check_same_vocabulary(verifier.tokenizer, codec.tokenizer)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -40,4 +40,7 @@ def test_bad_option_fails_at_start_naming_it(tmp_path):
     assert res.returncode != 0 and "env/nope" in res.stderr
     res = run(["budget.max_episodes=three"], tmp_path)
     assert res.returncode != 0 and "max_episodes" in res.stderr
+    res = run(["model.critic=bogus"], tmp_path)  # a closed choice: Hydra's composition lists the values
+    assert res.returncode != 0 and "expected one of [shared, separate]" in res.stderr and "model.critic" in res.stderr
+    assert "trainer.py" not in res.stderr and not (tmp_path / "run" / "config.yaml").exists()  # before any job code ran
     assert not (tmp_path / "run" / "summary.json").exists()

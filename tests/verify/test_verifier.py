@@ -1,6 +1,6 @@
 """Trained verifiers: metric functions by hand, examples of a hand-built trial, training
 on a learnable signal, one-pass prefix scores, save/load, the J-estimator plug-in,
-best-of-N, the algo=verifier entry point and bad input."""
+best-of-N, the job=train_verifier entry point and bad input."""
 
 import json
 
@@ -387,7 +387,7 @@ def test_metric_functions_reject_empty_input():
 
 
 def test_algo_verifier_job_then_ppo_with_its_verifier_as_the_j_estimator(tmp_path):
-    """`python train.py algo=verifier` writes a verifier that `bonus.estimator=verifier
+    """`python train.py job=train_verifier` writes a verifier that `bonus.estimator=verifier
     bonus.verifier=RUN/verifier` then uses in PPO (tiny sizes, one thread)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -406,7 +406,7 @@ def test_algo_verifier_job_then_ppo_with_its_verifier_as_the_j_estimator(tmp_pat
         with initialize_config_dir(version_base=None, config_dir=str(root / "conf")):
             return OmegaConf.to_object(compose("config", overrides=[*small, *overrides]))
 
-    summary = train(cfg_of("algo=verifier", "verifier.num_train_problems=4", "verifier.samples_per_problem=2",
+    summary = train(cfg_of("job=train_verifier", "verifier.num_train_problems=4", "verifier.samples_per_problem=2",
                            "verifier.num_heldout_problems=3", "verifier.n_values=[1,2]", "verifier.steps=3",
                            "verifier.batch_size=8", "verifier.eval_every=0",
                            "verifier.tiny.hidden_size=32", "verifier.tiny.num_layers=1", "verifier.tiny.num_heads=2",
