@@ -309,6 +309,15 @@ class ModelConfig:
     # PyTorch's cuDNN attention kernels on CUDA. Off by default: they build a plan for every
     # new sequence shape (~40 ms on an H100), and decoding meets a new one at every step.
     cudnn_attention: bool = False
+    # Sampling temperature of the PPO policy: it samples softmax(logits / temperature) in the training
+    # rollouts, and its scoring and update passes, its reference and its meta-prover use that same
+    # distribution (metarl_llm.models.set_temperature), so the sampling and scoring log-probs agree.
+    # Also the default of held-out evaluation (eval.temperature). The warm start trains the raw model.
+    temperature: float = 1.0
+    # Render prompts through the tokenizer's chat template (with the generation prompt) when it has
+    # one; false for a base model whose tokenizer carries a template it was not trained on.
+    chat_template: bool = True
+    system_prompt: Optional[str] = None  # a system turn before the problem (needs a chat template)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -316,6 +325,8 @@ class ModelConfig:
         if self.name_or_path is None:
             self.tiny.validate("model.tiny")
         self.lora.validate()
+        if not self.temperature > 0:
+            raise ValueError(f"model.temperature must be > 0, got {self.temperature} (greedy evaluation: eval.greedy=true)")
 
 
 # -------------------------------------------------------------------------- algo
@@ -529,10 +540,14 @@ class EvalConfig:
     extrapolation: bool = True  # False: the final evaluation runs at the training budget (scale 1) only
     success_level: float = 0.9  # tokens_to_success: the success level S(t) has to reach ...
     success_level_relative: bool = True  # ... as a share of the curve's own final success S(C) (True) or as an absolute level (False)
+    temperature: Optional[float] = None  # sampling temperature of held-out trials and their meta-prover (None: model.temperature)
+    greedy: bool = False  # True: held-out trials and meta-prover answers take the argmax token (temperature then unused)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
         _at_least(self, "eval", ("num_problems", "samples_per_problem", "prover_samples"), 1)
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"eval.temperature must be > 0 or null (the policy's own), got {self.temperature}")
         for s in [1.0] + ([float(s) for s in self.budget_scales] if self.extrapolation else []):
             if not s > 0:
                 raise ValueError(f"eval.budget_scales: every scale must be > 0, got {s}")

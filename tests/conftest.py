@@ -46,3 +46,13 @@ def qwen_tokenizer():
     from tests.support import packaged_tokenizer_dir
 
     return AutoTokenizer.from_pretrained(str(packaged_tokenizer_dir()))
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory):
+    """A hub-style local model directory: Qwen3's real tokenizer files (chat template included),
+    config.json of a toy-width Qwen2-architecture model, random weights, generation_config.json."""
+    from tests.support import build_hub_dir
+
+    return build_hub_dir(tmp_path_factory.mktemp("hub") / "toy-qwen", hidden_size=32, num_layers=1, num_heads=2,
+                         intermediate_size=64)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from metarl_llm.core.chat import ChatFormat
+
 
 @dataclass
 class Trial:
@@ -79,10 +81,14 @@ class Trial:
 
 
 class StreamCodec:
-    """Tokenisation of the text pieces around sampled tokens, and the stop ids."""
+    """Tokenisation of the text pieces around sampled tokens, and the stop ids.
 
-    def __init__(self, tokenizer, delimiter: str, forced_answer_text: str):
+    ``chat``: when given (:class:`metarl_llm.core.chat.ChatFormat`), prompts are rendered through
+    the tokenizer's chat template (:meth:`prompt_ids`); otherwise they are encoded as plain text."""
+
+    def __init__(self, tokenizer, delimiter: str, forced_answer_text: str, chat: ChatFormat | None = None):
         self.tokenizer = tokenizer
+        self.chat = chat
         self.delimiter = delimiter
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -97,6 +103,11 @@ class StreamCodec:
         self.stop_ids = torch.tensor(sorted(self.delimiter_ids | ({self.eos_id} if self.eos_id is not None else set())))
         self.delimiter_token = self.encode(delimiter)
         self.forced_ids = self.encode(forced_answer_text)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's tokens: the chat template's rendering with the generation prompt (with ``chat``),
+        else the text with the tokenizer's special tokens (BOS) added."""
+        return self.chat.start(prompt)[1] if self.chat is not None else self.encode(prompt, special=True)
 
     def encode(self, text: str, special: bool = False) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=special) if text else []

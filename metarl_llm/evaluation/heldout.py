@@ -87,6 +87,7 @@ from metarl_llm.evaluation.curves import (
     tokens_to_success,
     trial_breakpoints,
 )
+from metarl_llm.models import set_temperature, temperature_of, tempered
 from metarl_llm.rl.bonus import estimate_sample
 from metarl_llm.rollout.base import Engine
 from metarl_llm.rollout.engine import engine_from_config, get_engine, heldout_resets, run_trials
@@ -150,7 +151,8 @@ def evaluate(
     model that plays (and, as meta-prover, values) that problem's trials; problems are
     then played one after the other instead of all in one batch. ``engine``: the rollout engine
     that plays the trials and samples the meta-prover's answers (the run's ``rollout`` engine;
-    None: a default cached one)."""
+    None: a default cached one). The trials and the meta-prover sample at ``cfg.temperature`` (None:
+    the model's own, :func:`metarl_llm.models.temperature_of`), or take the argmax (``cfg.greedy``)."""
     k = cfg.samples_per_problem
     n = cfg.num_problems * k
     if len(envs) < n:
@@ -160,10 +162,13 @@ def evaluate(
     resets, groups = heldout_resets(cfg.num_problems, k)
     engine = engine if engine is not None else get_engine("cached")
     opts = JOptions(num_samples=cfg.prover_samples, answer_max_tokens=budget.answer_max_tokens, generator=generator,
-                    engine=engine)
+                    engine=engine, greedy=cfg.greedy)
+    temperature = cfg.temperature if cfg.temperature is not None else temperature_of(model)
     if adapt is None:
-        trials = run_trials(model, codec, envs[:n], resets, groups, budget, generator, engine=engine, keep_cache=True)
-        j_curves = estimate_sample(model, codec, trials, opts)  # continues from the kept caches
+        with tempered(model, temperature):
+            trials = run_trials(model, codec, envs[:n], resets, groups, budget, generator, engine=engine, keep_cache=True,
+                                greedy=cfg.greedy)
+            j_curves = estimate_sample(model, codec, trials, opts)  # continues from the kept caches
         for t in trials:
             t.cache = None
     else:
@@ -175,8 +180,9 @@ def evaluate(
             with torch.enable_grad():
                 adapted = adapt(envs[p * k].unwrapped)
             adapted.eval()
+            set_temperature(adapted, temperature)
             part = run_trials(adapted, codec, envs[rows], resets[rows], groups[rows], budget, generator, engine=engine,
-                              keep_cache=True)
+                              keep_cache=True, greedy=cfg.greedy)
             trials += part
             j_curves += estimate_sample(adapted, codec, part, opts)
             for t in part:

@@ -15,6 +15,7 @@ import torch
 
 import envs  # noqa: F401  (registers the environments)
 from metarl_llm.config import TrainConfig
+from metarl_llm.core.chat import ChatFormat
 from metarl_llm.core.trial import StreamCodec
 from metarl_llm.evaluation.diagnostics import policy_diagnostics
 from metarl_llm.models import (
@@ -95,13 +96,25 @@ def finished_summary(cfg: TrainConfig, run_dir: Path) -> dict | None:
     return summary
 
 
+def stream_codec(cfg: TrainConfig, tokenizer) -> StreamCodec:
+    """The run's codec: newline-delimited episodes, the environment's forced-answer text, and prompts
+    rendered through the tokenizer's chat template when it has one and ``model.chat_template`` is on."""
+    chat = None
+    if cfg.model.chat_template and getattr(tokenizer, "chat_template", None):
+        chat = ChatFormat(tokenizer, cfg.model.system_prompt, name=cfg.model.name_or_path or "the tokenizer")
+    elif cfg.model.system_prompt is not None:
+        raise ValueError(f"model.system_prompt needs a chat template: {cfg.model.name_or_path or 'the tiny model'}'s tokenizer "
+                         f"has none{'' if cfg.model.chat_template else ' in use (model.chat_template=false)'}")
+    return StreamCodec(tokenizer, "\n", cfg.env.forced_answer_text, chat)
+
+
 def base_policy(cfg: TrainConfig, device: torch.device):
     """The policy a job starts from: loaded (``model``) and warm-started (``warm_start``,
     seeded ``warm_start.seed`` or the run's seed). Returns (policy, tokenizer, codec,
     env_factory, warm-start info)."""
     ws_seed = cfg.seed if cfg.warm_start.seed is None else cfg.warm_start.seed
     policy, tokenizer = load_policy(cfg.model, ws_seed)
-    codec = StreamCodec(tokenizer, "\n", cfg.env.forced_answer_text)
+    codec = stream_codec(cfg, tokenizer)
     make_env = env_factory(cfg)
     # The cache key leaves out what concerns PPO only (LoRA, autocast, the attention backend).
     policy, ws_info = warm_start(policy, tokenizer, codec, make_env, cfg.model, cfg.env, cfg.budget, cfg.warm_start, ws_seed)

@@ -26,7 +26,6 @@ from metarl_llm.config import (
     ModelConfig,
     TrainConfig,
 )
-from metarl_llm.core.trial import StreamCodec
 from metarl_llm.evaluation.curves import (
     budget_label,
     default_efficiency_level,
@@ -35,8 +34,8 @@ from metarl_llm.evaluation.curves import (
     tokens_to_success,
 )
 from metarl_llm.evaluation.heldout import clamp_num_problems, evaluate_and_report
-from metarl_llm.jobs.common import validate
-from metarl_llm.models import load_policy
+from metarl_llm.jobs.common import stream_codec, validate
+from metarl_llm.models import load_policy, set_temperature
 from metarl_llm.runtime.setup import heldout_env_maker, quiet_libraries, resolve_device
 from metarl_llm.runtime.tracking import Tracker
 
@@ -177,8 +176,9 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "latest", overrides: Seq
     quiet_libraries()
     device = resolve_device(cfg.device)
     model, tokenizer = load_policy(cfg.model, cfg.seed, str(policy_dir))
+    set_temperature(model, cfg.model.temperature)  # the policy the run trained (a hook is not saved with the weights)
     model.to(device)
-    codec = StreamCodec(tokenizer, "\n", cfg.env.forced_answer_text)
+    codec = stream_codec(cfg, tokenizer)
     make_env = heldout_env_maker(cfg)
     clamp_num_problems(cfg.eval, make_env(cfg.budget).unwrapped.num_problems)
 

@@ -68,6 +68,7 @@ from metarl_llm.models import (
     frozen_reference,
     merged_policy,
     set_cudnn_attention,
+    set_temperature,
 )
 from metarl_llm.rl.advantages import combine_advantages, episode_credit, get_advantage
 from metarl_llm.rl.bonus import episode_bonuses
@@ -208,6 +209,7 @@ class PPOJob:
         policy, self.tokenizer, self.codec, self.make_env, self.ws_info = base_policy(cfg, device)
         if dist.is_main:
             dist.barrier()
+        set_temperature(policy, cfg.model.temperature)  # the tempered policy everywhere (1.0: the raw logits)
         self.actor_critic = build_actor_critic(policy, cfg.model, cfg.seed).to(device)  # model.lora.r > 0: LoRA, base frozen
         self.reference = frozen_reference(self.actor_critic)  # LoRA: the same weights, adapter disabled (no copy)
         self.amp = autocast_dtype(cfg.model.autocast, device)  # forward passes of rollout, scoring and update (None: off)

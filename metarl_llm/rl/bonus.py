@@ -67,7 +67,7 @@ def estimate_sample(model: torch.nn.Module, codec: StreamCodec, trials: list[Tri
     answers (all boundaries of all trials in one batched sampling call)."""
     ends = [boundary_prefixes(t) for t in trials]
     return meta_prover_success(model, codec, trials, ends, opts.num_samples, opts.answer_max_tokens, opts.generator,
-                               opts.engine)
+                               opts.engine, opts.greedy)
 
 
 class _Packed(NamedTuple):

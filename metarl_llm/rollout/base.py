@@ -151,7 +151,7 @@ def start_trials(codec: StreamCodec, envs: list, resets: list[dict], groups: lis
     for env, kw, g in zip(envs, resets, groups):
         prompt, info = env.reset(**kw)
         t = Trial(problem_id=info["problem_id"], group=g, grader=env.unwrapped.grader())
-        ids = codec.encode(prompt, special=True)
+        ids = codec.prompt_ids(prompt)
         if len(ids) > budget.max_prompt_tokens:
             raise ValueError(
                 f"problem {t.problem_id}: prompt of {len(ids)} tokens exceeds budget.max_prompt_tokens={budget.max_prompt_tokens}"

@@ -38,6 +38,7 @@ def run_trials(
     keep_cache: bool = False,
     keys: torch.Tensor | None = None,
     value_head: torch.nn.Module | None = None,
+    greedy: bool = False,
 ) -> list[Trial]:
     """Play one trial in each environment, all trials batched.
 
@@ -52,7 +53,7 @@ def run_trials(
     applies it to the last hidden state of every forward pass it samples from and stores
     each action token's value on ``Trial.sample_values`` (the values ``ActorCritic.score``
     gives, without its forward pass); an engine that cannot (``supports_values`` False)
-    is an error.
+    is an error. ``greedy``: the argmax token at every step instead of a draw.
 
     Budget: an episode ends at the delimiter, EOS or ``max_episode_tokens``; the trial
     ends when the environment terminates it (a committed answer). When the policy
@@ -69,7 +70,8 @@ def run_trials(
             raise ValueError(f"rollout engine {getattr(engine, 'name', type(engine).__name__)!r} cannot compute the "
                              f"critic's values while sampling (supports_values is False); score them with a forward pass")
         extra["value_head"] = value_head
-    return engine.run_trials(model, codec, envs, resets, groups, budget, generator, keep_cache=keep_cache, keys=keys, **extra)
+    return engine.run_trials(model, codec, envs, resets, groups, budget, generator, keep_cache=keep_cache, greedy=greedy,
+                             keys=keys, **extra)
 
 
 def engine_from_config(cfg) -> "Engine":

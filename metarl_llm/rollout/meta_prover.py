@@ -27,6 +27,7 @@ class JOptions:
     answer_max_tokens: int = 12  # sample: tokens per meta-prover answer
     generator: torch.Generator | None = None  # sample: RNG of the meta-prover answers' keys
     engine: Engine | None = None  # sample: the engine the answers are sampled on (None: a default cached engine)
+    greedy: bool = False  # sample: the argmax answer instead of draws
     verifier: str = "episode_score"  # verifier: name in VERIFIERS
     rows: int = 32  # likelihood: trials per forward pass
 
@@ -71,6 +72,7 @@ def meta_prover_context(codec: StreamCodec, trial: Trial, end: int) -> list[int]
 def meta_prover_success(
     model: torch.nn.Module, codec: StreamCodec, trials: list[Trial], ends: list[list[int]], num_samples: int,
     answer_max_tokens: int, generator: torch.Generator | None = None, engine: Engine | None = None,
+    greedy: bool = False,
 ) -> list[np.ndarray]:
     """J after the prefixes ``ends[i]`` (stream lengths) of trial i: the mean success of
     ``num_samples`` meta-prover answers of at most ``answer_max_tokens`` tokens, sampled on
@@ -84,11 +86,11 @@ def meta_prover_success(
     Each answer draws from its own key (drawn from ``generator``), so J does not depend on
     ``rollout.max_rows``, ``rollout.prefill_bucket_tokens`` or on whether the rollout kept
     each trial's KV cache (``run_trials(..., keep_cache=True)``: continued from it; else
-    every prefix is re-encoded)."""
+    every prefix is re-encoded). ``greedy``: the argmax answer (every copy the same)."""
     engine = engine if engine is not None else CachedEngine()
     suffixes = [[codec.forced_prefix(t.ids[:end]) for end in prefix_ends] for t, prefix_ends in zip(trials, ends)]
     tokens, lengths, owners = engine.continue_prefixes(model, trials, ends, suffixes, num_samples, answer_max_tokens,
-                                                       codec.stop_ids, codec.pad_id, generator)
+                                                       codec.stop_ids, codec.pad_id, generator, greedy=greedy)
     sums = [np.zeros(len(prefix_ends)) for prefix_ends in ends]
     before = [[episodes_before(t, end) for end in prefix_ends] for t, prefix_ends in zip(trials, ends)]
     for row, (i, b) in enumerate(owners):

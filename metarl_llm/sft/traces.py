@@ -136,7 +136,7 @@ def trace_record(
     traces the rollout could never produce would be silently wrong). ``kind`` names the
     traces in error messages.
     """
-    ids = codec.encode(prompt, special=True)
+    ids = codec.prompt_ids(prompt)
     mask = [0] * len(ids)
     policy_tokens = 0
     terminated, reward = False, 0.0

@@ -136,18 +136,25 @@ def expert_records(
     return records
 
 
-def cache_key(model: ModelConfig, env: EnvConfig, budget: BudgetConfig, ws: WarmStartConfig, seed: int, vocab: dict) -> str:
+def cache_key(model: ModelConfig, env: EnvConfig, budget: BudgetConfig, ws: WarmStartConfig, seed: int, vocab: dict,
+              chat: dict | None = None) -> str:
+    """The warm start's cache entry: a hash of everything that determines its result. ``chat``: the
+    chat rendering of the prompts (template and system prompt) when prompts go through a template."""
     spec = {
         "version": CACHE_VERSION,
-        # LoRA, autocast and the attention backend concern PPO only: leaving them out keeps
-        # one entry for all (and the entries written before those options existed).
-        "model": {k: v for k, v in asdict(model).items() if k not in ("lora", "autocast", "cudnn_attention")},
+        # LoRA, autocast, the attention backend and the sampling temperature concern PPO only: leaving
+        # them out keeps one entry for all (and the entries written before those options existed).
+        # The chat settings enter as what they do (`chat`, only when prompts are rendered through a template).
+        "model": {k: v for k, v in asdict(model).items()
+                  if k not in ("lora", "autocast", "cudnn_attention", "temperature", "chat_template", "system_prompt")},
         "env": asdict(env),
         "budget": asdict(budget),
         "warm_start": {k: v for k, v in asdict(ws).items() if k not in ("cache_dir", "seed")},  # the seed used is `seed`
         "seed": seed,
         "vocab": hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest(),
     }
+    if chat is not None:
+        spec["chat"] = chat
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -161,7 +168,9 @@ def warm_start(
     for tests and for other fitters."""
     if ws.steps <= 0:
         return model, {"warm_start/cached": False, "warm_start/steps": 0}
-    key = cache_key(model_cfg, env_cfg, budget, ws, seed, tokenizer.get_vocab())
+    chat = None if codec.chat is None else {"template": hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest(),
+                                            "system_prompt": codec.chat.system_prompt}
+    key = cache_key(model_cfg, env_cfg, budget, ws, seed, tokenizer.get_vocab(), chat)
     root = Path(os.path.expanduser(ws.cache_dir))
     path = root / key
     if (path / "done.json").exists():
