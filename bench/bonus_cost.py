@@ -48,7 +48,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-root", default=str(ROOT / "outputs" / "bench" / "bonus_cost"))
-    parser.add_argument("--reuse", action="store_true", help="read runs that already finished (summary.json) instead of rerunning them")
+    parser.add_argument(
+        "--reuse", action="store_true", help="read runs that already finished (summary.json) instead of rerunning them"
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every arm")
     args = parser.parse_args()
     if "none" not in args.arms:
@@ -59,10 +61,21 @@ def main() -> None:
         for arm in args.arms:
             run_dir = Path(args.out_root) / args.env / arm.replace("/", "_") / f"rep{rep}"
             cmd = [
-                sys.executable, str(ROOT / "train.py"), f"env={args.env}", *ARMS[arm], f"seed={args.seed}",
-                f"algo.iterations={args.iterations}", f"threads={args.threads}", f"out_dir={run_dir}",
-                "eval.every=0", "eval.num_problems=8", "eval.samples_per_problem=2", "checkpoint_every=0",
-                "logger.progress_bar=false", "logger.mode=disabled", *args.overrides,
+                sys.executable,
+                str(ROOT / "train.py"),
+                f"env={args.env}",
+                *ARMS[arm],
+                f"seed={args.seed}",
+                f"algo.iterations={args.iterations}",
+                f"threads={args.threads}",
+                f"out_dir={run_dir}",
+                "eval.every=0",
+                "eval.num_problems=8",
+                "eval.samples_per_problem=2",
+                "checkpoint_every=0",
+                "logger.progress_bar=false",
+                "logger.mode=disabled",
+                *args.overrides,
             ]
             if not (args.reuse and (run_dir / "summary.json").exists()):
                 print("$", " ".join(cmd), flush=True)
@@ -81,9 +94,11 @@ def main() -> None:
     print(f"\n{args.env}: per-iteration wall time relative to none (median over {args.reps} repetitions, range)")
     for arm in args.arms:
         ratios = [m / n for m, n in zip(medians[arm], medians["none"])]
-        print(f"  {arm:22s} {statistics.median(medians[arm]):7.3f} s/it  x{statistics.median(ratios):.2f} "
-              f"({min(ratios):.2f}-{max(ratios):.2f}); within an iteration, with / without the bonus: "
-              f"x{statistics.median(within[arm]):.2f}")
+        print(
+            f"  {arm:22s} {statistics.median(medians[arm]):7.3f} s/it  x{statistics.median(ratios):.2f} "
+            f"({min(ratios):.2f}-{max(ratios):.2f}); within an iteration, with / without the bonus: "
+            f"x{statistics.median(within[arm]):.2f}"
+        )
     print(f"wrote {out}")
 
 

@@ -29,11 +29,33 @@ if str(ROOT) not in sys.path:
 
 from metarl_llm.runtime.distributed import RUN_TIME_ENV
 
-COMPARED = ("train/outcome", "train/tokens_per_trial", "train/loss/policy", "train/loss/value", "train/loss/kl",
-            "train/entropy", "train/grad_norm", "train/approx_kl", "train/clipfrac", "train/kl_ref")
-QUICK = ["algo.problems_per_iter=4", "algo.group_size=4", "algo.minibatch_size=8", "warm_start.steps=0",
-         "eval.num_problems=2", "eval.samples_per_problem=1", "eval.every=0", "eval.extrapolation=false",
-         "logger.mode=disabled", "logger.progress_bar=false", "checkpoint_every=0", "device=cpu", "threads=1"]
+COMPARED = (
+    "train/outcome",
+    "train/tokens_per_trial",
+    "train/loss/policy",
+    "train/loss/value",
+    "train/loss/kl",
+    "train/entropy",
+    "train/grad_norm",
+    "train/approx_kl",
+    "train/clipfrac",
+    "train/kl_ref",
+)
+QUICK = [
+    "algo.problems_per_iter=4",
+    "algo.group_size=4",
+    "algo.minibatch_size=8",
+    "warm_start.steps=0",
+    "eval.num_problems=2",
+    "eval.samples_per_problem=1",
+    "eval.every=0",
+    "eval.extrapolation=false",
+    "logger.mode=disabled",
+    "logger.progress_bar=false",
+    "checkpoint_every=0",
+    "device=cpu",
+    "threads=1",
+]
 
 
 def run(cmd: list[str], out_dir: Path, overrides: list[str], timeout: int) -> tuple[list[dict], float]:
@@ -41,8 +63,9 @@ def run(cmd: list[str], out_dir: Path, overrides: list[str], timeout: int) -> tu
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
     env.pop(RUN_TIME_ENV, None)  # each launch names its own run time
     t0 = time.perf_counter()
-    proc = subprocess.run([*cmd, *overrides, f"out_dir={out_dir}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [*cmd, *overrides, f"out_dir={out_dir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -58,8 +81,15 @@ def compare(single: list[dict], multi: list[dict]) -> list[dict]:
     for a, b in zip(single, multi):
         keys = [k for k in COMPARED if k in a and k in b and a[k] is not None and b[k] is not None]
         diffs = {k: abs(a[k] - b[k]) for k in keys}
-        out.append({"iteration": a["iteration"], "single": {k: a[k] for k in keys}, "two_process": {k: b[k] for k in keys},
-                    "abs_diff": diffs, "max_abs_diff": max(diffs.values()) if diffs else float("nan")})
+        out.append(
+            {
+                "iteration": a["iteration"],
+                "single": {k: a[k] for k in keys},
+                "two_process": {k: b[k] for k in keys},
+                "abs_diff": diffs,
+                "max_abs_diff": max(diffs.values()) if diffs else float("nan"),
+            }
+        )
     return out
 
 
@@ -77,25 +107,46 @@ def main(argv=None) -> dict:
     single, t_single = run([sys.executable, "train.py"], root / "single", overrides, args.timeout)
     # accelerate 1.x starts CPU worker processes through torchrun only on its --multi_gpu path
     # (its --cpu path runs one process unless MPI is set up); device=cpu makes them gloo CPU workers.
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     multi, t_multi = run([*launcher, "train.py"], root / "two_process", overrides, args.timeout)
     rows = compare(single, multi)
     result = {
         "command": " ".join(["bench/data_parallel.py", *(argv if argv is not None else sys.argv[1:])]),
-        "overrides": overrides, "seconds_single": t_single, "seconds_two_process": t_multi,
-        "run_dirs": sorted(str(p) for p in root.iterdir()), "iterations": rows,
+        "overrides": overrides,
+        "seconds_single": t_single,
+        "seconds_two_process": t_multi,
+        "run_dirs": sorted(str(p) for p in root.iterdir()),
+        "iterations": rows,
         "max_abs_diff": max(r["max_abs_diff"] for r in rows),
     }
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    lines = [f"Single process vs `accelerate launch --multi_gpu --num_processes 2` (device=cpu: 2 gloo CPU processes), same global batch "
-             f"({' '.join(overrides)}). Wall time: {t_single:.0f} s vs {t_multi:.0f} s (both including start-up and evaluation; the first run also trains the warm start when it is not cached yet, the second loads it).",
-             "", "| iteration | metric | 1 process | 2 processes | abs diff |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"Single process vs `accelerate launch --multi_gpu --num_processes 2` (device=cpu: 2 gloo CPU processes), same global batch "
+        f"({' '.join(overrides)}). Wall time: {t_single:.0f} s vs {t_multi:.0f} s (both including start-up and evaluation; the first run also trains the warm start when it is not cached yet, the second loads it).",
+        "",
+        "| iteration | metric | 1 process | 2 processes | abs diff |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         for k in r["single"]:
-            lines.append(f"| {r['iteration']} | {k} | {r['single'][k]:.6g} | {r['two_process'][k]:.6g} | {r['abs_diff'][k]:.2e} |")
+            lines.append(
+                f"| {r['iteration']} | {k} | {r['single'][k]:.6g} | {r['two_process'][k]:.6g} | {r['abs_diff'][k]:.2e} |"
+            )
     lines.append(f"\nLargest absolute difference over all iterations and metrics: {result['max_abs_diff']:.2e}.")
     (out / f"{args.name}_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -28,16 +28,32 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULTS = ["algo.iterations=12", "checkpoint_every=2", "checkpoint_keep=2", "eval.num_problems=8",
-            "eval.samples_per_problem=2", "eval.every=4", "eval.extrapolation=false", "logger.progress_bar=false",
-            "device=cpu", "threads=1", "warm_start.seed=0"]
+DEFAULTS = [
+    "algo.iterations=12",
+    "checkpoint_every=2",
+    "checkpoint_keep=2",
+    "eval.num_problems=8",
+    "eval.samples_per_problem=2",
+    "eval.every=4",
+    "eval.extrapolation=false",
+    "logger.progress_bar=false",
+    "device=cpu",
+    "threads=1",
+    "warm_start.seed=0",
+]
 TIMING_KEYS = ("wall_time_s", "final_eval_s", "rollout_tokens_per_s", "update_tokens_per_s", "warm_start_cached")
 
 
 def launch(out_dir: Path, overrides: list[str], log) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "train.py", *overrides, f"out_dir={out_dir}"], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "train.py", *overrides, f"out_dir={out_dir}"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def rows_of(run: Path) -> list[dict]:
@@ -104,8 +120,11 @@ def main(argv=None) -> dict:
                     proc.kill()
                     raise RuntimeError("a launch exceeded --timeout")
                 # A save of this launch (a killed launch's leftover is removed when the next one resumes).
-                saving = [p for p in (run / "checkpoints").glob(".tmp_iter_*") if p.stat().st_mtime >= wall_start] \
-                    if (run / "checkpoints").exists() else []
+                saving = (
+                    [p for p in (run / "checkpoints").glob(".tmp_iter_*") if p.stat().st_mtime >= wall_start]
+                    if (run / "checkpoints").exists()
+                    else []
+                )
                 if kind == "save" and saving:
                     killed = {"kind": "during checkpoint save", "writing": saving[0].name}
                 elif kind == "random" and time.perf_counter() >= at:
@@ -114,9 +133,11 @@ def main(argv=None) -> dict:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
                     pointer = run / "checkpoints" / "latest"
-                    killed.update(seconds_into_launch=round(time.perf_counter() - started, 2),
-                                  last_logged_iteration=last_iteration(run),
-                                  latest_checkpoint=pointer.read_text() if pointer.exists() else None)
+                    killed.update(
+                        seconds_into_launch=round(time.perf_counter() - started, 2),
+                        last_logged_iteration=last_iteration(run),
+                        latest_checkpoint=pointer.read_text() if pointer.exists() else None,
+                    )
                     kills.append(killed)
                     print(f"kill {len(kills)}: {killed}", flush=True)
                     break
@@ -135,27 +156,42 @@ def main(argv=None) -> dict:
     differing = [r["iteration"] for r, s in zip(ref_rows, run_rows) if r != s]
     result = {
         "command": " ".join(["bench/kill_resume.py", *(argv if argv is not None else sys.argv[1:])]),
-        "overrides": overrides, "reference_seconds": t_ref, "launches": launches, "kills": kills,
-        "metrics_rows": [len(ref_rows), len(run_rows)], "identical_metrics": ref_rows == run_rows,
-        "differing_iterations": differing, "identical_summary": ref_sum == run_sum,
+        "overrides": overrides,
+        "reference_seconds": t_ref,
+        "launches": launches,
+        "kills": kills,
+        "metrics_rows": [len(ref_rows), len(run_rows)],
+        "identical_metrics": ref_rows == run_rows,
+        "differing_iterations": differing,
+        "identical_summary": ref_sum == run_sum,
         "summary_differences": sorted(k for k in ref_sum if ref_sum.get(k) != run_sum.get(k)),
-        "wandb_run_ids": wandb_ids(run), "one_wandb_run": len(wandb_ids(run)) == 1,
+        "wandb_run_ids": wandb_ids(run),
+        "one_wandb_run": len(wandb_ids(run)) == 1,
         "compared": "every metrics.jsonl row (train/*, heldout/*, warm_start/*; not perf/* timings), and summary.json without timings",
     }
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    lines = [f"SIGKILL and `resume=auto` against an uninterrupted run ({' '.join(overrides)}).", "",
-             f"{len(kills)} kills over {launches} launches; reference run {t_ref:.0f} s.", "",
-             "| kill | kind | seconds into launch | last logged iteration | `latest` at kill | checkpoint being written |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"SIGKILL and `resume=auto` against an uninterrupted run ({' '.join(overrides)}).",
+        "",
+        f"{len(kills)} kills over {launches} launches; reference run {t_ref:.0f} s.",
+        "",
+        "| kill | kind | seconds into launch | last logged iteration | `latest` at kill | checkpoint being written |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for k, x in enumerate(kills, 1):
-        lines.append(f"| {k} | {x['kind']} | {x['seconds_into_launch']} | {x['last_logged_iteration']} | "
-                     f"{x['latest_checkpoint']} | {x['writing']} |")
-    lines += ["", f"Metrics rows: {len(ref_rows)} vs {len(run_rows)}; identical: **{result['identical_metrics']}** "
-              f"(differing iterations: {differing or 'none'}). Summary identical (timings aside): "
-              f"**{result['identical_summary']}** {result['summary_differences'] or ''}. W&B run ids of the killed run's "
-              f"launches: {result['wandb_run_ids']}."]
+        lines.append(
+            f"| {k} | {x['kind']} | {x['seconds_into_launch']} | {x['last_logged_iteration']} | "
+            f"{x['latest_checkpoint']} | {x['writing']} |"
+        )
+    lines += [
+        "",
+        f"Metrics rows: {len(ref_rows)} vs {len(run_rows)}; identical: **{result['identical_metrics']}** "
+        f"(differing iterations: {differing or 'none'}). Summary identical (timings aside): "
+        f"**{result['identical_summary']}** {result['summary_differences'] or ''}. W&B run ids of the killed run's "
+        f"launches: {result['wandb_run_ids']}.",
+    ]
     (out / f"{args.name}_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result

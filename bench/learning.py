@@ -68,8 +68,17 @@ def launch(root: Path, env: str, arm: str, seed: int, overrides: list[str], thre
     run_dir = run_dir_of(root, env, arm, seed)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
-        cmd = [sys.executable, str(ROOT / "train.py"), f"env={env}", *overrides, f"seed={seed}", f"out_dir={run_dir}",
-               f"threads={threads}", "logger.progress_bar=false", *extra]
+        cmd = [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"env={env}",
+            *overrides,
+            f"seed={seed}",
+            f"out_dir={run_dir}",
+            f"threads={threads}",
+            "logger.progress_bar=false",
+            *extra,
+        ]
         print("$", " ".join(cmd), flush=True)
         t0 = time.perf_counter()
         log = run_dir.parent / f"seed{seed}.log"
@@ -85,7 +94,10 @@ def launch(root: Path, env: str, arm: str, seed: int, overrides: list[str], thre
     summary["iteration_s_median"] = statistics.median(r["perf/iteration_s"] for r in its) if its else float("nan")
     # the iteration's time over its time without the bonus, within each iteration (same process, same moment)
     summary["iteration_over_no_bonus_median"] = (
-        statistics.median(r["perf/iteration_s"] / (r["perf/iteration_s"] - r["perf/bonus_s"]) for r in its) if its else float("nan"))
+        statistics.median(r["perf/iteration_s"] / (r["perf/iteration_s"] - r["perf/bonus_s"]) for r in its)
+        if its
+        else float("nan")
+    )
     summary["run_dir"] = str(run_dir)
     return summary
 
@@ -109,8 +121,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: cores // workers)")
     parser.add_argument("--name", default="learning", help="stem of the result files under bench/results/")
     parser.add_argument("--out-root", default=str(ROOT / "outputs" / "bench" / "learning"))
-    parser.add_argument("--collect", action="store_true",
-                        help="launch nothing: aggregate the runs that have a summary.json, name the missing ones")
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="launch nothing: aggregate the runs that have a summary.json, name the missing ones",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = parser.parse_args()
     arms = {a: ARMS[a] for a in args.arms}
@@ -136,8 +151,15 @@ def main() -> None:
     else:
         with ThreadPoolExecutor(args.workers) as pool:
             # none first: each (env, seed) warm start is trained once, then cached for the other arms
-            first = list(pool.map(lambda j: launch(root, j[0], j[1], j[2], arms[j[1]], threads, args.overrides), jobs[: len(args.envs) * len(args.seeds)]))
-            rest = list(pool.map(lambda j: launch(root, j[0], j[1], j[2], arms[j[1]], threads, args.overrides), jobs[len(first):]))
+            first = list(
+                pool.map(
+                    lambda j: launch(root, j[0], j[1], j[2], arms[j[1]], threads, args.overrides),
+                    jobs[: len(args.envs) * len(args.seeds)],
+                )
+            )
+            rest = list(
+                pool.map(lambda j: launch(root, j[0], j[1], j[2], arms[j[1]], threads, args.overrides), jobs[len(first) :])
+            )
         results = {(e, a, s): r for (e, a, s), r in zip(jobs, first + rest)}
 
     out_dir = ROOT / "bench" / "results"
@@ -145,30 +167,49 @@ def main() -> None:
     rows = []
     for (env, arm, seed), r in results.items():
         base = results[(env, "none", seed)]
-        eff = token_efficiency_ratio(np.asarray(r["heldout_success_curve"]), np.asarray(base["heldout_success_curve"]))  # tokens_none / tokens_arm
-        rows.append({
-            "env": env, "arm": arm, "seed": seed,
-            "success_start": r["heldout_success_start"], "success_final": r["heldout_success_final"],
-            "regret": r["regret"], "tokens_to_success": r["tokens_to_success"],
-            "token_efficiency_vs_none": eff,
-            # tokens a trial of none spends / tokens a trial of this arm spends, and the success difference
-            "tokens_per_trial_ratio_vs_none": base["heldout_tokens_per_trial"] / r["heldout_tokens_per_trial"],
-            "success_minus_none": r["heldout_success_final"] - base["heldout_success_final"],
-            **{f"success_{b}x": r["heldout_success_by_budget"].get(b) for b in BUDGET_SCALES},
-            **{f"regret_{b}x": r["regret_by_budget"].get(b) for b in BUDGET_SCALES},
-            "tokens_per_trial": r["heldout_tokens_per_trial"],
-            "iteration_s_median": r["iteration_s_median"], "iteration_over_no_bonus_median": r["iteration_over_no_bonus_median"],
-            "wall_time_s": r["wall_time_s"],
-            "overrides": " ".join(arms[arm] + args.overrides),
-        })
+        eff = token_efficiency_ratio(
+            np.asarray(r["heldout_success_curve"]), np.asarray(base["heldout_success_curve"])
+        )  # tokens_none / tokens_arm
+        rows.append(
+            {
+                "env": env,
+                "arm": arm,
+                "seed": seed,
+                "success_start": r["heldout_success_start"],
+                "success_final": r["heldout_success_final"],
+                "regret": r["regret"],
+                "tokens_to_success": r["tokens_to_success"],
+                "token_efficiency_vs_none": eff,
+                # tokens a trial of none spends / tokens a trial of this arm spends, and the success difference
+                "tokens_per_trial_ratio_vs_none": base["heldout_tokens_per_trial"] / r["heldout_tokens_per_trial"],
+                "success_minus_none": r["heldout_success_final"] - base["heldout_success_final"],
+                **{f"success_{b}x": r["heldout_success_by_budget"].get(b) for b in BUDGET_SCALES},
+                **{f"regret_{b}x": r["regret_by_budget"].get(b) for b in BUDGET_SCALES},
+                "tokens_per_trial": r["heldout_tokens_per_trial"],
+                "iteration_s_median": r["iteration_s_median"],
+                "iteration_over_no_bonus_median": r["iteration_over_no_bonus_median"],
+                "wall_time_s": r["wall_time_s"],
+                "overrides": " ".join(arms[arm] + args.overrides),
+            }
+        )
     with (out_dir / f"{args.name}.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         for row in rows:
             w.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
 
-    keys = ["success_final", "success_minus_none", "regret", "token_efficiency_vs_none", "tokens_per_trial",
-            "tokens_per_trial_ratio_vs_none", "success_2x", "success_4x", "iteration_s_median", "iteration_over_no_bonus_median"]
+    keys = [
+        "success_final",
+        "success_minus_none",
+        "regret",
+        "token_efficiency_vs_none",
+        "tokens_per_trial",
+        "tokens_per_trial_ratio_vs_none",
+        "success_2x",
+        "success_4x",
+        "iteration_s_median",
+        "iteration_over_no_bonus_median",
+    ]
     lines = ["| env | arm | seeds | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 3)]
     for env in args.envs:
         for arm in arms:
@@ -176,9 +217,7 @@ def main() -> None:
             if sel:
                 lines.append(f"| {env} | {arm} | {len(sel)} | " + " | ".join(stats([row[k] for row in sel]) for k in keys) + " |")
     table = "\n".join(lines)
-    (out_dir / f"{args.name}_table.md").write_text(
-        f"Seeds {args.seeds}; mean ± std [min, max] across seeds.\n\n{table}\n"
-    )
+    (out_dir / f"{args.name}_table.md").write_text(f"Seeds {args.seeds}; mean ± std [min, max] across seeds.\n\n{table}\n")
     print(table)
     plot(results, args.envs, list(arms), out_dir / f"{args.name}.png")
 

@@ -37,8 +37,14 @@ def main(argv=None) -> dict:
     overrides = [f"algo.iterations={args.iterations}", "logger.progress_bar=false", "device=cpu", "threads=1", *args.overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "train.py", *overrides, f"out_dir={run}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=args.timeout)
+    proc = subprocess.run(
+        [sys.executable, "train.py", *overrides, f"out_dir={run}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=args.timeout,
+    )
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"train.py failed:\n{proc.stderr[-3000:]}")
@@ -48,21 +54,32 @@ def main(argv=None) -> dict:
     base = rss[args.baseline_iteration]
     result = {
         "command": " ".join(["bench/long_run.py", *(argv if argv is not None else sys.argv[1:])]),
-        "overrides": overrides, "seconds": seconds, "iterations": len(its),
-        "rss_mb_baseline": base, "baseline_iteration": args.baseline_iteration,
-        "rss_mb_peak": max(rss.values()), "rss_mb_final": rss[its[-1]],
-        "growth_final_vs_baseline": rss[its[-1]] / base - 1, "growth_peak_vs_baseline": max(rss.values()) / base - 1,
-        "rss_mb_first": rss[its[0]], "rss_mb_by_iteration": rss,
+        "overrides": overrides,
+        "seconds": seconds,
+        "iterations": len(its),
+        "rss_mb_baseline": base,
+        "baseline_iteration": args.baseline_iteration,
+        "rss_mb_peak": max(rss.values()),
+        "rss_mb_final": rss[its[-1]],
+        "growth_final_vs_baseline": rss[its[-1]] / base - 1,
+        "growth_peak_vs_baseline": max(rss.values()) / base - 1,
+        "rss_mb_first": rss[its[0]],
+        "rss_mb_by_iteration": rss,
     }
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     every = [i for i in its if i % 20 == 0 or i in (its[0], args.baseline_iteration)]
-    lines = [f"Resident memory of `train.py {' '.join(overrides)}` ({len(its)} iterations, {seconds:.0f} s).", "",
-             f"Baseline (iteration {args.baseline_iteration}): {base:.1f} MB; peak {result['rss_mb_peak']:.1f} MB; "
-             f"final {result['rss_mb_final']:.1f} MB; growth final/baseline {100 * result['growth_final_vs_baseline']:+.2f}%, "
-             f"peak/baseline {100 * result['growth_peak_vs_baseline']:+.2f}% (target: under 5%).", "",
-             "| iteration | RSS (MB) |", "| --- | --- |"] + [f"| {i} | {rss[i]:.1f} |" for i in every]
+    lines = [
+        f"Resident memory of `train.py {' '.join(overrides)}` ({len(its)} iterations, {seconds:.0f} s).",
+        "",
+        f"Baseline (iteration {args.baseline_iteration}): {base:.1f} MB; peak {result['rss_mb_peak']:.1f} MB; "
+        f"final {result['rss_mb_final']:.1f} MB; growth final/baseline {100 * result['growth_final_vs_baseline']:+.2f}%, "
+        f"peak/baseline {100 * result['growth_peak_vs_baseline']:+.2f}% (target: under 5%).",
+        "",
+        "| iteration | RSS (MB) |",
+        "| --- | --- |",
+    ] + [f"| {i} | {rss[i]:.1f} |" for i in every]
     (out / f"{args.name}_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result

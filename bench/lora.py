@@ -108,17 +108,27 @@ def worker(arm: str, overrides: list[str], out: Path) -> None:
     t0 = time.perf_counter()
     summary = train(cfg, out.parent / out.stem)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out.write_text(json.dumps({
-        "arm": arm, "overrides": overrides,
-        "success_start": summary["heldout_success_start"], "success_final": summary["heldout_success_final"],
-        "tokens_per_trial_final": summary["heldout_tokens_per_trial"],
-        "warm_start_cached": summary["warm_start_cached"],
-        "peak_rss_bytes": peak, "rss_after_imports_bytes": rss_after_imports,
-        "peak_rss_minus_imports_bytes": peak - rss_after_imports,
-        "training_state_bytes": seen["bytes"], "num_parameters": seen["num_parameters"],
-        "num_trainable_parameters": seen["num_trainable"],
-        "wall_time_s": time.perf_counter() - t0, "update_tokens_per_s": summary["update_tokens_per_s"],
-    }, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "arm": arm,
+                "overrides": overrides,
+                "success_start": summary["heldout_success_start"],
+                "success_final": summary["heldout_success_final"],
+                "tokens_per_trial_final": summary["heldout_tokens_per_trial"],
+                "warm_start_cached": summary["warm_start_cached"],
+                "peak_rss_bytes": peak,
+                "rss_after_imports_bytes": rss_after_imports,
+                "peak_rss_minus_imports_bytes": peak - rss_after_imports,
+                "training_state_bytes": seen["bytes"],
+                "num_parameters": seen["num_parameters"],
+                "num_trainable_parameters": seen["num_trainable"],
+                "wall_time_s": time.perf_counter() - t0,
+                "update_tokens_per_s": summary["update_tokens_per_s"],
+            },
+            indent=1,
+        )
+    )
 
 
 def run_worker(arm: str, overrides: list[str], out_root: Path, threads: int, name: str | None = None) -> dict:
@@ -156,26 +166,45 @@ def main() -> None:
         return
 
     common = [
-        "warm_start.seed=0", f"algo.iterations={args.iterations}", f"eval.num_problems={args.num_problems}",
-        "eval.every=0", "eval.extrapolation=false", "checkpoint_every=0", "logger.mode=disabled",
-        "logger.progress_bar=false", f"threads={args.threads}", *args.overrides,
+        "warm_start.seed=0",
+        f"algo.iterations={args.iterations}",
+        f"eval.num_problems={args.num_problems}",
+        "eval.every=0",
+        "eval.extrapolation=false",
+        "checkpoint_every=0",
+        "logger.mode=disabled",
+        "logger.progress_bar=false",
+        f"threads={args.threads}",
+        *args.overrides,
     ]
     arms = {"full": common + ARMS["full"], "lora": common + ARMS["lora"] + [f"algo.lr={args.lora_lr}"]}
     out_root = Path(args.out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     warm = run_worker("warm", common, out_root, args.threads)  # the shared warm start, outside the measured processes
-    results = {arm: [run_worker(arm, ovr + [f"seed={s}"], out_root, args.threads, f"{arm}_seed{s}") for s in args.seeds]
-               for arm, ovr in arms.items()}
+    results = {
+        arm: [run_worker(arm, ovr + [f"seed={s}"], out_root, args.threads, f"{arm}_seed{s}") for s in args.seeds]
+        for arm, ovr in arms.items()
+    }
     if not all(r["warm_start_cached"] for runs in results.values() for r in runs):
         raise RuntimeError("a run trained its own warm start: the arms must share the cached one")
 
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "lora.json").write_text(json.dumps({
-        "settings": {"common_overrides": common, "arm_overrides": arms, "seeds": args.seeds, "threads": args.threads,
-                     "warm_start_was_cached": warm["warm_start_cached"]},
-        "arms": results,
-    }, indent=1))
+    (out_dir / "lora.json").write_text(
+        json.dumps(
+            {
+                "settings": {
+                    "common_overrides": common,
+                    "arm_overrides": arms,
+                    "seeds": args.seeds,
+                    "threads": args.threads,
+                    "warm_start_was_cached": warm["warm_start_cached"],
+                },
+                "arms": results,
+            },
+            indent=1,
+        )
+    )
     lines = [
         "| arm | seed | trainable params | held-out success start -> final | peak RSS (MiB) | peak RSS - after imports (MiB) "
         "| params (MiB) | reference copy (MiB) | grads (MiB) | AdamW state (MiB) | params+ref+grads+optimizer (MiB) | wall (s) |",
@@ -185,8 +214,10 @@ def main() -> None:
     for arm, runs in results.items():
         rows = [(str(s), r) for s, r in zip(args.seeds, runs)]
         if len(runs) > 1:
-            avg = {k: mean([r[k] for r in runs]) for k in ("success_start", "success_final", "peak_rss_bytes",
-                                                          "peak_rss_minus_imports_bytes", "wall_time_s")}
+            avg = {
+                k: mean([r[k] for r in runs])
+                for k in ("success_start", "success_final", "peak_rss_bytes", "peak_rss_minus_imports_bytes", "wall_time_s")
+            }
             rows.append(("mean", {**runs[0], **avg}))
         for seed, r in rows:
             b = r["training_state_bytes"]

@@ -30,15 +30,32 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-FIELDS = ["seed", "threads", "heldout_success_start", "heldout_success_final", "heldout_episodes_per_trial",
-          "heldout_tokens_per_trial", "wall_time_s", "warm_start_cached"]
+FIELDS = [
+    "seed",
+    "threads",
+    "heldout_success_start",
+    "heldout_success_final",
+    "heldout_episodes_per_trial",
+    "heldout_tokens_per_trial",
+    "wall_time_s",
+    "warm_start_cached",
+]
 
 
 def run_one(seed: int, threads: int, out_root: Path, overrides: list[str]) -> dict:
     cache = Path(tempfile.mkdtemp(prefix="metarl-main-job-cache-"))
     run_dir = out_root / f"main_job_s{seed}_t{threads}_{int(time.time())}"
-    cmd = [sys.executable, str(ROOT / "train.py"), f"seed={seed}", f"threads={threads}", f"out_dir={run_dir}",
-           f"warm_start.cache_dir={cache}", "logger.mode=disabled", "logger.progress_bar=false", *overrides]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"seed={seed}",
+        f"threads={threads}",
+        f"out_dir={run_dir}",
+        f"warm_start.cache_dir={cache}",
+        "logger.mode=disabled",
+        "logger.progress_bar=false",
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     print(f"[main_job] seed {seed}, {threads} thread(s): {' '.join(cmd[1:])}", flush=True)
     try:
@@ -48,22 +65,31 @@ def run_one(seed: int, threads: int, out_root: Path, overrides: list[str]) -> di
     summary = json.loads((run_dir / "summary.json").read_text())
     row = {k: summary[k] for k in FIELDS if k in summary}
     row.update(seed=seed, threads=threads)
-    print(f"[main_job] seed {seed}, {threads} thread(s): held-out success {row['heldout_success_start']:.3f} -> "
-          f"{row['heldout_success_final']:.3f} in {row['wall_time_s']:.0f} s", flush=True)
+    print(
+        f"[main_job] seed {seed}, {threads} thread(s): held-out success {row['heldout_success_start']:.3f} -> "
+        f"{row['heldout_success_final']:.3f} in {row['wall_time_s']:.0f} s",
+        flush=True,
+    )
     return row
 
 
 def write_table(rows: list[dict], target: float) -> str:
-    lines = ["| threads | seed | held-out success start | final | episodes/trial | tokens/trial | wall time (s) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| threads | seed | held-out success start | final | episodes/trial | tokens/trial | wall time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: (int(r["threads"]), int(r["seed"]))):
-        lines.append(f"| {r['threads']} | {r['seed']} | {float(r['heldout_success_start']):.3f} | "
-                     f"{float(r['heldout_success_final']):.3f} | {float(r['heldout_episodes_per_trial']):.2f} | "
-                     f"{float(r['heldout_tokens_per_trial']):.1f} | {float(r['wall_time_s']):.0f} |")
+        lines.append(
+            f"| {r['threads']} | {r['seed']} | {float(r['heldout_success_start']):.3f} | "
+            f"{float(r['heldout_success_final']):.3f} | {float(r['heldout_episodes_per_trial']):.2f} | "
+            f"{float(r['heldout_tokens_per_trial']):.1f} | {float(r['wall_time_s']):.0f} |"
+        )
     finals = [float(r["heldout_success_final"]) for r in rows]
     lines.append("")
-    lines.append(f"{sum(f >= target for f in finals)} of {len(finals)} runs end at {target} or more; final success "
-                 f"min {min(finals):.3f}, median {statistics.median(finals):.3f}, max {max(finals):.3f}.")
+    lines.append(
+        f"{sum(f >= target for f in finals)} of {len(finals)} runs end at {target} or more; final success "
+        f"min {min(finals):.3f}, median {statistics.median(finals):.3f}, max {max(finals):.3f}."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -93,7 +119,8 @@ def main() -> None:
             table = write_table(rows, args.target)
             (RESULTS / f"{args.name}.md").write_text(
                 f"`python train.py` (the defaults{', ' + ' '.join(args.overrides) if args.overrides else ''}) from an "
-                f"empty warm-start cache; `python bench/main_job.py`.\n\n{table}")
+                f"empty warm-start cache; `python bench/main_job.py`.\n\n{table}"
+            )
     print(table)
 
 

@@ -20,9 +20,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = [
-    "seed", "env", "bonus", "advantage", "iterations", "heldout_success_start", "heldout_success_final",
-    "heldout_tokens_per_trial_start", "heldout_tokens_per_trial", "heldout_episodes_per_trial",
-    "wall_time_s", "rollout_tokens_per_s", "update_tokens_per_s", "warm_start_cached",
+    "seed",
+    "env",
+    "bonus",
+    "advantage",
+    "iterations",
+    "heldout_success_start",
+    "heldout_success_final",
+    "heldout_tokens_per_trial_start",
+    "heldout_tokens_per_trial",
+    "heldout_episodes_per_trial",
+    "wall_time_s",
+    "rollout_tokens_per_s",
+    "update_tokens_per_s",
+    "warm_start_cached",
 ]
 
 
@@ -36,24 +47,38 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         run_dir = Path(args.out_root) / f"{args.name}_s{seed}_{int(time.time())}"
-        cmd = [sys.executable, str(ROOT / "train.py"), f"seed={seed}", f"out_dir={run_dir}",
-               "logger.progress_bar=false", *args.overrides]
+        cmd = [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"seed={seed}",
+            f"out_dir={run_dir}",
+            "logger.progress_bar=false",
+            *args.overrides,
+        ]
         print("$", " ".join(cmd), flush=True)
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         summary = json.loads((run_dir / "summary.json").read_text())
         summary["process_wall_s"] = time.perf_counter() - t0
         rows.append(summary)
-        print(f"seed {seed}: start {summary['heldout_success_start']:.3f} -> final {summary['heldout_success_final']:.3f} "
-              f"({summary['process_wall_s']:.0f} s)", flush=True)
+        print(
+            f"seed {seed}: start {summary['heldout_success_start']:.3f} -> final {summary['heldout_success_final']:.3f} "
+            f"({summary['process_wall_s']:.0f} s)",
+            flush=True,
+        )
     out = ROOT / "bench" / "results" / f"{args.name}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS + ["process_wall_s", "overrides"])
         w.writeheader()
         for r in rows:
-            w.writerow({**{k: r.get(k) for k in FIELDS}, "process_wall_s": round(r["process_wall_s"], 1),
-                        "overrides": " ".join(args.overrides)})
+            w.writerow(
+                {
+                    **{k: r.get(k) for k in FIELDS},
+                    "process_wall_s": round(r["process_wall_s"], 1),
+                    "overrides": " ".join(args.overrides),
+                }
+            )
     for key in ("heldout_success_start", "heldout_success_final"):
         vals = [r[key] for r in rows]
         spread = max(vals) - min(vals)

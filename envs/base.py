@@ -230,7 +230,7 @@ class EpisodicTextEnv(gym.Env[str, str], abc.ABC):
         pos = episode_text.rfind(self.answer_marker)
         if pos < 0:
             return None
-        return episode_text[pos + len(self.answer_marker):].strip()
+        return episode_text[pos + len(self.answer_marker) :].strip()
 
     # ------------------------------------------------------------- gymnasium API
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
@@ -246,7 +246,9 @@ class EpisodicTextEnv(gym.Env[str, str], abc.ABC):
         else:
             index = int(index)
             if index < 0 or (n is not None and index >= n):
-                raise IndexError(f"{type(self).__name__}: problem index {index} out of range for split {self.split!r} ({n} problems)")
+                raise IndexError(
+                    f"{type(self).__name__}: problem index {index} out of range for split {self.split!r} ({n} problems)"
+                )
         self.problem = self._problem(index)
         self._episodes = []
         self._forced = False
@@ -355,8 +357,9 @@ class EnvironmentFailure(RuntimeError):
     def __init__(self, problem_id: str, text: str, episode: int, cause: BaseException):
         self.problem_id, self.text, self.episode = problem_id, text, episode
         self.cause_repr = f"{type(cause).__name__}: {cause}"
-        super().__init__(f"environment failed on problem {problem_id!r}, episode {episode} "
-                         f"({self.cause_repr}); text: {text[:200]!r}")
+        super().__init__(
+            f"environment failed on problem {problem_id!r}, episode {episode} ({self.cause_repr}); text: {text[:200]!r}"
+        )
 
 
 class FailureGuard(gym.Wrapper):
@@ -385,6 +388,12 @@ class FailureGuard(gym.Wrapper):
                 raise EnvironmentFailure(problem_id, action, episode, e) from e
             self.failures += 1
             base._done = True
-            info = {"problem_id": problem_id, "answer": None, "correct": False, "forced": False, "episode_index": episode,
-                    "error": f"{type(e).__name__}: {e}"}
+            info = {
+                "problem_id": problem_id,
+                "answer": None,
+                "correct": False,
+                "forced": False,
+                "episode_index": episode,
+                "error": f"{type(e).__name__}: {e}",
+            }
             return "", self.error_score, True, False, info

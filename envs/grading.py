@@ -113,7 +113,7 @@ def _latex_arg(text: str, i: int) -> tuple[str, int] | None:
     if text[i] != "{":
         return text[i], i + 1
     end = _closing_brace(text, i)
-    return (text[i + 1: end], end + 1) if end >= 0 else None
+    return (text[i + 1 : end], end + 1) if end >= 0 else None
 
 
 def divides_by_zero(text: str) -> bool:
@@ -146,6 +146,8 @@ _SAFE_CALLS = frozenset(
     "sin cos tan cot sec csc asin acos atan atan2 sinh cosh tanh exp log ln sqrt cbrt abs Abs "
     "floor ceil ceiling factorial binomial gcd lcm max min Max Min Rational pi E".split()
 )
+
+
 def looks_like_code(text: str) -> bool:
     """True if ``text`` could do something when evaluated as Python (or by sympy).
 
@@ -167,7 +169,7 @@ def looks_like_code(text: str) -> bool:
         k = j
         while k >= 0 and (text[k].isalnum() or text[k] == "_"):
             k -= 1
-        name = text[k + 1: j + 1].lstrip("0123456789")  # "2(x)" is no call; "9open(x)" may be
+        name = text[k + 1 : j + 1].lstrip("0123456789")  # "2(x)" is no call; "9open(x)" may be
         if name and name not in _SAFE_CALLS:
             return True
     return False
@@ -190,10 +192,10 @@ def _strip_wrappers(text: str) -> str:
         s = s.rstrip(".").strip()
         for left, right in _WRAPPERS:
             if len(s) >= len(left) + len(right) and s.startswith(left) and s.endswith(right):
-                s = s[len(left): len(s) - len(right)].strip()
+                s = s[len(left) : len(s) - len(right)].strip()
         for box in ("\\boxed{", "\\fbox{"):
             if s.startswith(box) and _closing_brace(s, len(box) - 1) == len(s) - 1:
-                s = s[len(box): -1].strip()
+                s = s[len(box) : -1].strip()
         if s == before:
             break
     return s
@@ -313,7 +315,7 @@ def extract_boxed(text: str) -> str | None:
         m = re.match(r" +([^\s$]+)", text[i:])
         return m.group(1) if m else None
     end = _closing_brace(text, i) if text.startswith("{", i) else -1
-    return text[i + 1: end] if end >= 0 else None
+    return text[i + 1 : end] if end >= 0 else None
 
 
 # ------------------------------------------------------ the worker, parent side
@@ -460,7 +462,6 @@ def _read_exact(stream, n: int) -> bytes | None:
 
 def _limit_memory() -> None:
     try:
-
         with open("/proc/self/statm") as f:
             vm = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
@@ -474,7 +475,6 @@ def _limit_memory() -> None:
 
 def _die_with_parent(parent: int) -> None:
     try:
-
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return  # not Linux: the worker still exits when its stdin closes
@@ -495,8 +495,6 @@ def _serve(parent: int = 0) -> None:
         kind = req[0]
         if kind == "setup":
             if req[1] == "mv":
-
-
                 logging.getLogger("math_verify").setLevel(logging.ERROR)
             else:
                 import reasoning_gym  # deferred: start-up cost (reasoning_gym loads only for the environments that use it)

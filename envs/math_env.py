@@ -82,7 +82,13 @@ def _word_problem(terms: tuple[int, ...], ops: tuple[str, ...], name: str, item:
 
 @functools.lru_cache(maxsize=32)
 def _generated_problems(
-    ops: str, min_value: int, max_value: int, num_terms: int, word_fraction: float, size: int, seed: int,
+    ops: str,
+    min_value: int,
+    max_value: int,
+    num_terms: int,
+    word_fraction: float,
+    size: int,
+    seed: int,
     test_fraction: float,
 ) -> dict[str, tuple[dict, ...]]:
     """The embedded problem pool: ``size`` seeded draws, one problem per distinct expression.
@@ -344,8 +350,14 @@ class MathEnv(EpisodicTextEnv):
             if not 0.0 <= word_fraction <= 1.0:
                 raise ValueError(f"{name}: word_fraction must be in [0, 1], got {word_fraction}")
             self._records = _generated_problems(
-                "".join(sorted(set(ops), key=_OPS.index)), int(min_value), int(max_value), int(num_terms),
-                float(word_fraction), int(size), int(seed), float(test_fraction),
+                "".join(sorted(set(ops), key=_OPS.index)),
+                int(min_value),
+                int(max_value),
+                int(num_terms),
+                float(word_fraction),
+                int(size),
+                int(seed),
+                float(test_fraction),
             )[self.split]
             self._source = "arith"
         else:
@@ -442,7 +454,7 @@ class MathEnv(EpisodicTextEnv):
                 wrong = value + int(rng.choice([-10, -2, -1, 1, 2, 10]))
             elif kind == 1 and ops:  # wrong operation
                 i = int(rng.integers(0, len(ops)))
-                swapped = ops[:i] + ({"+": "-", "-": "+", "*": "+", "/": "*"}[ops[i]],) + ops[i + 1:]
+                swapped = ops[:i] + ({"+": "-", "-": "+", "*": "+", "/": "*"}[ops[i]],) + ops[i + 1 :]
                 v = _evaluate(terms, swapped)
                 wrong = int(v) if v is not None and v.denominator == 1 else value + 1
             else:  # dropped the last term

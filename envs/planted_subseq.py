@@ -214,4 +214,3 @@ class PlantedSubseqEnv(EpisodicTextEnv):
             chunk = "".join(str(int(d)) for d in rng.integers(0, 10, size=self.chunk_length))
             if self.reference_answer not in chunk:
                 return chunk
-

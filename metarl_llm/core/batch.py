@@ -75,8 +75,9 @@ def length_buckets(
     lengths = torch.as_tensor(lengths).reshape(-1)
     n = lengths.shape[0]
     if pass_tokens < 0 or max_tokens < 0 or max_rows < 0:
-        raise ValueError(f"length_buckets: pass_tokens, max_tokens and max_rows must be >= 0, "
-                         f"got {pass_tokens}, {max_tokens}, {max_rows}")
+        raise ValueError(
+            f"length_buckets: pass_tokens, max_tokens and max_rows must be >= 0, got {pass_tokens}, {max_tokens}, {max_rows}"
+        )
     if n == 0:
         return [torch.arange(0)]
     if pass_tokens == 0:
@@ -101,13 +102,14 @@ def length_buckets(
         best[k] = cost[cut[k]]
     parts, k = [], n
     while k > 0:
-        parts.append(order[cut[k]:k])
+        parts.append(order[cut[k] : k])
         k = int(cut[k])
     return parts[::-1]
 
 
-def pad_rows(rows: Sequence[Sequence], value, *, width: int | None = None, left: bool = False,
-             dtype: torch.dtype = torch.long) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(
+    rows: Sequence[Sequence], value, *, width: int | None = None, left: bool = False, dtype: torch.dtype = torch.long
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The one padding into a rectangle: ``[len(rows), width]`` of ``dtype`` holding the rows, each
     padded with ``value`` on the right (``left=True``: on the left, so that every row's last element
     is in the last column, as a batch about to be continued needs), and the ``[len(rows), width]``
@@ -142,8 +144,10 @@ def sampled_values(trials: list[Trial], width: int) -> torch.Tensor:
     with ``value_head``), right-padded with 0. A trial without them is an error (never zeros)."""
     for i, tr in enumerate(trials):
         if tr.sample_values is None:
-            raise ValueError(f"sampled_values: trial {i} ({tr.problem_id}) has no values from the rollout "
-                             f"(run_trials(..., value_head=...) with an engine that supports it)")
+            raise ValueError(
+                f"sampled_values: trial {i} ({tr.problem_id}) has no values from the rollout "
+                f"(run_trials(..., value_head=...) with an engine that supports it)"
+            )
     return _right_padded([tr.sample_values for tr in trials], width)
 
 
@@ -155,14 +159,22 @@ def collate(trials: list[Trial], pad_id: int) -> RolloutBatch:
     episode = pad_rows([tr.episode for tr in trials], -1, width=t)[0]
     zeros = torch.zeros((b, t))
     return RolloutBatch(
-        input_ids, attention, action, episode, zeros, zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone(),
-        zeros.clone(), torch.tensor([tr.outcome for tr in trials]), torch.tensor([tr.group for tr in trials]),
+        input_ids,
+        attention,
+        action,
+        episode,
+        zeros,
+        zeros.clone(),
+        zeros.clone(),
+        zeros.clone(),
+        zeros.clone(),
+        zeros.clone(),
+        torch.tensor([tr.outcome for tr in trials]),
+        torch.tensor([tr.group for tr in trials]),
     )
 
 
-def place_rewards(
-    batch: RolloutBatch, episode_bonus: list[list[float]], kl_coef: float, kl_in_reward: bool
-) -> torch.Tensor:
+def place_rewards(batch: RolloutBatch, episode_bonus: list[list[float]], kl_coef: float, kl_in_reward: bool) -> torch.Tensor:
     """token_rewards [B, T] from outcomes, per-episode bonuses and (optionally) the KL penalty.
 
     ``episode_bonus[i][j]`` is the bonus of trial i's episode j (missing entries: 0).

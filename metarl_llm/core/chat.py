@@ -35,8 +35,10 @@ class ChatFormat:
 
     def __post_init__(self):
         if not getattr(self.tokenizer, "chat_template", None):
-            raise TemplateError(f"{self.name} has no chat template (tokenizer_config.json's chat_template); "
-                                "turn chat formatting off for a base model")
+            raise TemplateError(
+                f"{self.name} has no chat template (tokenizer_config.json's chat_template); "
+                "turn chat formatting off for a base model"
+            )
 
     def render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
@@ -44,7 +46,7 @@ class ChatFormat:
     def start(self, prompt: str) -> tuple[list[dict], list[int]]:
         """(the conversation so far, the prompt's token ids): the system turn (if any) and the problem
         as the user turn, rendered with the generation prompt (the assistant turn is open)."""
-        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages.append({"role": "user", "content": prompt})
         return messages, self.encode(self.render(messages, True))
 
@@ -52,7 +54,9 @@ class ChatFormat:
         """Token ids of rendered text: the template's special-token strings become their ids; no BOS/EOS is added."""
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def reply(self, messages: list[dict], stream_text: str, assistant_text: str, observation: str) -> tuple[list[dict], list[int]]:
+    def reply(
+        self, messages: list[dict], stream_text: str, assistant_text: str, observation: str
+    ) -> tuple[list[dict], list[int]]:
         """The environment's ``observation`` after the assistant turn ``assistant_text`` as a user
         turn. ``stream_text``: the decoded token stream so far (prompt render and everything the
         policy wrote, its end-of-turn token included). Returns the conversation with both turns
@@ -67,8 +71,9 @@ class ChatFormat:
             raise TemplateError(
                 f"the chat template of {self.name} does not extend the token stream: rendered with the environment's "
                 f"reply as a user turn, the conversation differs from the tokens the policy saw at character {at} "
-                f"(stream {stream_text[max(0, at - 30):at + 30]!r}, template {rendered[max(0, at - 30):at + 30]!r}). "
+                f"(stream {stream_text[max(0, at - 30) : at + 30]!r}, template {rendered[max(0, at - 30) : at + 30]!r}). "
                 "Templates that drop or rewrite earlier turns (some drop earlier <think> blocks) cannot carry "
                 "feedback as chat turns: use a template that keeps earlier turns verbatim, or feedback as plain "
-                "text in the assistant turn")
-        return messages, self.encode(rendered[len(stream_text):])
+                "text in the assistant turn"
+            )
+        return messages, self.encode(rendered[len(stream_text) :])

@@ -34,8 +34,10 @@ class Registry(dict):
 
         def wrap(obj: T) -> T:
             if name in self:
-                raise ValueError(f"{self.kind} {name!r} is already registered (by {self[name]!r}); "
-                                 f"pick another name for {obj!r} or unregister the first with .pop({name!r})")
+                raise ValueError(
+                    f"{self.kind} {name!r} is already registered (by {self[name]!r}); "
+                    f"pick another name for {obj!r} or unregister the first with .pop({name!r})"
+                )
             self[name] = obj
             return obj
 

@@ -31,8 +31,18 @@ from typing import Callable, Sequence
 from metarl_llm.core.registry import Registry
 
 # Phrases that begin a new attempt in R1-style reasoning traces (MRT's episode markers).
-DEFAULT_MARKERS = ("Wait", "Alternatively", "But let me double-check", "Let me double-check", "Let me verify",
-                   "Let me check", "Hmm", "But wait", "Actually", "Another approach")
+DEFAULT_MARKERS = (
+    "Wait",
+    "Alternatively",
+    "But let me double-check",
+    "Let me double-check",
+    "Let me verify",
+    "Let me check",
+    "Hmm",
+    "But wait",
+    "Actually",
+    "Another approach",
+)
 
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
 
@@ -76,7 +86,9 @@ class SegmentConfig:
         if self.name == "markers" and not all(isinstance(m, str) and m.strip() for m in self.markers):
             raise ValueError(f"segment.markers must be non-empty phrases, got {self.markers!r}")
         if self.min_tokens < 0 or self.max_episodes < 0:
-            raise ValueError(f"segment.min_tokens and segment.max_episodes must be >= 0, got {self.min_tokens}, {self.max_episodes}")
+            raise ValueError(
+                f"segment.min_tokens and segment.max_episodes must be >= 0, got {self.min_tokens}, {self.max_episodes}"
+            )
         if self.chunk_tokens < 1:
             raise ValueError(f"segment.chunk_tokens must be >= 1, got {self.chunk_tokens}")
 

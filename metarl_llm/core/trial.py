@@ -55,8 +55,14 @@ class Trial:
     grader: object = None  # envs.base.ProblemGrader: the grading of this trial's problem (never reset to another)
     cache: object = None  # engine.TrialCache when the engine was asked to keep it (for the meta-prover)
 
-    def append(self, tokens: list[int], is_action: bool, episode: int, logprobs: list[float] | None = None,
-               values: list[float] | None = None) -> None:
+    def append(
+        self,
+        tokens: list[int],
+        is_action: bool,
+        episode: int,
+        logprobs: list[float] | None = None,
+        values: list[float] | None = None,
+    ) -> None:
         """Append ``tokens`` (policy tokens if ``is_action``, with their sampling ``logprobs``
         and, if the engine computed them, ``values``; inserted tokens get 0 for both)."""
         if values is not None or self.sample_values is not None:  # values on every episode of the trial or none

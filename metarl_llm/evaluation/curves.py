@@ -30,8 +30,9 @@ DEFAULT_EFFICIENCY_SHARE = 0.9  # token_efficiency_ratio's default level: this s
 # ------------------------------------------------------------------ pure measures
 
 
-def episode_figures(outcomes: Sequence[float], answer_episodes: Sequence[int], j_curves: Sequence[Sequence[float]] | None,
-                    max_episodes: int) -> dict[str, float]:
+def episode_figures(
+    outcomes: Sequence[float], answer_episodes: Sequence[int], j_curves: Sequence[Sequence[float]] | None, max_episodes: int
+) -> dict[str, float]:
     """Per-episode figures of a set of trials, under the names training and held-out logs share
     (``train/...`` and ``heldout/...`` prefix them):
 
@@ -67,7 +68,9 @@ def trial_breakpoints(trial: Trial, j_curve: np.ndarray) -> tuple[np.ndarray, np
     ends = boundary_prefixes(trial)
     if len(ends) != len(j_curve):
         raise ValueError(f"trial {trial.problem_id}: {len(j_curve)} J values for {len(ends)} boundaries")
-    spent = np.concatenate([[0], np.cumsum(np.asarray(trial.action, dtype=np.int64))])  # [len(ids)+1], spent[e] = actions in ids[:e]
+    spent = np.concatenate(
+        [[0], np.cumsum(np.asarray(trial.action, dtype=np.int64))]
+    )  # [len(ids)+1], spent[e] = actions in ids[:e]
     tokens = np.array([spent[e] for e in ends] + [trial.policy_tokens], dtype=np.int64)
     values = np.array(list(j_curve) + [trial.outcome], dtype=np.float64)
     return tokens, values
@@ -92,7 +95,9 @@ def success_curve(breakpoints: Sequence[tuple[np.ndarray, np.ndarray]], budget_t
         tokens = np.asarray(tokens)
         values = np.asarray(values, dtype=np.float64)
         if tokens.ndim != 1 or tokens.shape != values.shape or tokens.size == 0:
-            raise ValueError(f"success_curve: trial {i} needs 1-D tokens and values of one non-zero length, got {tokens.shape} and {values.shape}")
+            raise ValueError(
+                f"success_curve: trial {i} needs 1-D tokens and values of one non-zero length, got {tokens.shape} and {values.shape}"
+            )
         if (np.diff(tokens) < 0).any() or tokens[0] < 0:
             raise ValueError(f"success_curve: trial {i} tokens must be non-decreasing and >= 0, got {tokens.tolist()}")
         last = np.searchsorted(tokens, grid, side="right") - 1  # [C+1] index of the last breakpoint <= t, -1 before the first

@@ -89,8 +89,10 @@ def _check_num_rollouts(num_rollouts, fn: str) -> None:
 
 
 def _check_margin(margin, fn: str) -> None:
-    if isinstance(margin, bool) or not isinstance(margin, (int, float, np.integer, np.floating)) or not (
-        math.isfinite(margin) and margin >= 0
+    if (
+        isinstance(margin, bool)
+        or not isinstance(margin, (int, float, np.integer, np.floating))
+        or not (math.isfinite(margin) and margin >= 0)
     ):
         raise ValueError(f"{fn}: margin must be a finite number >= 0, got {margin!r}")
 

@@ -105,8 +105,12 @@ EnvMaker = Callable[[BudgetConfig], object]  # a held-out (split "test") environ
 def clamp_num_problems(cfg: EvalConfig, num_test_problems: int | None) -> None:
     """Cap ``cfg.num_problems`` at the size of the held-out split (None: unbounded), in place."""
     if num_test_problems is not None and cfg.num_problems > num_test_problems:
-        log.warning("eval.num_problems=%d but the held-out split has %d problems: evaluating on all %d",
-                    cfg.num_problems, num_test_problems, num_test_problems)
+        log.warning(
+            "eval.num_problems=%d but the held-out split has %d problems: evaluating on all %d",
+            cfg.num_problems,
+            num_test_problems,
+            num_test_problems,
+        )
         cfg.num_problems = num_test_problems
 
 
@@ -139,8 +143,14 @@ def eval_generator(seed: int) -> torch.Generator:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, codec: StreamCodec, envs: list, budget: BudgetConfig, cfg: EvalConfig,
-    generator: torch.Generator, adapt: Callable[[object], torch.nn.Module] | None = None, engine: Engine | None = None,
+    model: torch.nn.Module,
+    codec: StreamCodec,
+    envs: list,
+    budget: BudgetConfig,
+    cfg: EvalConfig,
+    generator: torch.Generator,
+    adapt: Callable[[object], torch.nn.Module] | None = None,
+    engine: Engine | None = None,
 ) -> EvalResult:
     """Play ``cfg.samples_per_problem`` trials on each of ``cfg.num_problems`` held-out
     problems under ``budget`` and measure them. ``envs``: at least N held-out
@@ -161,13 +171,19 @@ def evaluate(
     model.eval()
     resets, groups = heldout_resets(cfg.num_problems, k)
     engine = engine if engine is not None else get_engine("cached")
-    opts = JOptions(num_samples=cfg.prover_samples, answer_max_tokens=budget.answer_max_tokens, generator=generator,
-                    engine=engine, greedy=cfg.greedy)
+    opts = JOptions(
+        num_samples=cfg.prover_samples,
+        answer_max_tokens=budget.answer_max_tokens,
+        generator=generator,
+        engine=engine,
+        greedy=cfg.greedy,
+    )
     temperature = cfg.temperature if cfg.temperature is not None else temperature_of(model)
     if adapt is None:
         with tempered(model, temperature):
-            trials = run_trials(model, codec, envs[:n], resets, groups, budget, generator, engine=engine, keep_cache=True,
-                                greedy=cfg.greedy)
+            trials = run_trials(
+                model, codec, envs[:n], resets, groups, budget, generator, engine=engine, keep_cache=True, greedy=cfg.greedy
+            )
             j_curves = estimate_sample(model, codec, trials, opts)  # continues from the kept caches
         for t in trials:
             t.cache = None
@@ -181,8 +197,18 @@ def evaluate(
                 adapted = adapt(envs[p * k].unwrapped)
             adapted.eval()
             set_temperature(adapted, temperature)
-            part = run_trials(adapted, codec, envs[rows], resets[rows], groups[rows], budget, generator, engine=engine,
-                              keep_cache=True, greedy=cfg.greedy)
+            part = run_trials(
+                adapted,
+                codec,
+                envs[rows],
+                resets[rows],
+                groups[rows],
+                budget,
+                generator,
+                engine=engine,
+                keep_cache=True,
+                greedy=cfg.greedy,
+            )
             trials += part
             j_curves += estimate_sample(adapted, codec, part, opts)
             for t in part:
@@ -207,8 +233,9 @@ def evaluate(
         "episodes_per_trial": float(np.mean([len(t.episode_texts) for t in trials])),
         "forced_answer_rate": float(np.mean([t.forced for t in trials])),
     }
-    metrics.update(episode_figures([t.outcome for t in trials], [t.answer_episode for t in trials], j_curves,
-                                   budget.max_episodes))
+    metrics.update(
+        episode_figures([t.outcome for t in trials], [t.answer_episode for t in trials], j_curves, budget.max_episodes)
+    )
     return EvalResult(metrics, trials, j_curves, curve, budget)
 
 
@@ -240,9 +267,14 @@ def evaluate_at_budgets(
         budget = scale_budget(cfg.budget, scale)
         envs = [make_env(budget) for _ in range(n)]
         results[budget_label(scale)] = evaluate(model, codec, envs, budget, cfg.eval, eval_generator(cfg.seed), adapt, engine)
-        log.info("held-out at %sx budget (%d episodes, C=%d tokens): success %.3f, regret %.3f",
-                 budget_label(scale), budget.max_episodes, curve_tokens(budget),
-                 results[budget_label(scale)].metrics["success"], results[budget_label(scale)].metrics["regret"])
+        log.info(
+            "held-out at %sx budget (%d episodes, C=%d tokens): success %.3f, regret %.3f",
+            budget_label(scale),
+            budget.max_episodes,
+            curve_tokens(budget),
+            results[budget_label(scale)].metrics["success"],
+            results[budget_label(scale)].metrics["regret"],
+        )
         progress.update(1)
     progress.close()
     return results
@@ -301,8 +333,14 @@ def eval_report(results: dict[str, EvalResult], figures: dict, cfg: TrainConfig,
 
 
 def evaluate_and_report(
-    model: torch.nn.Module, codec: StreamCodec, cfg: TrainConfig, make_env: EnvMaker, run_dir: Path,
-    checkpoint: str, tracker, step: int,
+    model: torch.nn.Module,
+    codec: StreamCodec,
+    cfg: TrainConfig,
+    make_env: EnvMaker,
+    run_dir: Path,
+    checkpoint: str,
+    tracker,
+    step: int,
 ) -> tuple[dict[str, EvalResult], dict, dict]:
     """The final evaluation of a checkpoint, shared by the trainer and the command line.
 
@@ -326,11 +364,18 @@ def evaluate_and_report(
         for key in ("success", "regret", f"pass@{k}", f"maj@{k}", "tokens_per_trial", "tokens_to_success"):
             scalars[f"heldout_budget/{label}x/{key}"] = r.metrics[key]
     tracker.log(scalars, step=step)
-    tracker.table(f"transcripts/{checkpoint}", TRANSCRIPT_COLUMNS,
-                  transcript_rows(base.trials, base.j_curves, cfg.logger.num_transcripts), step=step)
+    tracker.table(
+        f"transcripts/{checkpoint}",
+        TRANSCRIPT_COLUMNS,
+        transcript_rows(base.trials, base.j_curves, cfg.logger.num_transcripts),
+        step=step,
+    )
     curves_png = run_dir / f"success_vs_tokens_{checkpoint}.png"
-    plots.plot_success_curves({f"{label}x budget (C={curve_tokens(r.budget)})": r.curve for label, r in results.items()},
-                        curves_png, title=f"{cfg.env.name}, {checkpoint}")
+    plots.plot_success_curves(
+        {f"{label}x budget (C={curve_tokens(r.budget)})": r.curve for label, r in results.items()},
+        curves_png,
+        title=f"{cfg.env.name}, {checkpoint}",
+    )
     tracker.image("heldout/success_vs_tokens_by_budget", curves_png, step=step)
     if len(results) > 1:
         budget_png = run_dir / f"budget_extrapolation_{checkpoint}.png"

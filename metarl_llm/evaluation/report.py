@@ -1,5 +1,4 @@
-"""Plots of held-out evaluations: success-vs-tokens curves, and success against the budget scale.
-"""
+"""Plots of held-out evaluations: success-vs-tokens curves, and success against the budget scale."""
 
 from __future__ import annotations
 
@@ -26,8 +25,7 @@ def plot_success_curves(curves: dict[str, np.ndarray], path: Path, title: str = 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for label, s in curves.items():
-        ax.step(np.arange(len(s)), s, where="post",
-                label=f"{label} (S(C) {s[-1]:.2f}, regret {cumulative_regret(s):.2f})")
+        ax.step(np.arange(len(s)), s, where="post", label=f"{label} (S(C) {s[-1]:.2f}, regret {cumulative_regret(s):.2f})")
     ax.set_xlabel("policy tokens spent t")
     ax.set_ylabel("held-out success S(t)")
     save_plot(plt, fig, ax, path, title)
@@ -44,5 +42,3 @@ def plot_budget_extrapolation(results: dict[str, EvalResult], k: int, path: Path
     ax.set_xticks(scales, [f"{s:g}x" for s in scales])
     ax.set_xlabel("budget (x training budget)")
     save_plot(plt, fig, ax, path, title)
-
-

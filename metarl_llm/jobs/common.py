@@ -49,14 +49,17 @@ def validate(cfg: TrainConfig) -> None:
         if cfg.bonus.estimator == "verifier":
             check_verifier_name(cfg.bonus.verifier)
     if cfg.env.id not in gym.registry:
-        raise ValueError(f"env.id={cfg.env.id!r} is not a registered environment; known: {sorted(k for k in gym.registry if k.startswith('metarl/'))}")
+        raise ValueError(
+            f"env.id={cfg.env.id!r} is not a registered environment; known: {sorted(k for k in gym.registry if k.startswith('metarl/'))}"
+        )
     engine_from_config(cfg.rollout)
     # rules across groups
     if cfg.algo.old_logprobs == "sampled" and (cfg.model.dtype != "float32" or cfg.model.autocast == "bf16"):
         raise ValueError(
             f"algo.old_logprobs=sampled takes the PPO ratio's old log-probs from the sampling passes, which match a "
             f"recomputation only in float32: it needs model.dtype=float32 and model.autocast off (got model.dtype="
-            f"{cfg.model.dtype}, model.autocast={cfg.model.autocast}); or use algo.old_logprobs=recompute")
+            f"{cfg.model.dtype}, model.autocast={cfg.model.autocast}); or use algo.old_logprobs=recompute"
+        )
     if cfg.adapt.name == "ttt" and cfg.env.name != "arc":
         raise ValueError(f"adapt=ttt fits each problem's demonstrations: it needs env=arc, got env={cfg.env.name}")
     if cfg.reward.name == "verifier":
@@ -90,7 +93,10 @@ def finished_summary(cfg: TrainConfig, run_dir: Path) -> dict | None:
         return None
     summary = read_summary(target)
     if summary is None or (summary.get("iterations"), summary.get("seed"), summary.get("env")) != (
-            cfg.algo.iterations, cfg.seed, cfg.env.name):
+        cfg.algo.iterations,
+        cfg.seed,
+        cfg.env.name,
+    ):
         return None
     log.info("resume=%s: the run in %s is already complete (summary.json); nothing to do", cfg.resume, target)
     return summary
@@ -103,8 +109,10 @@ def stream_codec(cfg: TrainConfig, tokenizer) -> StreamCodec:
     if cfg.model.chat_template and getattr(tokenizer, "chat_template", None):
         chat = ChatFormat(tokenizer, cfg.model.system_prompt, name=cfg.model.name_or_path or "the tokenizer")
     elif cfg.model.system_prompt is not None:
-        raise ValueError(f"model.system_prompt needs a chat template: {cfg.model.name_or_path or 'the tiny model'}'s tokenizer "
-                         f"has none{'' if cfg.model.chat_template else ' in use (model.chat_template=false)'}")
+        raise ValueError(
+            f"model.system_prompt needs a chat template: {cfg.model.name_or_path or 'the tiny model'}'s tokenizer "
+            f"has none{'' if cfg.model.chat_template else ' in use (model.chat_template=false)'}"
+        )
     return StreamCodec(tokenizer, "\n", cfg.env.forced_answer_text, chat)
 
 
@@ -150,13 +158,28 @@ def base_diagnostics(cfg: TrainConfig, policy, codec: StreamCodec, make_env, log
     size = make_env("test").unwrapped.num_problems
     num = min(d.num_problems, size) if size is not None else d.num_problems
     pool = [make_env("test") for _ in range(num * d.num_continuations)]
-    out = policy_diagnostics(policy, codec, pool, cfg.budget, num, d.num_continuations, d.num_rollouts, d.margin,
-                             torch.Generator().manual_seed(cfg.seed), engine_from_config(cfg.rollout))
+    out = policy_diagnostics(
+        policy,
+        codec,
+        pool,
+        cfg.budget,
+        num,
+        d.num_continuations,
+        d.num_rollouts,
+        d.margin,
+        torch.Generator().manual_seed(cfg.seed),
+        engine_from_config(cfg.rollout),
+    )
     scalars = {f"diagnostics/{k}": v for k, v in out.metrics.items()}
     scalars["diagnostics/time_s"] = time.perf_counter() - t0
     log_fn(scalars, 0)
-    log.info("base policy: heterogeneity %.4f, anti-concentration %.3f (margin %g), success %.3f",
-             out.metrics["heterogeneity"], out.metrics["anti_concentration"], d.margin, out.metrics["success"])
+    log.info(
+        "base policy: heterogeneity %.4f, anti-concentration %.3f (margin %g), success %.3f",
+        out.metrics["heterogeneity"],
+        out.metrics["anti_concentration"],
+        d.margin,
+        out.metrics["success"],
+    )
     return scalars
 
 

@@ -89,6 +89,7 @@ def _parse_overrides(args: Sequence[str]) -> list:
 def _env_schema(saved_env) -> type[EnvConfig]:
     """The EnvConfig subclass that holds every key of a saved env config (the one whose
     default id, then name, matches it when several do)."""
+
     def subclasses(cls):
         for sub in cls.__subclasses__():
             yield sub
@@ -111,9 +112,16 @@ def load_run_config(run_dir: Path, overrides: Sequence = ()) -> TrainConfig:
         raise FileNotFoundError(f"run_dir={run_dir}: {path} not found (is it a run directory written by train.py?)")
     saved = OmegaConf.load(path)
     env_cls = _env_schema(saved.env)
-    schema = OmegaConf.structured(TrainConfig(
-        env=env_cls(), budget=BudgetConfig(), model=ModelConfig(), algo=AlgoConfig(), bonus=BonusConfig(), logger=LoggerConfig()
-    ))
+    schema = OmegaConf.structured(
+        TrainConfig(
+            env=env_cls(),
+            budget=BudgetConfig(),
+            model=ModelConfig(),
+            algo=AlgoConfig(),
+            bonus=BonusConfig(),
+            logger=LoggerConfig(),
+        )
+    )
     cfg = OmegaConf.merge(schema, saved)
     strings = [o for o in overrides if isinstance(o, str)]
     parsed = [o for o in overrides if not isinstance(o, str)] + _parse_overrides(strings)
@@ -148,14 +156,15 @@ def checkpoint_policy_dir(run_dir: Path, checkpoint: str) -> Path:
     return policy
 
 
-def evaluate_run(run_dir: str | Path, checkpoint: str = "latest", overrides: Sequence = (), compare: str | Path | None = None) -> dict:
+def evaluate_run(
+    run_dir: str | Path, checkpoint: str = "latest", overrides: Sequence = (), compare: str | Path | None = None
+) -> dict:
     """Evaluate a saved checkpoint of a training run, as the training run's final
     evaluation does (same function, same seeds). Writes ``eval_<checkpoint>.json`` and
     the PNGs into ``run_dir``; logs to W&B per ``logger.mode`` (offline by default) in
     ``run_dir/eval/<checkpoint>/``, tagged ``eval``. Returns the report (with
     ``compare`` added when asked)."""
     # The trainer imports this module, so its helpers are imported here, at call time.
-
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -227,7 +236,9 @@ def load_eval_report(run_dir: Path, checkpoint: str = "latest") -> dict:
     name = checkpoint_name(run_dir, checkpoint)
     path = Path(run_dir) / f"eval_{name}.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: evaluate that run first (python -m metarl_llm.evaluate run_dir={run_dir} checkpoint={name})")
+        raise FileNotFoundError(
+            f"{path} not found: evaluate that run first (python -m metarl_llm.evaluate run_dir={run_dir} checkpoint={name})"
+        )
     return json.loads(path.read_text())
 
 
@@ -243,14 +254,17 @@ def compare_reports(report_a: dict, report_b: dict, level: float | None = None) 
         sa, sb = np.asarray(a["curve"]), np.asarray(report_b["budgets"][label]["curve"])
         lvl = default_efficiency_level(sa, sb) if level is None else level
         by_budget[label] = {
-            "level": lvl, "tokens_a": tokens_to_success(sa, lvl), "tokens_b": tokens_to_success(sb, lvl),
+            "level": lvl,
+            "tokens_a": tokens_to_success(sa, lvl),
+            "tokens_b": tokens_to_success(sb, lvl),
             "ratio": finite_or_none(token_efficiency_ratio(sa, sb, lvl)),
         }
     return {"token_efficiency_ratio": by_budget.get(budget_label(1.0), {}).get("ratio"), "by_budget": by_budget}
 
 
-def compare_runs(run_a: Path, run_b: Path, checkpoint_a: str = "latest", checkpoint_b: str = "latest",
-                 level: float | None = None) -> dict:
+def compare_runs(
+    run_a: Path, run_b: Path, checkpoint_a: str = "latest", checkpoint_b: str = "latest", level: float | None = None
+) -> dict:
     """:func:`compare_reports` of two evaluated runs (their ``eval_<checkpoint>.json``);
     for bench code."""
     out = compare_reports(load_eval_report(run_a, checkpoint_a), load_eval_report(run_b, checkpoint_b), level)

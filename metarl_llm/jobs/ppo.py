@@ -138,9 +138,21 @@ class Scored:
     per_trial: dict = field(default_factory=dict)  # global lists: policy_tokens, episodes, forced, outcome, ...
 
 
-def iteration_metrics(per_trial: dict, batch: RolloutBatch, env_outcome: torch.Tensor, stats: dict, *, n_trials: int,
-                      max_episodes: int, use_critic: bool, with_bonus: bool, mismatch: float, env_failures: float,
-                      curves: list | None, verifier_reward: bool) -> dict:
+def iteration_metrics(
+    per_trial: dict,
+    batch: RolloutBatch,
+    env_outcome: torch.Tensor,
+    stats: dict,
+    *,
+    n_trials: int,
+    max_episodes: int,
+    use_critic: bool,
+    with_bonus: bool,
+    mismatch: float,
+    env_failures: float,
+    curves: list | None,
+    verifier_reward: bool,
+) -> dict:
     """The ``train/*`` scalars of one iteration, from the global batch and per-trial figures.
 
     ``per_trial``: lists over the global batch's trials: ``policy_tokens``, ``episodes``,
@@ -215,8 +227,10 @@ class PPOJob:
         self.amp = autocast_dtype(cfg.model.autocast, device)  # forward passes of rollout, scoring and update (None: off)
         set_cudnn_attention(cfg.model.cudnn_attention)
         if self.amp is not None and cfg.algo.old_logprobs == "sampled":
-            raise ValueError(f"algo.old_logprobs=sampled needs float32 scoring, but model.autocast={cfg.model.autocast} "
-                             f"resolves to {self.amp} on {device}: set model.autocast=off or algo.old_logprobs=recompute")
+            raise ValueError(
+                f"algo.old_logprobs=sampled needs float32 scoring, but model.autocast={cfg.model.autocast} "
+                f"resolves to {self.amp} on {device}: set model.autocast=off or algo.old_logprobs=recompute"
+            )
         self.use_critic = cfg.algo.advantage == "gae"
         groups = [{"params": self.actor_critic.policy_parameters(), "lr": cfg.algo.lr}]
         if self.use_critic:
@@ -226,8 +240,10 @@ class PPOJob:
         if self.resume_from is not None:  # weights, critic and optimiser of the checkpoint
             self.state = load_trainer_state(self.resume_from)
             if self.state.get("warm_start_key") != self.ws_info.get("warm_start/key"):
-                raise ValueError(f"resume: {self.resume_from} was trained from warm start {self.state.get('warm_start_key')}, "
-                                 f"this config gives {self.ws_info.get('warm_start/key')}: the configs differ")
+                raise ValueError(
+                    f"resume: {self.resume_from} was trained from warm start {self.state.get('warm_start_key')}, "
+                    f"this config gives {self.ws_info.get('warm_start/key')}: the configs differ"
+                )
             load_model_weights(self.actor_critic, self.resume_from, self.state)
             self.optimizer.load_state_dict(self.state["optimizer"])
             log.info("resuming from %s (iteration %d)", self.resume_from, self.state["iteration"])
@@ -240,8 +256,9 @@ class PPOJob:
         self.advantage_fn = get_advantage(cfg.algo.advantage)
         self.reward_verifier = None
         if cfg.reward.name == "verifier":
-            self.reward_verifier = load_verifier(Path(cfg.reward.verifier).expanduser(), device,
-                                                 cfg.model.trust_remote_code).eval()
+            self.reward_verifier = load_verifier(
+                Path(cfg.reward.verifier).expanduser(), device, cfg.model.trust_remote_code
+            ).eval()
             check_same_vocabulary(self.reward_verifier.tokenizer, self.tokenizer)
 
     def _setup_tracker(self, wandb_group: str | None) -> None:
@@ -254,10 +271,18 @@ class PPOJob:
         run_id = state.get("wandb_id") if state else None
         if run_id is None and cfg.resume and run_id_file.exists():
             run_id = run_id_file.read_text().strip() or None
-        self.tracker = (job_tracker(cfg, run_dir, wandb_group, run_id=run_id,
-                                    resume_step=state["iteration"] if state else (-1 if cfg.resume else None),
-                                    resume_rows=state.get("metrics_rows") if state else None)
-                        if self.dist.is_main else NullTracker())
+        self.tracker = (
+            job_tracker(
+                cfg,
+                run_dir,
+                wandb_group,
+                run_id=run_id,
+                resume_step=state["iteration"] if state else (-1 if cfg.resume else None),
+                resume_rows=state.get("metrics_rows") if state else None,
+            )
+            if self.dist.is_main
+            else NullTracker()
+        )
         if self.tracker.run_id:
             run_id_file.write_text(self.tracker.run_id)
         if self.dist.is_main:  # this run writes its own: a stale summary.json must not mark it finished if it is killed
@@ -277,16 +302,30 @@ class PPOJob:
         # old_logprobs=sampled with a shared critic: the engine computes the values too, from the forward passes it
         # samples from (value head on their last hidden state), so scoring runs no policy forward. A separate critic
         # (its own trunk) or an engine that cannot (supports_values False) keeps the scoring forward.
-        self.rollout_values = (self.use_critic and cfg.model.critic == "shared" and cfg.algo.old_logprobs == "sampled"
-                               and getattr(self.engine, "supports_values", False))
+        self.rollout_values = (
+            self.use_critic
+            and cfg.model.critic == "shared"
+            and cfg.algo.old_logprobs == "sampled"
+            and getattr(self.engine, "supports_values", False)
+        )
         # The sample estimator's meta-prover continues from the rollout's KV caches (same model only).
-        self.keep_cache = (cfg.rollout.reuse_cache and cfg.rollout.engine == "cached" and cfg.bonus.name == "info_gain"
-                           and cfg.bonus.estimator == "sample" and not cfg.bonus.use_reference)
+        self.keep_cache = (
+            cfg.rollout.reuse_cache
+            and cfg.rollout.engine == "cached"
+            and cfg.bonus.name == "info_gain"
+            and cfg.bonus.estimator == "sample"
+            and not cfg.bonus.use_reference
+        )
         # Grader exceptions are loud (reward.on_error=raise) or scored and counted (score).
-        self.train_envs = [FailureGuard(self.make_env("train"), cfg.reward.on_error, cfg.reward.error_score)
-                           for _ in range(self.my_rows.stop - self.my_rows.start)]
-        self.eval_envs = ([FailureGuard(self.make_env("test")) for _ in range(cfg.eval.num_problems * cfg.eval.samples_per_problem)]
-                          if dist.is_main else [])
+        self.train_envs = [
+            FailureGuard(self.make_env("train"), cfg.reward.on_error, cfg.reward.error_score)
+            for _ in range(self.my_rows.stop - self.my_rows.start)
+        ]
+        self.eval_envs = (
+            [FailureGuard(self.make_env("test")) for _ in range(cfg.eval.num_problems * cfg.eval.samples_per_problem)]
+            if dist.is_main
+            else []
+        )
 
     def _setup_start(self) -> None:
         """The start's held-out evaluation, or what the interrupted run had drawn and counted."""
@@ -300,8 +339,11 @@ class PPOJob:
             self.first = 1
         else:
             restore_rng_states(state["rng"], self.generator, self.problem_rng)
-            self.start_eval = (EvalSummary(state["start_eval"]["metrics"], np.asarray(state["start_eval"]["curve"]))
-                               if state["start_eval"] else None)
+            self.start_eval = (
+                EvalSummary(state["start_eval"]["metrics"], np.asarray(state["start_eval"]["curve"]))
+                if state["start_eval"]
+                else None
+            )
             self.first = state["iteration"] + 1
         self.throughput = Throughput(*state["counters"]) if state is not None else Throughput()
 
@@ -314,11 +356,23 @@ class PPOJob:
         res = None
         if self.dist.is_main:
             adapter_policy = merged_policy(ac) if cfg.adapt.name == "ttt" else ac.policy
-            res = evaluate(ac.policy, self.codec, self.eval_envs, cfg.budget, cfg.eval, eval_generator(cfg.seed),
-                           problem_adapter_of(cfg, adapter_policy, self.codec), engine=self.engine)
+            res = evaluate(
+                ac.policy,
+                self.codec,
+                self.eval_envs,
+                cfg.budget,
+                cfg.eval,
+                eval_generator(cfg.seed),
+                problem_adapter_of(cfg, adapter_policy, self.codec),
+                engine=self.engine,
+            )
             self.tracker.log({f"heldout/{k}": v for k, v in res.metrics.items()}, step=iteration)
-            self.tracker.table(f"transcripts/{label}", TRANSCRIPT_COLUMNS,
-                               transcript_rows(res.trials, res.j_curves, cfg.logger.num_transcripts), step=iteration)
+            self.tracker.table(
+                f"transcripts/{label}",
+                TRANSCRIPT_COLUMNS,
+                transcript_rows(res.trials, res.j_curves, cfg.logger.num_transcripts),
+                step=iteration,
+            )
         self.dist.barrier()
         return res
 
@@ -329,12 +383,14 @@ class PPOJob:
             "rng": rng_states(self.generator, self.problem_rng),
             "counters": self.throughput.as_list(),
             "start_eval": {"metrics": start_eval.metrics, "curve": np.asarray(start_eval.curve).tolist()} if start_eval else None,
-            "wandb_id": self.tracker.run_id, "warm_start_key": self.ws_info.get("warm_start/key"),
+            "wandb_id": self.tracker.run_id,
+            "warm_start_key": self.ws_info.get("warm_start/key"),
             "metrics_rows": self.tracker.rows,  # rows of metrics.jsonl so far: a resume keeps exactly these
             "config": self.cfg.to_yaml(),
         }
-        return save_checkpoint(self.run_dir, iteration, self.actor_critic, self.tokenizer, self.optimizer, extra,
-                               keep=self.cfg.checkpoint_keep)
+        return save_checkpoint(
+            self.run_dir, iteration, self.actor_critic, self.tokenizer, self.optimizer, extra, keep=self.cfg.checkpoint_keep
+        )
 
     # ------------------------------------------------------------------ the loop
 
@@ -342,8 +398,9 @@ class PPOJob:
         """Iterations ``first..algo.iterations``, then the final evaluation; returns the summary
         ({} on the non-main processes)."""
         cfg = self.cfg
-        self.bar = tqdm(range(self.first, cfg.algo.iterations + 1), desc="ppo", disable=not cfg.logger.progress_bar,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            range(self.first, cfg.algo.iterations + 1), desc="ppo", disable=not cfg.logger.progress_bar, dynamic_ncols=True
+        )
         for it in self.bar:
             self.iteration(it)
         if not self.dist.is_main:  # the main process evaluates, reports and finishes the W&B run
@@ -372,9 +429,19 @@ class PPOJob:
         group_ids = [p for p in self.my_problems for _ in range(cfg.algo.group_size)]
         failures_before = sum(e.failures for e in self.train_envs)
         with failure_record(self.run_dir, it), autocast(self.device, self.amp):  # model.autocast: the rollout too
-            trials = run_trials(self.actor_critic.policy, self.codec, self.train_envs, resets, group_ids, cfg.budget,
-                                self.generator, engine=self.engine, keep_cache=self.keep_cache, keys=keys[self.my_rows],
-                                value_head=self.actor_critic.value_head if self.rollout_values else None)
+            trials = run_trials(
+                self.actor_critic.policy,
+                self.codec,
+                self.train_envs,
+                resets,
+                group_ids,
+                cfg.budget,
+                self.generator,
+                engine=self.engine,
+                keep_cache=self.keep_cache,
+                keys=keys[self.my_rows],
+                value_head=self.actor_critic.value_head if self.rollout_values else None,
+            )
         env_failures = sum(e.failures for e in self.train_envs) - failures_before  # reward.on_error=score: scored, counted
         return Rollout(trials, env_failures, time.perf_counter() - t0)
 
@@ -385,10 +452,18 @@ class PPOJob:
         batch = collate(trials, self.codec.pad_id)
         width = batch.input_ids.shape[1]
         score_stats: dict = {}  # logprob_mismatch_max: NaN when old_logprobs=sampled skipped the policy's forward
-        batch = score_batch(self.actor_critic, self.reference, batch, self.use_critic, amp_dtype=self.amp,
-                            sampling=sampled_logprobs(trials, width), old_logprobs=cfg.algo.old_logprobs,
-                            bucket_tokens=cfg.algo.length_bucket_tokens, stats=score_stats,
-                            sampled_values=sampled_values(trials, width) if self.rollout_values else None)
+        batch = score_batch(
+            self.actor_critic,
+            self.reference,
+            batch,
+            self.use_critic,
+            amp_dtype=self.amp,
+            sampling=sampled_logprobs(trials, width),
+            old_logprobs=cfg.algo.old_logprobs,
+            bucket_tokens=cfg.algo.length_bucket_tokens,
+            stats=score_stats,
+            sampled_values=sampled_values(trials, width) if self.rollout_values else None,
+        )
         env_outcome = batch.outcome
         if self.reward_verifier is not None:  # reward=verifier: the verifier's P(success) replaces the outcome
             batch = batch._replace(outcome=verifier_rewards(self.reward_verifier, trials, cfg.reward.rows))
@@ -401,9 +476,16 @@ class PPOJob:
         t0 = time.perf_counter()
         bonus_model = self.reference if cfg.bonus.use_reference else self.actor_critic.policy
         with failure_record(self.run_dir, it):
-            scored.bonuses, scored.curves = episode_bonuses(cfg.bonus, bonus_model, self.codec, roll.trials,
-                                                            cfg.budget.answer_max_tokens, self.generator,
-                                                            outcomes=scored.batch.outcome.tolist(), engine=self.engine)
+            scored.bonuses, scored.curves = episode_bonuses(
+                cfg.bonus,
+                bonus_model,
+                self.codec,
+                roll.trials,
+                cfg.budget.answer_max_tokens,
+                self.generator,
+                outcomes=scored.batch.outcome.tolist(),
+                engine=self.engine,
+            )
         for t in roll.trials:
             t.cache = None  # the kept KV caches served the meta-prover; free them before the update
         scored.bonus_seconds = time.perf_counter() - t0
@@ -417,23 +499,34 @@ class PPOJob:
         cfg, trials, batch = self.cfg, roll.trials, scored.batch
         in_reward = cfg.bonus.credit == "return"
         token_rewards = place_rewards(batch, scored.bonuses if in_reward else [], cfg.algo.kl_coef, cfg.algo.kl_in_reward)
-        adv, ret = self.advantage_fn(token_rewards, batch.values, batch.action_mask, gamma=cfg.algo.gamma, lam=cfg.algo.lam,
-                                     group=batch.group)
+        adv, ret = self.advantage_fn(
+            token_rewards, batch.values, batch.action_mask, gamma=cfg.algo.gamma, lam=cfg.algo.lam, group=batch.group
+        )
         batch = batch._replace(token_rewards=token_rewards, advantages=adv, returns=ret)
-        parts = self.dist.all_gather_objects({
-            "policy_tokens": [t.policy_tokens for t in trials], "episodes": [len(t.episode_texts) for t in trials],
-            "forced": [t.forced for t in trials], "outcome": [t.outcome for t in trials],
-            "answer_episode": [t.answer_episode for t in trials], "bonus": [sum(b) for b in scored.bonuses],
-            "bonuses": [list(b) for b in scored.bonuses],
-            "curves": [list(c) for c in scored.curves] if scored.curves is not None else None, "mismatch": scored.mismatch,
-            "env_outcome": scored.env_outcome.tolist(),
-        })
+        parts = self.dist.all_gather_objects(
+            {
+                "policy_tokens": [t.policy_tokens for t in trials],
+                "episodes": [len(t.episode_texts) for t in trials],
+                "forced": [t.forced for t in trials],
+                "outcome": [t.outcome for t in trials],
+                "answer_episode": [t.answer_episode for t in trials],
+                "bonus": [sum(b) for b in scored.bonuses],
+                "bonuses": [list(b) for b in scored.bonuses],
+                "curves": [list(c) for c in scored.curves] if scored.curves is not None else None,
+                "mismatch": scored.mismatch,
+                "env_outcome": scored.env_outcome.tolist(),
+            }
+        )
         batch = gather_batch(self.dist, batch)
         glob = {k: [x for part in parts for x in part[k]] for k in PER_TRIAL_KEYS}
-        credit = (episode_credit(batch.episode_index, batch.action_mask, glob["bonuses"])
-                  if not in_reward and cfg.bonus.name != "none" else None)
-        scored.batch = batch._replace(advantages=combine_advantages(batch.advantages, batch.action_mask, credit,
-                                                                    cfg.algo.whiten_advantages))
+        credit = (
+            episode_credit(batch.episode_index, batch.action_mask, glob["bonuses"])
+            if not in_reward and cfg.bonus.name != "none"
+            else None
+        )
+        scored.batch = batch._replace(
+            advantages=combine_advantages(batch.advantages, batch.action_mask, credit, cfg.algo.whiten_advantages)
+        )
         scored.curves = None if scored.curves is None else [c for part in parts for c in part["curves"]]
         scored.mismatch = max(part["mismatch"] for part in parts)
         scored.env_outcome = torch.tensor(glob["env_outcome"])
@@ -451,8 +544,16 @@ class PPOJob:
                     raise FloatingPointError("non-finite reward, advantage or return in the rollout batch")
                 stats = {"update_tokens": 0, "nonfinite_skipped": 1}  # this iteration's update is dropped
             else:
-                stats = ppo_update(self.model, self.optimizer, batch, self.cfg.algo, self.generator, self.use_critic,
-                                   amp_dtype=self.amp, dist=self.dist)
+                stats = ppo_update(
+                    self.model,
+                    self.optimizer,
+                    batch,
+                    self.cfg.algo,
+                    self.generator,
+                    self.use_critic,
+                    amp_dtype=self.amp,
+                    dist=self.dist,
+                )
         return stats, max(time.perf_counter() - t0, 1e-9)
 
     def log(self, it: int, roll: Rollout, scored: Scored, stats: dict, t_update: float, t0: float) -> dict:
@@ -464,17 +565,28 @@ class PPOJob:
         self.throughput.update_tokens += stats["update_tokens"]
         self.throughput.update_time += t_update
         metrics = iteration_metrics(
-            scored.per_trial, scored.batch, scored.env_outcome, stats, n_trials=self.n_trials,
-            max_episodes=cfg.budget.max_episodes, use_critic=self.use_critic, with_bonus=cfg.bonus.name != "none",
-            mismatch=scored.mismatch, env_failures=float(self.dist.all_sum(torch.tensor(float(roll.env_failures)))),
-            curves=scored.curves, verifier_reward=self.reward_verifier is not None)
-        metrics.update({
-            "perf/rollout_tokens_per_s": sampled / roll.seconds,  # sampling policy tokens (all processes), env steps included
-            "perf/update_tokens_per_s": stats["update_tokens"] / t_update,
-            "perf/iteration_s": time.perf_counter() - t0,
-            "perf/bonus_s": scored.bonus_seconds,
-            "perf/rss_mb": psutil.Process().memory_info().rss / 2**20,  # resident memory of this process
-        })
+            scored.per_trial,
+            scored.batch,
+            scored.env_outcome,
+            stats,
+            n_trials=self.n_trials,
+            max_episodes=cfg.budget.max_episodes,
+            use_critic=self.use_critic,
+            with_bonus=cfg.bonus.name != "none",
+            mismatch=scored.mismatch,
+            env_failures=float(self.dist.all_sum(torch.tensor(float(roll.env_failures)))),
+            curves=scored.curves,
+            verifier_reward=self.reward_verifier is not None,
+        )
+        metrics.update(
+            {
+                "perf/rollout_tokens_per_s": sampled / roll.seconds,  # sampling policy tokens (all processes), env steps included
+                "perf/update_tokens_per_s": stats["update_tokens"] / t_update,
+                "perf/iteration_s": time.perf_counter() - t0,
+                "perf/bonus_s": scored.bonus_seconds,
+                "perf/rss_mb": psutil.Process().memory_info().rss / 2**20,  # resident memory of this process
+            }
+        )
         self.tracker.log(metrics, step=it)
         if self.bar is not None:
             self.bar.set_postfix(outcome=f"{metrics['train/outcome']:.2f}", tok=f"{metrics['train/tokens_per_trial']:.0f}")
@@ -494,24 +606,40 @@ class PPOJob:
         weights policy/ holds: merged, for a LoRA policy). Resumed from the final checkpoint
         (killed in the final evaluation): it is this one already."""
         cfg, state = self.cfg, self.state
-        final_ckpt = (self.resume_from if state is not None and state["iteration"] == cfg.algo.iterations
-                      else self.checkpoint(cfg.algo.iterations))
+        final_ckpt = (
+            self.resume_from
+            if state is not None and state["iteration"] == cfg.algo.iterations
+            else self.checkpoint(cfg.algo.iterations)
+        )
         t_final_eval = time.perf_counter()
-        final_results, figures, _ = evaluate_and_report(merged_policy(self.actor_critic), self.codec, cfg,
-                                                        heldout_env_maker(cfg), self.run_dir, final_ckpt.name, self.tracker,
-                                                        cfg.algo.iterations)
+        final_results, figures, _ = evaluate_and_report(
+            merged_policy(self.actor_critic),
+            self.codec,
+            cfg,
+            heldout_env_maker(cfg),
+            self.run_dir,
+            final_ckpt.name,
+            self.tracker,
+            cfg.algo.iterations,
+        )
         t_final_eval = time.perf_counter() - t_final_eval
         final_eval = final_results["1"]
         plot = self.run_dir / "success_vs_tokens.png"
-        plot_success_curves({"start": self.start_eval.curve, "final": final_eval.curve}, plot,
-                            title=f"{cfg.env.name}, held-out, training budget (C={len(final_eval.curve) - 1})")
+        plot_success_curves(
+            {"start": self.start_eval.curve, "final": final_eval.curve},
+            plot,
+            title=f"{cfg.env.name}, held-out, training budget (C={len(final_eval.curve) - 1})",
+        )
         self.tracker.image("heldout/success_vs_tokens", plot, step=cfg.algo.iterations)
-        summary = {**run_summary(cfg, self.start_eval, final_eval.metrics, final_eval.curve, figures),
-                   "final_eval_s": t_final_eval, "wall_time_s": time.perf_counter() - self.t_start,
-                   "rollout_tokens_per_s": self.throughput.rollout_tokens / max(self.throughput.rollout_time, 1e-9),
-                   "update_tokens_per_s": self.throughput.update_tokens / max(self.throughput.update_time, 1e-9),
-                   "warm_start_cached": bool(self.ws_info.get("warm_start/cached", False)),
-                   "num_parameters": sum(p.numel() for p in self.actor_critic.parameters())}
+        summary = {
+            **run_summary(cfg, self.start_eval, final_eval.metrics, final_eval.curve, figures),
+            "final_eval_s": t_final_eval,
+            "wall_time_s": time.perf_counter() - self.t_start,
+            "rollout_tokens_per_s": self.throughput.rollout_tokens / max(self.throughput.rollout_time, 1e-9),
+            "update_tokens_per_s": self.throughput.update_tokens / max(self.throughput.update_time, 1e-9),
+            "warm_start_cached": bool(self.ws_info.get("warm_start/cached", False)),
+            "num_parameters": sum(p.numel() for p in self.actor_critic.parameters()),
+        }
         self.tracker.finish(summary)
         log.info("summary: %s", json.dumps(summary))
         self.dist.barrier()

@@ -32,15 +32,38 @@ def train_sft_job(cfg: TrainConfig, run_dir: Path, wandb_group: str | None = Non
     policy, tokenizer, codec, make_env, ws_info = base_policy(cfg, device)
     tracker = job_tracker(cfg, run_dir, wandb_group)
     diag = base_diagnostics(cfg, policy, codec, make_env, tracker.log)
-    policy, result = run_vf(policy, tokenizer, codec, make_env, heldout_env_maker(cfg), cfg.budget, cfg.sft, cfg.seed,
-                            torch.Generator().manual_seed(cfg.seed), cfg.model.gradient_checkpointing, tracker.log)
+    policy, result = run_vf(
+        policy,
+        tokenizer,
+        codec,
+        make_env,
+        heldout_env_maker(cfg),
+        cfg.budget,
+        cfg.sft,
+        cfg.seed,
+        torch.Generator().manual_seed(cfg.seed),
+        cfg.model.gradient_checkpointing,
+        tracker.log,
+    )
     policy.save_pretrained(run_dir / "policy")
     tokenizer.save_pretrained(run_dir / "policy")
     (run_dir / "vf_summary.json").write_text(json.dumps(result, indent=2, sort_keys=True))
-    summary = {"env": cfg.env.name, "algo": "sft", "seed": cfg.seed, **diag, **result,
-               "warm_start_cached": bool(ws_info.get("warm_start/cached", False)),
-               "policy_dir": str(run_dir / "policy"), "wall_time_s": time.perf_counter() - t_start}
+    summary = {
+        "env": cfg.env.name,
+        "algo": "sft",
+        "seed": cfg.seed,
+        **diag,
+        **result,
+        "warm_start_cached": bool(ws_info.get("warm_start/cached", False)),
+        "policy_dir": str(run_dir / "policy"),
+        "wall_time_s": time.perf_counter() - t_start,
+    }
     tracker.finish(summary)
-    log.info("sft (%s): %d records, held-out success %.3f; maj@N %s", cfg.sft.data, result["sft/records"],
-             result["heldout/success"], result["parallel"]["maj_at_n"])
+    log.info(
+        "sft (%s): %d records, held-out success %.3f; maj@N %s",
+        cfg.sft.data,
+        result["sft/records"],
+        result["heldout/success"],
+        result["parallel"]["maj_at_n"],
+    )
     return summary

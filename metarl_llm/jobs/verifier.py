@@ -29,17 +29,44 @@ def train_verifier_job(cfg: TrainConfig, run_dir: Path, wandb_group: str | None 
     device = start_job(cfg, run_dir)
     policy, tokenizer, codec, make_env, ws_info = base_policy(cfg, device)
     v = cfg.verifier
-    verifier = build_verifier(tokenizer, v.name_or_path, policy=policy, tiny=v.tiny, seed=cfg.seed, dtype=v.dtype,
-                              trust_remote_code=cfg.model.trust_remote_code).to(device)
+    verifier = build_verifier(
+        tokenizer,
+        v.name_or_path,
+        policy=policy,
+        tiny=v.tiny,
+        seed=cfg.seed,
+        dtype=v.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+    ).to(device)
     tracker = job_tracker(cfg, run_dir, wandb_group)
     diag = base_diagnostics(cfg, policy, codec, make_env, tracker.log)
-    result = run_verifier_training(policy, codec, make_env, verifier, cfg.budget, v, torch.Generator().manual_seed(cfg.seed),
-                                   run_dir, tracker.log, cfg.logger.progress_bar)
+    result = run_verifier_training(
+        policy,
+        codec,
+        make_env,
+        verifier,
+        cfg.budget,
+        v,
+        torch.Generator().manual_seed(cfg.seed),
+        run_dir,
+        tracker.log,
+        cfg.logger.progress_bar,
+    )
     tracker.image("verifier/best_of_n", Path(result["best_of_n_plot"]), step=v.steps)
-    summary = {"env": cfg.env.name, "algo": "verifier", "seed": cfg.seed, **diag, **result,
-               "warm_start_cached": bool(ws_info.get("warm_start/cached", False)),
-               "wall_time_s": time.perf_counter() - t_start}
+    summary = {
+        "env": cfg.env.name,
+        "algo": "verifier",
+        "seed": cfg.seed,
+        **diag,
+        **result,
+        "warm_start_cached": bool(ws_info.get("warm_start/cached", False)),
+        "wall_time_s": time.perf_counter() - t_start,
+    }
     tracker.finish(summary)
-    log.info("verifier: held-out accuracy %.3f, ECE %.3f; best-of-N %s", summary.get("heldout/accuracy", float("nan")),
-             summary.get("heldout/ece", float("nan")), result["best_of_n"].get("best_of_n"))
+    log.info(
+        "verifier: held-out accuracy %.3f, ECE %.3f; best-of-N %s",
+        summary.get("heldout/accuracy", float("nan")),
+        summary.get("heldout/ece", float("nan")),
+        result["best_of_n"].get("best_of_n"),
+    )
     return summary

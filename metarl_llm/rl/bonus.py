@@ -66,8 +66,9 @@ def estimate_sample(model: torch.nn.Module, codec: StreamCodec, trials: list[Tri
     """J at every boundary of every trial: the mean score of ``num_samples`` meta-prover
     answers (all boundaries of all trials in one batched sampling call)."""
     ends = [boundary_prefixes(t) for t in trials]
-    return meta_prover_success(model, codec, trials, ends, opts.num_samples, opts.answer_max_tokens, opts.generator,
-                               opts.engine, opts.greedy)
+    return meta_prover_success(
+        model, codec, trials, ends, opts.num_samples, opts.answer_max_tokens, opts.generator, opts.engine, opts.greedy
+    )
 
 
 class _Packed(NamedTuple):
@@ -231,8 +232,10 @@ def check_verifier_name(name: str) -> None:
     trained verifier saved by ``job=train_verifier`` (``RUN/verifier``)."""
 
     if name not in VERIFIERS and not is_saved_verifier(name):
-        raise ValueError(f"bonus.verifier={name!r} is neither one of {sorted(VERIFIERS)} nor a saved verifier directory "
-                         "(written by `python train.py job=train_verifier` into RUN/verifier)")
+        raise ValueError(
+            f"bonus.verifier={name!r} is neither one of {sorted(VERIFIERS)} nor a saved verifier directory "
+            "(written by `python train.py job=train_verifier` into RUN/verifier)"
+        )
 
 
 @register_estimator("verifier")
@@ -243,7 +246,6 @@ def estimate_verifier(model: torch.nn.Module, codec: StreamCodec, trials: list[T
     The policy is not run."""
     check_verifier_name(opts.verifier)
     if opts.verifier not in VERIFIERS:
-
         return trained_verifier_estimator(model, codec, trials, opts)
     verify = VERIFIERS[opts.verifier]()
     items, sizes = [], []
@@ -293,8 +295,13 @@ def episode_bonuses(
     if len(outcomes) != len(trials):
         raise ValueError(f"episode_bonuses: {len(outcomes)} outcomes for {len(trials)} trials")
     estimate = get_estimator(cfg.estimator)
-    opts = JOptions(num_samples=cfg.num_samples, answer_max_tokens=answer_max_tokens, generator=generator, verifier=cfg.verifier,
-                    engine=engine)
+    opts = JOptions(
+        num_samples=cfg.num_samples,
+        answer_max_tokens=answer_max_tokens,
+        generator=generator,
+        verifier=cfg.verifier,
+        engine=engine,
+    )
     curves = estimate(model, codec, trials, opts)
     if cfg.final_episode:
         # J after the committed answer is the rewarded outcome: the answer episode gets its

@@ -26,9 +26,18 @@ OLD_LOGPROBS = tuple(m.value for m in OldLogprobs)  # ("recompute", "sampled")
 
 @torch.no_grad()
 def score_batch(
-    actor_critic: ActorCritic, reference: torch.nn.Module, batch: RolloutBatch, use_critic: bool, rows: int = 64,
-    amp_dtype: torch.dtype | None = None, *, sampling: torch.Tensor | None = None, old_logprobs: str = "recompute",
-    bucket_tokens: int = 0, stats: dict | None = None, sampled_values: torch.Tensor | None = None,
+    actor_critic: ActorCritic,
+    reference: torch.nn.Module,
+    batch: RolloutBatch,
+    use_critic: bool,
+    rows: int = 64,
+    amp_dtype: torch.dtype | None = None,
+    *,
+    sampling: torch.Tensor | None = None,
+    old_logprobs: str = "recompute",
+    bucket_tokens: int = 0,
+    stats: dict | None = None,
+    sampled_values: torch.Tensor | None = None,
 ) -> RolloutBatch:
     """Fill ``logprobs``, ``values`` (sampling policy) and ``ref_logprobs`` (reference), [B, T]
     float32, 0 off action tokens. ``amp_dtype``: the forward passes run under that autocast.
@@ -55,11 +64,14 @@ def score_batch(
         raise ValueError("score_batch: old_logprobs='sampled' needs the sampling log-probs (sampling=...)")
     if sampled_values is not None:
         if old_logprobs != "sampled" or not use_critic:
-            raise ValueError(f"score_batch: sampled_values replace the policy forward's values only with "
-                             f"old_logprobs='sampled' and a critic (got old_logprobs={old_logprobs!r}, use_critic={use_critic})")
+            raise ValueError(
+                f"score_batch: sampled_values replace the policy forward's values only with "
+                f"old_logprobs='sampled' and a critic (got old_logprobs={old_logprobs!r}, use_critic={use_critic})"
+            )
         if sampled_values.shape != batch.input_ids.shape:
-            raise ValueError(f"score_batch: sampled_values of shape {tuple(sampled_values.shape)}, the batch is "
-                             f"{tuple(batch.input_ids.shape)}")
+            raise ValueError(
+                f"score_batch: sampled_values of shape {tuple(sampled_values.shape)}, the batch is {tuple(batch.input_ids.shape)}"
+            )
     device = next(actor_critic.parameters()).device
     policy_forward = old_logprobs == "recompute" or (use_critic and sampled_values is None)
     b, t = batch.input_ids.shape
@@ -79,8 +91,9 @@ def score_batch(
         ref[part, 1:width] = token_logprobs(ref_lp, ids[:, 1:]).cpu()
     mask = batch.action_mask
     if stats is not None:
-        stats["logprob_mismatch_max"] = (float(((lp - sampling).abs() * mask).max()) if policy_forward and sampling is not None
-                                         and b else float("nan"))
+        stats["logprob_mismatch_max"] = (
+            float(((lp - sampling).abs() * mask).max()) if policy_forward and sampling is not None and b else float("nan")
+        )
     logprobs = sampling * mask if old_logprobs == "sampled" else lp * mask
     if sampled_values is not None:
         vals = sampled_values.float()

@@ -149,13 +149,21 @@ def ppo_update(
                 if cfg.ent_coef:
                     loss = loss - cfg.ent_coef * entropy
                 if not torch.isfinite(loss) and cfg.on_nonfinite != "skip":
-                    raise FloatingPointError(f"non-finite PPO loss {loss.item()} (policy {pg_loss.item()}, value {value_loss.item()})")
+                    raise FloatingPointError(
+                        f"non-finite PPO loss {loss.item()} (policy {pg_loss.item()}, value {value_loss.item()})"
+                    )
                 # on_nonfinite=skip: the backward still runs (a data-parallel wrapper needs every
                 # process's backward); the NaN reaches the gradient norm and the step is skipped.
                 (loss * (share * world)).backward()  # the wrapper averages over the W processes
                 no_sync.close()
-                values = {"loss/policy": pg_loss, "loss/value": value_loss, "loss/kl": kl_loss, "kl_k3": kl, "entropy": entropy,
-                          **stats}
+                values = {
+                    "loss/policy": pg_loss,
+                    "loss/value": value_loss,
+                    "loss/kl": kl_loss,
+                    "kl_k3": kl,
+                    "entropy": entropy,
+                    **stats,
+                }
                 for k, v in values.items():
                     step[k] = step.get(k, 0.0) + share * float(v.detach() if torch.is_tensor(v) else v)
                 tokens += int(mb.attention_mask.sum())
@@ -166,7 +174,9 @@ def ppo_update(
             step["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             if not math.isfinite(step["grad_norm"]):
                 if cfg.on_nonfinite != "skip":
-                    raise FloatingPointError(f"non-finite gradient norm {step['grad_norm']} (algo.on_nonfinite=skip drops such steps)")
+                    raise FloatingPointError(
+                        f"non-finite gradient norm {step['grad_norm']} (algo.on_nonfinite=skip drops such steps)"
+                    )
                 optimizer.zero_grad(set_to_none=True)  # the step is dropped, not taken
                 skipped += 1
                 continue

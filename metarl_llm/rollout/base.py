@@ -101,9 +101,18 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def run_trials(
-        self, model: torch.nn.Module, codec: StreamCodec, envs: list, resets: list[dict], groups: list[int],
-        budget: BudgetConfig, generator: torch.Generator | None = None, keep_cache: bool = False,
-        greedy: bool = False, keys: torch.Tensor | None = None, value_head: torch.nn.Module | None = None,
+        self,
+        model: torch.nn.Module,
+        codec: StreamCodec,
+        envs: list,
+        resets: list[dict],
+        groups: list[int],
+        budget: BudgetConfig,
+        generator: torch.Generator | None = None,
+        keep_cache: bool = False,
+        greedy: bool = False,
+        keys: torch.Tensor | None = None,
+        value_head: torch.nn.Module | None = None,
     ) -> list[Trial]:
         """Play one trial in each environment (see :func:`metarl_llm.rollout.engine.run_trials`).
 
@@ -114,9 +123,18 @@ class Engine(abc.ABC):
 
     @torch.no_grad()
     def continue_prefixes(
-        self, model: torch.nn.Module, trials: list[Trial], ends: list[list[int]], suffixes: list[list[list[int]]],
-        copies: int, max_new_tokens: int, stop_ids: torch.Tensor, pad_id: int, generator: torch.Generator | None = None,
-        greedy: bool = False, keys: torch.Tensor | None = None,
+        self,
+        model: torch.nn.Module,
+        trials: list[Trial],
+        ends: list[list[int]],
+        suffixes: list[list[list[int]]],
+        copies: int,
+        max_new_tokens: int,
+        stop_ids: torch.Tensor,
+        pad_id: int,
+        generator: torch.Generator | None = None,
+        greedy: bool = False,
+        keys: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
         """Sample ``copies`` continuations of each prefix ``trials[i].ids[:ends[i][b]]`` followed by
         ``suffixes[i][b]`` (the meta-prover's forced-answer tokens), at most ``max_new_tokens``
@@ -170,8 +188,16 @@ def episode_limit(t: Trial, forced: bool, budget: BudgetConfig) -> int:
     return max(1, min(budget.max_episode_tokens, budget.max_total_tokens - t.policy_tokens))
 
 
-def finish_episode(t: Trial, env, codec: StreamCodec, toks: list[int], logps: list[float], forced: bool,
-                   budget: BudgetConfig, values: list[float] | None = None) -> tuple[bool, bool, list[int]]:
+def finish_episode(
+    t: Trial,
+    env,
+    codec: StreamCodec,
+    toks: list[int],
+    logps: list[float],
+    forced: bool,
+    budget: BudgetConfig,
+    values: list[float] | None = None,
+) -> tuple[bool, bool, list[int]]:
     """Record an episode of ``t`` (its tokens, log-probs and, when computed, values) and step its environment.
 
     Returns (ended, forced_next, observation ids to insert). The trial ends when the
@@ -200,8 +226,9 @@ def finish_episode(t: Trial, env, codec: StreamCodec, toks: list[int], logps: li
     return False, False, (codec.delimiter_token if cut else []) + codec.encode(obs)
 
 
-def finish_round(trials: list[Trial], envs: list, codec: StreamCodec, results: dict, live: list[int],
-                 forced: list[bool], budget: BudgetConfig) -> list[int]:
+def finish_round(
+    trials: list[Trial], envs: list, codec: StreamCodec, results: dict, live: list[int], forced: list[bool], budget: BudgetConfig
+) -> list[int]:
     """One episode of every live trial of an episode-by-episode engine: ``results[i]`` =
     (tokens, log-probs) or (tokens, log-probs, values) of trial i's episode; records it,
     steps the environment, inserts the observation. Updates ``forced`` in place; returns
@@ -209,8 +236,9 @@ def finish_round(trials: list[Trial], envs: list, codec: StreamCodec, results: d
     still = []
     for i in live:
         toks, logps, *values = results[i]
-        done, forced[i], obs_ids = finish_episode(trials[i], envs[i], codec, toks, logps, forced[i], budget,
-                                                  values[0] if values else None)
+        done, forced[i], obs_ids = finish_episode(
+            trials[i], envs[i], codec, toks, logps, forced[i], budget, values[0] if values else None
+        )
         if not done:
             if obs_ids:
                 trials[i].append(obs_ids, False, -1)

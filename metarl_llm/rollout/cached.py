@@ -28,15 +28,38 @@ class CachedEngine(Engine):
         self.queue_tokens = queue_tokens
 
     @torch.no_grad()
-    def run_trials(self, model, codec, envs, resets, groups, budget, generator=None, keep_cache=False, greedy=False, keys=None,
-                   value_head=None):
+    def run_trials(
+        self,
+        model,
+        codec,
+        envs,
+        resets,
+        groups,
+        budget,
+        generator=None,
+        keep_cache=False,
+        greedy=False,
+        keys=None,
+        value_head=None,
+    ):
         trials = start_trials(codec, envs, resets, groups, budget)
         keys = check_keys(keys, len(trials), generator)
         caches: list[TrialCache | None] = [None] * len(trials)
         for s in range(0, len(trials), self.max_rows):
             idx = list(range(s, min(s + self.max_rows, len(trials))))
-            self._run_chunk(model, codec, [envs[i] for i in idx], [trials[i] for i in idx], keys[idx], budget,
-                            keep_cache, greedy, caches, s, value_head)
+            self._run_chunk(
+                model,
+                codec,
+                [envs[i] for i in idx],
+                [trials[i] for i in idx],
+                keys[idx],
+                budget,
+                keep_cache,
+                greedy,
+                caches,
+                s,
+                value_head,
+            )
         for t, c in zip(trials, caches):
             t.cache = c
         return trials
@@ -46,8 +69,13 @@ class CachedEngine(Engine):
         n = len(trials)
         q = self.queue_tokens + 1  # a queue holds the episode's last (sampled, unfed) token and the observation
         # First allocation of the cache: the prompts and every episode of the budget (it grows when needed).
-        capacity = (max(len(t.ids) for t in trials) + budget.max_total_tokens + budget.answer_max_tokens
-                    + (budget.max_episodes + 1) * min(q, 8) + 16)
+        capacity = (
+            max(len(t.ids) for t in trials)
+            + budget.max_total_tokens
+            + budget.answer_max_tokens
+            + (budget.max_episodes + 1) * min(q, 8)
+            + 16
+        )
         batch = DecodeBatch(model, device, n, capacity, value_head)
         forced = [False] * n
         # Per-row state, in tensors: the current episode's sampled tokens, log-probs (and values) so
@@ -136,8 +164,9 @@ class CachedEngine(Engine):
         raise RuntimeError(f"{len(batch.rows)} trial(s) did not terminate within the engine's step bound")
 
     @torch.no_grad()
-    def continue_prefixes(self, model, trials, ends, suffixes, copies, max_new_tokens, stop_ids, pad_id, generator=None,
-                          greedy=False, keys=None):
+    def continue_prefixes(
+        self, model, trials, ends, suffixes, copies, max_new_tokens, stop_ids, pad_id, generator=None, greedy=False, keys=None
+    ):
         """:meth:`Engine.continue_prefixes`, continuing each prefix from its trial's kept KV cache
         (``run_trials(..., keep_cache=True)``) when every trial involved kept one computed by
         ``model``: only the suffixes are encoded. Otherwise every prefix is re-encoded (the
@@ -146,13 +175,16 @@ class CachedEngine(Engine):
         keys = check_keys(keys, len(owners), generator)
         used = sorted({i for i, _ in owners})
         if not owners or not all(trials[i].cache is not None and trials[i].cache.computed_by(model) for i in used):
-            return super().continue_prefixes(model, trials, ends, suffixes, copies, max_new_tokens, stop_ids, pad_id,
-                                             greedy=greedy, keys=keys)
+            return super().continue_prefixes(
+                model, trials, ends, suffixes, copies, max_new_tokens, stop_ids, pad_id, greedy=greedy, keys=keys
+            )
         device = next(model.parameters()).device
         for i, e in enumerate(ends):
             c = trials[i].cache
             if e and c.length < max(e):
-                raise ValueError(f"trial {i}: its kept cache covers {c.length} tokens, not the first {max(e)} (run_trials(keep_cache=True))")
+                raise ValueError(
+                    f"trial {i}: its kept cache covers {c.length} tokens, not the first {max(e)} (run_trials(keep_cache=True))"
+                )
         # The kept caches of the trials involved, per layer stacked into [trials, H, L, D] (0 after each one's end).
         slot = {i: s for s, i in enumerate(used)}
         longest_cache = max(trials[i].cache.length for i in used)
@@ -180,8 +212,9 @@ class CachedEngine(Engine):
             # Each row's prefix, right-aligned at `width`: column c holds the trial's cache column c - (width - end).
             src = torch.arange(width, device=device)[None] - (width - e)[:, None]
             ti = torch.tensor([slot[i] for i, _ in rows], device=device)[:, None]
-            data = [(pk[ti, :, src.clamp(min=0)].transpose(1, 2), pv[ti, :, src.clamp(min=0)].transpose(1, 2))
-                    for pk, pv in stacks]  # [n, H, width, D]; the padding columns (src < 0) are masked out
+            data = [
+                (pk[ti, :, src.clamp(min=0)].transpose(1, 2), pv[ti, :, src.clamp(min=0)].transpose(1, 2)) for pk, pv in stacks
+            ]  # [n, H, width, D]; the padding columns (src < 0) are masked out
             batch = DecodeBatch(model, device, n)
             batch.cache = growing_cache(model, width + longest + max_new_tokens, data=data)
             batch.mask = F.pad((src >= 0).long(), (0, longest + max_new_tokens))

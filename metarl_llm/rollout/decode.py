@@ -109,8 +109,14 @@ class DecodeBatch:
             self._append_mask(block_mask)
             self.next_pos = self.next_pos + block_mask.sum(-1)
         with lm_head_input(self.model, self.value_head is not None) as seen:
-            out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, cache=self.cache,
-                             use_cache=True, **self._forward_kwargs)
+            out = self.model(
+                input_ids=ids,
+                attention_mask=self.mask,
+                position_ids=pos,
+                cache=self.cache,
+                use_cache=True,
+                **self._forward_kwargs,
+            )
         self.cache = out.cache
         if self.value_head is not None:  # the last position only (blocks are left-padded: each row's last token)
             self.values = head_values(self.value_head, seen[0][:, -1])
@@ -152,9 +158,9 @@ class DecodeBatch:
             logits[idx] = out
             w = sub.width
             for k, v, lay in zip(keys, values, sub.cache.layers):
-                k[idx, :, longest - w:] = lay.keys
-                v[idx, :, longest - w:] = lay.values
-            mask[idx, longest - w:] = sub.mask
+                k[idx, :, longest - w :] = lay.keys
+                v[idx, :, longest - w :] = lay.values
+            mask[idx, longest - w :] = sub.mask
             self.next_pos[idx] = sub.next_pos
         capacity = max(self._mask.shape[1], longest)
         self.cache = growing_cache(self.model, capacity, data=list(zip(keys, values)))
@@ -174,12 +180,16 @@ class DecodeBatch:
         """Row ``r``'s cache with the padding columns removed."""
         cols = self.mask[r].bool()
         layers = self.cache.layers
-        return TrialCache([lay.keys[r][:, cols].clone() for lay in layers], [lay.values[r][:, cols].clone() for lay in layers],
-                          weakref.ref(self.model))
+        return TrialCache(
+            [lay.keys[r][:, cols].clone() for lay in layers],
+            [lay.values[r][:, cols].clone() for lay in layers],
+            weakref.ref(self.model),
+        )
 
 
-def decode(batch: DecodeBatch, logits: torch.Tensor, limits: torch.Tensor, stop_ids: torch.Tensor, pad_id: int,
-           draw: Draw) -> Sampled:
+def decode(
+    batch: DecodeBatch, logits: torch.Tensor, limits: torch.Tensor, stop_ids: torch.Tensor, pad_id: int, draw: Draw
+) -> Sampled:
     """Sample continuations of every row of ``batch`` until each has stopped.
 
     ``logits`` [R, V]: the next-token logits after each row's last fed token (the output of
@@ -215,8 +225,13 @@ def decode(batch: DecodeBatch, logits: torch.Tensor, limits: torch.Tensor, stop_
             break
         logits = batch.feed(tok[:, None], pad_id)
     w = int(lengths.max()) if n else 0
-    return Sampled(tokens[:, :w].cpu(), logprobs[:, :w].cpu(), lengths.cpu(), stopped.cpu(),
-                   values[:, :w].cpu() if values is not None else None)
+    return Sampled(
+        tokens[:, :w].cpu(),
+        logprobs[:, :w].cpu(),
+        lengths.cpu(),
+        stopped.cpu(),
+        values[:, :w].cpu() if values is not None else None,
+    )
 
 
 def cat_sampled(parts: list[Sampled], pad_id: int) -> Sampled:
@@ -224,5 +239,10 @@ def cat_sampled(parts: list[Sampled], pad_id: int) -> Sampled:
     width = max(p.tokens.shape[1] for p in parts)
     pad = lambda t, v: F.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
     values = None if parts[0].values is None else torch.cat([pad(p.values, 0.0) for p in parts])
-    return Sampled(torch.cat([pad(p.tokens, pad_id) for p in parts]), torch.cat([pad(p.logprobs, 0.0) for p in parts]),
-                   torch.cat([p.lengths for p in parts]), torch.cat([p.stopped for p in parts]), values)
+    return Sampled(
+        torch.cat([pad(p.tokens, pad_id) for p in parts]),
+        torch.cat([pad(p.logprobs, 0.0) for p in parts]),
+        torch.cat([p.lengths for p in parts]),
+        torch.cat([p.stopped for p in parts]),
+        values,
+    )

@@ -67,11 +67,14 @@ def run_trials(
     extra = {}
     if value_head is not None:
         if not getattr(engine, "supports_values", False):
-            raise ValueError(f"rollout engine {getattr(engine, 'name', type(engine).__name__)!r} cannot compute the "
-                             f"critic's values while sampling (supports_values is False); score them with a forward pass")
+            raise ValueError(
+                f"rollout engine {getattr(engine, 'name', type(engine).__name__)!r} cannot compute the "
+                f"critic's values while sampling (supports_values is False); score them with a forward pass"
+            )
         extra["value_head"] = value_head
-    return engine.run_trials(model, codec, envs, resets, groups, budget, generator, keep_cache=keep_cache, greedy=greedy,
-                             keys=keys, **extra)
+    return engine.run_trials(
+        model, codec, envs, resets, groups, budget, generator, keep_cache=keep_cache, greedy=greedy, keys=keys, **extra
+    )
 
 
 def engine_from_config(cfg) -> "Engine":

@@ -32,8 +32,20 @@ class HFGenerateEngine(Engine):
     supports_values = True
 
     @torch.no_grad()
-    def run_trials(self, model, codec, envs, resets, groups, budget, generator=None, keep_cache=False, greedy=False, keys=None,
-                   value_head=None):
+    def run_trials(
+        self,
+        model,
+        codec,
+        envs,
+        resets,
+        groups,
+        budget,
+        generator=None,
+        keep_cache=False,
+        greedy=False,
+        keys=None,
+        value_head=None,
+    ):
         trials = start_trials(codec, envs, resets, groups, budget)
         live = list(range(len(trials)))
         forced = [False] * len(trials)
@@ -67,18 +79,46 @@ class HFGenerateEngine(Engine):
 _WARPERS = ("temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff")
 _NEUTRAL_GENERATION = {
     # warpers (applied when sampling only)
-    "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": None, "top_h": None, "typical_p": 1.0,
-    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "min_p": None,
+    "top_h": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
     # processors
-    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "sequence_bias": None, "min_length": 0,
-    "min_new_tokens": None, "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
-    "forced_eos_token_id": None, "exponential_decay_length_penalty": None, "remove_invalid_values": False,
-    "renormalize_logits": False, "guidance_scale": None, "watermarking_config": None, "token_healing": False,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "remove_invalid_values": False,
+    "renormalize_logits": False,
+    "guidance_scale": None,
+    "watermarking_config": None,
+    "token_healing": False,
     # decoding mode and stopping
-    "num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "penalty_alpha": None, "dola_layers": None,
-    "constraints": None, "force_words_ids": None, "prompt_lookup_num_tokens": None, "assistant_early_exit": None,
-    "use_mtp": False, "stop_strings": None, "max_time": None,
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "num_return_sequences": 1,
+    "penalty_alpha": None,
+    "dola_layers": None,
+    "constraints": None,
+    "force_words_ids": None,
+    "prompt_lookup_num_tokens": None,
+    "assistant_early_exit": None,
+    "use_mtp": False,
+    "stop_strings": None,
+    "max_time": None,
 }
 
 
@@ -91,8 +131,9 @@ def _neutral_generation_kwargs(greedy: bool = False) -> dict:
     return {k: v for k, v in _NEUTRAL_GENERATION.items() if hasattr(known, k) and not (greedy and k in _WARPERS)}
 
 
-def _raw_logprobs_checked(scores, logits, new: torch.Tensor, valid: torch.Tensor,
-                          atol: float = 1e-4) -> tuple[torch.Tensor, int, float]:
+def _raw_logprobs_checked(
+    scores, logits, new: torch.Tensor, valid: torch.Tensor, atol: float = 1e-4
+) -> tuple[torch.Tensor, int, float]:
     """The raw logits' log-probs of the generated tokens ``new`` [N, L], and (number of valid positions,
     largest |log p| difference) where ``generate``'s processed scores (what it drew from) give another
     log-softmax than its raw logits. Step by step on the tensors ``generate`` returned: no forward pass,
@@ -112,30 +153,52 @@ def _raw_logprobs_checked(scores, logits, new: torch.Tensor, valid: torch.Tensor
 
 def _processor_error(model, positions: int, worst: float) -> ValueError:
     config = getattr(model, "generation_config", None)
-    set_here = {k: getattr(config, k) for k, off in _NEUTRAL_GENERATION.items()
-                if getattr(config, k, None) is not None and getattr(config, k) != off}
-    cause = (f"the model's generation_config sets {', '.join(f'{k}={v!r}' for k, v in set_here.items())} and generate "
-             f"still applied it as a logits processor" if set_here else
-             "a logits processor from outside the model's generation_config (a subclass's or remote code's "
-             "generate / _get_logits_processor, or a processor this transformers version adds)")
+    set_here = {
+        k: getattr(config, k)
+        for k, off in _NEUTRAL_GENERATION.items()
+        if getattr(config, k, None) is not None and getattr(config, k) != off
+    }
+    cause = (
+        f"the model's generation_config sets {', '.join(f'{k}={v!r}' for k, v in set_here.items())} and generate "
+        f"still applied it as a logits processor"
+        if set_here
+        else "a logits processor from outside the model's generation_config (a subclass's or remote code's "
+        "generate / _get_logits_processor, or a processor this transformers version adds)"
+    )
     return ValueError(
         f"rollout.engine=hf_generate: model.generate drew {positions} token(s) from processed scores that differ from "
         f"the raw logits (largest |log p difference| {worst:.3g}), so the sampled tokens do not follow the policy whose "
         f"log-probs are stored and trained on. Likely cause: {cause}. Fix: set those entries of model.generation_config "
         f"to their neutral values (or replace it: model.generation_config = transformers.GenerationConfig(eos_token_id=..., "
-        f"pad_token_id=...)), or use rollout.engine=cached.")
+        f"pad_token_id=...)), or use rollout.engine=cached."
+    )
 
 
-def _generate(model, contexts: list[list[int]], max_new_tokens: int, codec: StreamCodec, greedy: bool,
-              value_head: torch.nn.Module | None = None):
+def _generate(
+    model,
+    contexts: list[list[int]],
+    max_new_tokens: int,
+    codec: StreamCodec,
+    greedy: bool,
+    value_head: torch.nn.Module | None = None,
+):
 
     device = next(model.parameters()).device
     n, width = len(contexts), max(len(c) for c in contexts)
     ids, mask = pad_rows(contexts, codec.pad_id, width=width, left=True)
     out = model.generate(
-        input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-        **{**_neutral_generation_kwargs(greedy), "do_sample": not greedy, "eos_token_id": codec.stop_ids.tolist(),
-           "pad_token_id": codec.pad_id, "return_dict_in_generate": True, "output_logits": True, "output_scores": True},
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        **{
+            **_neutral_generation_kwargs(greedy),
+            "do_sample": not greedy,
+            "eos_token_id": codec.stop_ids.tolist(),
+            "pad_token_id": codec.pad_id,
+            "return_dict_in_generate": True,
+            "output_logits": True,
+            "output_scores": True,
+        },
         **({"output_hidden_states": True} if value_head is not None else {}),
     )
     new = out.sequences[:, width:]
@@ -151,5 +214,6 @@ def _generate(model, contexts: list[list[int]], max_new_tokens: int, codec: Stre
     if value_head is not None:  # hidden_states: one tuple of layers per generation step; its last position gave the logits
         hidden = torch.stack([step[-1][:, -1] for step in out.hidden_states[: new.shape[1]]], 1)  # [n, L, H]
         values = (head_values(value_head, hidden) * valid).cpu()
-    return Sampled(torch.where(valid, new, codec.pad_id).cpu(), (logprobs * valid).cpu(), lengths.cpu(), is_stop.any(1).cpu(),
-                   values)
+    return Sampled(
+        torch.where(valid, new, codec.pad_id).cpu(), (logprobs * valid).cpu(), lengths.cpu(), is_stop.any(1).cpu(), values
+    )

@@ -70,8 +70,14 @@ def meta_prover_context(codec: StreamCodec, trial: Trial, end: int) -> list[int]
 
 
 def meta_prover_success(
-    model: torch.nn.Module, codec: StreamCodec, trials: list[Trial], ends: list[list[int]], num_samples: int,
-    answer_max_tokens: int, generator: torch.Generator | None = None, engine: Engine | None = None,
+    model: torch.nn.Module,
+    codec: StreamCodec,
+    trials: list[Trial],
+    ends: list[list[int]],
+    num_samples: int,
+    answer_max_tokens: int,
+    generator: torch.Generator | None = None,
+    engine: Engine | None = None,
     greedy: bool = False,
 ) -> list[np.ndarray]:
     """J after the prefixes ``ends[i]`` (stream lengths) of trial i: the mean success of
@@ -89,8 +95,9 @@ def meta_prover_success(
     every prefix is re-encoded). ``greedy``: the argmax answer (every copy the same)."""
     engine = engine if engine is not None else CachedEngine()
     suffixes = [[codec.forced_prefix(t.ids[:end]) for end in prefix_ends] for t, prefix_ends in zip(trials, ends)]
-    tokens, lengths, owners = engine.continue_prefixes(model, trials, ends, suffixes, num_samples, answer_max_tokens,
-                                                       codec.stop_ids, codec.pad_id, generator, greedy=greedy)
+    tokens, lengths, owners = engine.continue_prefixes(
+        model, trials, ends, suffixes, num_samples, answer_max_tokens, codec.stop_ids, codec.pad_id, generator, greedy=greedy
+    )
     sums = [np.zeros(len(prefix_ends)) for prefix_ends in ends]
     before = [[episodes_before(t, end) for end in prefix_ends] for t, prefix_ends in zip(trials, ends)]
     for row, (i, b) in enumerate(owners):

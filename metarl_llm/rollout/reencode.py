@@ -23,8 +23,20 @@ class ReencodeEngine(Engine):
     supports_values = True
 
     @torch.no_grad()
-    def run_trials(self, model, codec, envs, resets, groups, budget, generator=None, keep_cache=False, greedy=False, keys=None,
-                   value_head=None):
+    def run_trials(
+        self,
+        model,
+        codec,
+        envs,
+        resets,
+        groups,
+        budget,
+        generator=None,
+        keep_cache=False,
+        greedy=False,
+        keys=None,
+        value_head=None,
+    ):
         trials = start_trials(codec, envs, resets, groups, budget)
         keys = check_keys(keys, len(trials), generator)
         live = list(range(len(trials)))
@@ -33,8 +45,17 @@ class ReencodeEngine(Engine):
             if not live:
                 return trials
             limits = [episode_limit(trials[i], forced[i], budget) for i in live]
-            out = sample(model, [trials[i].ids for i in live], limits, codec.stop_ids, codec.pad_id, max_rows=self.max_rows,
-                         greedy=greedy, keys=keys[live], value_head=value_head)
+            out = sample(
+                model,
+                [trials[i].ids for i in live],
+                limits,
+                codec.stop_ids,
+                codec.pad_id,
+                max_rows=self.max_rows,
+                greedy=greedy,
+                keys=keys[live],
+                value_head=value_head,
+            )
             results = {i: _episode(out, row) for row, i in enumerate(live)}
             live = finish_round(trials, envs, codec, results, live, forced, budget)
         if live:

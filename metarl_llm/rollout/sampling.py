@@ -32,8 +32,12 @@ def multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torch
     return torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
-def draw_rule(generator: torch.Generator | None = None, keys: torch.Tensor | None = None,
-              start: torch.Tensor | None = None, greedy: bool = False) -> Draw:
+def draw_rule(
+    generator: torch.Generator | None = None,
+    keys: torch.Tensor | None = None,
+    start: torch.Tensor | None = None,
+    greedy: bool = False,
+) -> Draw:
     """The draw rule of a :func:`~metarl_llm.rollout.decode.decode` call.
 
     ``greedy``: the argmax (first index on ties). ``keys`` [R] (with ``start`` [R], each row's
@@ -91,9 +95,21 @@ def sample(
         if keys.shape != (n,) or keys.is_floating_point():
             raise ValueError(f"sample: keys must be an integer tensor of shape [{n}], got {tuple(keys.shape)} {keys.dtype}")
     if n > max_rows:
-        parts = [sample(model, contexts[s : s + max_rows], limits[s : s + max_rows].tolist(), stop_ids, pad_id, generator,
-                        max_rows, greedy, None if keys is None else keys[s : s + max_rows], value_head)
-                 for s in range(0, n, max_rows)]
+        parts = [
+            sample(
+                model,
+                contexts[s : s + max_rows],
+                limits[s : s + max_rows].tolist(),
+                stop_ids,
+                pad_id,
+                generator,
+                max_rows,
+                greedy,
+                None if keys is None else keys[s : s + max_rows],
+                value_head,
+            )
+            for s in range(0, n, max_rows)
+        ]
         return cat_sampled(parts, pad_id)
     device = next(model.parameters()).device
     batch = DecodeBatch(model, device, n, capacity=max(len(c) for c in contexts) + int(limits.max()), value_head=value_head)

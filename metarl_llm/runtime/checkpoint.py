@@ -58,8 +58,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: Path, iteration: int, actor_critic, tokenizer, optimizer, extra: dict | None = None,
-                    keep: int = 0) -> Path:
+def save_checkpoint(
+    run_dir: Path, iteration: int, actor_critic, tokenizer, optimizer, extra: dict | None = None, keep: int = 0
+) -> Path:
     """Write ``checkpoints/iter_XXXXXX`` atomically and point ``latest`` at it.
 
     ``extra`` (random generator states, counters, ...) goes into ``trainer_state.pt``

@@ -53,7 +53,9 @@ class Dist:
             if cpu is None:
                 cpu = not torch.cuda.is_available()
             # accelerate keeps one process state; the first Dist of a process fixes CPU or GPU.
-            self.state = PartialState(cpu=bool(cpu), timeout=timedelta(minutes=60))  # bounded waits (evaluation on the main process)
+            self.state = PartialState(
+                cpu=bool(cpu), timeout=timedelta(minutes=60)
+            )  # bounded waits (evaluation on the main process)
             self.world = self.state.num_processes
         self.rank = self.state.process_index if self.state is not None else 0
 

@@ -1,5 +1,4 @@
-"""Failure records: what a failed iteration needs to be reproduced, written to ``run_dir/failures/``.
-"""
+"""Failure records: what a failed iteration needs to be reproduced, written to ``run_dir/failures/``."""
 
 from __future__ import annotations
 
@@ -27,8 +26,11 @@ def save_failure(run_dir: Path, iteration: int, error: BaseException, batch: Rol
     out = Path(run_dir) / "failures"
     out.mkdir(parents=True, exist_ok=True)
     stem = f"iter_{iteration:06d}_{type(error).__name__}"
-    record = {"iteration": iteration, "error": f"{type(error).__name__}: {error}",
-              "traceback": "".join(traceback.format_exception(error))}
+    record = {
+        "iteration": iteration,
+        "error": f"{type(error).__name__}: {error}",
+        "traceback": "".join(traceback.format_exception(error)),
+    }
     if isinstance(error, EnvironmentFailure):
         record.update(problem_id=error.problem_id, text=error.text, episode=error.episode, cause=error.cause_repr)
     if batch is not None:

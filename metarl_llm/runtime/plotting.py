@@ -1,5 +1,4 @@
-"""matplotlib on the file-only Agg backend, and the common finish of a [0, 1]-valued plot.
-"""
+"""matplotlib on the file-only Agg backend, and the common finish of a [0, 1]-valued plot."""
 
 from __future__ import annotations
 

@@ -55,8 +55,10 @@ class Progress:
         share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         eta = _duration((self.total - self.done) / rate) if rate > 0 and self.total else "?"
         extra = "".join(f", {k}={v:.4g}" if isinstance(v, float) else f", {k}={v}" for k, v in self.values.items())
-        return (f"{self.desc}: {self.done}/{self.total} {self.unit}s{share}, {rate:.3g} {self.unit}s/s, "
-                f"{_duration(elapsed)} elapsed, ETA {eta}{extra}")
+        return (
+            f"{self.desc}: {self.done}/{self.total} {self.unit}s{share}, {rate:.3g} {self.unit}s/s, "
+            f"{_duration(elapsed)} elapsed, ETA {eta}{extra}"
+        )
 
     def update(self, n: int = 1, **values) -> None:
         """``n`` more units done; ``values`` (a loss, a success rate) are shown beside the count."""
@@ -65,8 +67,9 @@ class Progress:
         if self.bar is not None:
             self.bar.update(n)
             if values:
-                self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in self.values.items()},
-                                     refresh=False)
+                self.bar.set_postfix(
+                    {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in self.values.items()}, refresh=False
+                )
             return
         now = time.perf_counter()
         if now - self.last_log >= self.every_s and self.done < self.total:

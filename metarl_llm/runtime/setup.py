@@ -85,7 +85,6 @@ def resolve_device(name: str) -> torch.device:
 def register_configs() -> None:
     """Register the schemas; conf/<group>/<option>.yaml extend them by name."""
 
-
     # ${run_time:FMT} (conf/config.yaml's run directory): the launch time, the same in every
     # process of an `accelerate launch`, so that all processes resolve one run directory.
     if not OmegaConf.has_resolver("run_time"):

@@ -33,8 +33,16 @@ class Tracker:
     ``<run_dir>/wandb/`` and can be uploaded later with ``wandb sync``.
     """
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, name: str, resume_step: int | None = None,
-                 run_id: str | None = None, resume_rows: int | None = None):
+    def __init__(
+        self,
+        cfg: LoggerConfig,
+        run_dir: Path,
+        config: dict,
+        name: str,
+        resume_step: int | None = None,
+        run_id: str | None = None,
+        resume_rows: int | None = None,
+    ):
         """``resume_step``: a resumed run continues after that step: rows of metrics.jsonl
         logged after it (by the run that was interrupted) are dropped, and the W&B run
         ``run_id`` is continued instead of starting a new one. ``resume_rows``: the number
@@ -62,8 +70,9 @@ class Tracker:
                 continue
             kept.append(line)
         if resume_rows is not None and len(kept) < resume_rows:
-            log.warning("resume: metrics.jsonl has %d rows, its checkpoint was saved after %d; keeping them all",
-                        len(kept), resume_rows)
+            log.warning(
+                "resume: metrics.jsonl has %d rows, its checkpoint was saved after %d; keeping them all", len(kept), resume_rows
+            )
         if len(kept) != len(lines):
             tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(k + "\n" for k in kept))
@@ -126,7 +135,6 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.summary.update(summary)
             self._wandb.finish()
-
 
 
 class NullTracker:

@@ -18,8 +18,16 @@ log = logging.getLogger(__name__)
 
 
 def sft_fit(
-    model, tokenizer, records: list[dict], steps: int, batch_size: int, lr: float, seed: int,
-    schedule: str = "cosine", checkpointing: bool = False, desc: str = "sft",
+    model,
+    tokenizer,
+    records: list[dict],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    schedule: str = "cosine",
+    checkpointing: bool = False,
+    desc: str = "sft",
 ) -> list[float]:
     """Fine-tune ``model`` in place on ``records`` for ``steps`` optimiser steps of
     ``batch_size`` records (AdamW at ``lr``, warm-up over 5% of the steps then
@@ -35,9 +43,20 @@ class FitResult:
 
 
 def fit_records(
-    model, tokenizer, records: list[dict], steps: int, batch_size: int, lr: float, seed: int,
-    schedule: str = "cosine", checkpointing: bool = False, stop_below: float | None = None,
-    min_steps: int = 0, warmup_steps: int | None = None, desc: str = "sft", progress_bar: bool = True,
+    model,
+    tokenizer,
+    records: list[dict],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    schedule: str = "cosine",
+    checkpointing: bool = False,
+    stop_below: float | None = None,
+    min_steps: int = 0,
+    warmup_steps: int | None = None,
+    desc: str = "sft",
+    progress_bar: bool = True,
 ) -> FitResult:
     """:func:`sft_fit`, with early stopping: ``stop_below`` ends training, after at least
     ``min_steps`` steps, at the first logged loss below this level (losses are then

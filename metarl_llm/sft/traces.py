@@ -27,12 +27,7 @@ def star_records(trials: list[Trial]) -> list[dict]:
 
 def failed_attempts(trials: list[Trial]) -> list[str]:
     """Intermediate episodes (before the answer episode) not marked correct, in order."""
-    return [
-        text
-        for t in trials
-        for j, text in enumerate(t.episode_texts)
-        if j != t.answer_episode and not t.episode_correct[j]
-    ]
+    return [text for t in trials for j, text in enumerate(t.episode_texts) if j != t.answer_episode and not t.episode_correct[j]]
 
 
 def winning_tail(trial: Trial) -> list[str]:
@@ -44,8 +39,15 @@ def winning_tail(trial: Trial) -> list[str]:
 
 
 def stitched_records(
-    trials: list[Trial], make_env: Callable[[str], object], codec: StreamCodec, budget: BudgetConfig,
-    resets: dict[int, dict], traces_per_problem: int, n_failed_min: int, n_failed_max: int, rng: np.random.Generator,
+    trials: list[Trial],
+    make_env: Callable[[str], object],
+    codec: StreamCodec,
+    budget: BudgetConfig,
+    resets: dict[int, dict],
+    traces_per_problem: int,
+    n_failed_min: int,
+    n_failed_max: int,
+    rng: np.random.Generator,
 ) -> tuple[list[dict], dict[str, int]]:
     """Search traces stitched from the base policy's trials on training problems.
 
@@ -76,8 +78,16 @@ def stitched_records(
     by_group: dict[int, list[Trial]] = {}
     for t in trials:
         by_group.setdefault(t.group, []).append(t)
-    counts = {"problems": len(by_group), "problems_with_success": 0, "problems_without_failures": 0, "traces": 0,
-              "rejected": 0, "over_budget": 0, "attempts_too_long": 0, "answers_too_long": 0}
+    counts = {
+        "problems": len(by_group),
+        "problems_with_success": 0,
+        "problems_without_failures": 0,
+        "traces": 0,
+        "rejected": 0,
+        "over_budget": 0,
+        "attempts_too_long": 0,
+        "answers_too_long": 0,
+    }
     counts.update({f"n_failed_{k}": 0 for k in range(n_failed_min, n_failed_max + 1)})
     env = make_env("train")
     records = []

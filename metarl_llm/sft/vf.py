@@ -50,8 +50,15 @@ log = logging.getLogger(__name__)
 
 
 def sequential_scaling(
-    policy, codec: StreamCodec, make_heldout_env: Callable[[BudgetConfig], object], budget: BudgetConfig,
-    scales: list[float], num_problems: int, samples: int, generator: torch.Generator, rows: int,
+    policy,
+    codec: StreamCodec,
+    make_heldout_env: Callable[[BudgetConfig], object],
+    budget: BudgetConfig,
+    scales: list[float],
+    num_problems: int,
+    samples: int,
+    generator: torch.Generator,
+    rows: int,
 ) -> dict[str, list]:
     """One trial per sample with the budget scaled by each of ``scales``
     (:func:`metarl_llm.evaluation.curves.scale_budget`): ``success`` and ``tokens`` (mean policy
@@ -64,7 +71,9 @@ def sequential_scaling(
         envs = [make_heldout_env(b) for _ in range(min(rows, len(resets)))]
         trials: list[Trial] = []
         for lo in range(0, len(resets), rows):
-            trials += run_trials(policy, codec, envs[: len(resets[lo : lo + rows])], resets[lo : lo + rows], groups[lo : lo + rows], b, generator)
+            trials += run_trials(
+                policy, codec, envs[: len(resets[lo : lo + rows])], resets[lo : lo + rows], groups[lo : lo + rows], b, generator
+            )
         out["scale"].append(float(s))
         out["success"].append(float(np.mean([t.outcome for t in trials])))
         out["tokens"].append(float(np.mean([t.policy_tokens for t in trials])))
@@ -72,9 +81,17 @@ def sequential_scaling(
 
 
 def run_vf(
-    policy, tokenizer, codec: StreamCodec, make_env: Callable[[str], object],
-    make_heldout_env: Callable[[BudgetConfig], object], budget: BudgetConfig, cfg: SFTConfig, seed: int,
-    generator: torch.Generator, checkpointing: bool = False, log_fn=None,
+    policy,
+    tokenizer,
+    codec: StreamCodec,
+    make_env: Callable[[str], object],
+    make_heldout_env: Callable[[BudgetConfig], object],
+    budget: BudgetConfig,
+    cfg: SFTConfig,
+    seed: int,
+    generator: torch.Generator,
+    checkpointing: bool = False,
+    log_fn=None,
 ) -> tuple[object, dict]:
     """``job=sft``: a verifier-free baseline fitted to ``policy``'s own samples.
 
@@ -100,12 +117,22 @@ def run_vf(
     base_success = float(np.mean([t.outcome for t in trials]))
     if cfg.data == "star":
         records = star_records(trials)
-        counts = {"problems": cfg.num_train_problems, "traces": len(records),
-                  "problems_with_success": len({t.group for t in trials if t.outcome >= 1.0})}
+        counts = {
+            "problems": cfg.num_train_problems,
+            "traces": len(records),
+            "problems_with_success": len({t.group for t in trials if t.outcome >= 1.0}),
+        }
     else:
         records, counts = stitched_records(
-            trials, make_env, codec, budget, {p: {"seed": int(sd)} for p, sd in enumerate(seeds)},
-            cfg.traces_per_problem, cfg.n_failed_min, cfg.n_failed_max, np.random.default_rng(seed),
+            trials,
+            make_env,
+            codec,
+            budget,
+            {p: {"seed": int(sd)} for p, sd in enumerate(seeds)},
+            cfg.traces_per_problem,
+            cfg.n_failed_min,
+            cfg.n_failed_max,
+            np.random.default_rng(seed),
         )
     if not records:
         raise RuntimeError(
@@ -114,8 +141,18 @@ def run_vf(
         )
     log.info("sft.data=%s: %d records from %d trials (%s)", cfg.data, len(records), len(trials), counts)
     t1 = time.perf_counter()
-    losses = sft_fit(policy, tokenizer, records, cfg.steps, cfg.batch_size, cfg.lr, seed, "cosine", checkpointing,
-                     desc=f"SFT baseline ({cfg.data})")
+    losses = sft_fit(
+        policy,
+        tokenizer,
+        records,
+        cfg.steps,
+        cfg.batch_size,
+        cfg.lr,
+        seed,
+        "cosine",
+        checkpointing,
+        desc=f"SFT baseline ({cfg.data})",
+    )
     t_fit = time.perf_counter() - t1
     policy = clean_model(policy)
 
@@ -126,8 +163,17 @@ def run_vf(
     heldout, answer_scores = play_trials(policy, codec, make_env, "test", h_resets, h_groups, budget, generator, cfg.rollout_rows)
     parallel = best_of_n_trials(np.zeros(len(heldout)), heldout, cfg.n_values, answer_scores)
     parallel.pop("best_of_n")  # all scores equal: it is the first trial's outcome, no verifier here
-    sequential = sequential_scaling(policy, codec, make_heldout_env, budget, list(cfg.budget_scales), num_heldout,
-                                    cfg.sequential_samples, generator, cfg.rollout_rows)
+    sequential = sequential_scaling(
+        policy,
+        codec,
+        make_heldout_env,
+        budget,
+        list(cfg.budget_scales),
+        num_heldout,
+        cfg.sequential_samples,
+        generator,
+        cfg.rollout_rows,
+    )
     summary = {
         "sft/data": cfg.data,
         "sft/records": len(records),
@@ -147,8 +193,9 @@ def run_vf(
         "wall_time_s": time.perf_counter() - t0,
     }
     if log_fn is not None:
-        scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and math.isfinite(v)}
+        scalars = {
+            k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
         for i, n in enumerate(parallel["n"]):
             for key in ("maj_at_n", "pass_at_n", "mean_outcome", "tokens"):
                 scalars[f"vf_parallel/{key}@{n}"] = parallel[key][i]

@@ -63,8 +63,10 @@ class TraceNeeds:
     prompt: int = 0
 
     def add(self, codec: StreamCodec, prompt: str, episodes: list[str]) -> None:
-        sizes = [len(codec.encode(text)) + (1 if k == len(episodes) - 1 else len(codec.delimiter_token))
-                 for k, text in enumerate(episodes)]
+        sizes = [
+            len(codec.encode(text)) + (1 if k == len(episodes) - 1 else len(codec.delimiter_token))
+            for k, text in enumerate(episodes)
+        ]
         self.episode = max(self.episode, *sizes) if sizes else self.episode
         self.total = max(self.total, sum(sizes))
         self.prompt = max(self.prompt, len(codec.encode(prompt, special=True)))
@@ -85,7 +87,11 @@ class TraceNeeds:
             return
         prompt_over = self.prompt > budget.max_prompt_tokens
         facts = f"the longest episode has {self.episode} tokens"
-        facts += f", the longest trace {self.total} and the longest prompt {self.prompt}" if prompt_over else f" and the longest trace {self.total}"
+        facts += (
+            f", the longest trace {self.total} and the longest prompt {self.prompt}"
+            if prompt_over
+            else f" and the longest trace {self.total}"
+        )
         fix = f"budget.max_episode_tokens={self.episode} budget.max_total_tokens={self.total}"
         fix += f" budget.max_prompt_tokens={self.prompt}" if prompt_over else ""
         raise ValueError(
@@ -100,9 +106,7 @@ def _expert_records(
     """:func:`expert_records` without the budget check: the records (complete only when
     the needs fit ``budget``) and what the traces need."""
     if n_failed_max + 1 > budget.max_episodes:
-        raise ValueError(
-            f"warm_start.n_failed_max={n_failed_max} needs budget.max_episodes >= {n_failed_max + 1}"
-        )
+        raise ValueError(f"warm_start.n_failed_max={n_failed_max} needs budget.max_episodes >= {n_failed_max + 1}")
     env = make_env("train")
     rng = np.random.default_rng(seed)
     records, needs = [], TraceNeeds()
@@ -136,8 +140,15 @@ def expert_records(
     return records
 
 
-def cache_key(model: ModelConfig, env: EnvConfig, budget: BudgetConfig, ws: WarmStartConfig, seed: int, vocab: dict,
-              chat: dict | None = None) -> str:
+def cache_key(
+    model: ModelConfig,
+    env: EnvConfig,
+    budget: BudgetConfig,
+    ws: WarmStartConfig,
+    seed: int,
+    vocab: dict,
+    chat: dict | None = None,
+) -> str:
     """The warm start's cache entry: a hash of everything that determines its result. ``chat``: the
     chat rendering of the prompts (template and system prompt) when prompts go through a template."""
     spec = {
@@ -145,8 +156,11 @@ def cache_key(model: ModelConfig, env: EnvConfig, budget: BudgetConfig, ws: Warm
         # LoRA, autocast, the attention backend and the sampling temperature concern PPO only: leaving
         # them out keeps one entry for all (and the entries written before those options existed).
         # The chat settings enter as what they do (`chat`, only when prompts are rendered through a template).
-        "model": {k: v for k, v in asdict(model).items()
-                  if k not in ("lora", "autocast", "cudnn_attention", "temperature", "chat_template", "system_prompt")},
+        "model": {
+            k: v
+            for k, v in asdict(model).items()
+            if k not in ("lora", "autocast", "cudnn_attention", "temperature", "chat_template", "system_prompt")
+        },
         "env": asdict(env),
         "budget": asdict(budget),
         "warm_start": {k: v for k, v in asdict(ws).items() if k not in ("cache_dir", "seed")},  # the seed used is `seed`
@@ -159,8 +173,16 @@ def cache_key(model: ModelConfig, env: EnvConfig, budget: BudgetConfig, ws: Warm
 
 
 def warm_start(
-    model, tokenizer, codec: StreamCodec, make_env, model_cfg: ModelConfig, env_cfg: EnvConfig,
-    budget: BudgetConfig, ws: WarmStartConfig, seed: int, fit: Callable[..., FitResult] = fit_records,
+    model,
+    tokenizer,
+    codec: StreamCodec,
+    make_env,
+    model_cfg: ModelConfig,
+    env_cfg: EnvConfig,
+    budget: BudgetConfig,
+    ws: WarmStartConfig,
+    seed: int,
+    fit: Callable[..., FitResult] = fit_records,
 ) -> tuple[object, dict]:
     """Fine-tune ``model`` on expert traces (or load the cached result). Returns (model, info).
 
@@ -168,8 +190,14 @@ def warm_start(
     for tests and for other fitters."""
     if ws.steps <= 0:
         return model, {"warm_start/cached": False, "warm_start/steps": 0}
-    chat = None if codec.chat is None else {"template": hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest(),
-                                            "system_prompt": codec.chat.system_prompt}
+    chat = (
+        None
+        if codec.chat is None
+        else {
+            "template": hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest(),
+            "system_prompt": codec.chat.system_prompt,
+        }
+    )
     key = cache_key(model_cfg, env_cfg, budget, ws, seed, tokenizer.get_vocab(), chat)
     root = Path(os.path.expanduser(ws.cache_dir))
     path = root / key
@@ -192,7 +220,9 @@ def warm_start(
     if focused_steps:
         phases.append((focused, focused_steps, "constant_with_warmup"))
     if varied_steps:
-        recs, phase_needs = _expert_records(make_env, codec, budget, ws.num_traces - n_replay, ws.n_failed_max, ws.variety, seed + 1)
+        recs, phase_needs = _expert_records(
+            make_env, codec, budget, ws.num_traces - n_replay, ws.n_failed_max, ws.variety, seed + 1
+        )
         phases.append((recs + focused[:n_replay], varied_steps, "cosine"))
         needs.merge(phase_needs)
     needs.check(budget, "expert")
@@ -202,25 +232,45 @@ def warm_start(
         extend = schedule == "constant_with_warmup" and ws.focused_until_loss > 0 and max_steps > steps
         until = dict(stop_below=ws.focused_until_loss, min_steps=steps, warmup_steps=max(1, steps // 20)) if extend else {}
         phase = "warm start, focused phase" if schedule == "constant_with_warmup" else "warm start, varied phase"
-        result = fit(model, tokenizer, recs, max_steps if extend else steps, ws.batch_size, ws.lr,
-                     seed, schedule, model_cfg.gradient_checkpointing, desc=phase, **until)
+        result = fit(
+            model,
+            tokenizer,
+            recs,
+            max_steps if extend else steps,
+            ws.batch_size,
+            ws.lr,
+            seed,
+            schedule,
+            model_cfg.gradient_checkpointing,
+            desc=phase,
+            **until,
+        )
         phase_losses = result.losses
         losses += phase_losses
         if extend:
             focused_steps = result.steps
             if phase_losses[-1] >= ws.focused_until_loss:
-                log.warning("warm start: the focused phase's loss is %.3f after %d steps (warm_start.focused_max_multiple="
-                            "%g), above warm_start.focused_until_loss=%g: the policy may not have learned the task's rule "
-                            "(raise focused_max_multiple or lr)", phase_losses[-1], max_steps, ws.focused_max_multiple,
-                            ws.focused_until_loss)
+                log.warning(
+                    "warm start: the focused phase's loss is %.3f after %d steps (warm_start.focused_max_multiple="
+                    "%g), above warm_start.focused_until_loss=%g: the policy may not have learned the task's rule "
+                    "(raise focused_max_multiple or lr)",
+                    phase_losses[-1],
+                    max_steps,
+                    ws.focused_max_multiple,
+                    ws.focused_until_loss,
+                )
             else:
                 log.info("warm start: focused phase ended at step %d, loss %.3f", focused_steps, phase_losses[-1])
             steps = focused_steps
         steps_run += steps
     model.config.use_cache = True
     log.info("warm start: %d steps (%d focused), loss %s", steps_run, focused_steps, " ".join(f"{x:.3f}" for x in losses))
-    info = {"warm_start/steps": steps_run, "warm_start/focused_steps": focused_steps,
-            "warm_start/final_loss": losses[-1] if losses else float("nan"), "warm_start/key": key}
+    info = {
+        "warm_start/steps": steps_run,
+        "warm_start/focused_steps": focused_steps,
+        "warm_start/final_loss": losses[-1] if losses else float("nan"),
+        "warm_start/key": key,
+    }
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
     model.save_pretrained(tmp)

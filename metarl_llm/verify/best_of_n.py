@@ -49,7 +49,9 @@ def best_of_n(
     s = np.asarray(scores, dtype=np.float64)
     o = np.asarray(outcomes, dtype=np.float64)
     if s.ndim != 2 or s.shape != o.shape or s.size == 0:
-        raise ValueError(f"best_of_n: scores and outcomes must be non-empty [P, N] arrays of one shape, got {s.shape} and {o.shape}")
+        raise ValueError(
+            f"best_of_n: scores and outcomes must be non-empty [P, N] arrays of one shape, got {s.shape} and {o.shape}"
+        )
     if not (np.isfinite(s).all() and np.isfinite(o).all()):
         raise ValueError("best_of_n: scores and outcomes must be finite")
     n_max = s.shape[1]
@@ -136,7 +138,12 @@ def plot_best_of_n(result: dict[str, list], path: str | Path, title: str = "") -
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2 if "tokens" in result else 1, figsize=(10 if "tokens" in result else 5.5, 3.8), squeeze=False)
-    curves = [("best_of_n", "best-of-N (verifier)"), ("maj_at_n", "maj@N"), ("pass_at_n", "pass@N"), ("mean_outcome", "mean outcome")]
+    curves = [
+        ("best_of_n", "best-of-N (verifier)"),
+        ("maj_at_n", "maj@N"),
+        ("pass_at_n", "pass@N"),
+        ("mean_outcome", "mean outcome"),
+    ]
     for ax, xkey, xlabel in zip(axes[0], ("n", "tokens"), ("N (trials per problem)", "policy tokens per problem")):
         for key, label in curves:
             if key in result:
@@ -157,8 +164,15 @@ def plot_best_of_n(result: dict[str, list], path: str | Path, title: str = "") -
 
 
 def play_trials(
-    policy: nn.Module, codec: StreamCodec, make_env: Callable[[str], object], split: str, resets: list[dict],
-    groups: list[int], budget: BudgetConfig, generator: torch.Generator, rows: int,
+    policy: nn.Module,
+    codec: StreamCodec,
+    make_env: Callable[[str], object],
+    split: str,
+    resets: list[dict],
+    groups: list[int],
+    budget: BudgetConfig,
+    generator: torch.Generator,
+    rows: int,
 ) -> tuple[list[Trial], np.ndarray]:
     """:func:`rollout.run_trials` in rounds of ``rows`` trials over a pool of ``rows``
     environments of ``split`` (reset to the next round's problems; each trial keeps its own
@@ -166,7 +180,9 @@ def play_trials(
     envs = [make_env(split) for _ in range(min(rows, len(resets)))]
     trials, scores = [], []
     for s in range(0, len(resets), rows):
-        batch = run_trials(policy, codec, envs[: len(resets[s : s + rows])], resets[s : s + rows], groups[s : s + rows], budget, generator)
+        batch = run_trials(
+            policy, codec, envs[: len(resets[s : s + rows])], resets[s : s + rows], groups[s : s + rows], budget, generator
+        )
         scores.append(answer_scores_of(batch))
         trials += batch
     return trials, np.concatenate(scores)

@@ -64,10 +64,14 @@ def verifier_examples(trials: Sequence[Trial], codec: StreamCodec, prefixes: boo
         if not t.ids:
             raise ValueError(f"verifier_examples: trial {i} (problem {t.problem_id}) has no tokens")
         if t.answer_episode < 0:
-            raise ValueError(f"verifier_examples: trial {i} (problem {t.problem_id}) has no final answer (answer_episode=-1), so its outcome is no label")
+            raise ValueError(
+                f"verifier_examples: trial {i} (problem {t.problem_id}) has no final answer (answer_episode=-1), so its outcome is no label"
+            )
         ends = boundary_prefixes(t) if prefixes else []
         if ends and ends[0] < 1:
-            raise ValueError(f"verifier_examples: trial {i} (problem {t.problem_id}) has an empty prompt: no token to read J after the prompt at")
+            raise ValueError(
+                f"verifier_examples: trial {i} (problem {t.problem_id}) has an empty prompt: no token to read J after the prompt at"
+            )
         reads = [e - 1 for e in ends] + [len(t.ids) - 1]
         streams.append(t.ids)
         stream += [i] * len(reads)
@@ -75,8 +79,12 @@ def verifier_examples(trials: Sequence[Trial], codec: StreamCodec, prefixes: boo
         label += [trial_label(t)] * len(reads)
         at_end += [False] * len(ends) + [True]
     return VerifierExamples(
-        streams, np.array(stream, dtype=np.int64), np.array(position, dtype=np.int64),
-        np.array(label, dtype=np.float32), np.array(at_end, dtype=bool), int(codec.pad_id),
+        streams,
+        np.array(stream, dtype=np.int64),
+        np.array(position, dtype=np.int64),
+        np.array(label, dtype=np.float32),
+        np.array(at_end, dtype=bool),
+        int(codec.pad_id),
     )
 
 

@@ -57,7 +57,9 @@ class Verifier(nn.Module):
                 return int(tid)
         return 0
 
-    def logits_at(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    def logits_at(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+    ) -> torch.Tensor:
         """Logits [M] read at the M stream positions (rows[m], cols[m]) of one forward pass.
 
         ``input_ids``, ``attention_mask``: [B, L], right-padded (mask 1...1 0...0 per row).
@@ -66,7 +68,9 @@ class Verifier(nn.Module):
         stream equals reading the last token of the prefix of length c+1.
         """
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
-            raise ValueError(f"Verifier: input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [B, L]")
+            raise ValueError(
+                f"Verifier: input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [B, L]"
+            )
         if rows.shape != cols.shape or rows.dim() != 1:
             raise ValueError(f"Verifier: rows {tuple(rows.shape)} and cols {tuple(cols.shape)} must be 1-D of one length")
         b, length = input_ids.shape
@@ -78,7 +82,9 @@ class Verifier(nn.Module):
             raise ValueError("Verifier: a read position falls on padding (attention_mask 0)")
         vocab = self.trunk.get_input_embeddings().num_embeddings
         if input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
-            raise ValueError(f"Verifier: token ids must lie in [0, {vocab}) (the trunk's embedding size); got [{int(input_ids.min())}, {int(input_ids.max())}]")
+            raise ValueError(
+                f"Verifier: token ids must lie in [0, {vocab}) (the trunk's embedding size); got [{int(input_ids.min())}, {int(input_ids.max())}]"
+            )
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return self.head(hidden[rows, cols].to(self.head.weight.dtype)).squeeze(-1).float()
 
@@ -99,8 +105,12 @@ class Verifier(nn.Module):
         self.trunk.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, directory / HEAD_FILE)
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "hidden_size": self.head.in_features,
-                "label": f"outcome >= {SUCCESS_THRESHOLD}"}
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "hidden_size": self.head.in_features,
+            "label": f"outcome >= {SUCCESS_THRESHOLD}",
+        }
         (directory / VERIFIER_FILE).write_text(json.dumps(meta, indent=1))
         return directory
 
@@ -121,13 +131,17 @@ def load_verifier(path: str | Path, device: str | torch.device | None = None, tr
             raise FileNotFoundError(f"{path} is not a saved verifier: {path / name} not found")
     meta = json.loads((path / VERIFIER_FILE).read_text())
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path / VERIFIER_FILE}: format {meta.get('format')!r} version {meta.get('version')!r}; expected {FORMAT!r} version {FORMAT_VERSION}")
+        raise ValueError(
+            f"{path / VERIFIER_FILE}: format {meta.get('format')!r} version {meta.get('version')!r}; expected {FORMAT!r} version {FORMAT_VERSION}"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     trunk = AutoModel.from_pretrained(path, dtype="auto", trust_remote_code=trust_remote_code)
     verifier = Verifier(trunk, tokenizer)
     head = load_file(path / HEAD_FILE)
     if head["weight"].shape != verifier.head.weight.shape:
-        raise ValueError(f"{path / HEAD_FILE}: head weight {tuple(head['weight'].shape)} does not fit the trunk's hidden size {verifier.head.in_features}")
+        raise ValueError(
+            f"{path / HEAD_FILE}: head weight {tuple(head['weight'].shape)} does not fit the trunk's hidden size {verifier.head.in_features}"
+        )
     verifier.head.load_state_dict(head)
     return verifier.to(device or "cpu").eval()
 

@@ -28,8 +28,9 @@ def _score_reads(verifier: Verifier, trials: Sequence[Trial], reads: list[list[i
         raise ValueError(f"rows must be >= 1, got {rows}")
     stream = np.repeat(np.arange(len(trials)), [len(r) for r in reads])
     position = np.array([p for r in reads for p in r], dtype=np.int64)
-    examples = VerifierExamples([t.ids for t in trials], stream, position, np.zeros(len(stream), np.float32),
-                                np.zeros(len(stream), bool), verifier.pad_id)
+    examples = VerifierExamples(
+        [t.ids for t in trials], stream, position, np.zeros(len(stream), np.float32), np.zeros(len(stream), bool), verifier.pad_id
+    )
     probs = sigmoid(example_logits(verifier, examples, rows))
     return list(np.split(probs, np.cumsum([len(r) for r in reads])[:-1]))
 
@@ -78,7 +79,9 @@ def trained_verifier_estimator(model: nn.Module, codec: StreamCodec, trials: lis
     """
     path = Path(opts.verifier).expanduser()
     if not is_saved_verifier(path):
-        raise FileNotFoundError(f"bonus.verifier={opts.verifier!r} is not a saved verifier directory ({path / VERIFIER_FILE} not found)")
+        raise FileNotFoundError(
+            f"bonus.verifier={opts.verifier!r} is not a saved verifier directory ({path / VERIFIER_FILE} not found)"
+        )
     device = next(model.parameters()).device
     verifier = _cached_verifier(str(path.resolve()), str(device), (path / HEAD_FILE).stat().st_mtime)
     check_same_vocabulary(verifier.tokenizer, codec.tokenizer)

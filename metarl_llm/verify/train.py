@@ -151,7 +151,6 @@ def train_verifier(
             if log is not None:
                 log({k: v for k, v in metrics.items() if k.startswith("heldout/")}, step)
 
-
     verifier.train()
     progress = Progress(steps, "verifier training", bar=progress_bar)
     for step in range(1, steps + 1):
@@ -164,7 +163,9 @@ def train_verifier(
             take.append(perm[cursor : cursor + n])
             cursor, got = cursor + n, got + n
         idx = torch.cat(take).numpy()
-        ids, mask, r, c = _batch(train_examples.streams, train_examples.pad_id, train_examples.stream[idx], train_examples.position[idx], device)
+        ids, mask, r, c = _batch(
+            train_examples.streams, train_examples.pad_id, train_examples.stream[idx], train_examples.position[idx], device
+        )
         loss = F.binary_cross_entropy_with_logits(verifier.logits_at(ids, mask, r, c), labels[idx].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -231,7 +232,9 @@ def run_verifier_training(
     split_size = make_env("test").unwrapped.num_problems
     num_heldout = min(cfg.num_heldout_problems, split_size) if split_size is not None else cfg.num_heldout_problems
     resets, groups = heldout_resets(num_heldout, n_max)
-    heldout_trials, answer_scores = play_trials(policy, codec, make_env, "test", resets, groups, budget, generator, cfg.rollout_rows)
+    heldout_trials, answer_scores = play_trials(
+        policy, codec, make_env, "test", resets, groups, budget, generator, cfg.rollout_rows
+    )
     policy.train(was_training)
     t_sample = time.perf_counter() - t0
 
@@ -239,9 +242,20 @@ def run_verifier_training(
     train_ex = verifier_examples(train_trials, codec, cfg.prefixes)
     heldout_ex = verifier_examples(heldout_trials, codec, cfg.prefixes)
     metrics = train_verifier(
-        verifier, train_ex, heldout_ex, cfg.steps, cfg.batch_size, cfg.lr, generator, log,
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, eval_every=cfg.eval_every,
-        log_every=cfg.log_every, rows=cfg.rows, progress_bar=progress_bar,
+        verifier,
+        train_ex,
+        heldout_ex,
+        cfg.steps,
+        cfg.batch_size,
+        cfg.lr,
+        generator,
+        log,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        eval_every=cfg.eval_every,
+        log_every=cfg.log_every,
+        rows=cfg.rows,
+        progress_bar=progress_bar,
     )
 
     # 4. save

@@ -14,8 +14,15 @@ from metarl_llm.evaluation.heldout import eval_generator, evaluate
 from metarl_llm.models import build_char_tokenizer, build_tiny_model
 from tests.support import ROOT
 
-TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",
-        "logger.mode=disabled", "logger.progress_bar=false", "threads=1"]
+TINY = [
+    "model.tiny.hidden_size=32",
+    "model.tiny.num_layers=1",
+    "model.tiny.num_heads=2",
+    "model.tiny.intermediate_size=64",
+    "logger.mode=disabled",
+    "logger.progress_bar=false",
+    "threads=1",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -34,7 +41,9 @@ def cfg_of(*overrides):
 
 def test_evaluate_adapts_once_per_problem_on_that_problem():
     tok = build_char_tokenizer()
-    model = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), len(tok), tok.pad_token_id, 0)
+    model = build_tiny_model(
+        TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), len(tok), tok.pad_token_id, 0
+    )
     codec = StreamCodec(tok, "\n", "Answer:")
     budget = BudgetConfig()
     cfg = EvalConfig(num_problems=3, samples_per_problem=2, prover_samples=2)
@@ -54,11 +63,27 @@ def test_evaluate_adapts_once_per_problem_on_that_problem():
 def test_train_with_adapt_ttt_on_arc(tmp_path):
     from metarl_llm.trainer import train
 
-    cfg = cfg_of("env=arc", "adapt=ttt", "adapt.ttt.max_tasks=4", "adapt.ttt.epochs=1", "adapt.ttt.num_augmentations=1",
-                 "warm_start.steps=2", "warm_start.focused_until_loss=0", "warm_start.num_traces=16", "warm_start.batch_size=8", f"warm_start.cache_dir={tmp_path / 'c'}",
-                 "algo.iterations=1", "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=4",
-                 "eval.num_problems=2", "eval.samples_per_problem=1", "eval.prover_samples=2", "eval.extrapolation=false",
-                 "checkpoint_every=0")
+    cfg = cfg_of(
+        "env=arc",
+        "adapt=ttt",
+        "adapt.ttt.max_tasks=4",
+        "adapt.ttt.epochs=1",
+        "adapt.ttt.num_augmentations=1",
+        "warm_start.steps=2",
+        "warm_start.focused_until_loss=0",
+        "warm_start.num_traces=16",
+        "warm_start.batch_size=8",
+        f"warm_start.cache_dir={tmp_path / 'c'}",
+        "algo.iterations=1",
+        "algo.problems_per_iter=2",
+        "algo.group_size=2",
+        "algo.minibatch_size=4",
+        "eval.num_problems=2",
+        "eval.samples_per_problem=1",
+        "eval.prover_samples=2",
+        "eval.extrapolation=false",
+        "checkpoint_every=0",
+    )
     summary = train(cfg, tmp_path / "run")
     assert summary["env"] == "arc" and 0.0 <= summary["heldout_success_final"] <= 1.0
     saved = (tmp_path / "run" / "config.yaml").read_text()

@@ -21,7 +21,6 @@ from metarl_llm.models import build_char_tokenizer, build_tiny_model
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # raised inside peft
 
 
-
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """These models are tiny: one intra-op thread is fastest, and two threads on a busy
@@ -156,7 +155,7 @@ def tiny(tok, seed=0):
 
 
 def test_encode_examples_masks_the_prompt_and_ends_with_eos(tok):
-    (ids, mask), = encode_examples(tok, [("12>21\n3>", "Answer: 3")])
+    ((ids, mask),) = encode_examples(tok, [("12>21\n3>", "Answer: 3")])
     assert ids[-1] == tok.eos_token_id and len(ids) == len(mask)
     assert tok.decode(ids[: mask.index(1)]) == "12>21\n3>"
     assert tok.decode(ids[mask.index(1) : -1]) == "Answer: 3"
@@ -333,8 +332,12 @@ def test_predict_with_voting_runs_a_tiny_model_greedy_and_sampled(tok):
     assert len(g.texts) == 8 and all(len(t) == 1 for t in g.texts) and len(g.attempts) <= 2
     again = predict_with_voting(model, tok, task, dihedral_transforms(), 1, 12)
     assert again.texts == g.texts  # greedy is deterministic
-    s1 = predict_with_voting(model, tok, task, dihedral_transforms()[:3], 4, 12, torch.Generator().manual_seed(0), force_marker=True)
-    s2 = predict_with_voting(model, tok, task, dihedral_transforms()[:3], 4, 12, torch.Generator().manual_seed(0), force_marker=True)
+    s1 = predict_with_voting(
+        model, tok, task, dihedral_transforms()[:3], 4, 12, torch.Generator().manual_seed(0), force_marker=True
+    )
+    s2 = predict_with_voting(
+        model, tok, task, dihedral_transforms()[:3], 4, 12, torch.Generator().manual_seed(0), force_marker=True
+    )
     assert s1.texts == s2.texts and all(len(t) == 4 for t in s1.texts)
     with pytest.raises(ValueError, match="duplicates"):
         predict_with_voting(model, tok, task, [IDENTITY, dihedral(0)], 1, 12)

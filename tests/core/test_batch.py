@@ -149,7 +149,11 @@ def test_pad_rows_right_and_left_with_masks():
     ids, mask = pad_rows([[1, 2, 3], [4]], 0)
     assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     ids, mask = pad_rows([[1, 2, 3], [4], []], 9, left=True, width=4)
-    assert ids.tolist() == [[9, 1, 2, 3], [9, 9, 9, 4], [9, 9, 9, 9]] and mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]]
+    assert ids.tolist() == [[9, 1, 2, 3], [9, 9, 9, 4], [9, 9, 9, 9]] and mask.tolist() == [
+        [0, 1, 1, 1],
+        [0, 0, 0, 1],
+        [0, 0, 0, 0],
+    ]
     vals, _ = pad_rows([[0.5], [0.25, -1.0]], 0.0, dtype=torch.float32)
     assert vals.dtype == torch.float32 and vals.tolist() == [[0.5, 0.0], [0.25, -1.0]]
     with pytest.raises(ValueError, match="does not fit width 1"):

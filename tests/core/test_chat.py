@@ -13,8 +13,9 @@ def test_prompt_is_rendered_through_the_template(qwen_tokenizer):
     expected = qwen_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
     assert ids == list(expected)
-    assert qwen_tokenizer.decode(ids) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 3+4?<|im_end|>\n"
-                                          "<|im_start|>assistant\n")
+    assert qwen_tokenizer.decode(ids) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 3+4?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert ids[0] == qwen_tokenizer.convert_tokens_to_ids("<|im_start|>")  # a special token, one id
 
 

@@ -39,6 +39,9 @@ print(json.dumps({n: sorted(r) for n, r in [("engines", ENGINES), ("advantages",
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.splitlines()[-1]) == {
-        "engines": ["cached", "hf_generate", "reencode"], "advantages": ["gae", "grpo", "rloo"],
-        "losses": ["ppo_clip", "reinforce"], "estimators": ["likelihood", "sample", "verifier"],
-        "verifiers": ["episode_score"]}
+        "engines": ["cached", "hf_generate", "reencode"],
+        "advantages": ["gae", "grpo", "rloo"],
+        "losses": ["ppo_clip", "reinforce"],
+        "estimators": ["likelihood", "sample", "verifier"],
+        "verifiers": ["episode_score"],
+    }

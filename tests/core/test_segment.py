@@ -26,8 +26,33 @@ def episodes(tok, ids, ends):
 
 def test_the_streams_hold_merged_newline_tokens(qwen_tokenizer):
     _, trace = pieces(qwen_tokenizer, TRACE)
-    assert trace == ["Let", " me", " compute", " ", "3", "+", "4", ".\n\n", "Wait", ",", " that", " is", " wrong", "?\n",
-                     "Alternatively", " ", "7", ".\n\n\n", "Answer", ":", " \\", "boxed", "{", "7", "}"]
+    assert trace == [
+        "Let",
+        " me",
+        " compute",
+        " ",
+        "3",
+        "+",
+        "4",
+        ".\n\n",
+        "Wait",
+        ",",
+        " that",
+        " is",
+        " wrong",
+        "?\n",
+        "Alternatively",
+        " ",
+        "7",
+        ".\n\n\n",
+        "Answer",
+        ":",
+        " \\",
+        "boxed",
+        "{",
+        "7",
+        "}",
+    ]
     assert pieces(qwen_tokenizer, LINES)[1] == ["a", "?\n", "b", ".\n", "c", "\n\n", "d"]
 
 
@@ -48,11 +73,16 @@ def test_paragraph_rule_cuts_at_blank_lines_inside_merged_tokens(qwen_tokenizer,
     seg = make_segmenter(SegmentConfig(name="paragraph"), texts)
     ids, _ = pieces(qwen_tokenizer, TRACE)
     assert seg(ids) == [8, 18, 25]
-    assert episodes(qwen_tokenizer, ids, seg(ids)) == ["Let me compute 3+4.\n\n", "Wait, that is wrong?\nAlternatively 7.\n\n\n",
-                                                       "Answer: \\boxed{7}"]
+    assert episodes(qwen_tokenizer, ids, seg(ids)) == [
+        "Let me compute 3+4.\n\n",
+        "Wait, that is wrong?\nAlternatively 7.\n\n\n",
+        "Answer: \\boxed{7}",
+    ]
     ids, _ = pieces(qwen_tokenizer, LINES)
     assert seg(ids) == [6, 7]
-    ids, _ = pieces(qwen_tokenizer, "x\n\n\n\n\n\ny\n\n")  # runs of blank lines cut once; trailing blank lines join the last episode
+    ids, _ = pieces(
+        qwen_tokenizer, "x\n\n\n\n\n\ny\n\n"
+    )  # runs of blank lines cut once; trailing blank lines join the last episode
     ends = seg(ids)
     assert episodes(qwen_tokenizer, ids, ends) == ["x\n\n\n\n\n\n", "y\n\n"]
 
@@ -61,8 +91,10 @@ def test_marker_rule_starts_episodes_only_at_marked_paragraphs(qwen_tokenizer, t
     ids, _ = pieces(qwen_tokenizer, TRACE)
     seg = make_segmenter(SegmentConfig(name="markers"), texts)
     assert seg(ids) == [8, 25]  # "Wait" begins a paragraph; "Alternatively" begins a line only, "Answer" is no marker
-    long = ("First, 12 * 3 = 36.\n\nSo the total is 36.\n\nWait, the question asks for 12 * 4.\n\n"
-            "That gives 48.\n\nAlternatively, 4 * 12 = 48 as well.\n\nBut let me double-check: 48 / 12 = 4.\n\nSo 48.")
+    long = (
+        "First, 12 * 3 = 36.\n\nSo the total is 36.\n\nWait, the question asks for 12 * 4.\n\n"
+        "That gives 48.\n\nAlternatively, 4 * 12 = 48 as well.\n\nBut let me double-check: 48 / 12 = 4.\n\nSo 48."
+    )
     ids, _ = pieces(qwen_tokenizer, long)
     ends = seg(ids)
     eps = episodes(qwen_tokenizer, ids, ends)
@@ -72,7 +104,7 @@ def test_marker_rule_starts_episodes_only_at_marked_paragraphs(qwen_tokenizer, t
     # max_episodes: the adjacent pair of the fewest tokens merges first
     capped = make_segmenter(SegmentConfig(name="markers", max_episodes=3), texts)(ids)
     j = min(range(3), key=lambda k: sizes[k] + sizes[k + 1])
-    assert capped == ends[:j] + ends[j + 1:]
+    assert capped == ends[:j] + ends[j + 1 :]
     assert make_segmenter(SegmentConfig(name="markers", max_episodes=1), texts)(ids) == [len(ids)]
     # min_tokens: an episode shorter than that joins the one before it (the end before it goes)
     short = min(sizes[1:])
@@ -88,7 +120,9 @@ def test_chunk_rule_and_empty_streams(qwen_tokenizer, texts):
 
 
 def test_bad_settings_name_the_key(texts):
-    with pytest.raises(ValueError, match=r"segment.name='lines' is not registered; choose from \['chunks', 'delimiter', 'markers', 'paragraph'\]"):
+    with pytest.raises(
+        ValueError, match=r"segment.name='lines' is not registered; choose from \['chunks', 'delimiter', 'markers', 'paragraph'\]"
+    ):
         make_segmenter(SegmentConfig(name="lines"), texts)
     with pytest.raises(ValueError, match="segment.chunk_tokens must be >= 1"):
         make_segmenter(SegmentConfig(name="chunks", chunk_tokens=0), texts)

@@ -170,9 +170,25 @@ def test_garbage_huge_and_odd_answers_score_zero_fast():
     env = make()
     env.reset(seed=0)
     ref = env.reference_answer
-    odd = ["", "   ", "\x00", "qwerty!?", "7" * 200_000, "x" * 200_000, "Answer:" * 30_000, "/" * 50,
-           ref.replace("0", "O"), " ".join(ref), ref + "/" + ref, "[" + ref + "]", "٣" * len(ref),
-           "__import__('os').system('echo x')", "9**9**9**9", "(" * 10_000 + ")" * 10_000, "\n".join([ref] * 3)]
+    odd = [
+        "",
+        "   ",
+        "\x00",
+        "qwerty!?",
+        "7" * 200_000,
+        "x" * 200_000,
+        "Answer:" * 30_000,
+        "/" * 50,
+        ref.replace("0", "O"),
+        " ".join(ref),
+        ref + "/" + ref,
+        "[" + ref + "]",
+        "٣" * len(ref),
+        "__import__('os').system('echo x')",
+        "9**9**9**9",
+        "(" * 10_000 + ")" * 10_000,
+        "\n".join([ref] * 3),
+    ]
     start = time.monotonic()
     for answer in odd:
         assert env.score(answer) == 0.0, answer[:40]

@@ -378,11 +378,8 @@ def write_jsonl(path: pathlib.Path, rows: list) -> str:
     return str(path)
 
 
-MATH_ROWS = [
-    {"problem": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(60)
-] + [
-    {"problem": f"Simplify {i}/{2 * i}.", "solution": f"Divide: $\\boxed{{\\frac{{1}}{{2}}}}$ (case {i})."}
-    for i in range(1, 41)
+MATH_ROWS = [{"problem": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(60)] + [
+    {"problem": f"Simplify {i}/{2 * i}.", "solution": f"Divide: $\\boxed{{\\frac{{1}}{{2}}}}$ (case {i})."} for i in range(1, 41)
 ]
 
 
@@ -400,9 +397,11 @@ def test_math_loads_jsonl_and_splits_by_problem_hash(tmp_path):
 def test_math_reads_gsm8k_answers(tmp_path):
     """GSM8K's answer field is the worked solution and a last line "#### <answer>": the
     final answer (thousands separators dropped) is graded, the working is the solution."""
-    rows = [{"question": "Ann has 1200 pens and buys 34 more. How many?", "answer": "1200 + 34 = <<1200+34=1234>>1234\n#### 1,234"},
-            {"question": "What is 2 times 3?", "answer": "6"},  # a plain answer is kept as it is
-            {"question": "Hash #### inside a line", "answer": "x #### 5"}]
+    rows = [
+        {"question": "Ann has 1200 pens and buys 34 more. How many?", "answer": "1200 + 34 = <<1200+34=1234>>1234\n#### 1,234"},
+        {"question": "What is 2 times 3?", "answer": "6"},  # a plain answer is kept as it is
+        {"question": "Hash #### inside a line", "answer": "x #### 5"},
+    ]
     env = make("math", dataset=write_jsonl(tmp_path / "g.jsonl", rows), dataset_split="train", problem_key="question")
     env.reset(options={"index": 0})
     assert env.reference_answer == "1234" and env.score("1234") == 1.0

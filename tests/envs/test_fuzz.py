@@ -174,7 +174,11 @@ def _summary():
     yield
     nothing_executed()
     width = max((len(t) for t in STATS), default=10)
-    lines = ["", f"fuzz summary (marker {MARKER} absent)", f"{'target':<{width}}  examples   calls  slowest_s  timeouts  slowest input"]
+    lines = [
+        "",
+        f"fuzz summary (marker {MARKER} absent)",
+        f"{'target':<{width}}  examples   calls  slowest_s  timeouts  slowest input",
+    ]
     for target in sorted(STATS):
         s = STATS[target]
         lines.append(
@@ -192,27 +196,166 @@ _any_char = st.characters() | st.characters(categories=["Cs"])  # lone surrogate
 any_text = st.text(_any_char, max_size=300)
 
 VOCAB = [
-    "Answer:", "Answer: ", "answer:", "ANSWER:", "Answer", ":", "Final Answer:",
-    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "12", "-1", "007", "1,000", "1,23",
-    "0.5", "-3/4", ".5", "1.", "1e5", "1e309", "1_000", "0x10", "inf", "-inf", "nan", "oo", "zoo", "1/0", "0/0",
-    "\\boxed{", "\\boxed ", "\\fbox{", "{", "}", "\\frac{", "\\dfrac", "\\sqrt{", "\\sqrt[3]{", "^", "^{",
-    "**", "_", "\\cdot", "\\times", "\\div", "\\pm", "\\infty", "\\pi", "\\left(", "\\right)", "\\text{",
-    "\\mathrm{", "\\begin{pmatrix}", "\\end{pmatrix}", "&", "\\\\", "\\", "$", "$$", "\\(", "\\)", "\\[", "\\]",
-    "(", ")", "[", "]", "+", "-", "*", "/", "=", "<", ">", ",", ".", "%", "!", "'", '"', "#", "@", ";",
-    "x", "y", "e", "i", "I", "E", "pi", "sin", "log", "sqrt", "Abs", "factorial", "Rational",
-    " ", "  ", "\n", "\n\n", "\t", "\r\n", "\x00", "\x1b", "\ud800", "\udfff", "\u200b", "\ufeff", "\u202e",
-    "\u0663", "\u00b2", "\u00bd", "\u216b", "\U0001d7d9", "\uff11", "\u00e9", "\u0301", "\u2212", "\u00d7",
-    "12/34", "0/", "//", "/0", "000/000", "9/9/9",
-    REF, REF, REF,
+    "Answer:",
+    "Answer: ",
+    "answer:",
+    "ANSWER:",
+    "Answer",
+    ":",
+    "Final Answer:",
+    "0",
+    "1",
+    "2",
+    "3",
+    "4",
+    "5",
+    "6",
+    "7",
+    "8",
+    "9",
+    "10",
+    "12",
+    "-1",
+    "007",
+    "1,000",
+    "1,23",
+    "0.5",
+    "-3/4",
+    ".5",
+    "1.",
+    "1e5",
+    "1e309",
+    "1_000",
+    "0x10",
+    "inf",
+    "-inf",
+    "nan",
+    "oo",
+    "zoo",
+    "1/0",
+    "0/0",
+    "\\boxed{",
+    "\\boxed ",
+    "\\fbox{",
+    "{",
+    "}",
+    "\\frac{",
+    "\\dfrac",
+    "\\sqrt{",
+    "\\sqrt[3]{",
+    "^",
+    "^{",
+    "**",
+    "_",
+    "\\cdot",
+    "\\times",
+    "\\div",
+    "\\pm",
+    "\\infty",
+    "\\pi",
+    "\\left(",
+    "\\right)",
+    "\\text{",
+    "\\mathrm{",
+    "\\begin{pmatrix}",
+    "\\end{pmatrix}",
+    "&",
+    "\\\\",
+    "\\",
+    "$",
+    "$$",
+    "\\(",
+    "\\)",
+    "\\[",
+    "\\]",
+    "(",
+    ")",
+    "[",
+    "]",
+    "+",
+    "-",
+    "*",
+    "/",
+    "=",
+    "<",
+    ">",
+    ",",
+    ".",
+    "%",
+    "!",
+    "'",
+    '"',
+    "#",
+    "@",
+    ";",
+    "x",
+    "y",
+    "e",
+    "i",
+    "I",
+    "E",
+    "pi",
+    "sin",
+    "log",
+    "sqrt",
+    "Abs",
+    "factorial",
+    "Rational",
+    " ",
+    "  ",
+    "\n",
+    "\n\n",
+    "\t",
+    "\r\n",
+    "\x00",
+    "\x1b",
+    "\ud800",
+    "\udfff",
+    "\u200b",
+    "\ufeff",
+    "\u202e",
+    "\u0663",
+    "\u00b2",
+    "\u00bd",
+    "\u216b",
+    "\U0001d7d9",
+    "\uff11",
+    "\u00e9",
+    "\u0301",
+    "\u2212",
+    "\u00d7",
+    "12/34",
+    "0/",
+    "//",
+    "/0",
+    "000/000",
+    "9/9/9",
+    REF,
+    REF,
+    REF,
 ]
 soup = st.lists(st.sampled_from(VOCAB) | st.text(_any_char, max_size=3), max_size=40).map("".join)
 
 BOMBS = [
-    "9**9**9**9", "10**10**10", "2**2**2**2**2**2", "(9**9)**(9**9)", "10^100000", "10^{100000}",
-    "$10^{10^{10}}$", "2^{2^{2^{2^{2}}}}", "9^9^9^9", "\\boxed{9^{9^{9^{9}}}}", "factorial(10**9)",
-    "10!!!!", "1e999999999", "10**-10**10", "\\frac{1}{10^{10^{10}}}",
+    "9**9**9**9",
+    "10**10**10",
+    "2**2**2**2**2**2",
+    "(9**9)**(9**9)",
+    "10^100000",
+    "10^{100000}",
+    "$10^{10^{10}}$",
+    "2^{2^{2^{2^{2}}}}",
+    "9^9^9^9",
+    "\\boxed{9^{9^{9^{9}}}}",
+    "factorial(10**9)",
+    "10!!!!",
+    "1e999999999",
+    "10**-10**10",
+    "\\frac{1}{10^{10^{10}}}",
 ]
-bombs = st.tuples(st.sampled_from(["", "Answer: ", "x = ", "$"]), st.sampled_from(BOMBS), st.sampled_from(["", "$", "."])).map("".join)
+bombs = st.tuples(st.sampled_from(["", "Answer: ", "x = ", "$"]), st.sampled_from(BOMBS), st.sampled_from(["", "$", "."])).map(
+    "".join
+)
 
 INJECTIONS = [
     "__import__('os').system('touch {m}')",
@@ -233,7 +376,7 @@ INJECTIONS = [
     "f\"{open('{m}', 'w')}\"",
     "().__class__.__base__.__subclasses__()",
     "sin(open('{m}', 'w'))",
-    "sqrt (exec('open(\"{m}\", \"w\")'))",
+    'sqrt (exec(\'open("{m}", "w")\'))',
     "breakpoint()",
     "input()",
     "exit()",
@@ -245,8 +388,19 @@ injection = st.tuples(
     st.sampled_from(["", "}", "$", " + 1", "\n"]),
 ).map("".join)
 
-_OPEN_CLOSE = [("(", ")"), ("{", "}"), ("[", "]"), ("\\boxed{", "}"), ("\\frac{1}{", "}"), ("\\sqrt{", "}"),
-               ("2^{", "}"), ("-(", ")"), ("$", "$"), ("\\left(", "\\right)"), ("Answer: (", ")")]
+_OPEN_CLOSE = [
+    ("(", ")"),
+    ("{", "}"),
+    ("[", "]"),
+    ("\\boxed{", "}"),
+    ("\\frac{1}{", "}"),
+    ("\\sqrt{", "}"),
+    ("2^{", "}"),
+    ("-(", ")"),
+    ("$", "$"),
+    ("\\left(", "\\right)"),
+    ("Answer: (", ")"),
+]
 
 
 def nested(depths: st.SearchStrategy[int]) -> st.SearchStrategy[str]:
@@ -272,7 +426,11 @@ WORKER_DEPTH = st.integers(1, 6) | st.integers(MAX_NESTING_DEPTH + 1, 5000) | st
 @st.composite
 def long_text(draw):
     """~100k characters, around the environments' max_text_length of 100,000."""
-    unit = draw(st.sampled_from(["1", "x", "(", "{", "\\boxed{", "Answer: ", "9", "12/", " ", "\n", "\x00", "\u00e9", "\ud800", "1,", REF]))
+    unit = draw(
+        st.sampled_from(
+            ["1", "x", "(", "{", "\\boxed{", "Answer: ", "9", "12/", " ", "\n", "\x00", "\u00e9", "\ud800", "1,", REF]
+        )
+    )
     n = draw(st.sampled_from([99_999, 100_000, 100_001]) | st.integers(90_000, 100_000))
     return (unit * (n // len(unit) + 1))[:n]
 
@@ -283,7 +441,7 @@ def grid_like(draw, max_rows: int = 32):
     rows = draw(st.integers(0, max_rows))
     cols = draw(st.integers(0, 32))
     cells = draw(st.text("0123456789", min_size=rows * cols, max_size=rows * cols))
-    grid = [cells[r * cols:(r + 1) * cols] for r in range(rows)]
+    grid = [cells[r * cols : (r + 1) * cols] for r in range(rows)]
     for _ in range(draw(st.integers(0, 3))):
         kind = draw(st.integers(0, 5))
         if not grid:

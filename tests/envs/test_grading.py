@@ -87,13 +87,49 @@ def test_long_division_chains_are_refused_without_the_worker():
 # Answers that divide by a zero literal: sympy makes them zoo or nan (or, for ``(1/0)^0``,
 # 1: zoo**0 == 1), which equals no reference; math-verify would only be asked to say so.
 ZERO_DIVISIONS = [
-    "\\boxed{0/0}", "0/0", "1/0", "0/0+1", "\\frac{0}{0}", "\\frac{1}{0}", "$\\dfrac{3}{0}$", "\\frac10",
-    "\\frac{1}{ 0.0 }", "x/0", "1 / 0.0", "-1/(0)", "2/{-0}", "2\\div 0", "{1 \\over 0}", "7/0.", "1/00",
-    "(1/0)^0", "\\left(\\frac{1}{0}\\right)^0", "12 apples/0", "$0/0$.",
+    "\\boxed{0/0}",
+    "0/0",
+    "1/0",
+    "0/0+1",
+    "\\frac{0}{0}",
+    "\\frac{1}{0}",
+    "$\\dfrac{3}{0}$",
+    "\\frac10",
+    "\\frac{1}{ 0.0 }",
+    "x/0",
+    "1 / 0.0",
+    "-1/(0)",
+    "2/{-0}",
+    "2\\div 0",
+    "{1 \\over 0}",
+    "7/0.",
+    "1/00",
+    "(1/0)^0",
+    "\\left(\\frac{1}{0}\\right)^0",
+    "12 apples/0",
+    "$0/0$.",
 ]
 # Near misses that are ordinary numbers: they must still reach the exact path or math-verify.
-NOT_ZERO_DIVISIONS = ["10/2", "0/5", "1/0.5", "1/.5", "1/05", "1/0!", "\\frac{1}{0!}", "\\frac{0}{5}", "\\frac{1}{0.5}",
-                      "\\frac{10}{2}", "1/20", "10/0.25", "3/(0+1)", "0.5", "\\frac{1}{2}", "x/0y", "1/0^0", "2/0x"]
+NOT_ZERO_DIVISIONS = [
+    "10/2",
+    "0/5",
+    "1/0.5",
+    "1/.5",
+    "1/05",
+    "1/0!",
+    "\\frac{1}{0!}",
+    "\\frac{0}{5}",
+    "\\frac{1}{0.5}",
+    "\\frac{10}{2}",
+    "1/20",
+    "10/0.25",
+    "3/(0+1)",
+    "0.5",
+    "\\frac{1}{2}",
+    "x/0y",
+    "1/0^0",
+    "2/0x",
+]
 
 
 def test_division_by_zero_is_refused_without_the_worker(monkeypatch):

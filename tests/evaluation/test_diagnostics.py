@@ -165,8 +165,16 @@ def heldout_envs(n):
 
 def run(model, codec, problems=3, continuations=4, rollouts=3, margin=0.5, seed=0, make_envs=None, engine=None):
     return policy_diagnostics(
-        model, codec, (make_envs or heldout_envs)(problems * continuations), BUDGET, problems, continuations, rollouts, margin,
-        torch.Generator().manual_seed(seed), engine,
+        model,
+        codec,
+        (make_envs or heldout_envs)(problems * continuations),
+        BUDGET,
+        problems,
+        continuations,
+        rollouts,
+        margin,
+        torch.Generator().manual_seed(seed),
+        engine,
     )
 
 
@@ -224,8 +232,9 @@ def test_driver_values_are_meta_prover_scores_after_each_first_episode(setup, mo
         assert ctx == meta_prover_context(codec, t, len(prompt) + len(first))
     # each answer scored as the trial would be if forced to answer after episode 0
     scores = [
-        d.trials[row // m].grader.forced_outcome(d.trials[row // m].episode_texts[:1],
-                                              codec.episode_text(out.tokens[row, : int(out.lengths[row])].tolist()))
+        d.trials[row // m].grader.forced_outcome(
+            d.trials[row // m].episode_texts[:1], codec.episode_text(out.tokens[row, : int(out.lengths[row])].tolist())
+        )
         for row in range(len(contexts))
     ]
     np.testing.assert_allclose(d.values.ravel(), np.reshape(scores, (12, m)).mean(1), rtol=0, atol=1e-15)
@@ -264,9 +273,15 @@ def test_context_free_policy_has_no_heterogeneity(setup):
         model.model.embed_tokens.weight.zero_()  # tied: every logit is the bias alone
     digit_bias(model, tok, 5.0, 3.0)
     problems = 32
-    d = run(model, codec, problems=problems, continuations=8, rollouts=4, seed=2,
-            make_envs=lambda n: [AnswerOnlyPlanted(split="test", gold_length=1, max_episodes=BUDGET.max_episodes)
-                                 for _ in range(n)])
+    d = run(
+        model,
+        codec,
+        problems=problems,
+        continuations=8,
+        rollouts=4,
+        seed=2,
+        make_envs=lambda n: [AnswerOnlyPlanted(split="test", gold_length=1, max_episodes=BUDGET.max_episodes) for _ in range(n)],
+    )
     se = np.std(d.heterogeneity.per_prefix, ddof=1) / np.sqrt(problems)
     assert abs(d.heterogeneity.value) < 4 * se
     assert d.heterogeneity.uncorrected > 4 * se + abs(d.heterogeneity.value)

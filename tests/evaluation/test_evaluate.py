@@ -134,10 +134,16 @@ def _trial(group, answer, gold):
 
 def test_maj_at_k_hand_built():
     trials = [
-        _trial(0, "7", "7"), _trial(0, " 7 ", "7"), _trial(0, "3", "7"),  # "7" twice (stripped) -> right
-        _trial(1, "3", "5"), _trial(1, "5", "5"),  # tie: first seen "3" -> wrong
-        _trial(2, None, "1"), _trial(2, "", "1"),  # no vote -> 0
-        _trial(3, "2", "4"), _trial(3, "4", "4"), _trial(3, "2", "4"),  # "2" wins although "4" is right
+        _trial(0, "7", "7"),
+        _trial(0, " 7 ", "7"),
+        _trial(0, "3", "7"),  # "7" twice (stripped) -> right
+        _trial(1, "3", "5"),
+        _trial(1, "5", "5"),  # tie: first seen "3" -> wrong
+        _trial(2, None, "1"),
+        _trial(2, "", "1"),  # no vote -> 0
+        _trial(3, "2", "4"),
+        _trial(3, "4", "4"),
+        _trial(3, "2", "4"),  # "2" wins although "4" is right
         _trial(4, "9", "9"),
     ]
     assert maj_at_k(trials) == pytest.approx(2 / 5)
@@ -187,15 +193,38 @@ def test_saved_env_config_finds_its_schema(schema):
 
 
 TINY = [
-    "env=planted_subseq", "algo.iterations=2", "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=4",
-    "warm_start.steps=60", "warm_start.focused_until_loss=0", "warm_start.num_traces=256", "warm_start.batch_size=16",  # a few non-zero J values
-    "eval.num_problems=3", "eval.samples_per_problem=2", "eval.prover_samples=2", "eval.every=0",
+    "env=planted_subseq",
+    "algo.iterations=2",
+    "algo.problems_per_iter=2",
+    "algo.group_size=2",
+    "algo.minibatch_size=4",
+    "warm_start.steps=60",
+    "warm_start.focused_until_loss=0",
+    "warm_start.num_traces=256",
+    "warm_start.batch_size=16",  # a few non-zero J values
+    "eval.num_problems=3",
+    "eval.samples_per_problem=2",
+    "eval.prover_samples=2",
+    "eval.every=0",
     "eval.budget_scales=[0.5,2]",
-    "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",
-    "logger.mode=disabled", "logger.progress_bar=false", "checkpoint_every=1",
+    "model.tiny.hidden_size=32",
+    "model.tiny.num_layers=1",
+    "model.tiny.num_heads=2",
+    "model.tiny.intermediate_size=64",
+    "logger.mode=disabled",
+    "logger.progress_bar=false",
+    "checkpoint_every=1",
 ]
-FIGURES = ("regret", "tokens_to_success", "tokens_to_success_level", "maj_at_k", "heldout_success_curve",
-           "heldout_success_by_budget", "regret_by_budget", "heldout_tokens_per_trial_by_budget")
+FIGURES = (
+    "regret",
+    "tokens_to_success",
+    "tokens_to_success_level",
+    "maj_at_k",
+    "heldout_success_curve",
+    "heldout_success_by_budget",
+    "regret_by_budget",
+    "heldout_tokens_per_trial_by_budget",
+)
 
 
 @pytest.fixture(scope="module")
@@ -239,9 +268,12 @@ def test_cli_reproduces_the_training_runs_final_figures(trained_run):
 
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     res = subprocess.run(
-        [sys.executable, "-m", "metarl_llm.evaluate", f"run_dir={run}", f"compare={other}",
-         "logger.mode=offline", "threads=1"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "metarl_llm.evaluate", f"run_dir={run}", f"compare={other}", "logger.mode=offline", "threads=1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "regret" in res.stdout and "2x" in res.stdout
@@ -277,6 +309,7 @@ def test_missing_run_dir_or_checkpoint_is_named(trained_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.yaml"):
         evaluate_run(tmp_path)
     missing = tmp_path / "no_such_run"
-    res = subprocess.run([sys.executable, "-m", "metarl_llm.evaluate", f"run_dir={missing}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "metarl_llm.evaluate", f"run_dir={missing}"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 2 and str(missing) in res.stderr and "Traceback" not in res.stderr

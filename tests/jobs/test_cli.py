@@ -8,11 +8,24 @@ import sys
 from tests.support import ROOT
 
 TINY = [
-    "algo.iterations=1", "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=4",
-    "warm_start.steps=2", "warm_start.focused_until_loss=0", "warm_start.num_traces=16", "warm_start.batch_size=8",
-    "eval.num_problems=2", "eval.samples_per_problem=2", "eval.prover_samples=1",
-    "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",
-    "logger.mode=disabled", "logger.progress_bar=false", "checkpoint_every=0",
+    "algo.iterations=1",
+    "algo.problems_per_iter=2",
+    "algo.group_size=2",
+    "algo.minibatch_size=4",
+    "warm_start.steps=2",
+    "warm_start.focused_until_loss=0",
+    "warm_start.num_traces=16",
+    "warm_start.batch_size=8",
+    "eval.num_problems=2",
+    "eval.samples_per_problem=2",
+    "eval.prover_samples=1",
+    "model.tiny.hidden_size=32",
+    "model.tiny.num_layers=1",
+    "model.tiny.num_heads=2",
+    "model.tiny.intermediate_size=64",
+    "logger.mode=disabled",
+    "logger.progress_bar=false",
+    "checkpoint_every=0",
     "eval.budget_scales=[1]",  # the final evaluation at the training budget only (the sweep is what is checked)
     "threads=1",  # a model this small gains nothing from two threads, and loses many times over on a busy core
 ]
@@ -21,9 +34,19 @@ TINY = [
 def run(args, tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args, f"warm_start.cache_dir={tmp_path / 'cache'}",
-         f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *args,
+            f"warm_start.cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 

@@ -10,11 +10,29 @@ from metarl_llm.jobs.common import stream_codec
 from metarl_llm.models import load_policy
 from metarl_llm.trainer import train
 
-SMALL = ["env=math", "algo.iterations=1", "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=4",
-         "warm_start.steps=0", "eval.num_problems=2", "eval.samples_per_problem=1", "eval.prover_samples=1", "eval.every=0",
-         "eval.extrapolation=false", "checkpoint_every=0", "logger.mode=disabled", "logger.progress_bar=false", "threads=1",
-         "budget.max_prompt_tokens=256", "algo.ppo_epochs=1", "budget.max_episodes=2", "budget.max_episode_tokens=8",
-         "budget.max_total_tokens=16", "budget.answer_max_tokens=4"]
+SMALL = [
+    "env=math",
+    "algo.iterations=1",
+    "algo.problems_per_iter=2",
+    "algo.group_size=2",
+    "algo.minibatch_size=4",
+    "warm_start.steps=0",
+    "eval.num_problems=2",
+    "eval.samples_per_problem=1",
+    "eval.prover_samples=1",
+    "eval.every=0",
+    "eval.extrapolation=false",
+    "checkpoint_every=0",
+    "logger.mode=disabled",
+    "logger.progress_bar=false",
+    "threads=1",
+    "budget.max_prompt_tokens=256",
+    "algo.ppo_epochs=1",
+    "budget.max_episodes=2",
+    "budget.max_episode_tokens=8",
+    "budget.max_total_tokens=16",
+    "budget.answer_max_tokens=4",
+]
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -24,8 +42,9 @@ def test_a_hub_directory_with_a_chat_template_trains_end_to_end(compose_cfg, qwe
     assert len(tok) == 151669 and tok.chat_template
     codec = stream_codec(cfg, tok)
     ids = codec.prompt_ids("What is 2+3?")
-    assert tok.decode(ids) == ("<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\nWhat is 2+3?<|im_end|>\n"
-                               "<|im_start|>assistant\n")
+    assert tok.decode(ids) == (
+        "<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+    )
     summary = train(cfg, tmp_path / "run")
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/outcome" in r for r in rows) and "heldout_success_final" in summary

@@ -17,23 +17,53 @@ def batch_of(outcome, logprobs, ref_logprobs, mask, values=None, returns=None) -
     zeros = torch.zeros_like(torch.as_tensor(logprobs, dtype=torch.float32))
     t = lambda x: torch.as_tensor(x, dtype=torch.float32)  # noqa: E731
     return RolloutBatch(
-        input_ids=zeros.long(), attention_mask=torch.ones_like(zeros).long(), action_mask=t(mask),
-        episode_index=zeros.long(), outcome=t(outcome), group=torch.arange(len(outcome)),
-        logprobs=t(logprobs), ref_logprobs=t(ref_logprobs), values=zeros if values is None else t(values),
-        token_rewards=zeros, advantages=zeros, returns=zeros if returns is None else t(returns))
+        input_ids=zeros.long(),
+        attention_mask=torch.ones_like(zeros).long(),
+        action_mask=t(mask),
+        episode_index=zeros.long(),
+        outcome=t(outcome),
+        group=torch.arange(len(outcome)),
+        logprobs=t(logprobs),
+        ref_logprobs=t(ref_logprobs),
+        values=zeros if values is None else t(values),
+        token_rewards=zeros,
+        advantages=zeros,
+        returns=zeros if returns is None else t(returns),
+    )
 
 
 def test_iteration_metrics_against_hand_computed_values():
     # two trials: the first answered correctly in episode 1 after 6 policy tokens, the second
     # was forced to answer after 2 episodes and failed
-    per_trial = {"policy_tokens": [6, 10], "episodes": [2, 3], "forced": [False, True], "outcome": [1.0, 0.0],
-                 "answer_episode": [1, 2], "bonus": [0.25, -0.05]}
-    batch = batch_of(outcome=[0.9, 0.2], logprobs=[[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]],
-                     ref_logprobs=[[-1.5, -1.0, 0.0], [-0.5, 0.0, 0.0]], mask=[[1, 1, 0], [1, 0, 0]])
+    per_trial = {
+        "policy_tokens": [6, 10],
+        "episodes": [2, 3],
+        "forced": [False, True],
+        "outcome": [1.0, 0.0],
+        "answer_episode": [1, 2],
+        "bonus": [0.25, -0.05],
+    }
+    batch = batch_of(
+        outcome=[0.9, 0.2],
+        logprobs=[[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]],
+        ref_logprobs=[[-1.5, -1.0, 0.0], [-0.5, 0.0, 0.0]],
+        mask=[[1, 1, 0], [1, 0, 0]],
+    )
     stats = {"update_tokens": 3, "nonfinite_skipped": 0, "policy_loss": 0.125}
-    m = iteration_metrics(per_trial, batch, torch.tensor([1.0, 0.0]), stats, n_trials=2, max_episodes=3,
-                          use_critic=False, with_bonus=True, mismatch=0.0, env_failures=1.0,
-                          curves=[[0.1, 0.6], [0.1, 0.2, 0.3]], verifier_reward=True)
+    m = iteration_metrics(
+        per_trial,
+        batch,
+        torch.tensor([1.0, 0.0]),
+        stats,
+        n_trials=2,
+        max_episodes=3,
+        use_critic=False,
+        with_bonus=True,
+        mismatch=0.0,
+        env_failures=1.0,
+        curves=[[0.1, 0.6], [0.1, 0.2, 0.3]],
+        verifier_reward=True,
+    )
     assert m["train/outcome"] == 0.5
     assert m["train/reward"] == pytest.approx(0.55)
     assert m["train/bonus_return"] == pytest.approx(0.1)
@@ -54,13 +84,36 @@ def test_iteration_metrics_against_hand_computed_values():
 
 
 def test_iteration_metrics_without_bonus_or_verifier():
-    per_trial = {"policy_tokens": [4], "episodes": [1], "forced": [False], "outcome": [0.0], "answer_episode": [0],
-                 "bonus": [0.0]}
-    batch = batch_of(outcome=[0.0], logprobs=[[-1.0, -1.0]], ref_logprobs=[[-1.0, -1.0]], mask=[[1, 1]],
-                     values=[[0.0, 1.0]], returns=[[0.0, 1.0]])
-    m = iteration_metrics(per_trial, batch, torch.tensor([0.0]), {"update_tokens": 2, "nonfinite_skipped": 0},
-                          n_trials=1, max_episodes=1, use_critic=True, with_bonus=False, mismatch=float("nan"),
-                          env_failures=0.0, curves=None, verifier_reward=False)
+    per_trial = {
+        "policy_tokens": [4],
+        "episodes": [1],
+        "forced": [False],
+        "outcome": [0.0],
+        "answer_episode": [0],
+        "bonus": [0.0],
+    }
+    batch = batch_of(
+        outcome=[0.0],
+        logprobs=[[-1.0, -1.0]],
+        ref_logprobs=[[-1.0, -1.0]],
+        mask=[[1, 1]],
+        values=[[0.0, 1.0]],
+        returns=[[0.0, 1.0]],
+    )
+    m = iteration_metrics(
+        per_trial,
+        batch,
+        torch.tensor([0.0]),
+        {"update_tokens": 2, "nonfinite_skipped": 0},
+        n_trials=1,
+        max_episodes=1,
+        use_critic=True,
+        with_bonus=False,
+        mismatch=float("nan"),
+        env_failures=0.0,
+        curves=None,
+        verifier_reward=False,
+    )
     assert m["train/bonus_return"] == 0.0 and m["train/kl_ref"] == 0.0
     assert m["train/explained_variance"] == pytest.approx(1.0)  # values equal the returns
     assert not any(k.startswith("train/J/boundary") for k in m) and "train/reward_verifier_accuracy" not in m

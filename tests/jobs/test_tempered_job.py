@@ -8,10 +8,27 @@ import pytest
 
 from metarl_llm.trainer import train
 
-SMALL = ["env=planted_subseq", "algo.iterations=1", "algo.problems_per_iter=2", "algo.group_size=3", "algo.minibatch_size=3",
-         "warm_start.steps=0", "eval.num_problems=2", "eval.samples_per_problem=2", "eval.prover_samples=1", "eval.every=0",
-         "eval.extrapolation=false", "checkpoint_every=0", "logger.mode=disabled", "logger.progress_bar=false", "threads=1",
-         "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64"]
+SMALL = [
+    "env=planted_subseq",
+    "algo.iterations=1",
+    "algo.problems_per_iter=2",
+    "algo.group_size=3",
+    "algo.minibatch_size=3",
+    "warm_start.steps=0",
+    "eval.num_problems=2",
+    "eval.samples_per_problem=2",
+    "eval.prover_samples=1",
+    "eval.every=0",
+    "eval.extrapolation=false",
+    "checkpoint_every=0",
+    "logger.mode=disabled",
+    "logger.progress_bar=false",
+    "threads=1",
+    "model.tiny.hidden_size=32",
+    "model.tiny.num_layers=1",
+    "model.tiny.num_heads=2",
+    "model.tiny.intermediate_size=64",
+]
 
 
 def rows(run_dir):

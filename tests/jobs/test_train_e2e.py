@@ -8,19 +8,38 @@ from metarl_llm.trainer import train
 from tests.support import undocumented_keys
 
 SMALL = [
-    "algo.iterations=2", "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=2",
-    "warm_start.steps=4", "warm_start.num_traces=64", "warm_start.batch_size=16",  # both phases of the curriculum
-    "eval.num_problems=3", "eval.samples_per_problem=2", "eval.prover_samples=2",
+    "algo.iterations=2",
+    "algo.problems_per_iter=2",
+    "algo.group_size=2",
+    "algo.minibatch_size=2",
+    "warm_start.steps=4",
+    "warm_start.num_traces=64",
+    "warm_start.batch_size=16",  # both phases of the curriculum
+    "eval.num_problems=3",
+    "eval.samples_per_problem=2",
+    "eval.prover_samples=2",
     "eval.budget_scales=[0.5]",  # the final evaluation at two budgets (1 is always evaluated): the extrapolation path
-    "checkpoint_every=1", "logger.progress_bar=false",
+    "checkpoint_every=1",
+    "logger.progress_bar=false",
     # A small model (the default-sized one runs end to end in test_lora, test_rollout_values, test_distributed):
     # what is checked here (the files written, the metrics logged, the warm start's cache) does not depend on its size.
-    "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",
+    "model.tiny.hidden_size=32",
+    "model.tiny.num_layers=1",
+    "model.tiny.num_heads=2",
+    "model.tiny.intermediate_size=64",
 ]
 
 SUMMARY_KEYS = {
-    "env", "bonus", "seed", "iterations", "heldout_success_start", "heldout_success_final",
-    "heldout_tokens_per_trial", "wall_time_s", "rollout_tokens_per_s", "update_tokens_per_s",
+    "env",
+    "bonus",
+    "seed",
+    "iterations",
+    "heldout_success_start",
+    "heldout_success_final",
+    "heldout_tokens_per_trial",
+    "wall_time_s",
+    "rollout_tokens_per_s",
+    "update_tokens_per_s",
 }
 
 
@@ -41,8 +60,16 @@ def test_two_iterations_write_all_outputs(compose_cfg, tmp_path, env, bonus):
     train_rows = [r for r in rows if "train/outcome" in r]
     assert [r["iteration"] for r in train_rows] == [1, 2]
     for r in train_rows:
-        for key in ("train/approx_kl", "train/clipfrac", "train/entropy", "train/kl_ref", "train/tokens_per_trial",
-                    "perf/rollout_tokens_per_s", "perf/update_tokens_per_s", "train/success_by_episode_0"):
+        for key in (
+            "train/approx_kl",
+            "train/clipfrac",
+            "train/entropy",
+            "train/kl_ref",
+            "train/tokens_per_trial",
+            "perf/rollout_tokens_per_s",
+            "perf/update_tokens_per_s",
+            "train/success_by_episode_0",
+        ):
             assert key in r, key
         assert r["train/logprob_mismatch_max"] < 1e-3  # sampling log-probs equal the policy's
         if bonus == "info_gain":

@@ -1,6 +1,5 @@
 """docs/config.md is generated from the schema and must be fresh; it names every key a run has."""
 
-
 from omegaconf import OmegaConf
 
 from metarl_llm.runtime.setup import compose_config
@@ -13,7 +12,9 @@ def load_generator():
 
 def test_config_reference_is_fresh():
     gen = load_generator()
-    assert (ROOT / "docs" / "config.md").read_text() == gen.render(), "docs/config.md is stale: run python docs/config_reference.py"
+    assert (ROOT / "docs" / "config.md").read_text() == gen.render(), (
+        "docs/config.md is stale: run python docs/config_reference.py"
+    )
 
 
 def leaf_keys(node, prefix=""):
@@ -34,8 +35,10 @@ def test_config_reference_names_every_key_of_every_env():
 
 
 def test_glossary_patterns_match_what_they_say():
-    assert undocumented_keys([{"train/J/boundary_3": 0, "heldout_budget/0.5x/pass@4": 0, "heldout/prefix/ece": 0,
-                               "iteration": 1}]) == []
+    assert (
+        undocumented_keys([{"train/J/boundary_3": 0, "heldout_budget/0.5x/pass@4": 0, "heldout/prefix/ece": 0, "iteration": 1}])
+        == []
+    )
     assert undocumented_keys([{"train/made_up": 0}]) == ["train/made_up"]
 
 

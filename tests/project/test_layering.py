@@ -185,8 +185,10 @@ def test_no_import_circles():
 
 def test_function_level_imports_are_marked_deferred():
     unmarked = [f"{i.source}:{i.line} imports {i.target}" for i in all_imports() if i.in_function and not i.marked]
-    assert not unmarked, ("imports inside functions without a '# deferred: <reason>' comment (move them to the top "
-                          "of the module, or say why they wait):\n  " + "\n  ".join(unmarked))
+    assert not unmarked, (
+        "imports inside functions without a '# deferred: <reason>' comment (move them to the top "
+        "of the module, or say why they wait):\n  " + "\n  ".join(unmarked)
+    )
 
 
 def test_the_checks_catch_what_they_are_for(tmp_path):
@@ -198,15 +200,21 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     d = Import("metarl_llm.evaluation.report", "metarl_llm.evaluation.heldout", 1, False, True, False)
     e = Import("metarl_llm.evaluation.heldout", "metarl_llm.evaluation.report", 1, False, False, False)
     assert [s.split(" (")[0] for s in upward_imports([a, b, c, d, e])] == [
-        "metarl_llm.core.trial:1 imports metarl_llm.rl.bonus", "metarl_llm.rl.bonus:1 imports metarl_llm.arc.vote"]
+        "metarl_llm.core.trial:1 imports metarl_llm.rl.bonus",
+        "metarl_llm.rl.bonus:1 imports metarl_llm.arc.vote",
+    ]
     assert cycles([a, b, d, e]) == [["metarl_llm.core.trial", "metarl_llm.rl.bonus"]]
     # the walker sees imports inside functions and under TYPE_CHECKING, and the marker
     src = tmp_path / "m.py"
-    src.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from metarl_llm.rl import bonus\n"
-                   "def f():\n    import metarl_llm.core.trial  # deferred: start-up cost\n")
+    src.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from metarl_llm.rl import bonus\n"
+        "def f():\n    import metarl_llm.core.trial  # deferred: start-up cost\n"
+    )
     found = imports_of("metarl_llm.core.x", src, {"metarl_llm.rl.bonus", "metarl_llm.core.trial", "metarl_llm.rl"})
     assert [(i.target, i.in_function, i.type_checking, i.marked) for i in found if is_project(i.target)] == [
-        ("metarl_llm.rl.bonus", False, True, False), ("metarl_llm.core.trial", True, False, True)]
+        ("metarl_llm.rl.bonus", False, True, False),
+        ("metarl_llm.core.trial", True, False, True),
+    ]
 
 
 if __name__ == "__main__":

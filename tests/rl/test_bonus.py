@@ -113,7 +113,9 @@ def test_bonuses_telescope(setup, estimator):
 def test_sample_estimator_values_are_sample_means(setup):
     model, codec = setup
     trials = play(model, codec, "metarl/Math-v0")
-    curves = get_estimator("sample")(model, codec, trials, JOptions(num_samples=3, answer_max_tokens=4, generator=torch.Generator().manual_seed(0)))
+    curves = get_estimator("sample")(
+        model, codec, trials, JOptions(num_samples=3, answer_max_tokens=4, generator=torch.Generator().manual_seed(0))
+    )
     for c in curves:
         assert np.allclose(c * 3, np.round(c * 3))  # means of three 0/1 scores
 

@@ -75,9 +75,7 @@ def test_ppo_clip_ignores_masked_entries():
     logprobs, old, adv, mask = _clip_example()
     keep = mask[0] > 0
     loss_full, stats_full = ppo_clip(logprobs, old, adv, mask, clip_eps=0.2)
-    loss_kept, stats_kept = ppo_clip(
-        logprobs[:, keep], old[:, keep], adv[:, keep], torch.ones(1, int(keep.sum())), clip_eps=0.2
-    )
+    loss_kept, stats_kept = ppo_clip(logprobs[:, keep], old[:, keep], adv[:, keep], torch.ones(1, int(keep.sum())), clip_eps=0.2)
     torch.testing.assert_close(loss_full, loss_kept)
     for k in ("clipfrac", "approx_kl"):
         torch.testing.assert_close(stats_full[k], stats_kept[k])

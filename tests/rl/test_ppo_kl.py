@@ -90,13 +90,24 @@ def test_ppo_update_kl_term_has_the_gradient_of_kl_pi_ref():
     ref = torch.zeros(b, 2)
     ref[:, 1] = ref_logp.float()[tokens]
     zeros = torch.zeros(b, 2)
-    batch = RolloutBatch(ids, torch.ones(b, 2, dtype=torch.long), mask, torch.zeros(b, 2, dtype=torch.long), lp, ref,
-                         zeros, zeros, zeros, zeros, torch.zeros(b), torch.zeros(b, dtype=torch.long))
+    batch = RolloutBatch(
+        ids,
+        torch.ones(b, 2, dtype=torch.long),
+        mask,
+        torch.zeros(b, 2, dtype=torch.long),
+        lp,
+        ref,
+        zeros,
+        zeros,
+        zeros,
+        zeros,
+        torch.zeros(b),
+        torch.zeros(b, dtype=torch.long),
+    )
     model = _Categorical(theta0)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    cfg = AlgoConfig(ppo_epochs=1, minibatch_size=b, kl_coef=1.0, kl_in_reward=False, whiten_advantages=False,
-                     max_grad_norm=1e9)
+    cfg = AlgoConfig(ppo_epochs=1, minibatch_size=b, kl_coef=1.0, kl_in_reward=False, whiten_advantages=False, max_grad_norm=1e9)
     ppo_update(model, opt, batch, cfg, torch.Generator().manual_seed(0), use_critic=False)
-    step = (model.theta.detach().double() - theta0)
+    step = model.theta.detach().double() - theta0
     exact = _exact_kl_grad(theta0.clone().requires_grad_(True), ref_logp)
     torch.testing.assert_close(step, -exact, rtol=0, atol=1e-6)

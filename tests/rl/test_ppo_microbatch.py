@@ -39,19 +39,31 @@ def _batch(ac: ActorCritic, seed: int = 0) -> RolloutBatch:
         s = ac.score(input_ids, attention, with_values=True)
     noise = lambda scale: scale * torch.randn((b, t), generator=g)  # noqa: E731
     return RolloutBatch(
-        input_ids=input_ids, attention_mask=attention, action_mask=action,
+        input_ids=input_ids,
+        attention_mask=attention,
+        action_mask=action,
         episode_index=torch.where(action > 0, 0, -1),
-        logprobs=(s.logprobs + noise(0.3)) * action, ref_logprobs=(s.logprobs + noise(0.2)) * action,
-        values=(s.values + noise(0.5)) * action, token_rewards=torch.zeros(b, t),
-        advantages=noise(1.0) * action, returns=noise(1.0) * action,
-        outcome=torch.zeros(b), group=torch.zeros(b, dtype=torch.long),
+        logprobs=(s.logprobs + noise(0.3)) * action,
+        ref_logprobs=(s.logprobs + noise(0.2)) * action,
+        values=(s.values + noise(0.5)) * action,
+        token_rewards=torch.zeros(b, t),
+        advantages=noise(1.0) * action,
+        returns=noise(1.0) * action,
+        outcome=torch.zeros(b),
+        group=torch.zeros(b, dtype=torch.long),
     )
 
 
 def _gradients(ac: ActorCritic, batch: RolloutBatch, micro_batch_tokens: int, shapes: list | None = None):
     """Gradients after one update of the whole batch as one minibatch (lr 0: weights stay put)."""
-    cfg = AlgoConfig(ppo_epochs=1, minibatch_size=len(LENGTHS), kl_coef=0.1, ent_coef=0.01, max_grad_norm=1e9,
-                     micro_batch_tokens=micro_batch_tokens)
+    cfg = AlgoConfig(
+        ppo_epochs=1,
+        minibatch_size=len(LENGTHS),
+        kl_coef=0.1,
+        ent_coef=0.01,
+        max_grad_norm=1e9,
+        micro_batch_tokens=micro_batch_tokens,
+    )
     score = ac.score
 
     def recording_score(input_ids, attention_mask, **kw):
@@ -148,7 +160,14 @@ def test_bf16_autocast_scores_and_updates_in_float32(one_thread):
         assert x.dtype == torch.float32
     diff = float(((half.logprobs - full.logprobs) * mask).abs().max())
     assert 0.0 < diff < 0.2  # the forward ran in bf16 (rounded logits), the log-probs are float32
-    stats = ppo_update(ac, torch.optim.AdamW(ac.parameters(), lr=1e-3), batch, AlgoConfig(ppo_epochs=1, minibatch_size=6),
-                       torch.Generator().manual_seed(0), True, amp_dtype=torch.bfloat16)
+    stats = ppo_update(
+        ac,
+        torch.optim.AdamW(ac.parameters(), lr=1e-3),
+        batch,
+        AlgoConfig(ppo_epochs=1, minibatch_size=6),
+        torch.Generator().manual_seed(0),
+        True,
+        amp_dtype=torch.bfloat16,
+    )
     assert all(math.isfinite(v) for v in stats.values())
     assert all(p.dtype == torch.float32 for p in ac.parameters())

@@ -25,8 +25,9 @@ BUDGET = BudgetConfig(max_episodes=3, max_episode_tokens=9, max_total_tokens=24,
 @pytest.fixture(scope="module")
 def setup():
     tok = build_char_tokenizer()
-    model = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
-                             len(tok), tok.pad_token_id, 0)
+    model = build_tiny_model(
+        TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), len(tok), tok.pad_token_id, 0
+    )
     ac = ActorCritic(model).eval()
     with torch.no_grad():  # a critic that is not all zeros
         ac.value_head.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
@@ -47,8 +48,17 @@ def score(ac, trials, codec, use_critic, old, bucket=0, counter=None):
         real = ac.score
         ac.score = lambda *a, **k: counter.append(1) or real(*a, **k)
     try:
-        out = score_batch(ac, ac.policy, batch, use_critic, rows=5, sampling=sampled_logprobs(trials, batch.input_ids.shape[1]),
-                          old_logprobs=old, bucket_tokens=bucket, stats=stats)
+        out = score_batch(
+            ac,
+            ac.policy,
+            batch,
+            use_critic,
+            rows=5,
+            sampling=sampled_logprobs(trials, batch.input_ids.shape[1]),
+            old_logprobs=old,
+            bucket_tokens=bucket,
+            stats=stats,
+        )
     finally:
         if counter is not None:
             del ac.score
@@ -110,8 +120,9 @@ def brute_force(lengths, pass_tokens, max_tokens=0, max_rows=0):
     return best
 
 
-@pytest.mark.parametrize("pass_tokens,max_tokens,max_rows",
-                         [(1, 0, 0), (8, 0, 0), (30, 0, 0), (8, 40, 0), (4, 0, 3), (500, 0, 0)])
+@pytest.mark.parametrize(
+    "pass_tokens,max_tokens,max_rows", [(1, 0, 0), (8, 0, 0), (30, 0, 0), (8, 40, 0), (4, 0, 3), (500, 0, 0)]
+)
 def test_length_buckets_is_an_optimal_partition(pass_tokens, max_tokens, max_rows):
     g = torch.Generator().manual_seed(pass_tokens + max_tokens + max_rows)
     for _ in range(5):
@@ -137,10 +148,13 @@ def test_length_buckets_off_and_in_the_update():
         length_buckets(lengths, -1)
 
 
-@pytest.mark.parametrize("override,words", [
-    ("algo.old_logprobs=cached", "algo.old_logprobs"),  # a closed choice: fails at composition
-    ("algo.length_bucket_tokens=-1", "algo.length_bucket_tokens"),
-])
+@pytest.mark.parametrize(
+    "override,words",
+    [
+        ("algo.old_logprobs=cached", "algo.old_logprobs"),  # a closed choice: fails at composition
+        ("algo.length_bucket_tokens=-1", "algo.length_bucket_tokens"),
+    ],
+)
 def test_bad_scoring_options_fail_at_start(compose_cfg, override, words):
     from hydra.errors import ConfigCompositionException
 

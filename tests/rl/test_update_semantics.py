@@ -25,8 +25,9 @@ def _trial(tok, group: int, ep0: str, ep1: str) -> Trial:
 
 def _setup(attention_dropout: float = 0.0):
     tok = build_char_tokenizer()
-    policy = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
-                              len(tok), tok.pad_token_id, 0)
+    policy = build_tiny_model(
+        TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), len(tok), tok.pad_token_id, 0
+    )
     policy.config.attention_dropout = attention_dropout
     for layer in policy.model.layers:
         layer.self_attn.attention_dropout = attention_dropout

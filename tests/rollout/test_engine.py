@@ -33,8 +33,9 @@ BUDGET = BudgetConfig(max_episodes=4, max_episode_tokens=9, max_total_tokens=30,
 @pytest.fixture(scope="module")
 def setup():
     tok = build_char_tokenizer()
-    model = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
-                             len(tok), tok.pad_token_id, 0).eval()
+    model = build_tiny_model(
+        TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), len(tok), tok.pad_token_id, 0
+    ).eval()
     return model, StreamCodec(tok, "\n", "Answer:")
 
 
@@ -51,8 +52,17 @@ def resets_of(n):
 
 def play(model, codec, engine, n=10, seed=0, budget=BUDGET, env_id=PLANTED, **kw):
     resets, groups = resets_of(n)
-    return run_trials(model, codec, make_envs(n, budget, env_id), resets, groups, budget, torch.Generator().manual_seed(seed),
-                      engine=engine, **kw)
+    return run_trials(
+        model,
+        codec,
+        make_envs(n, budget, env_id),
+        resets,
+        groups,
+        budget,
+        torch.Generator().manual_seed(seed),
+        engine=engine,
+        **kw,
+    )
 
 
 @torch.no_grad()
@@ -66,12 +76,16 @@ def reference_trials(model, codec, n=10, seed=0, budget=BUDGET, env_id=PLANTED):
     for i, t in enumerate(trials):
         forced = False
         for _episode in range(budget.max_episodes + 2):
-            limit = budget.answer_max_tokens if forced else max(1, min(budget.max_episode_tokens, budget.max_total_tokens - t.policy_tokens))
+            limit = (
+                budget.answer_max_tokens
+                if forced
+                else max(1, min(budget.max_episode_tokens, budget.max_total_tokens - t.policy_tokens))
+            )
             toks, lps = [], []
             while len(toks) < limit:
                 stream = t.ids + toks
                 logits = model(input_ids=torch.tensor([stream])).logits[:, -1]
-                u = stream_uniforms(keys[i: i + 1], torch.tensor([len(stream)]))
+                u = stream_uniforms(keys[i : i + 1], torch.tensor([len(stream)]))
                 tok, lp = draw_tokens(logits, u)
                 toks.append(int(tok))
                 lps.append(float(lp))
@@ -164,8 +178,9 @@ def test_engines_agree_and_trials_do_not_depend_on_the_batch(setup, one_thread):
     assert_same_trials(cached, play(model, codec, "reencode"))
     # Chunked into batches of 3 rows: the same trials.
     resets, groups = resets_of(10)
-    chunked = get_engine("cached", max_rows=3).run_trials(model, codec, make_envs(10), resets, groups, BUDGET,
-                                                          torch.Generator().manual_seed(0))
+    chunked = get_engine("cached", max_rows=3).run_trials(
+        model, codec, make_envs(10), resets, groups, BUDGET, torch.Generator().manual_seed(0)
+    )
     assert_same_trials(cached, chunked)
     # Observations queued one token per pass (default) or fed as blocks: the same trials.
     assert_same_trials(cached, play(model, codec, CachedEngine(queue_tokens=0)))
@@ -191,8 +206,9 @@ def test_kept_cache_covers_the_stream_and_continues_like_a_fresh_prefill(setup, 
         assert t.cache is not None and t.cache.length == len(t.ids) - 1 and t.cache.computed_by(model)
     ends = [boundary_prefixes(t) for t in trials]
     suffixes = [[codec.forced_prefix(t.ids[:e]) for e in es] for t, es in zip(trials, ends)]
-    toks, lengths, owners = CachedEngine(max_rows=7).continue_prefixes(model, trials, ends, suffixes, 2, BUDGET.answer_max_tokens,
-                                                                       codec.stop_ids, codec.pad_id, greedy=True)
+    toks, lengths, owners = CachedEngine(max_rows=7).continue_prefixes(
+        model, trials, ends, suffixes, 2, BUDGET.answer_max_tokens, codec.stop_ids, codec.pad_id, greedy=True
+    )
     contexts = [meta_prover_context(codec, trials[i], ends[i][b]) for i, b in owners]
     fresh = sample(model, contexts, BUDGET.answer_max_tokens, codec.stop_ids, codec.pad_id, greedy=True)
     assert len(owners) == 2 * sum(len(e) for e in ends) > 20
@@ -211,10 +227,12 @@ def test_sampled_continuations_depend_on_the_keys_only(setup, one_thread):
     m = 3 * sum(len(e) for e in ends)
     keys = trial_keys(m, torch.Generator().manual_seed(5))
     args = (model, trials, ends, suffixes, 3, BUDGET.answer_max_tokens, codec.stop_ids, codec.pad_id)
-    runs = [CachedEngine().continue_prefixes(*args, keys=keys),
-            CachedEngine(max_rows=5, bucket_tokens=0).continue_prefixes(*args, keys=keys),
-            get_engine("reencode", max_rows=4).continue_prefixes(*args, keys=keys),
-            get_engine("hf_generate").continue_prefixes(*args, keys=keys)]
+    runs = [
+        CachedEngine().continue_prefixes(*args, keys=keys),
+        CachedEngine(max_rows=5, bucket_tokens=0).continue_prefixes(*args, keys=keys),
+        get_engine("reencode", max_rows=4).continue_prefixes(*args, keys=keys),
+        get_engine("hf_generate").continue_prefixes(*args, keys=keys),
+    ]
     rows = lambda toks, lengths: [toks[r, : lengths[r]].tolist() for r in range(m)]  # noqa: E731
     reference = rows(*runs[0][:2])
     assert len(set(map(tuple, reference))) > 5  # sampled, not all alike
@@ -239,8 +257,9 @@ def test_meta_prover_uses_the_cache_only_for_its_own_model(setup, one_thread):
     j = j_of(model, True)
     assert [len(x) for x in j] == [len(e) for e in ends] and all(((x >= 0) & (x <= 1)).all() for x in j)
     assert all(np.array_equal(a, b) for a, b in zip(j, j_of(model, False)))
-    other = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
-                             model.config.vocab_size, codec.pad_id, 1).eval()
+    other = build_tiny_model(
+        TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), model.config.vocab_size, codec.pad_id, 1
+    ).eval()
     j_other = j_of(other, True)
     assert all(np.array_equal(a, b) for a, b in zip(j_other, j_of(other, False)))
 
@@ -304,13 +323,27 @@ def test_a_finished_trial_keeps_grading_its_own_problem_after_its_env_is_reset(s
     envs_ = make_envs(4)
     resets, groups = resets_of(4)
     trials = run_trials(model, codec, envs_, resets, groups, BUDGET, torch.Generator().manual_seed(0))
-    before = [(t.grader.reference_answer, t.grader.score(t.grader.reference_answer), t.grader.score("999"),
-               [t.grader.forced_outcome(t.episode_texts[:1], " " + t.grader.reference_answer)]) for t in trials]
+    before = [
+        (
+            t.grader.reference_answer,
+            t.grader.score(t.grader.reference_answer),
+            t.grader.score("999"),
+            [t.grader.forced_outcome(t.episode_texts[:1], " " + t.grader.reference_answer)],
+        )
+        for t in trials
+    ]
     for i, env in enumerate(envs_):
         env.reset(seed=900 + i)  # other problems
     assert any(env.unwrapped.problem.reference != t.grader.reference_answer for env, t in zip(envs_, trials))
-    after = [(t.grader.reference_answer, t.grader.score(t.grader.reference_answer), t.grader.score("999"),
-              [t.grader.forced_outcome(t.episode_texts[:1], " " + t.grader.reference_answer)]) for t in trials]
+    after = [
+        (
+            t.grader.reference_answer,
+            t.grader.score(t.grader.reference_answer),
+            t.grader.score("999"),
+            [t.grader.forced_outcome(t.episode_texts[:1], " " + t.grader.reference_answer)],
+        )
+        for t in trials
+    ]
     assert after == before and all(b[1] == 1.0 and b[3] == [1.0] for b in before)
     assert all(t.grader.problem.problem_id == t.problem_id for t in trials)
     assert not hasattr(trials[0].grader, "step") and not hasattr(trials[0].grader, "reset")

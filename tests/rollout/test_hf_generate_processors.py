@@ -38,11 +38,28 @@ CONFIGS = {
     "no_repeat_ngram_size": {"no_repeat_ngram_size": 2},
     "min_new_tokens": {"min_new_tokens": 6, "min_length": 40},
     "suppress_tokens": {"suppress_tokens": list(range(5, 60)), "begin_suppress_tokens": list(range(60, 90))},
-    "warpers": {"do_sample": True, "temperature": 0.6, "top_k": 4, "top_p": 0.5, "min_p": 0.2, "typical_p": 0.5,
-                "epsilon_cutoff": 0.05, "eta_cutoff": 0.05},
-    "many": {"repetition_penalty": 1.1, "sequence_bias": {(40,): -5.0, (41,): 5.0}, "bad_words_ids": [[42], [43]],
-             "exponential_decay_length_penalty": (1, 2.0), "forced_eos_token_id": 2, "renormalize_logits": True,
-             "remove_invalid_values": True, "num_beams": 2, "num_return_sequences": 2, "guidance_scale": 1.5},
+    "warpers": {
+        "do_sample": True,
+        "temperature": 0.6,
+        "top_k": 4,
+        "top_p": 0.5,
+        "min_p": 0.2,
+        "typical_p": 0.5,
+        "epsilon_cutoff": 0.05,
+        "eta_cutoff": 0.05,
+    },
+    "many": {
+        "repetition_penalty": 1.1,
+        "sequence_bias": {(40,): -5.0, (41,): 5.0},
+        "bad_words_ids": [[42], [43]],
+        "exponential_decay_length_penalty": (1, 2.0),
+        "forced_eos_token_id": 2,
+        "renormalize_logits": True,
+        "remove_invalid_values": True,
+        "num_beams": 2,
+        "num_return_sequences": 2,
+        "guidance_scale": 1.5,
+    },
 }
 
 

@@ -17,7 +17,9 @@ BUDGET = BudgetConfig(max_episodes=3, max_episode_tokens=10, max_total_tokens=24
 @pytest.fixture(scope="module")
 def setup():
     tok = build_char_tokenizer()
-    model = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), len(tok), tok.pad_token_id, 0).eval()
+    model = build_tiny_model(
+        TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), len(tok), tok.pad_token_id, 0
+    ).eval()
     codec = StreamCodec(tok, "\n", "Answer:")
     return tok, model, codec
 
@@ -79,7 +81,9 @@ def test_same_seed_same_trials(setup):
 def test_eos_without_answer_forces_the_meta_prover(setup):
     """A policy that always ends episodes with EOS gets the forced answer at once."""
     tok, model, codec = setup
-    m = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), len(tok), tok.pad_token_id, 1).eval()
+    m = build_tiny_model(
+        TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), len(tok), tok.pad_token_id, 1
+    ).eval()
     with torch.no_grad():
         m.lm_head.weight.zero_()
         m.model.embed_tokens.weight.zero_()  # tied: every logit 0 ...

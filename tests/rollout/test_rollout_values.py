@@ -77,8 +77,9 @@ def play(ac, codec, engine, value_head=None, n=12, env_id=MATH):
     torch.manual_seed(5)  # hf_generate samples from the global generator
     env_list = [gym.make(env_id, max_episodes=BUDGET.max_episodes) for _ in range(n)]
     resets, groups = [{"seed": 100 + i // 2} for i in range(n)], [i // 2 for i in range(n)]
-    return run_trials(ac.policy, codec, env_list, resets, groups, BUDGET, torch.Generator().manual_seed(0), engine=engine,
-                      value_head=value_head)
+    return run_trials(
+        ac.policy, codec, env_list, resets, groups, BUDGET, torch.Generator().manual_seed(0), engine=engine, value_head=value_head
+    )
 
 
 def check_values_equal_score(ac, codec, trials):
@@ -143,16 +144,27 @@ def test_the_kept_cache_is_the_same_with_values(setup, one_thread):
 def play_keep(ac, codec, value_head, n=12):
     env_list = [gym.make(MATH, max_episodes=BUDGET.max_episodes) for _ in range(n)]
     resets, groups = [{"seed": 100 + i // 2} for i in range(n)], [i // 2 for i in range(n)]
-    return run_trials(ac.policy, codec, env_list, resets, groups, BUDGET, torch.Generator().manual_seed(0),
-                      engine=CachedEngine(max_rows=5, bucket_tokens=8, queue_tokens=2), keep_cache=True, value_head=value_head)
+    return run_trials(
+        ac.policy,
+        codec,
+        env_list,
+        resets,
+        groups,
+        BUDGET,
+        torch.Generator().manual_seed(0),
+        engine=CachedEngine(max_rows=5, bucket_tokens=8, queue_tokens=2),
+        keep_cache=True,
+        value_head=value_head,
+    )
 
 
 def test_engines_without_values_are_refused_and_trials_check_their_values(setup):
     ac, codec = setup
 
     class NoValues(Engine):  # a backend written before value_head existed
-        def run_trials(self, model, codec, envs, resets, groups, budget, generator=None, keep_cache=False, greedy=False,
-                       keys=None):
+        def run_trials(
+            self, model, codec, envs, resets, groups, budget, generator=None, keep_cache=False, greedy=False, keys=None
+        ):
             raise AssertionError("not reached")
 
     with pytest.raises(ValueError, match="cannot compute the critic's values"):
@@ -184,8 +196,18 @@ def test_score_batch_with_rollout_values_runs_no_policy_forward(setup, one_threa
     ac.score = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
         stats = {}
-        fast = score_batch(ac, ac.policy, batch, True, rows=5, sampling=sampling, old_logprobs="sampled", bucket_tokens=16,
-                           stats=stats, sampled_values=sampled_values(trials, width))
+        fast = score_batch(
+            ac,
+            ac.policy,
+            batch,
+            True,
+            rows=5,
+            sampling=sampling,
+            old_logprobs="sampled",
+            bucket_tokens=16,
+            stats=stats,
+            sampled_values=sampled_values(trials, width),
+        )
         assert calls == [] and math.isnan(stats["logprob_mismatch_max"])
         slow = score_batch(ac, ac.policy, batch, True, rows=5, sampling=sampling, old_logprobs="sampled", bucket_tokens=16)
         assert calls  # without rollout values the forward runs for the values
@@ -201,18 +223,46 @@ def test_score_batch_with_rollout_values_runs_no_policy_forward(setup, one_threa
     assert float((adv_f - adv_s).abs().max()) < 1e-5 and float((ret_f - ret_s).abs().max()) < 1e-5
     for bad in ({"old_logprobs": "recompute", "use": True}, {"old_logprobs": "sampled", "use": False}):
         with pytest.raises(ValueError, match="sampled_values"):
-            score_batch(ac, ac.policy, batch, bad["use"], sampling=sampling, old_logprobs=bad["old_logprobs"],
-                        sampled_values=sampled_values(trials, width))
+            score_batch(
+                ac,
+                ac.policy,
+                batch,
+                bad["use"],
+                sampling=sampling,
+                old_logprobs=bad["old_logprobs"],
+                sampled_values=sampled_values(trials, width),
+            )
     with pytest.raises(ValueError, match="shape"):
-        score_batch(ac, ac.policy, batch, True, sampling=sampling, old_logprobs="sampled",
-                    sampled_values=sampled_values(trials, width + 1))
+        score_batch(
+            ac,
+            ac.policy,
+            batch,
+            True,
+            sampling=sampling,
+            old_logprobs="sampled",
+            sampled_values=sampled_values(trials, width + 1),
+        )
 
 
 SMALL = [
-    "algo=ppo", "algo.old_logprobs=sampled", "env=math", "algo.iterations=2", "algo.problems_per_iter=2",
-    "algo.group_size=3", "algo.minibatch_size=3", "warm_start.steps=0", "eval.num_problems=1",
-    "eval.samples_per_problem=1", "eval.prover_samples=1", "eval.every=0", "eval.extrapolation=false",
-    "checkpoint_every=0", "logger.mode=disabled", "logger.progress_bar=false", "threads=1", "algo.ent_coef=0.05",
+    "algo=ppo",
+    "algo.old_logprobs=sampled",
+    "env=math",
+    "algo.iterations=2",
+    "algo.problems_per_iter=2",
+    "algo.group_size=3",
+    "algo.minibatch_size=3",
+    "warm_start.steps=0",
+    "eval.num_problems=1",
+    "eval.samples_per_problem=1",
+    "eval.prover_samples=1",
+    "eval.every=0",
+    "eval.extrapolation=false",
+    "checkpoint_every=0",
+    "logger.mode=disabled",
+    "logger.progress_bar=false",
+    "threads=1",
+    "algo.ent_coef=0.05",
     "algo.lam=0.95",  # advantages and returns depend on the values (with lam=1 and zero outcomes they would not)
 ]
 
@@ -237,8 +287,7 @@ def run(compose_cfg, tmp_path, monkeypatch, name, *overrides, engine_values=True
 
     def rollout(job, it):
         roll = real_rollout(job, it)
-        state["value_head"].append(job.actor_critic.value_head if all(t.sample_values is not None for t in roll.trials)
-                                   else None)
+        state["value_head"].append(job.actor_critic.value_head if all(t.sample_values is not None for t in roll.trials) else None)
         return roll
 
     def score(job, roll):
@@ -251,9 +300,15 @@ def run(compose_cfg, tmp_path, monkeypatch, name, *overrides, engine_values=True
         if job.rollout_values:  # the forward's values, for comparison (not used by the run)
             batch = collate(roll.trials, job.codec.pad_id)
             records[-1]["forward_values"] = score_batch(
-                job.actor_critic, job.reference, batch, job.use_critic, amp_dtype=job.amp,
-                sampling=sampled_logprobs(roll.trials, batch.input_ids.shape[1]), old_logprobs=job.cfg.algo.old_logprobs,
-                bucket_tokens=job.cfg.algo.length_bucket_tokens).values
+                job.actor_critic,
+                job.reference,
+                batch,
+                job.use_critic,
+                amp_dtype=job.amp,
+                sampling=sampled_logprobs(roll.trials, batch.input_ids.shape[1]),
+                old_logprobs=job.cfg.algo.old_logprobs,
+                bucket_tokens=job.cfg.algo.length_bucket_tokens,
+            ).values
         records[-1]["values"], records[-1]["mask"] = out.batch.values, out.batch.action_mask
         return out
 

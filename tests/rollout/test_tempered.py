@@ -20,15 +20,24 @@ BUDGET = BudgetConfig(max_episodes=3, max_episode_tokens=8, max_total_tokens=20,
 @pytest.fixture
 def setup():
     tok = build_char_tokenizer()
-    model = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), len(tok),
-                             tok.pad_token_id, 0).eval()
+    model = build_tiny_model(
+        TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), len(tok), tok.pad_token_id, 0
+    ).eval()
     return model, StreamCodec(tok, "\n", "Answer:")
 
 
 def play(model, codec, engine="cached", seed=0):
     envs_ = [gym.make("metarl/PlantedSubseq-v0", max_episodes=BUDGET.max_episodes) for _ in range(6)]
-    return run_trials(model, codec, envs_, [{"seed": i} for i in range(6)], list(range(6)), BUDGET,
-                      torch.Generator().manual_seed(seed), engine=engine)
+    return run_trials(
+        model,
+        codec,
+        envs_,
+        [{"seed": i} for i in range(6)],
+        list(range(6)),
+        BUDGET,
+        torch.Generator().manual_seed(seed),
+        engine=engine,
+    )
 
 
 @pytest.mark.parametrize("engine", ["cached", "reencode", "hf_generate"])

@@ -49,8 +49,19 @@ def test_two_processes_match_one_process(tmp_path):
     losses, entropy and gradient norms per iteration (an entropy bonus gives the untrained
     model a non-zero gradient, so the second iteration depends on the first update)."""
     bench = load_bench()
-    result = bench.main(["--iterations", "2", "--out-root", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "res"),
-                         "--timeout", "600", "algo.ent_coef=0.05"])
+    result = bench.main(
+        [
+            "--iterations",
+            "2",
+            "--out-root",
+            str(tmp_path / "runs"),
+            "--results-dir",
+            str(tmp_path / "res"),
+            "--timeout",
+            "600",
+            "algo.ent_coef=0.05",
+        ]
+    )
     rows = result["iterations"]
     assert [r["iteration"] for r in rows] == [1, 2]
     for r in rows:

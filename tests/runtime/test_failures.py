@@ -15,10 +15,20 @@ from metarl_llm.rl.losses import register_policy_loss
 from metarl_llm.trainer import train
 
 SMALL = [
-    "algo.iterations=2", "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=2",
-    "warm_start.steps=0", "eval.num_problems=2", "eval.samples_per_problem=1", "eval.prover_samples=1",
-    "eval.every=0", "eval.extrapolation=false", "checkpoint_every=0", "logger.mode=disabled",
-    "logger.progress_bar=false", "threads=1",
+    "algo.iterations=2",
+    "algo.problems_per_iter=2",
+    "algo.group_size=2",
+    "algo.minibatch_size=2",
+    "warm_start.steps=0",
+    "eval.num_problems=2",
+    "eval.samples_per_problem=1",
+    "eval.prover_samples=1",
+    "eval.every=0",
+    "eval.extrapolation=false",
+    "checkpoint_every=0",
+    "logger.mode=disabled",
+    "logger.progress_bar=false",
+    "threads=1",
 ]
 
 
@@ -50,8 +60,11 @@ def test_the_guard_raises_with_the_problem_and_text_or_scores_and_counts(monkeyp
 
 def test_a_raising_reward_stops_the_run_with_its_problem_id_saved(compose_cfg, tmp_path, monkeypatch):
     real = PlantedSubseqEnv.outcome
-    monkeypatch.setattr(PlantedSubseqEnv, "outcome",  # raise in training; held-out grading works
-                        lambda self, eps, ans: raising_outcome(self, eps, ans) if self.split == "train" else real(self, eps, ans))
+    monkeypatch.setattr(
+        PlantedSubseqEnv,
+        "outcome",  # raise in training; held-out grading works
+        lambda self, eps, ans: raising_outcome(self, eps, ans) if self.split == "train" else real(self, eps, ans),
+    )
     with pytest.raises(EnvironmentFailure, match="saved in"):
         train(compose_cfg(*SMALL), tmp_path / "run")
     records = list((tmp_path / "run" / "failures").glob("*.json"))

@@ -39,8 +39,9 @@ def test_the_sft_fit_reports_its_steps(caplog):
 
     caplog.set_level(logging.INFO, logger="metarl_llm.progress")
     tok = build_char_tokenizer()
-    model = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), len(tok),
-                             tok.pad_token_id, 0)
+    model = build_tiny_model(
+        TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), len(tok), tok.pad_token_id, 0
+    )
     ids = tok.encode("1+2\nAnswer: 3\n", add_special_tokens=False)
     records = [{"input_ids": ids, "completion_mask": [0] * 4 + [1] * (len(ids) - 4)}] * 8
     fit_records(model, tok, records, 3, 4, 1e-3, 0, desc="warm start, focused phase", progress_bar=False)

@@ -15,13 +15,25 @@ from metarl_llm.runtime.checkpoint import COMPLETE, complete_checkpoints, find_c
 from metarl_llm.trainer import train
 
 SMALL = [
-    "algo.iterations=5", "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=2",
+    "algo.iterations=5",
+    "algo.problems_per_iter=2",
+    "algo.group_size=2",
+    "algo.minibatch_size=2",
     "warm_start.steps=0",
-    "eval.num_problems=2", "eval.samples_per_problem=2", "eval.prover_samples=2", "eval.every=2",
-    "eval.extrapolation=false", "checkpoint_every=2", "logger.progress_bar=false", "threads=1",
+    "eval.num_problems=2",
+    "eval.samples_per_problem=2",
+    "eval.prover_samples=2",
+    "eval.every=2",
+    "eval.extrapolation=false",
+    "checkpoint_every=2",
+    "logger.progress_bar=false",
+    "threads=1",
     "algo.ent_coef=0.05",  # no warm start: the entropy term gives every update a real gradient
     # A small model: what is checked (bit-exact resume, checkpoint files) does not depend on its size.
-    "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",
+    "model.tiny.hidden_size=32",
+    "model.tiny.num_layers=1",
+    "model.tiny.num_heads=2",
+    "model.tiny.intermediate_size=64",
 ]
 
 
@@ -68,8 +80,13 @@ def test_crash_then_resume_gives_the_uninterrupted_run(compose_cfg, tmp_path, mo
 def test_resume_from_a_path_continues_in_that_run(compose_cfg, tmp_path):
     cfg = compose_cfg(*SMALL, "algo.iterations=2", "checkpoint_every=1", f"warm_start.cache_dir={tmp_path / 'cache'}")
     train(cfg, tmp_path / "run")
-    longer = compose_cfg(*SMALL, "algo.iterations=3", "checkpoint_every=1", f"warm_start.cache_dir={tmp_path / 'cache'}",
-                         f"resume={tmp_path / 'run' / 'checkpoints' / 'iter_000002'}")
+    longer = compose_cfg(
+        *SMALL,
+        "algo.iterations=3",
+        "checkpoint_every=1",
+        f"warm_start.cache_dir={tmp_path / 'cache'}",
+        f"resume={tmp_path / 'run' / 'checkpoints' / 'iter_000002'}",
+    )
     train(longer, tmp_path / "elsewhere")
     assert not (tmp_path / "elsewhere").exists()
     assert [r["iteration"] for r in train_rows(tmp_path / "run") if "train/outcome" in r] == [1, 2, 3]
@@ -78,8 +95,9 @@ def test_resume_from_a_path_continues_in_that_run(compose_cfg, tmp_path):
 
 
 def test_partial_and_corrupted_checkpoints_are_ignored(compose_cfg, tmp_path):
-    cfg = compose_cfg(*SMALL, "algo.iterations=3", "checkpoint_every=1", "checkpoint_keep=0",
-                      f"warm_start.cache_dir={tmp_path / 'cache'}")
+    cfg = compose_cfg(
+        *SMALL, "algo.iterations=3", "checkpoint_every=1", "checkpoint_keep=0", f"warm_start.cache_dir={tmp_path / 'cache'}"
+    )
     train(cfg, tmp_path / "run")
     root = tmp_path / "run" / "checkpoints"
     assert [p.name for p in complete_checkpoints(root)] == ["iter_000001", "iter_000002", "iter_000003"]
@@ -95,8 +113,9 @@ def test_partial_and_corrupted_checkpoints_are_ignored(compose_cfg, tmp_path):
 
 
 def test_checkpoint_keep_bounds_the_checkpoints(compose_cfg, tmp_path):
-    cfg = compose_cfg(*SMALL, "algo.iterations=4", "checkpoint_every=1", "checkpoint_keep=2",
-                      f"warm_start.cache_dir={tmp_path / 'cache'}")
+    cfg = compose_cfg(
+        *SMALL, "algo.iterations=4", "checkpoint_every=1", "checkpoint_keep=2", f"warm_start.cache_dir={tmp_path / 'cache'}"
+    )
     train(cfg, tmp_path / "run")
     root = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["iter_000003", "iter_000004", "latest"]

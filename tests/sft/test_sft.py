@@ -44,17 +44,23 @@ def gold_of(seed):
 
 
 def test_star_records_are_the_successful_trials_with_their_action_masks():
-    trials = [hand_trial(0, ["Answer: 1"], [True], 1.0, ids=(5, 6, 7, 8), action=(0, 0, 1, 1)),
-              hand_trial(0, ["Answer: 2"], [False], 0.0),
-              hand_trial(1, ["12", "Answer: 3"], [False, True], 1.0, ids=(9, 10, 11), action=(0, 1, 1))]
+    trials = [
+        hand_trial(0, ["Answer: 1"], [True], 1.0, ids=(5, 6, 7, 8), action=(0, 0, 1, 1)),
+        hand_trial(0, ["Answer: 2"], [False], 0.0),
+        hand_trial(1, ["12", "Answer: 3"], [False, True], 1.0, ids=(9, 10, 11), action=(0, 1, 1)),
+    ]
     recs = star_records(trials)
-    assert recs == [{"input_ids": [5, 6, 7, 8], "completion_mask": [0, 0, 1, 1]},
-                    {"input_ids": [9, 10, 11], "completion_mask": [0, 1, 1]}]
+    assert recs == [
+        {"input_ids": [5, 6, 7, 8], "completion_mask": [0, 0, 1, 1]},
+        {"input_ids": [9, 10, 11], "completion_mask": [0, 1, 1]},
+    ]
 
 
 def test_failed_attempts_are_the_intermediate_episodes_not_marked_correct():
-    trials = [hand_trial(0, ["a", "b", "Answer: x"], [False, True, False], 0.0),
-              hand_trial(0, ["c", "Answer: y"], [False, True], 1.0)]
+    trials = [
+        hand_trial(0, ["a", "b", "Answer: x"], [False, True, False], 0.0),
+        hand_trial(0, ["c", "Answer: y"], [False, True], 1.0),
+    ]
     assert failed_attempts(trials) == ["a", "c"]  # "b" was correct; answer episodes are never attempts
 
 
@@ -73,12 +79,16 @@ def test_stitched_traces_have_the_configured_structure(codec, n_min, n_max):
         miss = [m for m in miss if gold not in m]
         pools[g] = set(miss)
         win = f"Answer: {gold}0"
-        trials += [hand_trial(g, [miss[0], win], [False, True], 1.0), hand_trial(g, [miss[-1], "Answer: 0000"], [False, False], 0.0)]
+        trials += [
+            hand_trial(g, [miss[0], win], [False, True], 1.0),
+            hand_trial(g, [miss[-1], "Answer: 0000"], [False, False], 0.0),
+        ]
     trials.append(hand_trial(2, ["Answer: 0000"], [False], 0.0))  # no success: no trace for problem 2
     resets = {g: {"seed": sd} for g, sd in seeds.items()}
     resets[2] = {"seed": 33}
-    recs, counts = stitched_records(trials, lambda split: make_env(split, feedback=True), codec, BUDGET, resets, 5, n_min,
-                                    n_max, np.random.default_rng(0))
+    recs, counts = stitched_records(
+        trials, lambda split: make_env(split, feedback=True), codec, BUDGET, resets, 5, n_min, n_max, np.random.default_rng(0)
+    )
     assert counts["problems"] == 3 and counts["problems_with_success"] == 2
     assert counts["traces"] == len(recs) == 10 and counts["rejected"] == 0
     assert sum(counts[f"n_failed_{k}"] for k in range(n_min, n_max + 1)) == 10
@@ -114,11 +124,22 @@ def test_sft_loss_covers_only_policy_tokens(codec):
 
     tok = codec.tokenizer
     torch.manual_seed(0)
-    model = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), len(tok), tok.pad_token_id, 0)
-    recs = [{"input_ids": [5, 6, 7, 8, 9, 10], "completion_mask": [0, 0, 1, 1, 0, 1]},
-            {"input_ids": [11, 12, 13, 14], "completion_mask": [0, 1, 1, 1]}]
-    args = SFTConfig(output_dir="/tmp/unused", completion_only_loss=True, max_length=None, report_to=[], use_cpu=True,
-                     per_device_train_batch_size=2, activation_checkpointing=False)
+    model = build_tiny_model(
+        TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), len(tok), tok.pad_token_id, 0
+    )
+    recs = [
+        {"input_ids": [5, 6, 7, 8, 9, 10], "completion_mask": [0, 0, 1, 1, 0, 1]},
+        {"input_ids": [11, 12, 13, 14], "completion_mask": [0, 1, 1, 1]},
+    ]
+    args = SFTConfig(
+        output_dir="/tmp/unused",
+        completion_only_loss=True,
+        max_length=None,
+        report_to=[],
+        use_cpu=True,
+        per_device_train_batch_size=2,
+        activation_checkpointing=False,
+    )
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(recs), processing_class=tok)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     mask = torch.zeros_like(batch["input_ids"])
@@ -144,12 +165,27 @@ def test_sft_fit_rejects_empty_or_maskless_records(codec):
 
 # ------------------------------------------------------------------ jobs
 
-SMALL = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",
-         "warm_start.steps=20", "warm_start.num_traces=64", "warm_start.batch_size=16", "warm_start.lr=3e-3",
-         "warm_start.replay_fraction=0", "warm_start.focused_until_loss=0",  # both needed: a 20-step base policy that still writes failed attempts (stitched data)
-         "env.gold_length=1", "env.chunk_length=2", "env.input_length=4",
-         "logger.mode=disabled", "logger.progress_bar=false", "threads=1",
-         "diagnostics.num_problems=3", "diagnostics.num_continuations=2", "diagnostics.num_rollouts=2"]
+SMALL = [
+    "model.tiny.hidden_size=32",
+    "model.tiny.num_layers=1",
+    "model.tiny.num_heads=2",
+    "model.tiny.intermediate_size=64",
+    "warm_start.steps=20",
+    "warm_start.num_traces=64",
+    "warm_start.batch_size=16",
+    "warm_start.lr=3e-3",
+    "warm_start.replay_fraction=0",
+    "warm_start.focused_until_loss=0",  # both needed: a 20-step base policy that still writes failed attempts (stitched data)
+    "env.gold_length=1",
+    "env.chunk_length=2",
+    "env.input_length=4",
+    "logger.mode=disabled",
+    "logger.progress_bar=false",
+    "threads=1",
+    "diagnostics.num_problems=3",
+    "diagnostics.num_continuations=2",
+    "diagnostics.num_rollouts=2",
+]
 
 
 def cfg_of(tmp_path, *overrides):
@@ -160,16 +196,29 @@ def cfg_of(tmp_path, *overrides):
 
     register_configs()
     with initialize_config_dir(version_base=None, config_dir=str(ROOT / "conf")):
-        return OmegaConf.to_object(compose("config", overrides=[*SMALL, f"warm_start.cache_dir={tmp_path / 'cache'}", *overrides]))
+        return OmegaConf.to_object(
+            compose("config", overrides=[*SMALL, f"warm_start.cache_dir={tmp_path / 'cache'}", *overrides])
+        )
 
 
 @pytest.mark.parametrize("data", ["star", "stitched"])
 def test_algo_sft_job_writes_policy_summary_and_diagnostics(tmp_path, data):
     from metarl_llm.trainer import train
 
-    cfg = cfg_of(tmp_path, "algo=sft", f"sft.data={data}", "sft.num_train_problems=24", "sft.samples_per_problem=4",
-                 "sft.steps=2", "sft.batch_size=8", "sft.num_heldout_problems=3", "sft.n_values=[1,2]",
-                 "sft.budget_scales=[1,2]", "sft.sequential_samples=1", "sft.traces_per_problem=2")
+    cfg = cfg_of(
+        tmp_path,
+        "algo=sft",
+        f"sft.data={data}",
+        "sft.num_train_problems=24",
+        "sft.samples_per_problem=4",
+        "sft.steps=2",
+        "sft.batch_size=8",
+        "sft.num_heldout_problems=3",
+        "sft.n_values=[1,2]",
+        "sft.budget_scales=[1,2]",
+        "sft.sequential_samples=1",
+        "sft.traces_per_problem=2",
+    )
     out = train(cfg, tmp_path / data)
     on_disk = json.loads((tmp_path / data / "summary.json").read_text())
     assert out["algo"] == on_disk["algo"] == "sft" and on_disk["sft/data"] == data
@@ -210,9 +259,19 @@ def test_reward_verifier_replaces_the_outcome_in_ppo(tmp_path):
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(PPOJob, "score", spy)
-        cfg = cfg_of(tmp_path, "reward=verifier", f"reward.verifier={tmp_path / 'v'}", "algo.iterations=1",
-                     "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=4", "eval.num_problems=2",
-                     "eval.samples_per_problem=1", "eval.extrapolation=false", "checkpoint_every=0")
+        cfg = cfg_of(
+            tmp_path,
+            "reward=verifier",
+            f"reward.verifier={tmp_path / 'v'}",
+            "algo.iterations=1",
+            "algo.problems_per_iter=2",
+            "algo.group_size=2",
+            "algo.minibatch_size=4",
+            "eval.num_problems=2",
+            "eval.samples_per_problem=1",
+            "eval.extrapolation=false",
+            "checkpoint_every=0",
+        )
         train(cfg, tmp_path / "run")
     row = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "train/reward" in x][0]
     np.testing.assert_allclose(seen["reward"].numpy(), seen["ref"], atol=1e-6)

@@ -12,8 +12,15 @@ from metarl_llm.runtime.setup import env_factory
 from metarl_llm.sft.fit import FitResult, fit_records
 from metarl_llm.sft.warm_start import expert_records, warm_start
 
-SMALL = ["warm_start.steps=4", "warm_start.num_traces=32", "warm_start.batch_size=8", "model.tiny.hidden_size=32",
-         "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64"]
+SMALL = [
+    "warm_start.steps=4",
+    "warm_start.num_traces=32",
+    "warm_start.batch_size=8",
+    "model.tiny.hidden_size=32",
+    "model.tiny.num_layers=1",
+    "model.tiny.num_heads=2",
+    "model.tiny.intermediate_size=64",
+]
 
 
 def test_expert_records_mask_only_policy_tokens(compose_cfg):
@@ -76,9 +83,20 @@ def test_warm_start_seed_fixes_one_start_model_for_several_run_seeds(compose_cfg
     assert key(WarmStartConfig(seed=0), 3) == key(WarmStartConfig(), 3)  # the effective seed is the argument
     assert key(WarmStartConfig(), 3) != key(WarmStartConfig(), 4)
 
-    tiny = [*SMALL, "algo.iterations=1", "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=4",
-            "eval.num_problems=2", "eval.samples_per_problem=1", "eval.extrapolation=false", "checkpoint_every=0",
-            "logger.mode=disabled", "logger.progress_bar=false", f"warm_start.cache_dir={tmp_path / 'cache'}"]
+    tiny = [
+        *SMALL,
+        "algo.iterations=1",
+        "algo.problems_per_iter=2",
+        "algo.group_size=2",
+        "algo.minibatch_size=4",
+        "eval.num_problems=2",
+        "eval.samples_per_problem=1",
+        "eval.extrapolation=false",
+        "checkpoint_every=0",
+        "logger.mode=disabled",
+        "logger.progress_bar=false",
+        f"warm_start.cache_dir={tmp_path / 'cache'}",
+    ]
     summaries = [train(compose_cfg(*tiny, "warm_start.seed=0", f"seed={s}"), tmp_path / f"run{s}") for s in (0, 1)]
     assert [s["warm_start_cached"] for s in summaries] == [False, True]
     assert len(list((tmp_path / "cache").iterdir())) == 1
@@ -90,8 +108,13 @@ def test_varied_phase_replays_a_share_of_the_focused_traces(compose_cfg, tmp_pat
     first phase's focused traces (the replay that keeps the first phase's rule learned)."""
     calls = []
     recording_fit = lambda model, tok, recs, steps, *a, **k: calls.append((recs, steps)) or FitResult([0.0], steps)  # noqa: E731
-    cfg = compose_cfg(*SMALL, "warm_start.num_traces=40", f"warm_start.replay_fraction={replay}", "warm_start.focused_until_loss=0",
-                      f"warm_start.cache_dir={tmp_path}")
+    cfg = compose_cfg(
+        *SMALL,
+        "warm_start.num_traces=40",
+        f"warm_start.replay_fraction={replay}",
+        "warm_start.focused_until_loss=0",
+        f"warm_start.cache_dir={tmp_path}",
+    )
     policy, tok = load_policy(cfg.model, 0)
     codec = StreamCodec(tok, "\n", "Answer:")
     warm_start(policy, tok, codec, env_factory(cfg), cfg.model, cfg.env, cfg.budget, cfg.warm_start, 0, fit=recording_fit)
@@ -99,7 +122,7 @@ def test_varied_phase_replays_a_share_of_the_focused_traces(compose_cfg, tmp_pat
     assert (steps1, steps2) == (2, 2) and len(focused) == len(second) == 40
     key = lambda r: tuple(r["input_ids"])  # noqa: E731
     n_replay = int(round(40 * replay))
-    assert [key(r) for r in second[40 - n_replay:]] == [key(r) for r in focused[:n_replay]]
+    assert [key(r) for r in second[40 - n_replay :]] == [key(r) for r in focused[:n_replay]]
     longest_focused = max(sum(r["completion_mask"]) for r in focused)  # the answer episode alone
     assert sum(sum(r["completion_mask"]) > longest_focused for r in second[: 40 - n_replay]) > 10  # failed episodes first
 
@@ -115,8 +138,18 @@ def test_focused_phase_runs_on_until_its_loss_is_below_the_level(compose_cfg, tm
 
     cfg = compose_cfg(*SMALL, "warm_start.steps=60", "warm_start.focused_until_loss=0.1", f"warm_start.cache_dir={tmp_path}")
     policy, tok = load_policy(cfg.model, 0)
-    _, info = warm_start(policy, tok, StreamCodec(tok, "\n", "Answer:"), env_factory(cfg), cfg.model, cfg.env, cfg.budget,
-                         cfg.warm_start, 0, fit=fake_fit)
+    _, info = warm_start(
+        policy,
+        tok,
+        StreamCodec(tok, "\n", "Answer:"),
+        env_factory(cfg),
+        cfg.model,
+        cfg.env,
+        cfg.budget,
+        cfg.warm_start,
+        0,
+        fit=fake_fit,
+    )
     assert calls == [(120, 0.1, 30), (30, None, 0)]  # 30 focused steps, up to 4x; then the 30 varied ones
     assert info["warm_start/focused_steps"] == 80 and info["warm_start/steps"] == 110
 

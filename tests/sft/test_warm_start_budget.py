@@ -87,7 +87,9 @@ def test_the_error_names_the_smallest_budget_for_all_traces(compose_cfg, math_fi
     assert max(sum(r["completion_mask"]) for r in records) == total
     with pytest.raises(ValueError, match=r"^budget\.max_episode_tokens=%d is too small" % (episode - 1)):
         expert_records(make_env, codec, replace(fits, max_episode_tokens=episode - 1), num, n_failed_max, variety, seed=0)
-    with pytest.raises(ValueError, match=r"^budget\.max_total_tokens=%d is too small .*" % (total - 1) + re.escape(smallest(episode, total))):
+    with pytest.raises(
+        ValueError, match=r"^budget\.max_total_tokens=%d is too small .*" % (total - 1) + re.escape(smallest(episode, total))
+    ):
         expert_records(make_env, codec, replace(fits, max_total_tokens=total - 1), num, n_failed_max, variety, seed=0)
 
 
@@ -102,7 +104,8 @@ def test_a_long_prompt_is_named_with_the_rest(compose_cfg, math_file):
     assert str(err.value) == (
         f"budget.max_prompt_tokens={prompt_len - 1} is too small for the expert traces: the longest episode has "
         f"{episode} tokens, the longest trace {total} and the longest prompt {prompt_len}; "
-        + smallest(episode, total) + f" budget.max_prompt_tokens={prompt_len}"
+        + smallest(episode, total)
+        + f" budget.max_prompt_tokens={prompt_len}"
     )
 
 
@@ -111,9 +114,15 @@ def test_warm_start_names_one_budget_for_both_phases_before_training(compose_cfg
     phase's (the solution written out) do not: the warm start must say so, with the
     budget for both phases, before it spends any time training."""
     cfg = compose_cfg(
-        "env=math", f"env.dataset={math_file}", "warm_start.steps=4", "warm_start.num_traces=24",
-        f"warm_start.cache_dir={tmp_path / 'cache'}", "model.tiny.hidden_size=32", "model.tiny.num_layers=1",
-        "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",
+        "env=math",
+        f"env.dataset={math_file}",
+        "warm_start.steps=4",
+        "warm_start.num_traces=24",
+        f"warm_start.cache_dir={tmp_path / 'cache'}",
+        "model.tiny.hidden_size=32",
+        "model.tiny.num_layers=1",
+        "model.tiny.num_heads=2",
+        "model.tiny.intermediate_size=64",
     )
     ws = cfg.warm_start
 

@@ -35,7 +35,9 @@ def setup():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is fastest and leaves the other cores alone
     tok = build_char_tokenizer()
-    policy = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), len(tok), tok.pad_token_id, 0).eval()
+    policy = build_tiny_model(
+        TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), len(tok), tok.pad_token_id, 0
+    ).eval()
     codec = StreamCodec(tok, "\n", "Answer:")
     yield policy, codec
     torch.set_num_threads(threads)
@@ -158,8 +160,18 @@ def test_verifier_learns_a_token_presence_signal_and_is_deterministic(setup):
     held_ex = verifier_examples(synthetic_trials(tok, 256, 1), codec, prefixes=False)
     logged = []
     v = build_verifier(tok, tiny=TINY, seed=0)
-    m = train_verifier(v, train_ex, held_ex, steps=40, batch_size=32, lr=1e-2, generator=torch.Generator().manual_seed(0),
-                       log=lambda metrics, step: logged.append((step, metrics)), eval_every=20, log_every=10)
+    m = train_verifier(
+        v,
+        train_ex,
+        held_ex,
+        steps=40,
+        batch_size=32,
+        lr=1e-2,
+        generator=torch.Generator().manual_seed(0),
+        log=lambda metrics, step: logged.append((step, metrics)),
+        eval_every=20,
+        log_every=10,
+    )
     base = max(m["heldout/positive_rate"], 1 - m["heldout/positive_rate"])
     assert 0.4 < m["heldout/positive_rate"] < 0.6
     assert m["heldout/accuracy"] > base + 0.25
@@ -197,12 +209,19 @@ def test_one_pass_prefix_scores_equal_separate_prefix_passes(setup, trials):
         for t, c, e in zip(trials, curves, ends_scores):
             ends = boundary_prefixes(t)
             assert c.shape == (len(ends),)
-            alone = [torch.sigmoid(v(torch.tensor([t.ids[:b]]), torch.ones(1, b, dtype=torch.long), torch.tensor([b - 1]))).item() for b in ends]
+            alone = [
+                torch.sigmoid(v(torch.tensor([t.ids[:b]]), torch.ones(1, b, dtype=torch.long), torch.tensor([b - 1]))).item()
+                for b in ends
+            ]
             np.testing.assert_allclose(c, alone, rtol=0, atol=1e-5)
-            whole = torch.sigmoid(v(torch.tensor([t.ids]), torch.ones(1, len(t.ids), dtype=torch.long), torch.tensor([len(t.ids) - 1]))).item()
+            whole = torch.sigmoid(
+                v(torch.tensor([t.ids]), torch.ones(1, len(t.ids), dtype=torch.long), torch.tensor([len(t.ids) - 1]))
+            ).item()
             assert e == pytest.approx(whole, abs=1e-5)
             # [B, K] positions read K prefixes of one row at once
-            k = torch.sigmoid(v(torch.tensor([t.ids]), torch.ones(1, len(t.ids), dtype=torch.long), torch.tensor([[b - 1 for b in ends]])))
+            k = torch.sigmoid(
+                v(torch.tensor([t.ids]), torch.ones(1, len(t.ids), dtype=torch.long), torch.tensor([[b - 1 for b in ends]]))
+            )
             np.testing.assert_allclose(k[0].numpy(), alone, rtol=0, atol=1e-5)
             spread.append(np.ptp(c))
     assert max(spread) > 1e-3  # the scores do differ between prefixes: the comparison is not vacuous
@@ -311,13 +330,32 @@ def test_best_of_n_over_trials_matches_evaluate(setup, trials):
 
 def test_run_verifier_training_end_to_end(setup, tmp_path):
     policy, codec = setup
-    cfg = VerifierConfig(num_train_problems=4, samples_per_problem=2, num_heldout_problems=3, n_values=[1, 2],
-                         steps=3, batch_size=8, eval_every=2, log_every=1, rollout_rows=5, rows=4)
+    cfg = VerifierConfig(
+        num_train_problems=4,
+        samples_per_problem=2,
+        num_heldout_problems=3,
+        n_values=[1, 2],
+        steps=3,
+        batch_size=8,
+        eval_every=2,
+        log_every=1,
+        rollout_rows=5,
+        rows=4,
+    )
     make_env = lambda split: gym.make(ENV, split=split, max_episodes=BUDGET.max_episodes)  # noqa: E731
     logged = []
     verifier = build_verifier(codec.tokenizer, "policy", policy=policy)
-    summary = run_verifier_training(policy, codec, make_env, verifier, BUDGET, cfg, torch.Generator().manual_seed(0),
-                                    tmp_path, log=lambda m, s: logged.append((s, m)))
+    summary = run_verifier_training(
+        policy,
+        codec,
+        make_env,
+        verifier,
+        BUDGET,
+        cfg,
+        torch.Generator().manual_seed(0),
+        tmp_path,
+        log=lambda m, s: logged.append((s, m)),
+    )
     assert summary["train_trials"] == 8 and summary["heldout_trials"] == 6
     assert summary["train_examples"] > 8  # prefixes too
     assert 0 <= summary["heldout/accuracy"] <= 1
@@ -397,27 +435,60 @@ def test_algo_verifier_job_then_ppo_with_its_verifier_as_the_j_estimator(tmp_pat
     from metarl_llm.trainer import train
 
     root = ROOT
-    small = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.intermediate_size=64",
-             "warm_start.steps=4", "warm_start.focused_until_loss=0", "warm_start.num_traces=32", "warm_start.batch_size=8", f"warm_start.cache_dir={tmp_path / 'cache'}",
-             "logger.mode=disabled", "logger.progress_bar=false", "threads=1"]
+    small = [
+        "model.tiny.hidden_size=32",
+        "model.tiny.num_layers=1",
+        "model.tiny.num_heads=2",
+        "model.tiny.intermediate_size=64",
+        "warm_start.steps=4",
+        "warm_start.focused_until_loss=0",
+        "warm_start.num_traces=32",
+        "warm_start.batch_size=8",
+        f"warm_start.cache_dir={tmp_path / 'cache'}",
+        "logger.mode=disabled",
+        "logger.progress_bar=false",
+        "threads=1",
+    ]
     register_configs()
 
     def cfg_of(*overrides):
         with initialize_config_dir(version_base=None, config_dir=str(root / "conf")):
             return OmegaConf.to_object(compose("config", overrides=[*small, *overrides]))
 
-    summary = train(cfg_of("job=train_verifier", "verifier.num_train_problems=4", "verifier.samples_per_problem=2",
-                           "verifier.num_heldout_problems=3", "verifier.n_values=[1,2]", "verifier.steps=3",
-                           "verifier.batch_size=8", "verifier.eval_every=0",
-                           "verifier.tiny.hidden_size=32", "verifier.tiny.num_layers=1", "verifier.tiny.num_heads=2",
-                           "verifier.tiny.intermediate_size=64"), tmp_path / "vrun")
+    summary = train(
+        cfg_of(
+            "job=train_verifier",
+            "verifier.num_train_problems=4",
+            "verifier.samples_per_problem=2",
+            "verifier.num_heldout_problems=3",
+            "verifier.n_values=[1,2]",
+            "verifier.steps=3",
+            "verifier.batch_size=8",
+            "verifier.eval_every=0",
+            "verifier.tiny.hidden_size=32",
+            "verifier.tiny.num_layers=1",
+            "verifier.tiny.num_heads=2",
+            "verifier.tiny.intermediate_size=64",
+        ),
+        tmp_path / "vrun",
+    )
     assert summary["algo"] == "verifier" and summary["best_of_n"]["n"] == [1, 2]
     assert json.loads((tmp_path / "vrun" / "summary.json").read_text())["heldout_trials"] == 6
     assert is_saved_verifier(tmp_path / "vrun" / "verifier")
 
-    ppo = cfg_of("bonus=info_gain", "bonus.estimator=verifier", f"bonus.verifier={tmp_path / 'vrun' / 'verifier'}",
-                 "algo.iterations=1", "algo.problems_per_iter=2", "algo.group_size=2", "algo.minibatch_size=4",
-                 "eval.num_problems=2", "eval.samples_per_problem=1", "eval.extrapolation=false", "checkpoint_every=0")
+    ppo = cfg_of(
+        "bonus=info_gain",
+        "bonus.estimator=verifier",
+        f"bonus.verifier={tmp_path / 'vrun' / 'verifier'}",
+        "algo.iterations=1",
+        "algo.problems_per_iter=2",
+        "algo.group_size=2",
+        "algo.minibatch_size=4",
+        "eval.num_problems=2",
+        "eval.samples_per_problem=1",
+        "eval.extrapolation=false",
+        "checkpoint_every=0",
+    )
     out = train(ppo, tmp_path / "prun")
     assert out["bonus"] == "info_gain/verifier"
     rows = [json.loads(x) for x in (tmp_path / "prun" / "metrics.jsonl").read_text().splitlines()]
