@@ -1,5 +1,5 @@
 """Chat-formatted token streams: the prompt rendered through the tokenizer's chat template, and
-the environment's replies as new user turns (docs/design.md section 4).
+the environment's replies as new user turns (docs/design.md section 5).
 
 Token in, token out still holds. The prompt's tokens are the tokenisation of the rendered
 prompt (with the generation prompt), and those tokens are the ones trained on. The policy's

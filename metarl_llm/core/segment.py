@@ -1,4 +1,4 @@
-"""Episode segmentation: where a policy's token stream is cut into episodes (docs/design.md section 4).
+"""Episode segmentation: where a policy's token stream is cut into episodes (docs/design.md section 5).
 
 A segmenter maps the tokens a policy wrote for one trial (or one turn) to the end positions of
 its episodes. It works on token ids and never splits a token: a cut falls after the token in

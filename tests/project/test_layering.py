@@ -21,7 +21,7 @@ from tests.support import ROOT
 # packages of one layer are independent of each other.
 LAYERS: list[tuple[str, ...]] = [
     ("config", "envs"),  # the schema; the environments (which never import metarl_llm)
-    ("core",),  # Trial, StreamCodec, RolloutBatch, padding, the registry helper
+    ("core",),  # Trial, StreamCodec, chat formatting, segmenters, RolloutBatch, padding, the registry helper
     ("models",),  # policy, critic, LoRA
     ("runtime",),  # processes, checkpoints, tracking, set-up, failure records, plots
     ("rollout",),  # sampling, KV cache, engines, the meta-prover
