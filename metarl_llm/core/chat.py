@@ -17,6 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+@dataclass
+class ChatState:
+    """One trial's conversation: the messages so far and where the open assistant turn's tokens begin
+    in the stream (everything the policy and the engine put there since the last user turn)."""
+
+    messages: list[dict]
+    turn_start: int
+
+
 class TemplateError(ValueError):
     """The chat template cannot extend the token stream (or there is none)."""
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from metarl_llm.core.chat import ChatFormat
+from metarl_llm.core.chat import ChatFormat, ChatState
 
 
 @dataclass
@@ -54,6 +54,7 @@ class Trial:
     policy_tokens: int = 0
     grader: object = None  # envs.base.ProblemGrader: the grading of this trial's problem (never reset to another)
     cache: object = None  # engine.TrialCache when the engine was asked to keep it (for the meta-prover)
+    chat: ChatState | None = None  # the conversation, when prompts and feedback are chat turns (StreamCodec.chat)
 
     def append(
         self,
@@ -113,7 +114,30 @@ class StreamCodec:
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt's tokens: the chat template's rendering with the generation prompt (with ``chat``),
         else the text with the tokenizer's special tokens (BOS) added."""
-        return self.chat.start(prompt)[1] if self.chat is not None else self.encode(prompt, special=True)
+        return self.start(prompt)[0]
+
+    def start(self, prompt: str) -> tuple[list[int], ChatState | None]:
+        """The prompt's tokens (:meth:`prompt_ids`) and, with ``chat``, the conversation they open."""
+        if self.chat is None:
+            return self.encode(prompt, special=True), None
+        messages, ids = self.chat.start(prompt)
+        return ids, ChatState(messages, len(ids))
+
+    def reply_ids(self, stream: list[int], state: ChatState, observation: str) -> list[int]:
+        """An environment reply (feedback) after ``stream`` as a chat user turn: the tokens the template
+        adds after the stream (closing the open assistant turn, the user turn, the next generation
+        prompt), checked to extend it exactly (:meth:`ChatFormat.reply`). ``state`` is updated. The
+        reply's trailing delimiter is dropped: in chat form the template's tokens end the turn."""
+        text = observation[: -len(self.delimiter)] if self.delimiter and observation.endswith(self.delimiter) else observation
+        turn = stream[state.turn_start :]
+        if turn and turn[-1] == self.eos_id:  # the policy closed its turn itself
+            turn = turn[:-1]
+        assistant = self.tokenizer.decode(turn, skip_special_tokens=False)
+        state.messages, ids = self.chat.reply(
+            state.messages, self.tokenizer.decode(stream, skip_special_tokens=False), assistant, text
+        )
+        state.turn_start = len(stream) + len(ids)
+        return ids
 
     def encode(self, text: str, special: bool = False) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=special) if text else []

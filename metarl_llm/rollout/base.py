@@ -169,7 +169,7 @@ def start_trials(codec: StreamCodec, envs: list, resets: list[dict], groups: lis
     for env, kw, g in zip(envs, resets, groups):
         prompt, info = env.reset(**kw)
         t = Trial(problem_id=info["problem_id"], group=g, grader=env.unwrapped.grader())
-        ids = codec.prompt_ids(prompt)
+        ids, t.chat = codec.start(prompt)
         if len(ids) > budget.max_prompt_tokens:
             raise ValueError(
                 f"problem {t.problem_id}: prompt of {len(ids)} tokens exceeds budget.max_prompt_tokens={budget.max_prompt_tokens}"
@@ -203,7 +203,9 @@ def finish_episode(
     Returns (ended, forced_next, observation ids to insert). The trial ends when the
     environment terminates or truncates it; after EOS without a committed answer, at
     ``max_total_tokens`` or when the environment itself forces the answer, the
-    forced-answer text is inserted and the next episode is the final answer.
+    forced-answer text is inserted and the next episode is the final answer. In chat form
+    (``t.chat``) the environment's feedback is a user turn (:meth:`StreamCodec.reply_ids`), and an
+    EOS before it only closes the assistant turn.
     """
     j = len(t.episode_texts)
     t.append(toks, True, j, logps, values)
@@ -219,9 +221,12 @@ def finish_episode(
     n = len(toks)
     if info.get("forcing_answer"):
         return False, True, codec.forced_prefix(t.ids)
-    if (n > 0 and toks[-1] == codec.eos_id) or t.policy_tokens >= budget.max_total_tokens:
+    chat_turn = t.chat is not None and bool(obs)  # feedback as a user turn: EOS then ends the assistant turn, no more
+    if (n > 0 and toks[-1] == codec.eos_id and not chat_turn) or t.policy_tokens >= budget.max_total_tokens:
         env.unwrapped.force_answer()
         return False, True, codec.forced_prefix(t.ids)
+    if chat_turn:
+        return False, False, codec.reply_ids(t.ids, t.chat, obs)
     cut = n > 0 and toks[-1] not in codec.delimiter_ids
     return False, False, (codec.delimiter_token if cut else []) + codec.encode(obs)
 

@@ -146,7 +146,7 @@ def trace_record(
     traces the rollout could never produce would be silently wrong). ``kind`` names the
     traces in error messages.
     """
-    ids = codec.prompt_ids(prompt)
+    ids, chat = codec.start(prompt)
     mask = [0] * len(ids)
     policy_tokens = 0
     terminated, reward = False, 0.0
@@ -163,9 +163,9 @@ def trace_record(
         policy_tokens += len(tokens)
         ids += tokens
         mask += [1] * len(tokens)
-        obs, reward, terminated, _, _ = env.step(text)
-        if obs:
-            o = codec.encode(obs)
+        obs, reward, terminated, _, info = env.step(text)
+        if obs:  # feedback in chat form is a user turn, as the rollout inserts it
+            o = codec.reply_ids(ids, chat, obs) if chat is not None and not info.get("forcing_answer") else codec.encode(obs)
             ids += o
             mask += [0] * len(o)
     if policy_tokens > budget.max_total_tokens:
