@@ -60,6 +60,10 @@ def test_two_processes_match_one_process(tmp_path):
             "--timeout",
             "600",
             "algo.ent_coef=0.05",
+            # a small model: the test compares the processes with each other, which needs no size
+            "model.tiny.hidden_size=64",
+            "model.tiny.num_layers=2",
+            "model.tiny.intermediate_size=128",
         ]
     )
     rows = result["iterations"]
