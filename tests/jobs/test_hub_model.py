@@ -9,23 +9,17 @@ import pytest
 from metarl_llm.jobs.common import stream_codec
 from metarl_llm.models import load_policy
 from metarl_llm.trainer import train
+from tests.support import QUICK_RUN
 
 SMALL = [
+    *QUICK_RUN,
     "env=math",
     "algo.iterations=1",
     "algo.problems_per_iter=2",
     "algo.group_size=2",
     "algo.minibatch_size=4",
-    "warm_start.steps=0",
     "eval.num_problems=2",
     "eval.samples_per_problem=1",
-    "eval.prover_samples=1",
-    "eval.every=0",
-    "eval.extrapolation=false",
-    "checkpoint_every=0",
-    "logger.mode=disabled",
-    "logger.progress_bar=false",
-    "threads=1",
     "budget.max_prompt_tokens=256",
     "algo.ppo_epochs=1",
     "budget.max_episodes=2",

@@ -7,23 +7,17 @@ import json
 import pytest
 
 from metarl_llm.trainer import train
+from tests.support import QUICK_RUN
 
 SMALL = [
+    *QUICK_RUN,
     "env=planted_subseq",
     "algo.iterations=1",
     "algo.problems_per_iter=2",
     "algo.group_size=3",
     "algo.minibatch_size=3",
-    "warm_start.steps=0",
     "eval.num_problems=2",
     "eval.samples_per_problem=2",
-    "eval.prover_samples=1",
-    "eval.every=0",
-    "eval.extrapolation=false",
-    "checkpoint_every=0",
-    "logger.mode=disabled",
-    "logger.progress_bar=false",
-    "threads=1",
     "model.tiny.hidden_size=32",
     "model.tiny.num_layers=1",
     "model.tiny.num_heads=2",

@@ -25,6 +25,7 @@ from metarl_llm.rollout.engine import get_engine, run_trials
 from metarl_llm.rollout.hf_generate import HFGenerateEngine
 from metarl_llm.rollout.reencode import ReencodeEngine
 from metarl_llm.trainer import train
+from tests.support import QUICK_RUN
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # raised inside peft
 
@@ -245,6 +246,7 @@ def test_score_batch_with_rollout_values_runs_no_policy_forward(setup, one_threa
 
 
 SMALL = [
+    *QUICK_RUN,
     "algo=ppo",
     "algo.old_logprobs=sampled",
     "env=math",
@@ -252,16 +254,8 @@ SMALL = [
     "algo.problems_per_iter=2",
     "algo.group_size=3",
     "algo.minibatch_size=3",
-    "warm_start.steps=0",
     "eval.num_problems=1",
     "eval.samples_per_problem=1",
-    "eval.prover_samples=1",
-    "eval.every=0",
-    "eval.extrapolation=false",
-    "checkpoint_every=0",
-    "logger.mode=disabled",
-    "logger.progress_bar=false",
-    "threads=1",
     "algo.ent_coef=0.05",
     "algo.lam=0.95",  # advantages and returns depend on the values (with lam=1 and zero outcomes they would not)
 ]

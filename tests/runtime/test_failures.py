@@ -13,22 +13,16 @@ from envs.base import EnvironmentFailure, FailureGuard
 from envs.planted_subseq import PlantedSubseqEnv
 from metarl_llm.rl.losses import register_policy_loss
 from metarl_llm.trainer import train
+from tests.support import QUICK_RUN
 
 SMALL = [
+    *QUICK_RUN,
     "algo.iterations=2",
     "algo.problems_per_iter=2",
     "algo.group_size=2",
     "algo.minibatch_size=2",
-    "warm_start.steps=0",
     "eval.num_problems=2",
     "eval.samples_per_problem=1",
-    "eval.prover_samples=1",
-    "eval.every=0",
-    "eval.extrapolation=false",
-    "checkpoint_every=0",
-    "logger.mode=disabled",
-    "logger.progress_bar=false",
-    "threads=1",
 ]
 
 
