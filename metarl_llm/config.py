@@ -231,12 +231,89 @@ class BudgetConfig:
     max_total_tokens: int = 96  # policy tokens per trial before the forced answer
     answer_max_tokens: int = 12  # tokens of a forced answer (meta-prover samples too)
     max_prompt_tokens: int = 128  # longer prompts are an error, never silently cut
+    # Derive the token limits from the data instead of refusing a budget too small for it: each of
+    # max_episode_tokens, max_total_tokens, max_prompt_tokens and answer_max_tokens is raised to what
+    # the warm start's expert traces, the prompts of both splits and the canonical answers need
+    # (never lowered; sft.warm_start.fitted_budget). The limits used are logged (budget/* in the
+    # warm-start info). conf/budget/fit.yaml.
+    fit_traces: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
         for name in ("max_episode_tokens", "max_total_tokens", "answer_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"budget token limits must be >= 1, got budget.{name}={getattr(self, name)}")
+
+
+# ----------------------------------------------------------------------- segment
+
+# Phrases that begin a new attempt in R1-style reasoning traces (MRT's episode markers).
+DEFAULT_MARKERS = (
+    "Wait",
+    "Alternatively",
+    "But let me double-check",
+    "Let me double-check",
+    "Let me verify",
+    "Let me check",
+    "Hmm",
+    "But wait",
+    "Actually",
+    "Another approach",
+)
+
+SEGMENT_AFTER = ("paragraph", "markers", "chunks")
+"""The shipped rules that cut a trial after it is generated (every rule but ``delimiter``)."""
+
+
+@dataclass
+class SegmentConfig:
+    """How a policy's tokens are cut into episodes (group ``segment``; the rules are
+    :mod:`metarl_llm.core.segment`'s registered segmenters).
+
+    ``delimiter`` (default) stops generation at every token containing the delimiter, so the
+    environment answers each episode as it ends (feedback works). Every other rule generates a
+    trial's thinking without stopping, until EOS or ``budget.max_total_tokens``, and cuts it
+    after; the environment then reads the episodes in order, the trial ends at the first one
+    that commits an answer (the tokens after it are dropped, as if generation had stopped
+    there) and, with none committed, the forced answer follows. Such rules need an environment
+    without feedback (``env.feedback=false``): its replies could not be inserted mid-stream.
+    """
+
+    name: str = "delimiter"  # registered rule: delimiter | paragraph | markers | chunks
+    delimiter: str = "\n"  # delimiter: the text that ends an episode (also ends the prompt and feedback)
+    markers: list[str] = field(default_factory=lambda: list(DEFAULT_MARKERS))  # markers: phrases that begin a new episode
+    min_tokens: int = 0  # markers: an episode of fewer tokens is merged into the one before it
+    max_episodes: int = 0  # markers: at most this many episodes, by merging (0: budget.max_episodes)
+    chunk_tokens: int = 64  # chunks: tokens per episode
+
+    @property
+    def after(self) -> bool:
+        """True when the rule cuts a trial after generating it (not at each delimiter)."""
+        return self.name != "delimiter"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field (the name is checked against the
+        registry by ``jobs.common.validate``)."""
+        if self.name == "delimiter" and not self.delimiter:
+            raise ValueError("segment.delimiter must be non-empty")
+        if self.name == "markers" and not all(isinstance(m, str) and m.strip() for m in self.markers):
+            raise ValueError(f"segment.markers must be non-empty phrases, got {self.markers!r}")
+        if self.min_tokens < 0 or self.max_episodes < 0:
+            raise ValueError(
+                f"segment.min_tokens and segment.max_episodes must be >= 0, got {self.min_tokens}, {self.max_episodes}"
+            )
+        if self.chunk_tokens < 1:
+            raise ValueError(f"segment.chunk_tokens must be >= 1, got {self.chunk_tokens}")
+
+    def trace_joiner(self) -> str:
+        """The text that separates two expert-trace episodes so that this rule cuts there: the
+        delimiter, a blank line, or a blank line and the first marker (chunks cut anywhere: a
+        newline)."""
+        if self.name == "delimiter":
+            return self.delimiter
+        if self.name == "markers":
+            return "\n\n" + self.markers[0].strip() + ", "
+        return "\n\n" if self.name == "paragraph" else "\n"
 
 
 # ------------------------------------------------------------------------- model
@@ -327,6 +404,12 @@ class ModelConfig:
     # one; false for a base model whose tokenizer carries a template it was not trained on.
     chat_template: bool = True
     system_prompt: Optional[str] = None  # a system turn before the problem (needs a chat template)
+    # The model's answer format, where it is not the environment's (None: env.answer_marker and
+    # env.forced_answer_text). An R1-style model commits by closing its think block
+    # (answer_marker="</think>") and is forced to answer by MRT's "Time is up ... </think>" text
+    # (conf/model/r1.yaml); \boxed{} answers after it are graded as the math environment grades them.
+    answer_marker: Optional[str] = None
+    forced_answer_text: Optional[str] = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -334,6 +417,8 @@ class ModelConfig:
         if self.name_or_path is None:
             self.tiny.validate("model.tiny")
         self.lora.validate()
+        if self.answer_marker is not None and not self.answer_marker:
+            raise ValueError("model.answer_marker must be non-empty (null: the environment's)")
         if not self.temperature > 0:
             raise ValueError(f"model.temperature must be > 0, got {self.temperature} (greedy evaluation: eval.greedy=true)")
 
@@ -754,6 +839,7 @@ class TrainConfig:
     job: Optional[Job] = None
     env: EnvConfig = MISSING
     budget: BudgetConfig = MISSING
+    segment: SegmentConfig = field(default_factory=SegmentConfig)  # how episodes are cut (group segment)
     model: ModelConfig = MISSING
     algo: AlgoConfig = MISSING
     bonus: BonusConfig = MISSING
@@ -799,6 +885,7 @@ class TrainConfig:
         for name in (
             "env",
             "budget",
+            "segment",
             "model",
             "algo",
             "bonus",

@@ -25,24 +25,11 @@ of whitespace only (such text is merged into its neighbour).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Callable, Sequence
 
+from metarl_llm.config import DEFAULT_MARKERS, SegmentConfig  # noqa: F401  (DEFAULT_MARKERS re-exported)
 from metarl_llm.core.registry import Registry
-
-# Phrases that begin a new attempt in R1-style reasoning traces (MRT's episode markers).
-DEFAULT_MARKERS = (
-    "Wait",
-    "Alternatively",
-    "But let me double-check",
-    "Let me double-check",
-    "Let me verify",
-    "Let me check",
-    "Hmm",
-    "But wait",
-    "Actually",
-    "Another approach",
-)
 
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
 
@@ -66,42 +53,19 @@ class TokenTexts:
         return "".join(parts), ends
 
 
-@dataclass
-class SegmentConfig:
-    """How a policy's tokens are cut into episodes (``segment`` keys; :mod:`metarl_llm.core.segment`)."""
-
-    name: str = "delimiter"  # registered rule: delimiter | paragraph | markers | chunks
-    delimiter: str = "\n"  # delimiter: the text that ends an episode
-    markers: list[str] = field(default_factory=lambda: list(DEFAULT_MARKERS))  # markers: phrases that begin a new episode
-    min_tokens: int = 0  # markers: an episode of fewer tokens is merged into the one before it
-    max_episodes: int = 0  # markers: at most this many episodes, by merging (0: no cap)
-    chunk_tokens: int = 64  # chunks: tokens per episode
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad field."""
-        if self.name not in SEGMENTERS:
-            raise ValueError(f"segment.name={self.name!r} is not registered; choose from {sorted(SEGMENTERS)}")
-        if self.name == "delimiter" and not self.delimiter:
-            raise ValueError("segment.delimiter must be non-empty")
-        if self.name == "markers" and not all(isinstance(m, str) and m.strip() for m in self.markers):
-            raise ValueError(f"segment.markers must be non-empty phrases, got {self.markers!r}")
-        if self.min_tokens < 0 or self.max_episodes < 0:
-            raise ValueError(
-                f"segment.min_tokens and segment.max_episodes must be >= 0, got {self.min_tokens}, {self.max_episodes}"
-            )
-        if self.chunk_tokens < 1:
-            raise ValueError(f"segment.chunk_tokens must be >= 1, got {self.chunk_tokens}")
-
-
 Segmenter = Callable[[Sequence[int]], list[int]]  # ids of one stream -> end positions of its episodes
 SEGMENTERS = Registry("episode segmenter", "segment.name")  # name -> factory (SegmentConfig, TokenTexts) -> Segmenter
 register_segmenter = SEGMENTERS.register
 
 
-def make_segmenter(cfg: SegmentConfig, texts: TokenTexts) -> Segmenter:
-    """The segmenter ``cfg.name`` selects, over the vocabulary of ``texts``."""
+def make_segmenter(cfg: SegmentConfig, texts: TokenTexts, max_episodes: int = 0) -> Segmenter:
+    """The segmenter ``cfg.name`` selects, over the vocabulary of ``texts``. ``max_episodes``:
+    the cap of the markers rule when ``cfg.max_episodes`` is 0 (the run's ``budget.max_episodes``)."""
     cfg.validate()
-    return SEGMENTERS.lookup(cfg.name)(cfg, texts)
+    factory = SEGMENTERS.lookup(cfg.name)
+    if cfg.name == "markers" and not cfg.max_episodes and max_episodes:
+        cfg = replace(cfg, max_episodes=max_episodes)
+    return factory(cfg, texts)
 
 
 def _finish(cuts: list[int], n: int, text_ends: list[int], text: str) -> list[int]:

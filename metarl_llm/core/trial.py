@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from metarl_llm.config import SegmentConfig
 from metarl_llm.core.chat import ChatFormat, ChatState
+from metarl_llm.core.segment import Segmenter, TokenTexts, make_segmenter
 
 
 @dataclass
@@ -91,23 +93,41 @@ class StreamCodec:
     """Tokenisation of the text pieces around sampled tokens, and the stop ids.
 
     ``chat``: when given (:class:`metarl_llm.core.chat.ChatFormat`), prompts are rendered through
-    the tokenizer's chat template (:meth:`prompt_ids`); otherwise they are encoded as plain text."""
+    the tokenizer's chat template (:meth:`prompt_ids`); otherwise they are encoded as plain text.
 
-    def __init__(self, tokenizer, delimiter: str, forced_answer_text: str, chat: ChatFormat | None = None):
+    ``segment``: how episodes are cut (:class:`metarl_llm.config.SegmentConfig`; default: at the
+    delimiter). With the ``delimiter`` rule generation stops at every token holding the delimiter
+    (``stop_ids``: those and EOS; ``segmenter`` None). With any other rule generation stops only at
+    EOS (``stop_ids``) or the token budget, and ``segmenter`` cuts the generated tokens into
+    episodes afterwards (:func:`metarl_llm.rollout.base.finish_generation`). ``max_episodes``: the
+    markers rule's cap when the config sets none (the run's ``budget.max_episodes``)."""
+
+    def __init__(
+        self,
+        tokenizer,
+        delimiter: str,
+        forced_answer_text: str,
+        chat: ChatFormat | None = None,
+        segment: SegmentConfig | None = None,
+        max_episodes: int = 0,
+    ):
         self.tokenizer = tokenizer
         self.chat = chat
         self.delimiter = delimiter
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.texts = TokenTexts(tokenizer)  # every id's text, decoded once
         # Every vocabulary entry whose text contains the delimiter ends an episode, so a
         # merged token such as ".\n" stops it too.
-        vocab_text = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        decoded = [tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in vocab_text]
-        delim_ids = [i for i, s in enumerate(decoded) if delimiter and delimiter in s]
+        delim_ids = [i for i, s in enumerate(self.texts.texts) if delimiter and delimiter in s]
         if not delim_ids:
             raise ValueError(f"episode delimiter {delimiter!r} is not in the tokenizer's vocabulary")
         self.delimiter_ids = set(delim_ids)
-        self.stop_ids = torch.tensor(sorted(self.delimiter_ids | ({self.eos_id} if self.eos_id is not None else set())))
+        self.segment = segment if segment is not None else SegmentConfig(delimiter=delimiter)
+        # None: episodes end at the delimiter as they are sampled; else the rule that cuts a generated trial
+        self.segmenter: Segmenter | None = make_segmenter(self.segment, self.texts, max_episodes) if self.segment.after else None
+        eos = {self.eos_id} if self.eos_id is not None else set()
+        self.stop_ids = torch.tensor(sorted(eos if self.segmenter is not None else self.delimiter_ids | eos), dtype=torch.long)
         self.delimiter_token = self.encode(delimiter)
         self.forced_ids = self.encode(forced_answer_text)
 
@@ -150,6 +170,21 @@ class StreamCodec:
         if tokens and tokens[-1] in self.delimiter_ids:
             text = text[: text.rfind(self.delimiter)] if self.delimiter in text else text
         return text
+
+    def trace_generations(self, episodes: list[str]) -> list[tuple[list[int], list[str]]]:
+        """An expert trace's policy tokens as a rollout samples them: (tokens, the episode texts the
+        environment reads in them) per generation. With the delimiter rule one generation per
+        episode, its text and the delimiter (EOS after the last). With a rule that segments after
+        generation one generation: the episodes joined by the rule's
+        :meth:`~metarl_llm.config.SegmentConfig.trace_joiner`, then EOS, cut by the rule."""
+        if self.segmenter is None:
+            return [
+                (self.encode(text) + ([self.eos_id] if k == len(episodes) - 1 else self.delimiter_token), [text])
+                for k, text in enumerate(episodes)
+            ]
+        tokens = self.encode(self.segment.trace_joiner().join(episodes)) + [self.eos_id]
+        ends = self.segmenter(tokens)
+        return [(tokens, [self.episode_text(tokens[a:b]) for a, b in zip([0] + ends[:-1], ends)])]
 
     def forced_prefix(self, stream: list[int]) -> list[int]:
         """Tokens that turn the policy into the meta-prover after ``stream``."""

@@ -16,6 +16,7 @@ import torch
 import envs  # noqa: F401  (registers the environments)
 from metarl_llm.config import TrainConfig
 from metarl_llm.core.chat import ChatFormat
+from metarl_llm.core.segment import SEGMENTERS
 from metarl_llm.core.trial import StreamCodec
 from metarl_llm.evaluation.diagnostics import policy_diagnostics
 from metarl_llm.models import (
@@ -31,10 +32,12 @@ from metarl_llm.runtime.checkpoint import (
 )
 from metarl_llm.runtime.setup import env_factory, quiet_libraries, resolve_device, seed_everything
 from metarl_llm.runtime.tracking import Tracker, read_summary
-from metarl_llm.sft.warm_start import warm_start
+from metarl_llm.sft.warm_start import fitted_budget, warm_start
 from metarl_llm.verify.model import is_saved_verifier
 
 log = logging.getLogger(__name__)
+
+FITTED_LIMITS = ("max_episode_tokens", "max_total_tokens", "max_prompt_tokens", "answer_max_tokens")  # budget.fit_traces
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -53,7 +56,13 @@ def validate(cfg: TrainConfig) -> None:
             f"env.id={cfg.env.id!r} is not a registered environment; known: {sorted(k for k in gym.registry if k.startswith('metarl/'))}"
         )
     engine_from_config(cfg.rollout)
+    SEGMENTERS.lookup(cfg.segment.name)
     # rules across groups
+    if cfg.segment.after and cfg.env.feedback:
+        raise ValueError(
+            f"segment={cfg.segment.name} cuts episodes after a trial is generated, so the environment cannot reply "
+            "between them: env.feedback=true needs segment=delimiter (generation stops at each episode end)"
+        )
     if cfg.algo.old_logprobs == "sampled" and (cfg.model.dtype != "float32" or cfg.model.autocast == "bf16"):
         raise ValueError(
             f"algo.old_logprobs=sampled takes the PPO ratio's old log-probs from the sampling passes, which match a "
@@ -103,8 +112,9 @@ def finished_summary(cfg: TrainConfig, run_dir: Path) -> dict | None:
 
 
 def stream_codec(cfg: TrainConfig, tokenizer) -> StreamCodec:
-    """The run's codec: newline-delimited episodes, the environment's forced-answer text, and prompts
-    rendered through the tokenizer's chat template when it has one and ``model.chat_template`` is on."""
+    """The run's codec: episodes cut by the ``segment`` rule, the model's forced-answer text (else the
+    environment's), and prompts rendered through the tokenizer's chat template when it has one and
+    ``model.chat_template`` is on."""
     chat = None
     if cfg.model.chat_template and getattr(tokenizer, "chat_template", None):
         chat = ChatFormat(tokenizer, cfg.model.system_prompt, name=cfg.model.name_or_path or "the tokenizer")
@@ -113,7 +123,8 @@ def stream_codec(cfg: TrainConfig, tokenizer) -> StreamCodec:
             f"model.system_prompt needs a chat template: {cfg.model.name_or_path or 'the tiny model'}'s tokenizer "
             f"has none{'' if cfg.model.chat_template else ' in use (model.chat_template=false)'}"
         )
-    return StreamCodec(tokenizer, "\n", cfg.env.forced_answer_text, chat)
+    forced = cfg.model.forced_answer_text if cfg.model.forced_answer_text is not None else cfg.env.forced_answer_text
+    return StreamCodec(tokenizer, cfg.segment.delimiter, forced, chat, cfg.segment, cfg.budget.max_episodes)
 
 
 def base_policy(cfg: TrainConfig, device: torch.device):
@@ -124,11 +135,16 @@ def base_policy(cfg: TrainConfig, device: torch.device):
     policy, tokenizer = load_policy(cfg.model, ws_seed)
     codec = stream_codec(cfg, tokenizer)
     make_env = env_factory(cfg)
+    fitted = {}
+    if cfg.budget.fit_traces:  # the run's budget from here on: what the data needs
+        cfg.budget = fitted_budget(make_env, codec, cfg.budget, cfg.warm_start, ws_seed)
+        fitted = {f"budget/{k}": getattr(cfg.budget, k) for k in FITTED_LIMITS}
+        log.info("budget.fit_traces: %s", " ".join(f"budget.{k}={getattr(cfg.budget, k)}" for k in FITTED_LIMITS))
     # The cache key leaves out what concerns PPO only (LoRA, autocast, the attention backend).
     policy, ws_info = warm_start(policy, tokenizer, codec, make_env, cfg.model, cfg.env, cfg.budget, cfg.warm_start, ws_seed)
     if cfg.model.gradient_checkpointing:  # the warm start hands back a freshly loaded model
         enable_gradient_checkpointing(policy)
-    return policy.to(device), tokenizer, codec, make_env, ws_info
+    return policy.to(device), tokenizer, codec, make_env, {**ws_info, **fitted}
 
 
 def start_job(cfg: TrainConfig, run_dir: Path, write: bool = True) -> torch.device:

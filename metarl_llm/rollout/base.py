@@ -1,6 +1,7 @@
 """Rollout engines: how trials are generated, behind one small interface. The :class:`Engine` interface, the
 engine registry (``rollout.engine``) and the episode bookkeeping every engine shares
-(:func:`start_trials`, :func:`episode_limit`, :func:`finish_episode`, :func:`finish_round`).
+(:func:`start_trials`, :func:`episode_limit`, :func:`finish_generation`, :func:`finish_episode`,
+:func:`finish_round`).
 
 A trial is a token stream (prompt, episodes, inserted observations; see
 :mod:`metarl_llm.core.trial`). Engines differ only in how they compute it:
@@ -181,11 +182,51 @@ def start_trials(codec: StreamCodec, envs: list, resets: list[dict], groups: lis
     return trials
 
 
-def episode_limit(t: Trial, forced: bool, budget: BudgetConfig) -> int:
-    """Tokens the next episode of ``t`` may sample."""
+def episode_limit(t: Trial, forced: bool, budget: BudgetConfig, codec: StreamCodec) -> int:
+    """Tokens the next generation of ``t`` may sample: an episode, the forced answer, or (a rule
+    that segments after generation, ``codec.segmenter``) the rest of the trial's token budget."""
     if forced:
         return budget.answer_max_tokens
+    if codec.segmenter is not None:
+        return max(1, budget.max_total_tokens - t.policy_tokens)
     return max(1, min(budget.max_episode_tokens, budget.max_total_tokens - t.policy_tokens))
+
+
+def finish_generation(
+    t: Trial,
+    env,
+    codec: StreamCodec,
+    toks: list[int],
+    logps: list[float],
+    forced: bool,
+    budget: BudgetConfig,
+    values: list[float] | None = None,
+) -> tuple[bool, bool, list[int], int]:
+    """Record what one generation of ``t`` sampled and step its environment: one episode
+    (:func:`finish_episode`), or, with a rule that segments after generation
+    (``codec.segmenter``), every episode the rule cuts from ``toks``, in order.
+
+    Returns (ended, forced_next, observation ids to insert, kept): ``kept`` tokens of ``toks``
+    stay in the stream. When the environment ends the trial (a committed answer) or forces the
+    answer at an episode before the last, the tokens after that episode are dropped, exactly as
+    if generation had stopped there (the policy is causal: the kept tokens, their log-probs and
+    values are the same). Episodes cut after generation cannot take the environment's feedback:
+    a reply between two of them is an error."""
+    if codec.segmenter is None or forced:
+        done, forced_next, obs = finish_episode(t, env, codec, toks, logps, forced, budget, values)
+        return done, forced_next, obs, len(toks)
+    ends = codec.segmenter(toks)
+    start = 0
+    for k, end in enumerate(ends):
+        last = k == len(ends) - 1
+        piece = slice(start, end)
+        done, forced_next, obs = finish_episode(
+            t, env, codec, toks[piece], logps[piece], False, budget, None if values is None else values[piece], inner=not last
+        )
+        if done or forced_next or last:
+            return done, forced_next, obs, end
+        start = end
+    raise RuntimeError(f"problem {t.problem_id}: the segmenter cut {len(toks)} tokens into no episode")
 
 
 def finish_episode(
@@ -197,8 +238,11 @@ def finish_episode(
     forced: bool,
     budget: BudgetConfig,
     values: list[float] | None = None,
+    inner: bool = False,
 ) -> tuple[bool, bool, list[int]]:
     """Record an episode of ``t`` (its tokens, log-probs and, when computed, values) and step its environment.
+    ``inner``: an episode cut after generation with more episodes after it (:func:`finish_generation`):
+    nothing is inserted after it, and an environment reply there is an error.
 
     Returns (ended, forced_next, observation ids to insert). The trial ends when the
     environment terminates or truncates it; after EOS without a committed answer, at
@@ -221,6 +265,14 @@ def finish_episode(
     n = len(toks)
     if info.get("forcing_answer"):
         return False, True, codec.forced_prefix(t.ids)
+    if inner or (codec.segmenter is not None and obs):
+        if obs:
+            raise ValueError(
+                f"problem {t.problem_id}: the environment replied {obs[:80]!r} after episode {j}, but "
+                f"segment={codec.segment.name} cuts episodes after the trial is generated, where no reply can be "
+                "inserted; use segment=delimiter (generation stops at each episode end) or env.feedback=false"
+            )
+        return False, False, []
     chat_turn = t.chat is not None and bool(obs)  # feedback as a user turn: EOS then ends the assistant turn, no more
     if (n > 0 and toks[-1] == codec.eos_id and not chat_turn) or t.policy_tokens >= budget.max_total_tokens:
         env.unwrapped.force_answer()
@@ -241,9 +293,9 @@ def finish_round(
     still = []
     for i in live:
         toks, logps, *values = results[i]
-        done, forced[i], obs_ids = finish_episode(
+        done, forced[i], obs_ids, _kept = finish_generation(
             trials[i], envs[i], codec, toks, logps, forced[i], budget, values[0] if values else None
-        )
+        )  # the next round re-encodes the stream, so dropped tokens need no undoing
         if not done:
             if obs_ids:
                 trials[i].append(obs_ids, False, -1)

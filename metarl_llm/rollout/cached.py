@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from metarl_llm.core.batch import length_buckets
-from metarl_llm.rollout.base import Engine, episode_limit, finish_episode, prefix_owners, register_engine, start_trials
+from metarl_llm.rollout.base import Engine, episode_limit, finish_generation, prefix_owners, register_engine, start_trials
 from metarl_llm.rollout.decode import DecodeBatch, cat_sampled, decode
 from metarl_llm.rollout.kv_cache import TrialCache, growing_cache
 from metarl_llm.rollout.sampling import check_keys, draw_rule, draw_tokens, stream_uniforms
@@ -80,12 +80,15 @@ class CachedEngine(Engine):
         forced = [False] * n
         # Per-row state, in tensors: the current episode's sampled tokens, log-probs (and values) so
         # far, and the queue of tokens a row feeds before it samples again (observations).
-        max_ep = max(budget.max_episode_tokens, budget.answer_max_tokens)
+        # a generation: an episode, the forced answer, or (a rule that segments after) the trial's whole budget
+        max_ep = max(
+            budget.max_total_tokens if codec.segmenter is not None else budget.max_episode_tokens, budget.answer_max_tokens
+        )
         ep_tok = torch.full((n, max_ep), codec.pad_id, dtype=torch.long, device=device)
         ep_lp = torch.zeros((n, max_ep), dtype=torch.float32, device=device)
         ep_val = torch.zeros((n, max_ep), dtype=torch.float32, device=device) if value_head is not None else None
         ep_len = torch.zeros(n, dtype=torch.long, device=device)
-        limit = torch.tensor([episode_limit(t, False, budget) for t in trials], device=device)
+        limit = torch.tensor([episode_limit(t, False, budget, codec) for t in trials], device=device)
         stream_len = torch.tensor([len(t.ids) for t in trials], device=device)  # tokens of each stream so far
         row_keys = keys.to(device)
         stop_ids = codec.stop_ids.to(device)
@@ -119,7 +122,9 @@ class CachedEngine(Engine):
                     k = int(ep_len[r])
                     toks, lps = ep_tok[r, :k].tolist(), ep_lp[r, :k].tolist()
                     vals = ep_val[r, :k].tolist() if ep_val is not None else None
-                    done, forced[i], obs_ids = finish_episode(trials[i], envs[i], codec, toks, lps, forced[i], budget, vals)
+                    done, forced[i], obs_ids, kept = finish_generation(
+                        trials[i], envs[i], codec, toks, lps, forced[i], budget, vals
+                    )
                     if done:
                         live[r] = False
                         if keep_cache:
@@ -129,8 +134,12 @@ class CachedEngine(Engine):
                         trials[i].append(obs_ids, False, -1)
                     stream_len[r] = len(trials[i].ids)
                     ep_len[r] = 0
-                    limit[r] = episode_limit(trials[i], forced[i], budget)
-                    pending = [toks[-1]] + obs_ids  # the episode's last token was sampled but not fed yet
+                    limit[r] = episode_limit(trials[i], forced[i], budget, codec)
+                    if kept < k:  # the tokens after the ending episode are dropped: kept ones are all fed
+                        batch.drop_last(r, k - 1 - kept)
+                        pending = obs_ids
+                    else:
+                        pending = [toks[-1]] + obs_ids  # the episode's last token was sampled but not fed yet
                     if len(pending) <= q and not together:  # fed one token per step, beside the other rows' tokens
                         queue[r, : len(pending)] = torch.as_tensor(pending)
                         q_pos[r], q_len[r] = 0, len(pending)

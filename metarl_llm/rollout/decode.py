@@ -176,6 +176,17 @@ class DecodeBatch:
         self.next_pos = self.next_pos[rows]
         self.rows = [self.rows[r] for r in rows.tolist()]  # one host copy, not one sync per row
 
+    def drop_last(self, r: int, m: int) -> None:
+        """Forget row ``r``'s last ``m`` fed tokens: their cache columns are masked out and the
+        row's next token takes the first of their positions (a stream cut back after generation)."""
+        if m <= 0:
+            return
+        cols = self.mask[r].nonzero().flatten()[-m:]
+        if len(cols) != m:
+            raise RuntimeError(f"drop_last: row {r} holds {len(cols)} tokens, not {m}")
+        self._mask[r, cols] = 0
+        self.next_pos[r] -= m
+
     def trial_cache(self, r: int) -> TrialCache:
         """Row ``r``'s cache with the padding columns removed."""
         cols = self.mask[r].bool()

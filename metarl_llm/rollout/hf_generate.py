@@ -52,7 +52,7 @@ class HFGenerateEngine(Engine):
         for _round in range(budget.max_episodes + 2):
             if not live:
                 return trials
-            limits = {i: episode_limit(trials[i], forced[i], budget) for i in live}
+            limits = {i: episode_limit(trials[i], forced[i], budget, codec) for i in live}
             results = {}
             for lim in sorted(set(limits.values())):
                 same = [i for i in live if limits[i] == lim]

@@ -44,7 +44,7 @@ class ReencodeEngine(Engine):
         for _round in range(budget.max_episodes + 2):  # bounded: the env forces an answer after max_episodes
             if not live:
                 return trials
-            limits = [episode_limit(trials[i], forced[i], budget) for i in live]
+            limits = [episode_limit(trials[i], forced[i], budget, codec) for i in live]
             out = sample(
                 model,
                 [trials[i].ids for i in live],

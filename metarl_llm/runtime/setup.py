@@ -33,6 +33,7 @@ from metarl_llm.config import (
     PlantedSubseqEnvConfig,
     ReasoningGymEnvConfig,
     RewardConfig,
+    SegmentConfig,
     TrainConfig,
 )
 from metarl_llm.runtime.distributed import run_time
@@ -45,6 +46,13 @@ def env_kwargs(cfg: TrainConfig) -> dict:
     # closed choices (env.source of env=arc) as plain strings: the environments know no Enum types
     kw = {k: str(v) if isinstance(v, Enum) else v for k, v in asdict(cfg.env).items() if k not in ("name", "id")}
     kw["max_episodes"] = cfg.budget.max_episodes
+    # The model's answer format where it sets one (model.answer_marker, model.forced_answer_text).
+    if cfg.model.answer_marker is not None:
+        kw["answer_marker"] = cfg.model.answer_marker
+    if cfg.model.forced_answer_text is not None:
+        kw["forced_answer_text"] = cfg.model.forced_answer_text
+    if cfg.segment.delimiter != "\n":  # the default is every environment's own
+        kw["episode_delimiter"] = cfg.segment.delimiter
     return kw
 
 
@@ -96,6 +104,7 @@ def register_configs() -> None:
     cs.store(group="env", name="reasoning_gym_schema", node=ReasoningGymEnvConfig)
     cs.store(group="env", name="arc_schema", node=ArcEnvConfig)
     cs.store(group="budget", name="budget_schema", node=BudgetConfig)
+    cs.store(group="segment", name="segment_schema", node=SegmentConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="algo", name="algo_schema", node=AlgoConfig)
     cs.store(group="bonus", name="bonus_schema", node=BonusConfig)

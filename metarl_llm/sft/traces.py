@@ -138,8 +138,10 @@ def trace_record(
 ) -> dict | None:
     """Play ``episodes`` through ``env`` (just reset to the problem of ``prompt``) and
     tokenise the trial as a rollout would: ``input_ids`` and ``completion_mask`` (1 on
-    policy tokens: each episode's text and its delimiter, EOS after the last; 0 on the
-    prompt and on the observations the environment inserts).
+    policy tokens: each episode's text and its delimiter, EOS after the last, or with a rule
+    that segments after generation the episodes joined as that rule cuts them,
+    :meth:`StreamCodec.trace_generations`; 0 on the prompt and on the observations the
+    environment inserts).
 
     Returns None when the trace does not end, at its last episode, in success (outcome
     >= 1); raises when an episode or the trace does not fit ``budget`` (training on
@@ -150,24 +152,27 @@ def trace_record(
     mask = [0] * len(ids)
     policy_tokens = 0
     terminated, reward = False, 0.0
-    for k, text in enumerate(episodes):
+    for tokens, texts in codec.trace_generations(episodes):
         if terminated:
             return None  # the environment ended the trial before the trace's last episode
-        last = k == len(episodes) - 1
-        tokens = codec.encode(text) + ([codec.eos_id] if last else codec.delimiter_token)
-        if len(tokens) > budget.max_episode_tokens:
+        if codec.segmenter is None and len(tokens) > budget.max_episode_tokens:
             raise ValueError(
-                f"{kind} episode {text!r} of problem {problem_id} has {len(tokens)} tokens; "
+                f"{kind} episode {texts[0]!r} of problem {problem_id} has {len(tokens)} tokens; "
                 f"budget.max_episode_tokens={budget.max_episode_tokens} is too small for the {kind} traces"
             )
         policy_tokens += len(tokens)
         ids += tokens
         mask += [1] * len(tokens)
-        obs, reward, terminated, _, info = env.step(text)
-        if obs:  # feedback in chat form is a user turn, as the rollout inserts it
-            o = codec.reply_ids(ids, chat, obs) if chat is not None and not info.get("forcing_answer") else codec.encode(obs)
-            ids += o
-            mask += [0] * len(o)
+        for text in texts:  # one episode per generation, or the episodes a segmenter cut from it
+            if terminated:
+                return None
+            obs, reward, terminated, _, info = env.step(text)
+            if obs and codec.segmenter is not None and text is not texts[-1]:
+                return None  # an episode cut after generation can take no reply (feedback, or forced early)
+            if obs:  # feedback in chat form is a user turn, as the rollout inserts it
+                o = codec.reply_ids(ids, chat, obs) if chat is not None and not info.get("forcing_answer") else codec.encode(obs)
+                ids += o
+                mask += [0] * len(o)
     if policy_tokens > budget.max_total_tokens:
         raise ValueError(f"{kind} trace of {policy_tokens} tokens exceeds budget.max_total_tokens={budget.max_total_tokens}")
     if not terminated or reward < 1.0:

@@ -29,7 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -63,13 +63,11 @@ class TraceNeeds:
     prompt: int = 0
 
     def add(self, codec: StreamCodec, prompt: str, episodes: list[str]) -> None:
-        sizes = [
-            len(codec.encode(text)) + (1 if k == len(episodes) - 1 else len(codec.delimiter_token))
-            for k, text in enumerate(episodes)
-        ]
-        self.episode = max(self.episode, *sizes) if sizes else self.episode
+        sizes = [len(tokens) for tokens, _ in codec.trace_generations(episodes)]
+        if codec.segmenter is None:  # cut after generation, an episode has no token limit of its own
+            self.episode = max(self.episode, *sizes) if sizes else self.episode
         self.total = max(self.total, sum(sizes))
-        self.prompt = max(self.prompt, len(codec.encode(prompt, special=True)))
+        self.prompt = max(self.prompt, len(codec.prompt_ids(prompt)))  # as the rollout starts it (chat template too)
 
     def merge(self, other: "TraceNeeds") -> None:
         self.episode, self.total = max(self.episode, other.episode), max(self.total, other.total)
@@ -86,13 +84,12 @@ class TraceNeeds:
         if not over:
             return
         prompt_over = self.prompt > budget.max_prompt_tokens
-        facts = f"the longest episode has {self.episode} tokens"
-        facts += (
-            f", the longest trace {self.total} and the longest prompt {self.prompt}"
-            if prompt_over
-            else f" and the longest trace {self.total}"
-        )
-        fix = f"budget.max_episode_tokens={self.episode} budget.max_total_tokens={self.total}"
+        facts = [f"the longest episode has {self.episode} tokens"] if self.episode else []  # 0: not measured (segmented after)
+        facts += [f"the longest trace {self.total}" if facts else f"the longest trace has {self.total} tokens"]
+        facts += [f"the longest prompt {self.prompt}"] if prompt_over else []
+        facts = ", ".join(facts[:-1]) + (" and " if len(facts) > 1 else "") + facts[-1]
+        fix = f"budget.max_episode_tokens={self.episode} " if self.episode else ""
+        fix += f"budget.max_total_tokens={self.total}"
         fix += f" budget.max_prompt_tokens={self.prompt}" if prompt_over else ""
         raise ValueError(
             f"{' and '.join(over)} {'is' if len(over) == 1 else 'are'} too small for the {kind} traces: "
@@ -108,12 +105,8 @@ def _expert_records(
     if n_failed_max + 1 > budget.max_episodes:
         raise ValueError(f"warm_start.n_failed_max={n_failed_max} needs budget.max_episodes >= {n_failed_max + 1}")
     env = make_env("train")
-    rng = np.random.default_rng(seed)
     records, needs = [], TraceNeeds()
-    for _ in range(num):
-        prompt, info = env.reset(seed=int(rng.integers(2**31 - 1)))
-        n_failed = int(rng.integers(0, n_failed_max + 1))
-        episodes = env.unwrapped.expert_trace(rng, n_failed=n_failed, variety=variety)
+    for prompt, info, episodes in _expert_traces(env, num, n_failed_max, variety, seed):
         needs.add(codec, prompt, episodes)
         if needs.too_small(budget):
             continue  # no record will be used; keep measuring the rest for the error
@@ -122,6 +115,46 @@ def _expert_records(
             raise RuntimeError(f"expert trace for problem {info['problem_id']} did not succeed: {episodes!r}")
         records.append(record)
     return records, needs
+
+
+def _expert_traces(env, num: int, n_failed_max: int, variety: float, seed: int):
+    """The warm start's ``num`` expert traces of seed ``seed``: (prompt, reset info, episode texts)
+    each, ``env`` reset to each trace's problem as it is yielded."""
+    rng = np.random.default_rng(seed)
+    for _ in range(num):
+        prompt, info = env.reset(seed=int(rng.integers(2**31 - 1)))
+        n_failed = int(rng.integers(0, n_failed_max + 1))
+        yield prompt, info, env.unwrapped.expert_trace(rng, n_failed=n_failed, variety=variety)
+
+
+def fitted_budget(make_env, codec: StreamCodec, budget: BudgetConfig, ws: WarmStartConfig, seed: int) -> BudgetConfig:
+    """``budget`` with its token limits raised to what the data needs (``budget.fit_traces``): the
+    longest episode and trace of the warm start's expert traces (both phases, as
+    :func:`warm_start` draws them), the longest prompt of either split, and the longest canonical
+    forced answer (with its stop token). A limit already larger is kept; ``max_episodes`` is not
+    touched. Only tokenises the traces (no model)."""
+    needs, answer = TraceNeeds(), 0
+    env = make_env("train")
+    phases = [(0, 0.0, seed)] + ([(ws.n_failed_max, ws.variety, seed + 1)] if ws.focused_fraction < 1 else [])
+    for n_failed_max, variety, phase_seed in phases:
+        for prompt, _, episodes in _expert_traces(env, ws.num_traces, n_failed_max, variety, phase_seed):
+            needs.add(codec, prompt, episodes)
+            text, stop = env.unwrapped.answer_target()
+            answer = max(answer, len(codec.encode(text)) + int(stop))
+    test = make_env("test")
+    n_test = test.unwrapped.num_problems
+    for i in range(n_test if n_test is not None else 0):
+        prompt, _ = test.reset(options={"index": i})
+        needs.prompt = max(needs.prompt, len(codec.prompt_ids(prompt)))
+        text, stop = test.unwrapped.answer_target()
+        answer = max(answer, len(codec.encode(text)) + int(stop))
+    return replace(
+        budget,
+        max_episode_tokens=max(budget.max_episode_tokens, needs.episode),
+        max_total_tokens=max(budget.max_total_tokens, needs.total),
+        max_prompt_tokens=max(budget.max_prompt_tokens, needs.prompt),
+        answer_max_tokens=max(budget.answer_max_tokens, answer),
+    )
 
 
 def expert_records(
@@ -148,9 +181,11 @@ def cache_key(
     seed: int,
     vocab: dict,
     chat: dict | None = None,
+    segment: dict | None = None,
 ) -> str:
     """The warm start's cache entry: a hash of everything that determines its result. ``chat``: the
-    chat rendering of the prompts (template and system prompt) when prompts go through a template."""
+    chat rendering of the prompts (template and system prompt) when prompts go through a template;
+    ``segment``: the episode rule (``segment.*``) when it is not one episode per line."""
     spec = {
         "version": CACHE_VERSION,
         # LoRA, autocast, the attention backend and the sampling temperature concern PPO only: leaving
@@ -160,15 +195,18 @@ def cache_key(
             k: v
             for k, v in asdict(model).items()
             if k not in ("lora", "autocast", "cudnn_attention", "temperature", "chat_template", "system_prompt")
+            and not (k in ("answer_marker", "forced_answer_text") and v is None)  # set: they change the traces
         },
         "env": asdict(env),
-        "budget": asdict(budget),
+        "budget": {k: v for k, v in asdict(budget).items() if k != "fit_traces"},  # the limits used are what count
         "warm_start": {k: v for k, v in asdict(ws).items() if k not in ("cache_dir", "seed")},  # the seed used is `seed`
         "seed": seed,
         "vocab": hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest(),
     }
     if chat is not None:
         spec["chat"] = chat
+    if segment is not None:
+        spec["segment"] = segment
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -198,7 +236,8 @@ def warm_start(
             "system_prompt": codec.chat.system_prompt,
         }
     )
-    key = cache_key(model_cfg, env_cfg, budget, ws, seed, tokenizer.get_vocab(), chat)
+    segment = asdict(codec.segment) if codec.segment.after or codec.segment.delimiter != "\n" else None
+    key = cache_key(model_cfg, env_cfg, budget, ws, seed, tokenizer.get_vocab(), chat, segment)
     root = Path(os.path.expanduser(ws.cache_dir))
     path = root / key
     if (path / "done.json").exists():

@@ -143,3 +143,30 @@ def test_warm_start_names_one_budget_for_both_phases_before_training(compose_cfg
     fits = replace(cfg.budget, max_episode_tokens=episode, max_total_tokens=total)
     assert len(expert_records(make_env, codec, fits, ws.num_traces, 0, 0.0, seed=0)) == ws.num_traces
     assert len(expert_records(make_env, codec, fits, ws.num_traces, ws.n_failed_max, ws.variety, seed=1)) == ws.num_traces
+
+
+def test_budget_fit_traces_derives_the_limits_from_the_data(compose_cfg, math_file):
+    """budget=fit: each token limit becomes the larger of its set value and what the data needs,
+    counted here independently (the traces of both warm-start phases, the prompts of both splits,
+    the longest reference answer with its stop token)."""
+    from metarl_llm.sft.warm_start import fitted_budget
+
+    cfg = compose_cfg("env=math", f"env.dataset={math_file}", "budget=fit", "warm_start.num_traces=30")
+    assert cfg.budget.fit_traces
+    tok = build_char_tokenizer()
+    codec = StreamCodec(tok, "\n", "Answer:")
+    make_env = env_factory(cfg)
+    ws = cfg.warm_start
+    focused = counted_needs(make_env, tok, ws.num_traces, 0, 0.0, seed=5)
+    varied = counted_needs(make_env, tok, ws.num_traces, ws.n_failed_max, ws.variety, seed=6)
+    rows = [dict(r, answer=re.search(r"boxed\{(.*)\}\$", r["solution"]).group(1)) for r in MATH_ROWS]
+    answer = max(len(tok.encode(" " + r["answer"], add_special_tokens=False)) + 1 for r in rows)
+    prompt = max(len(tok.encode(r["problem"] + "\n", add_special_tokens=True)) for r in MATH_ROWS)
+    fitted = fitted_budget(make_env, codec, cfg.budget, ws, 5)
+    default = cfg.budget
+    assert fitted.max_episode_tokens == max(default.max_episode_tokens, focused[0], varied[0]) > default.max_episode_tokens
+    assert fitted.max_total_tokens == max(default.max_total_tokens, focused[1], varied[1]) > default.max_total_tokens
+    assert fitted.answer_max_tokens == max(default.answer_max_tokens, answer) == answer  # \frac{1}{3}: 13 characters
+    assert fitted.max_prompt_tokens == max(default.max_prompt_tokens, prompt) and fitted.max_episodes == default.max_episodes
+    # the warm start's traces now fit, in both phases
+    assert len(expert_records(make_env, codec, fitted, ws.num_traces, ws.n_failed_max, ws.variety, seed=6)) == ws.num_traces
