@@ -38,14 +38,13 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from envs.arc_grids import ArcTask, Grid, task_prompt
 from metarl_llm.arc.augment import IDENTITY, Transform, permute_pairs, random_transforms, single_row
 from metarl_llm.arc.vote import ANSWER_MARKER, answer_text
 from metarl_llm.config import TTTConfig  # noqa: F401  (re-exported)
 from metarl_llm.core.batch import pad_rows
-from metarl_llm.models import inject_lora, seeded
+from metarl_llm.models import causal_lm_scores, inject_lora, seeded
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +171,10 @@ def _collate(batch: Sequence[Encoded], pad_id: int, device) -> tuple[torch.Tenso
 
 def _masked_loss(model, ids: torch.Tensor, attn: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token cross-entropies on loss_mask positions, number of such tokens)."""
-    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-    m = loss_mask[:, 1:].reshape(-1)
-    return (nll * m).sum(), m.sum()
+    lp = causal_lm_scores(model, ids, attn, loss_mask > 0).logprobs  # the LM head at the loss positions only
+    m = loss_mask * attn
+    m[:, 0] = 0  # the first token has no prediction
+    return -(lp * m).sum(), m.sum()
 
 
 class TestTimeTrainer:

@@ -14,7 +14,7 @@ from metarl_llm.core.batch import RolloutBatch, length_buckets
 from metarl_llm.models import (
     ActorCritic,
     autocast,
-    token_logprobs,
+    causal_lm_scores,
 )
 from metarl_llm.verify.scoring import score_trials
 
@@ -81,14 +81,15 @@ def score_batch(
         width = max(1, int(lengths[part].max()))
         ids = batch.input_ids[part, :width].to(device)
         am = batch.attention_mask[part, :width].to(device)
+        acts = batch.action_mask[part, :width].to(device).bool()  # only action tokens are scored: no [B, T, V] logits
         with autocast(device, amp_dtype):
             if policy_forward:
-                out = actor_critic.score(ids, am, with_values=use_critic)
-            ref_lp = reference(input_ids=ids, attention_mask=am, use_cache=False).logits[:, :-1]
+                out = actor_critic.score(ids, am, with_values=use_critic, positions=acts)
+            ref_lp = causal_lm_scores(reference, ids, am, acts).logprobs
         if policy_forward:
             lp[part, :width] = out.logprobs.float().cpu()
             vals[part, :width] = out.values.float().cpu()
-        ref[part, 1:width] = token_logprobs(ref_lp, ids[:, 1:]).cpu()
+        ref[part, :width] = ref_lp.cpu()
     mask = batch.action_mask
     if stats is not None:
         stats["logprob_mismatch_max"] = (

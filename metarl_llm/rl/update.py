@@ -130,7 +130,9 @@ def ppo_update(
                     no_sync.enter_context(actor_critic.no_sync())
                 with autocast(device, amp_dtype):
                     # forward (not .score) so that a data-parallel wrapper sees the call
-                    scores = actor_critic(mb.input_ids, mb.attention_mask, with_values=use_critic, with_entropy=True)
+                    scores = actor_critic(
+                        mb.input_ids, mb.attention_mask, with_values=use_critic, with_entropy=True, positions=mask.bool()
+                    )  # the LM head at action tokens only, in chunks (models.causal_lm_scores)
                 # Stored old/ref log-probs are 0 off action tokens; zero the new ones there too so
                 # that an extreme log-prob on a masked token cannot overflow into inf * 0 = NaN.
                 logprobs = scores.logprobs * mask

@@ -252,7 +252,8 @@ class _FixedScorer(nn.Module):
         super().__init__()
         self.lp = nn.Parameter(logprobs.clone())
 
-    def score(self, input_ids, attention_mask, with_values=True, with_entropy=False):
+    def score(self, input_ids, attention_mask, with_values=True, with_entropy=False, positions=None):
+        # ignores `positions`: it returns log-probs at masked tokens too, which the loss must not use
         lp = self.lp[input_ids[:, 0]][:, : input_ids.shape[1]]
         zeros = torch.zeros_like(lp)
         return Scores(lp, zeros, zeros if with_entropy else None)

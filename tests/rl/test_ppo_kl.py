@@ -63,7 +63,7 @@ class _Categorical(torch.nn.Module):
         super().__init__()
         self.theta = torch.nn.Parameter(theta.detach().clone().float())
 
-    def forward(self, input_ids, attention_mask, with_values=True, with_entropy=False):
+    def forward(self, input_ids, attention_mask, with_values=True, with_entropy=False, positions=None):
         logp = torch.log_softmax(self.theta, -1)
         lp = torch.zeros(input_ids.shape, dtype=torch.float32)
         lp[:, 1:] = logp[input_ids[:, 1:]]
