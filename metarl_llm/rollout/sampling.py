@@ -148,9 +148,25 @@ def stream_uniforms(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor
     return (hi.double() * 2.0**32 + lo.double() + 0.5) / 2.0**64
 
 
+SMALL_VOCAB = 4096  # vocabularies up to this size draw from one float64 CDF of the whole row
+CDF_BLOCK = 1024  # larger ones: the CDF over blocks of this many ids, then within the chosen block
+_WORK: dict = {}  # device -> the float32 workspace of the large-vocabulary draw, reused across steps
+
+
 def draw_tokens(logits: torch.Tensor, u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [N], logprobs [N]) from logits [N, V]: inverse-CDF sampling at uniforms
-    ``u`` [N] (float64), or the argmax (first index on ties) when ``u`` is None."""
+    ``u`` [N] (float64): the first id whose cumulative probability reaches u; or the argmax
+    (first index on ties) when ``u`` is None.
+
+    Up to ``SMALL_VOCAB`` ids the CDF of the whole row is built in float64. A larger vocabulary
+    (a production tokenizer's 152k) would make that four [N, V] temporaries per decoding step,
+    two of them float64, allocated and freed every step; instead the unnormalised probabilities
+    go into one preallocated float32 workspace, their sums per block of ``CDF_BLOCK`` ids (float64)
+    pick the block and the CDF of that block alone picks the id: the same inverse-CDF rule, the
+    sums in another order (differences at float64 rounding), one pass over the row besides the
+    max."""
+    if logits.shape[-1] > SMALL_VOCAB:
+        return _draw_blocked(logits, u)
     logp = F.log_softmax(logits.float(), -1)
     if u is None:
         tok = logp.argmax(-1)
@@ -158,6 +174,39 @@ def draw_tokens(logits: torch.Tensor, u: torch.Tensor | None) -> tuple[torch.Ten
         cdf = logp.double().exp().cumsum(-1)
         tok = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)).squeeze(-1).clamp(max=logits.shape[-1] - 1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+def _workspace(n: int, width: int, device: torch.device) -> torch.Tensor:
+    buf = _WORK.get(device)
+    if buf is None or buf.numel() < n * width:
+        buf = torch.empty(n * width, dtype=torch.float32, device=device)
+        _WORK[device] = buf
+    return buf[: n * width].view(n, width)
+
+
+def _draw_blocked(logits: torch.Tensor, u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`draw_tokens` for a large vocabulary (see there)."""
+    x = logits.float()
+    n, v = x.shape
+    m = x.amax(-1, keepdim=True)
+    nb = -(-v // CDF_BLOCK)
+    work = _workspace(n, nb * CDF_BLOCK, x.device)
+    torch.sub(x, m, out=work[:, :v]).exp_()  # exp(x - max): the unnormalised probabilities
+    work[:, v:].zero_()
+    blocks = work.view(n, nb, CDF_BLOCK).sum(-1, dtype=torch.float64)  # [N, nb]
+    block_cdf = blocks.cumsum(-1)
+    total = block_cdf[:, -1]
+    if u is None:
+        tok = x.argmax(-1)
+    else:
+        target = u.to(x.device, torch.float64) * total
+        bi = torch.searchsorted(block_cdf, target[:, None]).squeeze(-1).clamp(max=nb - 1)
+        before = torch.where(bi > 0, block_cdf.gather(-1, (bi - 1).clamp(min=0)[:, None]).squeeze(-1), 0.0)
+        inner = work.view(n, nb, CDF_BLOCK)[torch.arange(n, device=x.device), bi].double().cumsum(-1)  # [N, block]
+        j = torch.searchsorted(inner, (target - before)[:, None]).squeeze(-1).clamp(max=CDF_BLOCK - 1)
+        tok = (bi * CDF_BLOCK + j).clamp(max=v - 1)
+    lse = m.squeeze(-1) + total.log().float()
+    return tok, x.gather(-1, tok[:, None]).squeeze(-1) - lse
 
 
 def trial_keys(n: int, generator: torch.Generator | None) -> torch.Tensor:

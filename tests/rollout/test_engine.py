@@ -288,6 +288,28 @@ def test_draw_tokens_follows_the_softmax():
     assert greedy.tolist() == [1]
 
 
+def test_the_blocked_draw_of_a_large_vocabulary_is_the_same_inverse_cdf():
+    """V > SMALL_VOCAB: the block-then-id CDF picks the same ids as one float64 CDF of the row (the
+    sums differ only in order: an id can differ only where u falls within rounding of a boundary,
+    never here), with the same log-probs; greedy is the argmax; rows of one call are independent."""
+    from metarl_llm.rollout import sampling
+
+    g = torch.Generator().manual_seed(0)
+    v = 20_000  # 20 blocks, the last one partly padding
+    logits = torch.randn(64, v, generator=g) * 3
+    logits[5, 19_999] = 30.0  # nearly all mass on the very last id
+    u = stream_uniforms(torch.arange(64), torch.arange(64))
+    tok, lp = sampling._draw_blocked(logits, u)
+    logp = F.log_softmax(logits, -1)
+    cdf = logp.double().exp().cumsum(-1)
+    want = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None]).squeeze(-1).clamp(max=v - 1)
+    assert tok.tolist() == want.tolist() and tok[5] == 19_999
+    assert torch.allclose(lp, logp.gather(-1, want[:, None]).squeeze(-1), atol=2e-5)
+    assert torch.equal(sampling._draw_blocked(logits, None)[0], logits.argmax(-1))
+    assert torch.equal(draw_tokens(logits, u)[0], tok)  # draw_tokens takes this path above SMALL_VOCAB
+    assert sampling._draw_blocked(logits[10:12], u[10:12])[0].tolist() == tok[10:12].tolist()
+
+
 def test_bad_engine_names_and_options_are_errors():
     with pytest.raises(ValueError, match="rollout.engine='vllm'"):
         get_engine("vllm")
