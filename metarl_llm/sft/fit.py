@@ -1,10 +1,12 @@
 """Supervised fine-tuning on token streams: :func:`sft_fit` fits records ``{"input_ids",
 "completion_mask"}`` with trl's SFTTrainer, the loss on ``completion_mask == 1`` tokens only
-(the policy's episodes; prompt and inserted observations are context).
+(the policy's episodes; prompt and inserted observations are context), computed with the LM head
+at those tokens only, in chunks (no [B, T, V] logits).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -12,9 +14,37 @@ from dataclasses import dataclass
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
+from metarl_llm.models import causal_lm_scores
 from metarl_llm.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def chunked_loss_trainer() -> type:
+    """trl's SFTTrainer with its loss computed by :func:`metarl_llm.models.causal_lm_scores` (built on
+    first use: trl loads only when an SFT runs)."""
+    from trl import SFTTrainer  # deferred: start-up cost (trl loads only when an SFT runs)
+
+    class ChunkedLossSFT(SFTTrainer):
+        """trl's SFTTrainer with the loss from :func:`metarl_llm.models.causal_lm_scores`: the LM
+        head at the completion tokens only, in chunks. trl's own fused head scores every position
+        on devices without Triton (the prompt and observations too); the loss is the same token
+        mean (``num_items_in_batch``, or this batch's completion tokens)."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs["labels"]
+            ids = inputs["input_ids"]
+            am = inputs.get("attention_mask")
+            am = torch.ones_like(ids) if am is None else am
+            scored = labels != -100  # token t is predicted from position t - 1 (labels are not shifted)
+            scored[:, 0] = False
+            out = causal_lm_scores(self.accelerator.unwrap_model(model), ids, am, scored)
+            n = scored.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = -out.logprobs.sum() / torch.as_tensor(n, device=ids.device).clamp(min=1)
+            return (loss, out) if return_outputs else loss
+
+    return ChunkedLossSFT
 
 
 def sft_fit(
@@ -65,7 +95,6 @@ def fit_records(
     as ``desc`` (:class:`metarl_llm.runtime.progress.Progress`; ``progress_bar``: a bar on a terminal)."""
     from datasets import Dataset  # deferred: start-up cost (datasets loads only when it is needed)
     from trl import SFTConfig as TrlSFTConfig  # deferred: start-up cost (trl loads only when an SFT runs)
-    from trl import SFTTrainer  # deferred: start-up cost (trl loads only when an SFT runs)
 
     class ShowProgress(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -111,7 +140,9 @@ def fit_records(
             # trl turns checkpointing on by default; on small models it only costs time.
             activation_checkpointing=checkpointing,
         )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+        trainer = chunked_loss_trainer()(
+            model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer
+        )
         trainer.remove_callback(PrinterCallback)  # losses go to our log, not stdout
         if stop_below is not None:
             trainer.add_callback(StopBelow())

@@ -282,3 +282,38 @@ def test_reward_verifier_replaces_the_outcome_in_ppo(tmp_path):
         validate(cfg_of(tmp_path, "reward=verifier"))
     with pytest.raises(ValueError, match="reward.verifier"):
         validate(cfg_of(tmp_path, "reward=verifier", f"reward.verifier={tmp_path / 'nothing'}"))
+
+
+def test_the_chunked_sft_loss_equals_trls_own(qwen_dir):
+    """The warm start's loss (LM head at completion tokens only, metarl_llm.models.causal_lm_scores)
+    against trl's SFTTrainer loss on the same batch of a production-vocabulary model."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig as TrlSFTConfig
+    from trl import SFTTrainer
+
+    from metarl_llm.config import ModelConfig
+    from metarl_llm.models import load_policy
+    from metarl_llm.sft.fit import chunked_loss_trainer
+
+    model, tok = load_policy(ModelConfig(name_or_path=str(qwen_dir)), 0)
+    g = torch.Generator().manual_seed(0)
+    records = []
+    for n in (7, 12, 9):
+        ids = torch.randint(0, len(tok), (n,), generator=g).tolist()
+        records.append({"input_ids": ids, "completion_mask": [0] * 3 + [1] * (n - 3)})
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrlSFTConfig(
+            output_dir=tmp, per_device_train_batch_size=3, completion_only_loss=True, max_length=None,
+            report_to=[], use_cpu=True, bf16=False, activation_checkpointing=False,
+        )  # fmt: skip
+        data = Dataset.from_list(records)
+        theirs = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+        ours = chunked_loss_trainer()(model=model, args=args, train_dataset=data, processing_class=tok)
+        batch = next(iter(theirs.get_train_dataloader()))
+        with torch.no_grad():
+            a = float(theirs.compute_loss(model, dict(batch)))
+            b = float(ours.compute_loss(model, dict(batch)))
+    assert abs(a - b) < 1e-5 * max(1.0, abs(a)) and a > 1.0  # random weights over 151k ids: a large loss
