@@ -312,6 +312,34 @@ def transcript_rows(trials: list[Trial], curves: list[np.ndarray] | None, k: int
     return rows
 
 
+def format_transcript(trial: Trial, codec: StreamCodec, curve: np.ndarray | None = None) -> str:
+    """One trial as a reader checks it: the token stream decoded piece by piece, special tokens and
+    the chat template's turns included, with every piece labelled. ``[prompt]`` and ``[inserted]``
+    are the tokens the environment put there (observations, the forced-answer text); ``[episode
+    j]`` the policy's tokens of episode j, preceded by J at the boundary before it (``curve``,
+    the meta-prover's estimate: one value per boundary, after the prompt and after each episode
+    before the answer), ``(answer, forced)`` marking the forced answer; the outcome last."""
+    tok = codec.tokenizer
+    pieces, start = [], 0
+    for k in range(1, len(trial.ids) + 1):
+        if k == len(trial.ids) or (trial.action[k], trial.episode[k]) != (trial.action[start], trial.episode[start]):
+            pieces.append((start, k))
+            start = k
+    lines = [f"=== {trial.problem_id}: outcome {trial.outcome:g}, {trial.policy_tokens} policy tokens ==="]
+    for a, b in pieces:
+        j = trial.episode[a]
+        if not trial.action[a]:
+            label = "[prompt]" if a == 0 else "[inserted]"
+        else:
+            last = j == trial.answer_episode
+            label = f"[episode {j}{' (answer, forced)' if last and trial.forced else ' (answer)' if last else ''}]"
+            if curve is not None and j < len(curve):
+                label = f"-- J = {float(curve[j]):.3f} --\n{label}"
+        lines.append(f"{label}\n{tok.decode(trial.ids[a:b], skip_special_tokens=False)}")
+    lines.append(f"=== answer {trial.answer!r} -> outcome {trial.outcome:g} ===")
+    return "\n".join(lines)
+
+
 def eval_report(results: dict[str, EvalResult], figures: dict, cfg: TrainConfig, checkpoint: str) -> dict:
     """JSON-ready record of one evaluation: the figures, and per budget scale the budget,
     C, every metric (nan as None) and the curve S [C+1]."""
@@ -344,7 +372,9 @@ def evaluate_and_report(
 ) -> tuple[dict[str, EvalResult], dict, dict]:
     """The final evaluation of a checkpoint, shared by the trainer and the command line.
 
-    Runs :func:`evaluate_at_budgets`; writes ``eval_<checkpoint>.json``,
+    Runs :func:`evaluate_at_budgets`; writes ``eval_<checkpoint>.json``, the first
+    ``logger.num_transcripts`` trials as text (``transcripts_<checkpoint>.txt``,
+    :func:`format_transcript`),
     ``success_vs_tokens_<checkpoint>.png`` (S(t) per budget scale) and, with more than
     one scale, ``budget_extrapolation_<checkpoint>.png`` into ``run_dir``; logs the
     training-budget metrics as ``heldout/...``, the per-scale ones as
@@ -369,6 +399,13 @@ def evaluate_and_report(
         TRANSCRIPT_COLUMNS,
         transcript_rows(base.trials, base.j_curves, cfg.logger.num_transcripts),
         step=step,
+    )
+    shown = base.trials[: cfg.logger.num_transcripts]
+    (run_dir / f"transcripts_{checkpoint}.txt").write_text(
+        "\n\n".join(
+            format_transcript(t, codec, base.j_curves[i] if base.j_curves is not None else None) for i, t in enumerate(shown)
+        )
+        + "\n"
     )
     curves_png = run_dir / f"success_vs_tokens_{checkpoint}.png"
     plots.plot_success_curves(

@@ -638,6 +638,7 @@ class PPOJob:
             "rollout_tokens_per_s": self.throughput.rollout_tokens / max(self.throughput.rollout_time, 1e-9),
             "update_tokens_per_s": self.throughput.update_tokens / max(self.throughput.update_time, 1e-9),
             "warm_start_cached": bool(self.ws_info.get("warm_start/cached", False)),
+            "warm_start_s": float(self.ws_info.get("perf/warm_start_s", 0.0)),
             "num_parameters": sum(p.numel() for p in self.actor_critic.parameters()),
         }
         self.tracker.finish(summary)

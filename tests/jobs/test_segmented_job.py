@@ -39,5 +39,11 @@ def test_a_markers_run_trains_end_to_end(compose_cfg, tmp_path):
     it = next(r for r in rows if "train/logprob_mismatch_max" in r)
     assert it["train/logprob_mismatch_max"] < 1e-5
     assert (tmp_path / "run" / "config.yaml").read_text().count("name: markers") == 1
+    # the final evaluation's transcripts: every piece of the stream labelled, J before each episode
+    [text] = [p.read_text() for p in (tmp_path / "run").glob("transcripts_*.txt")]
+    first = text.split("\n\n=== ")[0]
+    assert first.startswith("=== ") and "[prompt]\n" in first and "[episode 0" in first and "-- J = " in first
+    assert first.count("-- J = ") == first.count("[episode ")  # a boundary before each episode, the answer's included
+    assert first.count("(answer") == 1
     train(compose_cfg(*SMALL, cache, "segment=paragraph"), tmp_path / "para")
     assert len(list((tmp_path / "ws").iterdir())) == 2  # one cache entry per rule

@@ -150,7 +150,7 @@ def test_tracker_keeps_exactly_the_rows_logged_before_the_checkpoint(tmp_path):
     assert read_summary(tmp_path) is None
 
 
-TIMING_KEYS = ("wall_time_s", "final_eval_s", "rollout_tokens_per_s", "update_tokens_per_s", "warm_start_cached")
+TIMING_KEYS = ("wall_time_s", "final_eval_s", "rollout_tokens_per_s", "update_tokens_per_s", "warm_start_cached", "warm_start_s")
 # Iteration 3 is the last: checkpoint 2 (after the held-out evaluation of iteration 2), then the
 # final checkpoint 3 and, after it, the final evaluation's rows, logged at step 3.
 END = [*SMALL, "algo.iterations=3"]
