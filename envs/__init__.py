@@ -16,6 +16,7 @@ from envs.base import EpisodicTextEnv, Problem, UnicodeText, split_of
 
 ENV_IDS = {
     "arc": "metarl/Arc-v0",
+    "inverse": "metarl/Inverse-v0",
     "math": "metarl/Math-v0",
     "planted_subseq": "metarl/PlantedSubseq-v0",
     "reasoning_gym": "metarl/ReasoningGym-v0",
@@ -23,6 +24,7 @@ ENV_IDS = {
 
 _ENTRY_POINTS = {
     "arc": "envs.arc:ArcEnv",
+    "inverse": "envs.inverse:InverseEnv",
     "math": "envs.math_env:MathEnv",
     "planted_subseq": "envs.planted_subseq:PlantedSubseqEnv",
     "reasoning_gym": "envs.reasoning_gym_env:ReasoningGymEnv",

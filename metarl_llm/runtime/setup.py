@@ -27,6 +27,7 @@ from metarl_llm.config import (
     ArcEnvConfig,
     BonusConfig,
     BudgetConfig,
+    InverseEnvConfig,
     LoggerConfig,
     MathEnvConfig,
     ModelConfig,
@@ -101,6 +102,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="env", name="planted_subseq_schema", node=PlantedSubseqEnvConfig)
     cs.store(group="env", name="math_schema", node=MathEnvConfig)
+    cs.store(group="env", name="inverse_schema", node=InverseEnvConfig)
     cs.store(group="env", name="reasoning_gym_schema", node=ReasoningGymEnvConfig)
     cs.store(group="env", name="arc_schema", node=ArcEnvConfig)
     cs.store(group="budget", name="budget_schema", node=BudgetConfig)

@@ -173,6 +173,9 @@ def expert_records(
     return records
 
 
+LATER_ENV_OPTIONS = {"retry_wrong_answers": False, "feedback_detail": "verdict"}  # env option -> its default
+
+
 def cache_key(
     model: ModelConfig,
     env: EnvConfig,
@@ -197,7 +200,8 @@ def cache_key(
             if k not in ("lora", "autocast", "cudnn_attention", "temperature", "chat_template", "system_prompt")
             and not (k in ("answer_marker", "forced_answer_text") and v is None)  # set: they change the traces
         },
-        "env": asdict(env),
+        # Env options added after entries were written enter only when set (the old entries stay valid).
+        "env": {k: v for k, v in asdict(env).items() if not (k in LATER_ENV_OPTIONS and v == LATER_ENV_OPTIONS[k])},
         "budget": {k: v for k, v in asdict(budget).items() if k != "fit_traces"},  # the limits used are what count
         "warm_start": {k: v for k, v in asdict(ws).items() if k not in ("cache_dir", "seed")},  # the seed used is `seed`
         "seed": seed,

@@ -40,7 +40,7 @@ print(json.dumps({n: sorted(r) for n, r in [("engines", ENGINES), ("advantages",
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.splitlines()[-1]) == {
         "engines": ["cached", "hf_generate", "reencode"],
-        "advantages": ["gae", "grpo", "rloo"],
+        "advantages": ["gae", "grpo", "rloo", "termination"],
         "losses": ["ppo_clip", "reinforce"],
         "estimators": ["likelihood", "sample", "verifier"],
         "verifiers": ["episode_score"],

@@ -16,9 +16,9 @@ from gymnasium.utils.env_checker import check_env
 import envs
 from envs.planted_subseq import _rule
 
-NAMES = ["arc", "math", "planted_subseq", "reasoning_gym"]
+NAMES = ["arc", "inverse", "math", "planted_subseq", "reasoning_gym"]
 # Small reasoning-gym pools keep the tests fast; everything else runs at its defaults.
-DEFAULTS = {"arc": {}, "math": {}, "planted_subseq": {}, "reasoning_gym": {"size": 300}}
+DEFAULTS = {"arc": {}, "inverse": {}, "math": {}, "planted_subseq": {}, "reasoning_gym": {"size": 300}}
 
 
 def make(name: str, **kwargs):
@@ -31,6 +31,8 @@ def correct_episode(env) -> str:
 
 
 def wrong_answer(env) -> str:
+    if getattr(env, "modulus", None):  # inverse: every integer is some residue; take a wrong one
+        return str((int(env.reference_answer) + 1) % env.modulus)
     return "999999" if env.reference_answer != "999999" else "1"
 
 
