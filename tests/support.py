@@ -13,12 +13,13 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository root
 
 # Overrides of a quick run through train() or train.py: no warm start, no checkpoints, no W&B or
 # progress bar, one thread, held-out evaluation at the start and the end only, at the training
-# budget, with one meta-prover answer per boundary. Tests add the run's size and what they check.
+# budget, with one meta-prover answer per boundary, without the in-context adaptation figures. Tests add the run's size and what they check.
 QUICK_RUN = [
     "warm_start.steps=0",
     "eval.prover_samples=1",
     "eval.every=0",
     "eval.extrapolation=false",
+    "eval.adaptation=false",
     "checkpoint_every=0",
     "logger.mode=disabled",
     "logger.progress_bar=false",

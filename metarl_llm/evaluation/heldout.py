@@ -73,6 +73,7 @@ from metarl_llm.config import (
 )
 from metarl_llm.core.trial import StreamCodec, Trial
 from metarl_llm.evaluation import report as plots  # looked up at call time (a test replaces a plot)
+from metarl_llm.evaluation.adaptation import adaptation_scalars, evaluate_adaptation
 from metarl_llm.evaluation.curves import (
     budget_label,
     budget_scales,
@@ -280,6 +281,20 @@ def evaluate_at_budgets(
     return results
 
 
+def adaptation_of(model: torch.nn.Module, codec: StreamCodec, cfg: TrainConfig, make_env: EnvMaker) -> dict | None:
+    """:func:`metarl_llm.evaluation.adaptation.evaluate_adaptation` of ``model`` as ``cfg.eval`` asks
+    (None with ``eval.adaptation=false``, and under ``adapt=ttt``, whose per-problem adaptation it
+    does not model: logged)."""
+    if not cfg.eval.adaptation:
+        return None
+    if cfg.adapt.name != "none":
+        log.info("eval.adaptation: not measured under adapt=%s (per-problem adaptation)", cfg.adapt.name)
+        return None
+    return evaluate_adaptation(
+        model, codec, cfg.budget, cfg.eval, make_env, lambda: eval_generator(cfg.seed), engine_from_config(cfg.rollout)
+    )
+
+
 def heldout_figures(results: dict[str, EvalResult], cfg: EvalConfig) -> dict:
     """The figures that go into summary.json (and eval_<checkpoint>.json): at the training
     budget ("1") ``regret``, ``tokens_to_success`` (None if never reached) at
@@ -375,8 +390,10 @@ def evaluate_and_report(
     Runs :func:`evaluate_at_budgets`; writes ``eval_<checkpoint>.json``, the first
     ``logger.num_transcripts`` trials as text (``transcripts_<checkpoint>.txt``,
     :func:`format_transcript`),
-    ``success_vs_tokens_<checkpoint>.png`` (S(t) per budget scale) and, with more than
-    one scale, ``budget_extrapolation_<checkpoint>.png`` into ``run_dir``; logs the
+    ``success_vs_tokens_<checkpoint>.png`` (S(t) per budget scale), with more than
+    one scale ``budget_extrapolation_<checkpoint>.png``, and with ``eval.adaptation``
+    ``adaptation_<checkpoint>.png`` (:func:`adaptation_of`; its figures under
+    ``figures["adaptation"]``, logged as ``heldout_adapt/...``) into ``run_dir``; logs the
     training-budget metrics as ``heldout/...``, the per-scale ones as
     ``heldout_budget/<scale>x/...``, a transcript table and the plots to ``tracker``
     (a :class:`metarl_llm.runtime.tracking.Tracker`). Returns (results, figures, report).
@@ -384,6 +401,9 @@ def evaluate_and_report(
     run_dir = Path(run_dir)
     results = evaluate_at_budgets(model, codec, cfg, make_env)
     figures = heldout_figures(results, cfg.eval)
+    adaptation = adaptation_of(model, codec, cfg, make_env)
+    if adaptation is not None:
+        figures["adaptation"] = adaptation
     report = eval_report(results, figures, cfg, checkpoint)
     (run_dir / f"eval_{checkpoint}.json").write_text(json.dumps(report, indent=1))
 
@@ -407,6 +427,13 @@ def evaluate_and_report(
         )
         + "\n"
     )
+    if adaptation is not None:
+        tracker.log(adaptation_scalars(adaptation), step=step)
+        adapt_png = run_dir / f"adaptation_{checkpoint}.png"
+        plots.plot_adaptation(
+            {checkpoint: adaptation}, adapt_png, title=f"{cfg.env.name}, {checkpoint}: in-context against parallel"
+        )
+        tracker.image("heldout/adaptation", adapt_png, step=step)
     curves_png = run_dir / f"success_vs_tokens_{checkpoint}.png"
     plots.plot_success_curves(
         {f"{label}x budget (C={curve_tokens(r.budget)})": r.curve for label, r in results.items()},

@@ -42,3 +42,25 @@ def plot_budget_extrapolation(results: dict[str, EvalResult], k: int, path: Path
     ax.set_xticks(scales, [f"{s:g}x" for s in scales])
     ax.set_xlabel("budget (x training budget)")
     save_plot(plt, fig, ax, path, title)
+
+
+def plot_adaptation(figures: dict[str, dict], path: Path, title: str = "") -> None:
+    """Held-out success against k (log2 axis), per label of ``figures`` (label ->
+    :func:`metarl_llm.evaluation.adaptation.evaluate_adaptation`'s dict): one trial with k
+    episodes (solid, 95% intervals), pass@k (dashed) and maj@k (dotted) of k one-episode trials."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for n, (label, f) in enumerate(figures.items()):
+        ks = [int(k) for k in f["sequential_success"]]
+        color = f"C{n}"
+        ax.errorbar(ks, list(f["sequential_success"].values()), yerr=list(f["sequential_ci95"].values()), color=color,
+                    marker="o", capsize=3, label=f"{label}: 1 trial, k episodes")  # fmt: skip
+        ax.plot(
+            ks, list(f["parallel_pass"].values()), color=color, ls="--", marker="^", label=f"{label}: pass@k, 1-episode trials"
+        )
+        ax.plot(ks, list(f["parallel_maj"].values()), color=color, ls=":", marker="s", label=f"{label}: maj@k, 1-episode trials")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("k (episodes of one trial, or one-episode trials), equal tokens")
+    ax.set_ylabel("held-out success")
+    save_plot(plt, fig, ax, path, title)

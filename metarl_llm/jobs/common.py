@@ -47,7 +47,7 @@ def validate(cfg: TrainConfig) -> None:
     # registry names
     get_advantage(cfg.algo.advantage)
     get_policy_loss(cfg.algo.policy_loss)
-    if cfg.bonus.name != "none":
+    if cfg.bonus.name != "none" or cfg.algo.advantage == "termination":  # both estimate J
         get_estimator(cfg.bonus.estimator)
         if cfg.bonus.estimator == "verifier":
             check_verifier_name(cfg.bonus.verifier)

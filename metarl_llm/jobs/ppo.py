@@ -48,10 +48,12 @@ import envs  # noqa: F401  (registers the environments)
 from envs.base import FailureGuard
 from metarl_llm.config import TrainConfig
 from metarl_llm.core.batch import RolloutBatch, collate, place_rewards, sampled_logprobs, sampled_values
+from metarl_llm.evaluation.adaptation import adaptation_scalars
 from metarl_llm.evaluation.curves import episode_figures, finite_or_none, token_efficiency_ratio
 from metarl_llm.evaluation.heldout import (
     TRANSCRIPT_COLUMNS,
     EvalResult,
+    adaptation_of,
     clamp_num_problems,
     eval_generator,
     evaluate,
@@ -59,7 +61,7 @@ from metarl_llm.evaluation.heldout import (
     problem_adapter_of,
     transcript_rows,
 )
-from metarl_llm.evaluation.report import plot_success_curves
+from metarl_llm.evaluation.report import plot_adaptation, plot_success_curves
 from metarl_llm.jobs.common import base_policy, finished_summary, job_tracker, resume_checkpoint, start_job
 from metarl_llm.models import (
     autocast,
@@ -71,7 +73,7 @@ from metarl_llm.models import (
     set_temperature,
 )
 from metarl_llm.rl.advantages import combine_advantages, episode_credit, get_advantage
-from metarl_llm.rl.bonus import episode_bonuses
+from metarl_llm.rl.bonus import episode_bonuses, j_curves
 from metarl_llm.rl.losses import explained_variance
 from metarl_llm.rl.scoring import score_batch, verifier_rewards
 from metarl_llm.rl.update import ppo_update
@@ -99,6 +101,7 @@ class EvalSummary(NamedTuple):
 
     metrics: dict
     curve: np.ndarray
+    adaptation: dict | None = None  # metarl_llm.evaluation.adaptation figures (eval.adaptation)
 
 
 @dataclass
@@ -312,7 +315,7 @@ class PPOJob:
         self.keep_cache = (
             cfg.rollout.reuse_cache
             and cfg.rollout.engine == "cached"
-            and cfg.bonus.name == "info_gain"
+            and (cfg.bonus.name == "info_gain" or cfg.algo.advantage == "termination")
             and cfg.bonus.estimator == "sample"
             and not cfg.bonus.use_reference
         )
@@ -335,12 +338,21 @@ class PPOJob:
             if self.dist.is_main:
                 log.info("held-out success of the warm-started model: %.3f", start_eval.metrics["success"])
             self.tracker.log({k: v for k, v in self.ws_info.items() if isinstance(v, (int, float, bool))}, step=0)
-            self.start_eval = EvalSummary(start_eval.metrics, start_eval.curve) if start_eval is not None else None
+            start_adapt = None
+            if start_eval is not None:
+                start_adapt = adaptation_of(self.actor_critic.policy, self.codec, self.cfg, heldout_env_maker(self.cfg))
+                if start_adapt is not None:
+                    self.tracker.log(adaptation_scalars(start_adapt), step=0)
+            self.start_eval = EvalSummary(start_eval.metrics, start_eval.curve, start_adapt) if start_eval is not None else None
             self.first = 1
         else:
             restore_rng_states(state["rng"], self.generator, self.problem_rng)
             self.start_eval = (
-                EvalSummary(state["start_eval"]["metrics"], np.asarray(state["start_eval"]["curve"]))
+                EvalSummary(
+                    state["start_eval"]["metrics"],
+                    np.asarray(state["start_eval"]["curve"]),
+                    state["start_eval"].get("adaptation"),
+                )
                 if state["start_eval"]
                 else None
             )
@@ -382,7 +394,13 @@ class PPOJob:
         extra = {
             "rng": rng_states(self.generator, self.problem_rng),
             "counters": self.throughput.as_list(),
-            "start_eval": {"metrics": start_eval.metrics, "curve": np.asarray(start_eval.curve).tolist()} if start_eval else None,
+            "start_eval": {
+                "metrics": start_eval.metrics,
+                "curve": np.asarray(start_eval.curve).tolist(),
+                "adaptation": start_eval.adaptation,
+            }
+            if start_eval
+            else None,
             "wandb_id": self.tracker.run_id,
             "warm_start_key": self.ws_info.get("warm_start/key"),
             "metrics_rows": self.tracker.rows,  # rows of metrics.jsonl so far: a resume keeps exactly these
@@ -486,6 +504,10 @@ class PPOJob:
                 outcomes=scored.batch.outcome.tolist(),
                 engine=self.engine,
             )
+            if scored.curves is None and cfg.algo.advantage == "termination":  # R_term without a bonus
+                scored.curves = j_curves(
+                    cfg.bonus, bonus_model, self.codec, roll.trials, cfg.budget.answer_max_tokens, self.generator, self.engine
+                )
         for t in roll.trials:
             t.cache = None  # the kept KV caches served the meta-prover; free them before the update
         scored.bonus_seconds = time.perf_counter() - t0
@@ -499,8 +521,17 @@ class PPOJob:
         cfg, trials, batch = self.cfg, roll.trials, scored.batch
         in_reward = cfg.bonus.credit == "return"
         token_rewards = place_rewards(batch, scored.bonuses if in_reward else [], cfg.algo.kl_coef, cfg.algo.kl_in_reward)
+        term = None
+        if cfg.algo.advantage == "termination":  # MRT's baseline: J right before each token's episode
+            term = episode_credit(batch.episode_index, batch.action_mask, [list(c) for c in scored.curves])
         adv, ret = self.advantage_fn(
-            token_rewards, batch.values, batch.action_mask, gamma=cfg.algo.gamma, lam=cfg.algo.lam, group=batch.group
+            token_rewards,
+            batch.values,
+            batch.action_mask,
+            gamma=cfg.algo.gamma,
+            lam=cfg.algo.lam,
+            group=batch.group,
+            termination_value=term,
         )
         batch = batch._replace(token_rewards=token_rewards, advantages=adv, returns=ret)
         parts = self.dist.all_gather_objects(
@@ -631,6 +662,11 @@ class PPOJob:
             title=f"{cfg.env.name}, held-out, training budget (C={len(final_eval.curve) - 1})",
         )
         self.tracker.image("heldout/success_vs_tokens", plot, step=cfg.algo.iterations)
+        if self.start_eval.adaptation is not None and "adaptation" in figures:
+            plot = self.run_dir / "adaptation.png"
+            plot_adaptation({"start": self.start_eval.adaptation, "final": figures["adaptation"]}, plot,
+                            title=f"{cfg.env.name}, held-out: in-context against parallel at equal tokens")  # fmt: skip
+            self.tracker.image("heldout/adaptation_start_final", plot, step=cfg.algo.iterations)
         summary = {
             **run_summary(cfg, self.start_eval, final_eval.metrics, final_eval.curve, figures),
             "final_eval_s": t_final_eval,
@@ -671,6 +707,7 @@ def run_summary(cfg: TrainConfig, start_eval: EvalSummary, final: dict, final_cu
         "heldout_success_curve_start": start_eval.curve.tolist(),
         # tokens the start model needs / tokens the final one needs, at 0.9 x the smaller final success (None: undefined or inf)
         "token_efficiency_vs_start": finite_or_none(token_efficiency_ratio(final_curve, start_eval.curve)),
+        **({"adaptation_start": start_eval.adaptation} if start_eval.adaptation is not None else {}),
     }
 
 

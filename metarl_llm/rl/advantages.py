@@ -103,6 +103,36 @@ def rloo(
     return (ret - baseline)[:, None] * action_mask, ret[:, None] * action_mask
 
 
+@register_advantage("termination")
+def termination(
+    token_rewards: torch.Tensor,
+    values: torch.Tensor,
+    action_mask: torch.Tensor,
+    *,
+    termination_value: torch.Tensor | None = None,
+    **_,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MRT's RL baseline (the released recipe of Qu et al. 2025): on every action token of episode
+    j, R - R_term(j). R is the trial's return (the sum of its token rewards); R_term(j) the reward
+    of terminating there, i.e. of forcing the answer right before episode j: J at that boundary,
+    the meta-prover's estimate from the prompt and episodes 0..j-1 (``termination_value`` [B, T],
+    :func:`episode_credit` of the J curves, built by the trainer).
+
+    The baseline is a function of the state (the history so far), never of the episode index
+    alone: two trials at the same episode with different histories get different baselines, and
+    no statistic is pooled per episode index across the batch. Such pooling is biased when the
+    policy decides how many episodes to take: the trials that reach episode j are not a sample
+    of all trials.
+    """
+    if termination_value is None:
+        raise ValueError(
+            "algo.advantage=termination needs J at every episode boundary (R_term), which the trainer "
+            "estimates with bonus.estimator; call it with termination_value=[B, T]"
+        )
+    ret = (token_rewards * action_mask).sum(1)  # [B]
+    return (ret[:, None] - termination_value) * action_mask, ret[:, None] * action_mask
+
+
 def episode_credit(episode_index: torch.Tensor, action_mask: torch.Tensor, episode_bonus: list[list[float]]) -> torch.Tensor:
     """MRT's dense credit: the bonus of episode j on every action token of episode j.
 

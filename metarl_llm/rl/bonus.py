@@ -268,6 +268,29 @@ def progress(j_values: np.ndarray, clip: float | None = None) -> np.ndarray:
     return np.clip(p, -clip, clip) if clip is not None else p
 
 
+def j_curves(
+    cfg: BonusConfig,
+    model: torch.nn.Module,
+    codec: StreamCodec,
+    trials: list[Trial],
+    answer_max_tokens: int,
+    generator: torch.Generator | None = None,
+    engine: Engine | None = None,
+) -> list[np.ndarray]:
+    """J at every boundary of every trial by ``cfg.estimator`` (with ``cfg.num_samples`` and
+    ``cfg.verifier``): per trial an array [m_i], m_i its episodes, entry j J right before episode
+    j (:func:`metarl_llm.rollout.meta_prover.boundary_prefixes`). What the bonus and MRT's
+    termination baseline (``algo.advantage=termination``) are computed from."""
+    opts = JOptions(
+        num_samples=cfg.num_samples,
+        answer_max_tokens=answer_max_tokens,
+        generator=generator,
+        verifier=cfg.verifier,
+        engine=engine,
+    )
+    return get_estimator(cfg.estimator)(model, codec, trials, opts)
+
+
 def episode_bonuses(
     cfg: BonusConfig,
     model: torch.nn.Module,
@@ -294,15 +317,7 @@ def episode_bonuses(
         outcomes = [t.outcome for t in trials]
     if len(outcomes) != len(trials):
         raise ValueError(f"episode_bonuses: {len(outcomes)} outcomes for {len(trials)} trials")
-    estimate = get_estimator(cfg.estimator)
-    opts = JOptions(
-        num_samples=cfg.num_samples,
-        answer_max_tokens=answer_max_tokens,
-        generator=generator,
-        verifier=cfg.verifier,
-        engine=engine,
-    )
-    curves = estimate(model, codec, trials, opts)
+    curves = j_curves(cfg, model, codec, trials, answer_max_tokens, generator, engine)
     if cfg.final_episode:
         # J after the committed answer is the rewarded outcome: the answer episode gets its
         # progress too and the bonuses telescope to alpha * (outcome - J_empty).

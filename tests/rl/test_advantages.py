@@ -301,3 +301,49 @@ def test_episode_credit_is_local_where_reward_placement_telescopes():
     adv_out, _ = gae(outcome_only, torch.zeros(1, 6), mask, gamma=1.0, lam=1.0)
     local = adv_out + episode_credit(episode, mask, bonus)
     torch.testing.assert_close(local, torch.tensor([[0, 1.3, 1.3, 0.9, 0.9, 1.0]]))
+
+
+# ------------------------------------------------------------ MRT's termination baseline
+
+
+def _two_trials():
+    """Two trials of two episodes each, same layout, outcome 1 and 0 on their last tokens;
+    episode j's tokens get J right before it from ``curves``."""
+    episode = torch.tensor([[-1, 0, 0, -1, 1, 1], [-1, 0, 0, -1, 1, 1]])
+    mask = (episode >= 0).to(torch.float64)
+    rewards = torch.zeros(2, 6, dtype=torch.float64)
+    rewards[0, 5], rewards[1, 5] = 1.0, 0.0
+    return episode, mask, rewards
+
+
+def test_the_termination_baseline_is_r_minus_j_before_each_episode():
+    from metarl_llm.rl.advantages import termination
+
+    episode, mask, rewards = _two_trials()
+    curves = [[0.2, 0.7], [0.2, 0.1]]  # J after the prompt, J after episode 0
+    term = episode_credit(episode, mask, curves)
+    adv, ret = termination(rewards, torch.zeros_like(rewards), mask, termination_value=term)
+    expect = torch.tensor([[0, 0.8, 0.8, 0, 0.3, 0.3], [0, -0.2, -0.2, 0, -0.1, -0.1]], dtype=torch.float64)
+    torch.testing.assert_close(adv, expect)
+    torch.testing.assert_close(ret, torch.tensor([[0, 1, 1, 0, 1, 1], [0.0] * 6], dtype=torch.float64))
+    with pytest.raises(ValueError, match="algo.advantage=termination needs J"):
+        termination(rewards, torch.zeros_like(rewards), mask)
+
+
+def test_the_termination_baseline_depends_on_the_history_not_the_episode_index():
+    """Same episode index and return, different histories (J before episode 1): different
+    advantages. And no statistic pooled per episode index: a trial's advantages are the same
+    alone and beside any other trials (a per-index mean would move with the batch)."""
+    from metarl_llm.rl.advantages import termination
+
+    episode, mask, rewards = _two_trials()
+    rewards[1, 5] = 1.0  # both succeed: equal R at every episode index
+    curves = [[0.2, 0.9], [0.2, 0.3]]
+    adv, _ = termination(rewards, torch.zeros_like(rewards), mask, termination_value=episode_credit(episode, mask, curves))
+    assert adv[0, 1] == adv[1, 1]  # the same state (J after the prompt): the same baseline
+    assert float(adv[0, 4]) == pytest.approx(0.1) and float(adv[1, 4]) == pytest.approx(0.7)  # same index, other state
+    alone, _ = termination(
+        rewards[:1], torch.zeros_like(rewards[:1]), mask[:1], termination_value=episode_credit(episode[:1], mask[:1], curves[:1])
+    )
+    torch.testing.assert_close(alone, adv[:1])
+    assert "termination" in ADVANTAGES
