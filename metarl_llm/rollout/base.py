@@ -249,7 +249,8 @@ def finish_episode(
     ``max_total_tokens`` or when the environment itself forces the answer, the
     forced-answer text is inserted and the next episode is the final answer. In chat form
     (``t.chat``) the environment's feedback is a user turn (:meth:`StreamCodec.reply_ids`), and an
-    EOS before it only closes the assistant turn.
+    EOS before it only closes the assistant turn; after a wrong answer the environment lets the
+    policy retry (``info["attempt"]``), an EOS ends that attempt and the reply follows.
     """
     j = len(t.episode_texts)
     t.append(toks, True, j, logps, values)
@@ -274,7 +275,10 @@ def finish_episode(
             )
         return False, False, []
     chat_turn = t.chat is not None and bool(obs)  # feedback as a user turn: EOS then ends the assistant turn, no more
-    if (n > 0 and toks[-1] == codec.eos_id and not chat_turn) or t.policy_tokens >= budget.max_total_tokens:
+    # A wrong committed answer the environment lets the policy retry (env.retry_wrong_answers): the EOS
+    # after it ends the attempt, not the trial; the reply follows and the next episode is the next attempt.
+    attempt = info.get("attempt") is not None
+    if (n > 0 and toks[-1] == codec.eos_id and not (chat_turn or attempt)) or t.policy_tokens >= budget.max_total_tokens:
         env.unwrapped.force_answer()
         return False, True, codec.forced_prefix(t.ids)
     if chat_turn:
