@@ -50,6 +50,7 @@ QUICK = [
     "eval.samples_per_problem=1",
     "eval.every=0",
     "eval.extrapolation=false",
+    "eval.adaptation=false",
     "logger.mode=disabled",
     "logger.progress_bar=false",
     "checkpoint_every=0",

@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from train_process import train_process  # noqa: E402  (the benchmarks' shared runner)
 
 
 def common(args) -> list[str]:
@@ -63,20 +62,8 @@ def common(args) -> list[str]:
 
 
 def run(overrides: list[str], out: Path) -> dict:
-    t0 = time.perf_counter()
-    res = subprocess.run(
-        [sys.executable, "train.py", *overrides, f"out_dir={out}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "2"},
-        timeout=4 * 3600,
-    )
-    if res.returncode:
-        raise RuntimeError(res.stderr[-4000:])
-    summary = json.loads((out / "summary.json").read_text())
-    summary["process_wall_s"] = time.perf_counter() - t0
-    return summary
+    res = train_process(overrides, out)
+    return {**res["summary"], "process_wall_s": res["wall_s"]}
 
 
 def main() -> None:
@@ -91,7 +78,6 @@ def main() -> None:
     ap.add_argument("--eval-problems", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "bench"))
     from math_file import write as write_math_file
 
     from tests.support import build_hub_dir

@@ -243,6 +243,7 @@ SMALL = [
     "eval.samples_per_problem=2",
     "eval.prover_samples=2",
     "eval.extrapolation=false",
+    "eval.adaptation=false",
     "checkpoint_every=1",
     "logger.mode=disabled",
     "logger.progress_bar=false",

@@ -60,7 +60,7 @@ def test_mean_ci_is_the_normal_interval_over_problems():
 def test_a_measurement_on_a_real_policy(char_policy):
     model, codec = char_policy
     budget = BudgetConfig(max_episodes=2, max_episode_tokens=8, max_total_tokens=16, answer_max_tokens=4)
-    cfg = EvalConfig(num_problems=6, samples_per_problem=2, adaptation_episodes=[1, 2, 4])
+    cfg = EvalConfig(num_problems=4, samples_per_problem=2, adaptation_episodes=[1, 2, 4])
 
     def make_env(b):
         return gymnasium.make(envs.ENV_IDS["planted_subseq"], split="test", max_episodes=b.max_episodes)

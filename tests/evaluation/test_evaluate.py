@@ -207,6 +207,7 @@ TINY = [
     "eval.prover_samples=2",
     "eval.every=0",
     "eval.budget_scales=[0.5,2]",
+    "eval.adaptation_episodes=[1,2]",
     "model.tiny.hidden_size=32",
     "model.tiny.num_layers=1",
     "model.tiny.num_heads=2",
@@ -281,6 +282,7 @@ def test_cli_reproduces_the_training_runs_final_figures(trained_run):
     assert report["checkpoint"] == "iter_000002"
     for key in FIGURES:
         assert report["figures"][key] == summary[key], key
+    assert report["figures"]["adaptation"] == summary["adaptation"]  # the in-context figures reproduce too
     assert report["budgets"] == written["budgets"]
     assert report["compare"]["by_budget"]["1"]["ratio"] in (1.0, None)  # the same figures: as efficient
     for png in ("success_vs_tokens_iter_000002.png", "budget_extrapolation_iter_000002.png"):

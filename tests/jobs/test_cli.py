@@ -22,6 +22,7 @@ TINY = [
     "eval.num_problems=2",
     "eval.samples_per_problem=2",
     "eval.prover_samples=1",
+    "eval.adaptation=false",
     "model.tiny.hidden_size=32",
     "model.tiny.num_layers=1",
     "model.tiny.num_heads=2",

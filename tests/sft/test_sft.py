@@ -270,6 +270,7 @@ def test_reward_verifier_replaces_the_outcome_in_ppo(tmp_path):
             "eval.num_problems=2",
             "eval.samples_per_problem=1",
             "eval.extrapolation=false",
+            "eval.adaptation=false",
             "checkpoint_every=0",
         )
         train(cfg, tmp_path / "run")

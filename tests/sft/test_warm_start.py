@@ -92,6 +92,7 @@ def test_warm_start_seed_fixes_one_start_model_for_several_run_seeds(compose_cfg
         "eval.num_problems=2",
         "eval.samples_per_problem=1",
         "eval.extrapolation=false",
+        "eval.adaptation=false",
         "checkpoint_every=0",
         "logger.mode=disabled",
         "logger.progress_bar=false",

@@ -487,6 +487,7 @@ def test_algo_verifier_job_then_ppo_with_its_verifier_as_the_j_estimator(tmp_pat
         "eval.num_problems=2",
         "eval.samples_per_problem=1",
         "eval.extrapolation=false",
+        "eval.adaptation=false",
         "checkpoint_every=0",
     )
     out = train(ppo, tmp_path / "prun")

@@ -1,0 +1,173 @@
+"""In-context adaptation (issue 19): do trained policies get better with more test-time compute?
+
+    python bench/adaptation.py                                  # both settings, 3 arms x 3 seeds
+    python bench/adaptation.py --settings feedback --seeds 0    # one setting, one seed
+    python bench/adaptation.py --render-only                    # rewrite the table from the JSON
+
+Two settings, each a ``python train.py`` per (arm, seed), one after the other, 2 threads, from a
+warm-start cache shared by the arms of a seed (the warm start depends on the seed, not the arm):
+
+- ``feedback`` (the classic RL^2 case): ``env=planted_subseq env.feedback=true
+  env.feedback_detail=digits env.retry_wrong_answers=true``. The environment's reply after each
+  episode shows which digits were right; a wrong committed answer is an attempt while episodes
+  remain. A policy that keeps the confirmed digits and changes the others gains from every
+  episode; independent trials cannot.
+- ``no_feedback`` (the epistemic POMDP): ``env=inverse`` (find x with (a*x + b) mod 10 = y). No
+  reply; the policy's own check of a candidate is its information, and the expert traces
+  propose, check and revise.
+
+Arms: ``outcome`` (``bonus=none``: outcome reward only, GAE), ``mrt_bonus`` (``bonus=info_gain``:
+MRT's progress bonus, GAE) and ``mrt_baseline`` (``algo.advantage=termination``: MRT's released
+RL baseline R - J before each episode, no bonus). Each trains at the default budget
+(``budget.max_episodes=3``) and is evaluated at 1x, 2x and 4x that budget
+(``eval.budget_scales=[2,4]``) and, by ``eval.adaptation``, with 1, 2, 4 and 8 episodes against
+pass@k / maj@k of k one-episode trials at equal tokens. Everything else is the trainer's default.
+
+Reported per arm (mean over seeds, 95% t-interval over seeds): success at each episode budget and
+each budget scale, for the warm-started start and the final policy; the final policy's pass@k
+and maj@k; regret and token efficiency against the start (as bench/learning.py). Results:
+bench/results/adaptation.json and adaptation_table.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "bench"))
+from train_process import train_process  # noqa: E402  (the benchmarks' shared runner)
+
+SETTINGS = {
+    "feedback": ["env=planted_subseq", "env.feedback=true", "env.feedback_detail=digits", "env.retry_wrong_answers=true"],
+    "no_feedback": ["env=inverse"],
+}
+ARMS = {
+    "outcome": ["bonus=none"],
+    "mrt_bonus": ["bonus=info_gain"],
+    "mrt_baseline": ["bonus=none", "algo.advantage=termination"],
+}
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95% t quantiles by degrees of freedom
+
+
+def run(overrides: list[str], out: Path) -> dict:
+    res = train_process(overrides, out, timeout_s=3 * 3600)
+    return {**res["summary"], "process_wall_s": res["wall_s"]}
+
+
+def mean_ci(xs: list[float]) -> tuple[float, float]:
+    """Mean over seeds and the half-width of its 95% t-interval (0 for one seed)."""
+    v = np.asarray([x for x in xs if x is not None], dtype=np.float64)
+    if len(v) < 2:
+        return (float(v.mean()) if len(v) else math.nan), 0.0
+    return float(v.mean()), float(T95.get(len(v) - 1, 1.96) * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def record(s: dict) -> dict:
+    """What the table needs of one run's summary.json."""
+    a, a0 = s["adaptation"], s["adaptation_start"]
+    return {
+        "seq": a["sequential_success"],
+        "seq_ci": a["sequential_ci95"],
+        "seq_start": a0["sequential_success"],
+        "seq_tokens": a["sequential_tokens"],
+        "pass": a["parallel_pass"],
+        "maj": a["parallel_maj"],
+        "pass_start": a0["parallel_pass"],
+        "by_budget": s["heldout_success_by_budget"],
+        "regret_by_budget": s["regret_by_budget"],
+        "success_start": s["heldout_success_start"],
+        "success_final": s["heldout_success_final"],
+        "regret": s["regret"],
+        "regret_start": s["regret_start"],
+        "token_efficiency_vs_start": s["token_efficiency_vs_start"],
+        "tokens_per_trial": s["heldout_tokens_per_trial"],
+        "wall_s": s["process_wall_s"],
+    }
+
+
+def render(out: dict) -> str:
+    lines = []
+    for setting, arms in out.items():
+        lines += [f"### {setting}", ""]
+        some = next(iter(arms.values()))
+        ks = list(next(iter(some.values()))["seq"])
+        scales = list(next(iter(some.values()))["by_budget"])
+        head = ["arm", "seeds"]
+        head += [f"start {k} ep" for k in ks] + [f"final {k} ep" for k in ks] + [f"final pass@{k}" for k in ks]
+        head += [f"final maj@{k}" for k in ks] + [f"{s}x budget" for s in scales]
+        head += ["regret start", "regret final", "token eff. vs start", "tokens/trial"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for arm, seeds in arms.items():
+            runs = list(seeds.values())
+
+            def cell(get, runs=runs):
+                m, h = mean_ci([get(r) for r in runs])
+                return f"{m:.3f} ± {h:.3f}" if not math.isnan(m) else "n/a"
+
+            row = [arm, str(len(runs))]
+            row += [cell(lambda r, k=k: r["seq_start"][k]) for k in ks]
+            row += [cell(lambda r, k=k: r["seq"][k]) for k in ks]
+            row += [cell(lambda r, k=k: r["pass"][k]) for k in ks]
+            row += [cell(lambda r, k=k: r["maj"][k]) for k in ks]
+            row += [cell(lambda r, s=s: r["by_budget"][s]) for s in scales]
+            row += [cell(lambda r: r["regret_start"]), cell(lambda r: r["regret"])]
+            row += [cell(lambda r: r["token_efficiency_vs_start"]), cell(lambda r: r["tokens_per_trial"])]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--name", default="adaptation")
+    ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
+    args = ap.parse_args()
+    path = RESULTS / f"{args.name}.json"
+    out = json.loads(path.read_text()) if path.exists() else {}
+    if not args.render_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            for setting in args.settings:
+                for seed in args.seeds:
+                    for arm in args.arms:
+                        overrides = [
+                            *SETTINGS[setting],
+                            *ARMS[arm],
+                            f"seed={seed}",
+                            "eval.budget_scales=[2,4]",
+                            "eval.adaptation_episodes=[1,2,4,8]",
+                            "logger.mode=disabled",
+                            "logger.progress_bar=false",
+                            "checkpoint_every=0",
+                            "threads=2",
+                            f"warm_start.cache_dir={tmp / 'ws'}",
+                            *args.overrides,
+                        ]
+                        s = run(overrides, tmp / f"{setting}_{arm}_{seed}")
+                        out.setdefault(setting, {}).setdefault(arm, {})[str(seed)] = record(s)
+                        r = out[setting][arm][str(seed)]
+                        print(
+                            f"{setting} {arm} seed {seed}: start {r['seq_start']} -> final {r['seq']} "
+                            f"(pass {r['pass']}); by budget {r['by_budget']}; {r['wall_s']:.0f} s",
+                            flush=True,
+                        )
+                        path.write_text(json.dumps(out, indent=1) + "\n")
+    table = render(out)
+    (RESULTS / f"{args.name}_table.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
