@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from train_process import train_process  # noqa: E402  (the benchmarks' shared runner)
+
 COMMON = [
     "env=math",
     "warm_start.steps=0",
@@ -56,20 +55,7 @@ def hub_dir(path: Path) -> Path:
 
 
 def run(root: Path, overrides: list[str], out: Path) -> dict:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    res = subprocess.run(
-        [sys.executable, "train.py", *COMMON, *overrides, f"out_dir={out}"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(root)},
-        timeout=7200,
-    )
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if res.returncode:
-        raise RuntimeError(res.stderr[-3000:])
+    res = train_process([*COMMON, *overrides], out, root=root, timeout_s=7200)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     it = [r for r in rows if "perf/iteration_s" in r]
     med = lambda k: statistics.median(r[k] for r in it)  # noqa: E731
@@ -79,9 +65,9 @@ def run(root: Path, overrides: list[str], out: Path) -> dict:
         "rollout_tokens_per_s": med("perf/rollout_tokens_per_s"),
         "update_tokens_per_s": med("perf/update_tokens_per_s"),
         "rss_mb": max(r["perf/rss_mb"] for r in it),
-        "wall_s": wall,
-        "user_s": after.ru_utime - before.ru_utime,
-        "sys_s": after.ru_stime - before.ru_stime,
+        "wall_s": res["wall_s"],
+        "user_s": res["user_s"],
+        "sys_s": res["sys_s"],
     }
 
 

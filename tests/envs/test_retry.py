@@ -55,9 +55,8 @@ def test_digits_feedback_shows_which_gold_positions_are_right():
     env = make("planted_subseq", feedback=True, feedback_detail="digits", retry_wrong_answers=True)
     env.reset(options={"index": 0})
     gold = env.reference_answer
-    guess = gold[0] + str((int(gold[1]) + 1) % 10) + gold[2] + "0"
-    if gold in guess:  # pragma: no cover - the filler cannot complete a 3-digit gold from a shifted middle digit
-        pytest.skip("degenerate gold")
+    # the middle digit wrong, then a filler digit that cannot complete the gold
+    guess = next(g for f in "0123456789" if gold not in (g := gold[0] + str((int(gold[1]) + 1) % 10) + gold[2] + f))
     obs, _, done, _, _ = env.step(f"Answer: {guess}")
     assert not done and obs == f"[wrong: {gold[0]}_{gold[2]}]\n"
     obs, *_ = env.step("7")  # a short uncommitted chunk: missing digits are wrong
