@@ -118,7 +118,9 @@ class PlantedSubseqEnv(EpisodicTextEnv):
     chunks uniformly random. With ``feedback_detail="digits"`` the focused failed chunks make
     progress the feedback shows: failed chunk j of n has the first ``gold_length * (j + 1) //
     (n + 1)`` gold digits right and the others shifted, so an expert keeps what the reply
-    confirmed and fixes the rest.
+    confirmed and fixes the rest. With ``retry_wrong_answers`` each failed chunk is committed
+    (``"Answer: <chunk>"``): an attempt the environment grades and replies to, after which the
+    next attempt follows, as a policy that retries must do.
     """
 
     def __init__(
@@ -216,6 +218,8 @@ class PlantedSubseqEnv(EpisodicTextEnv):
                 episodes.append(self._partial_miss(self.gold_length * (j + 1) // (n_failed + 1)))
             else:
                 episodes.append(self._canonical_miss(j))
+        if self.retry_wrong_answers:  # each failed chunk is a committed attempt the reply then grades
+            episodes = [f"{self.answer_marker} {e}" for e in episodes]
         if rng.random() < variety:
             filler = "".join(str(int(d)) for d in rng.integers(0, 10, size=fill))
             at = int(rng.integers(0, fill + 1))

@@ -77,3 +77,22 @@ def test_digits_expert_traces_make_the_progress_the_feedback_shows():
         gold = env.reference_answer
         assert [r[len("[wrong: ") : -2] for r in replies] == ["___", gold[0] + "__", gold[:2] + "_"]
         assert all(env.score_episode(e) == 0.0 for e in trace[:-1]) and env.score(trace[-1]) == 1.0
+
+
+def test_retry_expert_traces_commit_each_failed_attempt_and_revise_after_the_reply():
+    env = make("planted_subseq", max_episodes=4, feedback=True, feedback_detail="digits", retry_wrong_answers=True)
+    rng = np.random.default_rng(1)
+    for index in range(10):
+        env.reset(options={"index": index})
+        gold = env.reference_answer
+        trace = env.expert_trace(rng, n_failed=3, variety=0.0)
+        assert all(e.startswith("Answer: ") for e in trace)
+        env.reset(options={"index": index})
+        replies = []
+        for e in trace[:-1]:  # each failed attempt is graded and answered; the trial goes on
+            obs, reward, done, _, info = env.step(e)
+            assert not done and reward == 0.0 and info["attempt"] is not None
+            replies.append(obs)
+        assert replies == ["[wrong: ___]\n", f"[wrong: {gold[0]}__]\n", f"[wrong: {gold[:2]}_]\n"]
+        _, reward, done, _, _ = env.step(trace[-1])
+        assert done and reward == 1.0
