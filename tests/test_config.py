@@ -179,21 +179,51 @@ def test_the_saved_config_holds_bare_values_and_no_job_unless_set(compose_cfg):
     assert back == cfg and back.model.autocast == "off" and isinstance(back.model.autocast, C.Autocast)
 
 
-def test_warm_start_cache_key_is_unchanged():
-    """The warm-start cache key hashes the model, env, budget and warm_start configs: with
-    Enum values it must be the key written before them (literal keys computed before the
-    change), so that existing cache entries stay valid."""
+def test_warm_start_cache_key_ignores_enum_types():
+    """The warm-start cache key hashes the model, env, budget and warm_start configs. Closed choices
+    are Enums in the schema; the key must be the one the same settings give as plain strings (as
+    they were before the Enums), so that an Enum type never invalidates a cache entry; and the key
+    must follow CACHE_VERSION, which is how a change of trace format retires old entries."""
+    import dataclasses
+    import enum
+
     from metarl_llm.runtime.setup import compose_config
+    from metarl_llm.sft import warm_start
     from metarl_llm.sft.warm_start import cache_key
 
-    for overrides, key in [
-        ([], "bf2cb7553c08cff0"),
-        (["model.critic=separate", "model.dtype=bfloat16", "model.autocast=off"], "5a724e44451aecd9"),
-        (["env=arc", "env.source=rearc"], "4abb0ddaedf894fa"),
-        (["env=math"], "4933afb487c20eea"),
+    def plain(dc):
+        """A copy of a config dataclass with every Enum value replaced by its string value."""
+        return dataclasses.replace(
+            dc,
+            **{
+                f.name: (v.value if isinstance(v, enum.Enum) else plain(v) if dataclasses.is_dataclass(v) else v)
+                for f in dataclasses.fields(dc)
+                for v in [getattr(dc, f.name)]
+            },
+        )
+
+    keys = set()
+    for overrides in [
+        [],
+        ["model.critic=separate", "model.dtype=bfloat16", "model.autocast=off"],
+        ["env=arc", "env.source=rearc"],
+        ["env=math"],
     ]:
         c = compose_config(overrides)
-        assert cache_key(c.model, c.env, c.budget, c.warm_start, 0, {"a": 0, "b": 1}) == key, overrides
+        assert any(isinstance(getattr(c.model, f.name), enum.Enum) for f in dataclasses.fields(c.model))
+        key = cache_key(c.model, c.env, c.budget, c.warm_start, 0, {"a": 0, "b": 1})
+        p = [plain(x) for x in (c.model, c.env, c.budget, c.warm_start)]
+        assert not any(isinstance(getattr(p[0], f.name), enum.Enum) for f in dataclasses.fields(p[0]))
+        assert cache_key(*p, 0, {"a": 0, "b": 1}) == key, overrides
+        keys.add(key)
+    assert len(keys) == 4  # each setting its own entry
+    c = compose_config([])
+    before = cache_key(c.model, c.env, c.budget, c.warm_start, 0, {"a": 0, "b": 1})
+    old, warm_start.CACHE_VERSION = warm_start.CACHE_VERSION, warm_start.CACHE_VERSION + 1
+    try:
+        assert cache_key(c.model, c.env, c.budget, c.warm_start, 0, {"a": 0, "b": 1}) != before
+    finally:
+        warm_start.CACHE_VERSION = old
 
 
 def test_the_enums_match_the_code_that_reads_them():
