@@ -112,15 +112,32 @@ class PlantedSubseqEnv(EpisodicTextEnv):
     the same problem.
 
     Expert traces: ``n_failed`` chunks without the gold, then ``"Answer: <chunk>"`` with
-    the gold inside. ``variety`` is the probability that each episode takes its varied
-    form: focused (0) = gold first then ``0`` filler, failed chunks the gold with every
-    digit shifted; varied (1) = gold at a random offset among random filler, failed
-    chunks uniformly random. With ``feedback_detail="digits"`` the focused failed chunks make
-    progress the feedback shows: failed chunk j of n has the first ``gold_length * (j + 1) //
-    (n + 1)`` gold digits right and the others shifted, so an expert keeps what the reply
-    confirmed and fixes the rest. With ``retry_wrong_answers`` each failed chunk is committed
-    (``"Answer: <chunk>"``): an attempt the environment grades and replies to, after which the
-    next attempt follows, as a policy that retries must do.
+    the gold inside. With ``feedback_detail="verdict"``, ``variety`` is the probability that
+    each episode takes its varied form: focused (0) = gold first then ``0`` filler, failed
+    chunks the gold with every digit shifted; varied (1) = gold at a random offset among
+    random filler, failed chunks uniformly random. With ``retry_wrong_answers`` each failed
+    chunk (either detail) is committed (``"Answer: <chunk>"``): an attempt the environment
+    grades and replies to, after which the next attempt follows, as a policy that retries
+    must do.
+
+    With ``feedback_detail="digits"`` the expert instead *searches by reply*: its failed chunks
+    are what an expert that does not know the gold writes, reacting only to the replies
+    (:meth:`feedback_text`) to its earlier chunks. Chunk 0 starts with ``gold_length`` digits
+    drawn uniformly from ``rng``. Chunk j + 1 keeps at its position every digit an earlier reply
+    confirmed, and at every other position writes a digit no earlier reply rejected there. The
+    correct chunk is the gold followed by filler: it keeps the confirmed digits too (it agrees
+    with every reply), the expert finding the rest on its last attempt. The gold always comes
+    first, since a reply grades the first ``gold_length`` digits position by position. Each
+    episode takes its varied form with probability ``variety``, which sets only how the open
+    positions are filled and what the filler is: focused (0) = each open position of chunk
+    j + 1 takes the next digit after the one chunk j tried there (``+1`` mod 10, skipping digits
+    rejected there), "0" filler; varied (1) = each open position takes a digit drawn uniformly
+    from those not rejected there, random filler. Chunk 0's guess is drawn uniformly in both
+    forms. The gold enters a failed chunk only to be avoided: a guess that would be the gold is
+    drawn again (a focused one: drawn as a varied one), filler never completes it (as above: "0"
+    or, where "0"s would complete the gold, another repeated digit; random filler is redrawn).
+    An ``n_failed`` the replies cannot allow raises ``ValueError`` (possible only from 10 on: nine
+    replies may reject nine digits at a position and so pin the gold down).
     """
 
     def __init__(
@@ -186,11 +203,16 @@ class PlantedSubseqEnv(EpisodicTextEnv):
         gold's at that position: ``[wrong: 6_5]``, ``_`` for a wrong or missing digit."""
         if self.feedback_detail == "verdict" or self.score_episode(episode_text) >= 1.0:
             return super().feedback_text(episode_text)
+        return f"[wrong: {self._shown_digits(episode_text)}]" + self.episode_delimiter
+
+    def _shown_digits(self, episode_text: str) -> str:
+        """What a ``digits`` reply shows of an episode (``"6_5"`` in ``[wrong: 6_5]``): for each
+        gold position, the gold's digit where the episode's digit there (counted after the answer
+        marker, if it commits) equals it, else ``_``. The search expert reads its replies here."""
         pos = episode_text.rfind(self.answer_marker)
         digits = [c for c in (episode_text[pos + len(self.answer_marker) :] if pos >= 0 else episode_text) if c.isdigit()]
         gold = self.reference_answer
-        shown = "".join(g if i < len(digits) and digits[i] == g else "_" for i, g in enumerate(gold))
-        return f"[wrong: {shown}]" + self.episode_delimiter
+        return "".join(g if i < len(digits) and digits[i] == g else "_" for i, g in enumerate(gold))
 
     def answer_target(self) -> tuple[str, bool]:
         """The gold right after the forced-answer text; anything may follow it (the
@@ -208,14 +230,14 @@ class PlantedSubseqEnv(EpisodicTextEnv):
             raise ValueError(f"expert_trace: n_failed must be in [0, max_episodes={self.max_episodes}), got {n_failed}")
         if not 0.0 <= variety <= 1.0:
             raise ValueError(f"expert_trace: variety must be in [0, 1], got {variety}")
+        if self.feedback_detail == "digits":
+            return self._search_trace(rng, n_failed, variety)
         gold = self.reference_answer
         fill = self.chunk_length - self.gold_length
         episodes = []
         for j in range(n_failed):
             if rng.random() < variety:
                 episodes.append(self._random_miss(rng))
-            elif self.feedback_detail == "digits":
-                episodes.append(self._partial_miss(self.gold_length * (j + 1) // (n_failed + 1)))
             else:
                 episodes.append(self._canonical_miss(j))
         if self.retry_wrong_answers:  # each failed chunk is a committed attempt the reply then grades
@@ -241,18 +263,83 @@ class PlantedSubseqEnv(EpisodicTextEnv):
                     return chunk
         raise AssertionError("unreachable: some shift of every digit with some filler avoids the gold")
 
-    def _partial_miss(self, right: int) -> str:
-        """The gold with its first ``right`` digits kept and the others shifted by one, then "0"
-        filler (never the gold: at least one digit differs and the filler cannot complete it)."""
+    def _search_trace(self, rng: np.random.Generator, n_failed: int, variety: float) -> list[str]:
+        """The search-by-reply expert of ``feedback_detail="digits"`` (the class docstring says what
+        it writes). Its failed attempts use the gold only to avoid writing it; every other choice
+        follows from ``rng`` and the replies (:meth:`_shown_digits`, what :meth:`feedback_text` shows)."""
+        confirmed: list[str | None] = [None] * self.gold_length  # the digit a reply confirmed at each position
+        rejected: list[set[str]] = [set() for _ in range(self.gold_length)]  # digits replies rejected there
+        last: str | None = None  # the previous attempt's first gold_length digits
+        episodes = []
+        for j in range(n_failed):
+            varied = rng.random() < variety
+            chunk = self._search_guess(rng, confirmed, rejected, last, varied, j)
+            episode = f"{self.answer_marker} {chunk}" if self.retry_wrong_answers else chunk
+            for i, (digit, shown) in enumerate(zip(chunk, self._shown_digits(episode))):
+                if shown == "_":
+                    rejected[i].add(digit)
+                else:
+                    confirmed[i] = shown
+            last = chunk[: self.gold_length]
+            episodes.append(episode)
+        fill = self.chunk_length - self.gold_length
+        if rng.random() < variety:
+            filler = "".join(str(int(d)) for d in rng.integers(0, 10, size=fill))
+        else:
+            filler = "0" * fill
+        episodes.append(f"{self.answer_marker} {self.reference_answer}{filler}")  # gold first: agrees with every reply
+        return episodes
+
+    def _search_guess(
+        self,
+        rng: np.random.Generator,
+        confirmed: list[str | None],
+        rejected: list[set[str]],
+        last: str | None,
+        varied: bool,
+        j: int,
+    ) -> str:
+        """A failed attempt's chunk: confirmed digits kept; at each other position a digit not
+        rejected there, uniform (the first attempt, or ``varied``) or the next one after the digit
+        ``last`` tried there (focused); then filler. Never contains the gold."""
         gold = self.reference_answer
-        right = min(right, len(gold) - 1)
-        for filler in "0123456789":
-            chunk = (
-                gold[:right] + "".join(str((int(g) + 1) % 10) for g in gold[right:]) + filler * (self.chunk_length - len(gold))
+        allowed = [[d for d in "0123456789" if d not in rejected[i]] for i in range(self.gold_length)]
+        if all(c is not None or len(a) == 1 for c, a in zip(confirmed, allowed)):
+            # Every open position has one digit left, the gold's (a reply never rejects it): the
+            # replies so far pin the gold down and no failed attempt is left to make.
+            raise ValueError(
+                f"expert_trace: after {j} replies the search has found the gold; n_failed={j + 1} or more "
+                "failed attempts cannot be searched by reply on this problem"
             )
-            if gold not in chunk:
-                return chunk
-        raise AssertionError("unreachable: a shifted digit with some filler avoids the gold")
+        sweep = not varied and last is not None
+        for _ in range(_MAX_REDRAWS):
+            digits = []
+            for i, c in enumerate(confirmed):
+                if c is not None:
+                    digits.append(c)
+                elif sweep:  # the allowed set holds the gold's digit, so the sweep always finds one
+                    digits.append(next(d for k in range(1, 11) if (d := str((int(last[i]) + k) % 10)) in allowed[i]))
+                else:
+                    digits.append(allowed[i][int(rng.integers(0, len(allowed[i])))])
+            guess = "".join(digits)
+            if guess != gold:
+                return guess + self._search_filler(rng, guess, varied)
+            sweep = False  # the sweep would write the gold: draw instead (redrawn until it misses)
+        raise AssertionError("unreachable: another allowed digit exists at some open position")
+
+    def _search_filler(self, rng: np.random.Generator, guess: str, varied: bool) -> str:
+        """Filler after a failed guess that never completes the gold: "0"s (another repeated digit
+        where "0"s would complete it), or, ``varied``, random digits redrawn until they do not."""
+        gold, fill = self.reference_answer, self.chunk_length - self.gold_length
+        if varied:
+            for _ in range(_MAX_REDRAWS):
+                filler = "".join(str(int(d)) for d in rng.integers(0, 10, size=fill))
+                if gold not in guess + filler:
+                    return filler
+        for digit in "0123456789":  # at most one digit (the gold's last) can complete it
+            if gold not in guess + digit * fill:
+                return digit * fill
+        raise AssertionError("unreachable: a guess that is not the gold with some repeated filler avoids it")
 
     def _random_miss(self, rng: np.random.Generator) -> str:
         while True:

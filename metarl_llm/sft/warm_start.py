@@ -43,7 +43,7 @@ from metarl_llm.sft.traces import trace_record
 log = logging.getLogger(__name__)
 
 
-CACHE_VERSION = 7  # bump when the trace format or the SFT recipe changes
+CACHE_VERSION = 8  # bump when the trace format or the SFT recipe changes
 
 
 @dataclass
