@@ -173,7 +173,8 @@ class PlantedSubseqEnvConfig(EnvConfig):
     num_test_problems: int = 256  # size of the held-out split
     test_fraction: float = 0.2  # share of the input space assigned to the held-out split
     # With feedback=true: verdict ([correct]/[wrong]) or digits (a wrong episode's first gold_length
-    # digits with each wrong one shown as _, e.g. [wrong: 6_5]; expert traces then make that progress).
+    # digits with each wrong one shown as _, e.g. [wrong: 6_5]; the expert traces then search by the
+    # replies: keep each confirmed digit, never retry a rejected one).
     feedback_detail: FeedbackDetail = FeedbackDetail.verdict
 
 
@@ -636,6 +637,12 @@ class RolloutConfig:
     # joined (a short prompt is not padded to the longest); cut where the padded positions
     # saved outweigh one more pass costed as this many (metarl_llm.core.batch.length_buckets). 0: one pass.
     prefill_bucket_tokens: int = 128
+    # Compiled decoding: every one-token decode step (rollout, meta-prover, sampling) runs
+    # torch.compile (inductor) of the model's forward over a static KV cache; prompts and
+    # observations stay eager. Costs a compile on first use in a process (and once more when the
+    # batch size first changes); pays only when decoding is bound by per-step overhead
+    # (bench/results/compiled_decode.json). cached and reencode engines; not with a value head.
+    compile_decode: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field (``engine`` is checked against the
