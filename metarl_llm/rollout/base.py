@@ -89,7 +89,7 @@ class Engine(abc.ABC):
     name = "engine"
     supports_values = False
 
-    def __init__(self, max_rows: int = 512, bucket_tokens: int = 128):
+    def __init__(self, max_rows: int = 512, bucket_tokens: int = 128, compile_decode: bool = False):
         if max_rows < 1:
             raise ValueError(f"rollout.max_rows must be >= 1, got {max_rows}")
         if bucket_tokens < 0:
@@ -99,6 +99,10 @@ class Engine(abc.ABC):
         # pass costed as this many (metarl_llm.core.batch.length_buckets; 0: one pass). Engines that
         # prefill whole histories in one pass ignore it.
         self.bucket_tokens = bucket_tokens
+        # Compiled decoding (rollout.compile_decode): every one-token decode step is torch.compile'd
+        # over a static KV cache (metarl_llm.rollout.decode.DecodeBatch); None: eager. Engines
+        # that do not decode with DecodeBatch (hf_generate) ignore it.
+        self.compile_backend: str | None = "inductor" if compile_decode else None
 
     @abc.abstractmethod
     def run_trials(
@@ -152,7 +156,17 @@ class Engine(abc.ABC):
         if not owners:
             return torch.zeros((0, 0), dtype=torch.long), torch.zeros(0, dtype=torch.long), owners
         contexts = [trials[i].ids[: ends[i][b]] + suffixes[i][b] for i, b in owners]
-        out = sample(model, contexts, max_new_tokens, stop_ids, pad_id, max_rows=self.max_rows, greedy=greedy, keys=keys)
+        out = sample(
+            model,
+            contexts,
+            max_new_tokens,
+            stop_ids,
+            pad_id,
+            max_rows=self.max_rows,
+            greedy=greedy,
+            keys=keys,
+            compile_backend=self.compile_backend,
+        )
         return out.tokens, out.lengths, owners
 
 

@@ -6,12 +6,11 @@ trial's episodes, observations appended to it; trials step independently. See
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from metarl_llm.core.batch import length_buckets
 from metarl_llm.rollout.base import Engine, episode_limit, finish_generation, prefix_owners, register_engine, start_trials
 from metarl_llm.rollout.decode import DecodeBatch, cat_sampled, decode
-from metarl_llm.rollout.kv_cache import TrialCache, growing_cache
+from metarl_llm.rollout.kv_cache import TrialCache
 from metarl_llm.rollout.sampling import check_keys, draw_rule, draw_tokens, stream_uniforms
 
 
@@ -21,8 +20,8 @@ class CachedEngine(Engine):
 
     supports_values = True
 
-    def __init__(self, max_rows: int = 512, bucket_tokens: int = 128, queue_tokens: int = 32):
-        super().__init__(max_rows, bucket_tokens)
+    def __init__(self, max_rows: int = 512, bucket_tokens: int = 128, compile_decode: bool = False, queue_tokens: int = 32):
+        super().__init__(max_rows, bucket_tokens, compile_decode)
         # Observations of up to this many tokens are fed one token per pass beside the other rows'
         # sampled tokens (no padded block, no wider cache); longer ones as one block.
         self.queue_tokens = queue_tokens
@@ -76,7 +75,7 @@ class CachedEngine(Engine):
             + (budget.max_episodes + 1) * min(q, 8)
             + 16
         )
-        batch = DecodeBatch(model, device, n, capacity, value_head)
+        batch = DecodeBatch(model, device, n, capacity, value_head, self.compile_backend)
         forced = [False] * n
         # Per-row state, in tensors: the current episode's sampled tokens, log-probs (and values) so
         # far, and the queue of tokens a row feeds before it samples again (observations).
@@ -224,11 +223,8 @@ class CachedEngine(Engine):
             data = [
                 (pk[ti, :, src.clamp(min=0)].transpose(1, 2), pv[ti, :, src.clamp(min=0)].transpose(1, 2)) for pk, pv in stacks
             ]  # [n, H, width, D]; the padding columns (src < 0) are masked out
-            batch = DecodeBatch(model, device, n)
-            batch.cache = growing_cache(model, width + longest + max_new_tokens, data=data)
-            batch.mask = F.pad((src >= 0).long(), (0, longest + max_new_tokens))
-            batch.width = width
-            batch.next_pos = e.clone()
+            batch = DecodeBatch(model, device, n, compile_backend=self.compile_backend)
+            batch.load(data, (src >= 0).long(), e, longest + max_new_tokens)
             suffix = [suffixes[i][b] for i, b in rows]
             logits = batch.feed(suffix, pad_id)
             start = e + torch.tensor([len(x) for x in suffix], device=device)  # each row's stream length: prefix + suffix

@@ -12,6 +12,8 @@ observations while the other rows sample, so it keeps its loop and shares the ba
 
 from __future__ import annotations
 
+import logging
+import time
 import weakref
 from typing import Callable, NamedTuple
 
@@ -20,7 +22,17 @@ import torch.nn.functional as F
 
 from metarl_llm.core.batch import length_buckets, pad_rows
 from metarl_llm.models import head_values
-from metarl_llm.rollout.kv_cache import TrialCache, _GrowingLayer, growing_cache, last_logits_only, lm_head_input
+from metarl_llm.rollout.kv_cache import (
+    TrialCache,
+    _GrowingLayer,
+    growing_cache,
+    last_logits_only,
+    lm_head_input,
+    static_cache,
+    static_capacity,
+)
+
+log = logging.getLogger(__name__)
 
 
 class Sampled(NamedTuple):
@@ -45,6 +57,21 @@ class Sampled(NamedTuple):
 # (tokens [R] long, their log-probs [R] float32 under softmax(logits)).
 Draw = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
+# One compiled forward per (model class, torch.compile backend), shared by every DecodeBatch: the
+# model is an argument (dynamo guards on it), so no compiled object keeps a model alive.
+_COMPILED: dict[tuple[type, str], Callable] = {}
+
+
+def compiled_forward(model: torch.nn.Module, backend: str) -> Callable:
+    """``torch.compile`` of ``type(model).forward`` with ``backend`` (``inductor``: generated kernels;
+    ``eager``: tracing only, for tests), called as ``fn(model, **inputs)``. Shapes are static at first;
+    a batch size or cache capacity that changes makes dynamo recompile once with that dimension
+    symbolic, after which one graph serves them all."""
+    key = (type(model), backend)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(type(model).forward, backend=backend)
+    return _COMPILED[key]
+
 
 class DecodeBatch:
     """A batch of token streams being decoded: a batched KV cache and its bookkeeping (the live
@@ -57,9 +84,25 @@ class DecodeBatch:
     ``value_head``: when given, every :meth:`feed` also sets ``values`` [R] float32, the
     head on the last-layer hidden state at the position of the returned logits (the
     critic's value of the token sampled from them); ``values`` is None otherwise.
+
+    ``compile_backend``: compiled decoding (``rollout.compile_decode``). The cache is then a static
+    one (:func:`static_cache`: [R, H, C, D] buffers of a capacity C rounded to a multiple of 64,
+    the mask [R, C] attended whole, growing only by reallocation), and every one-token step
+    (:meth:`feed` with a tensor, the decoding path) runs ``torch.compile`` of the model's forward
+    with that backend (:func:`compiled_forward`); blocks (prompts, observations) run eagerly on the
+    same cache. The tokens are those of the eager path up to float rounding. Not with a value head,
+    nor for models with other layers than full attention: those decode eagerly.
     """
 
-    def __init__(self, model, device, n: int, capacity: int = 0, value_head: torch.nn.Module | None = None):
+    def __init__(
+        self,
+        model,
+        device,
+        n: int,
+        capacity: int = 0,
+        value_head: torch.nn.Module | None = None,
+        compile_backend: str | None = None,
+    ):
         self.model, self.device = model, device
         self.value_head = value_head
         self.values: torch.Tensor | None = None
@@ -67,24 +110,58 @@ class DecodeBatch:
         # last layer's normed hidden state) is captured by a hook, so no other layer's
         # hidden states are kept (output_hidden_states would hold every layer's for a prefill).
         self._forward_kwargs = last_logits_only(model)
-        self.cache = growing_cache(model, capacity)
+        self._step = None  # the compiled one-token forward (compile_backend), None: eager
+        cache = None
+        if compile_backend is not None and value_head is None:
+            capacity = static_capacity(capacity)
+            cache = static_cache(model, capacity)
+            if cache is not None:
+                self._step = compiled_forward(model, compile_backend)
+        self.cache = cache if cache is not None else growing_cache(model, capacity)
         self._mask = torch.zeros((n, capacity), dtype=torch.long, device=device)
         self.width = 0
         self.next_pos = torch.zeros(n, dtype=torch.long, device=device)
         self.rows: list[int] = list(range(n))
 
     @property
-    def mask(self) -> torch.Tensor:
-        return self._mask[:, : self.width]
+    def static(self) -> bool:
+        """Whether the cache has a fixed capacity attended whole (compiled decoding)."""
+        return self._step is not None
 
-    @mask.setter
-    def mask(self, value: torch.Tensor) -> None:
-        self._mask, self.width = value.to(self.device, torch.long), value.shape[1]
+    @property
+    def mask(self) -> torch.Tensor:
+        """[R, W] 1 on real tokens: W = the columns fed so far, or the whole capacity of a static
+        cache (its columns after the fed ones are 0)."""
+        return self._mask if self.static else self._mask[:, : self.width]
+
+    def load(self, data: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, next_pos: torch.Tensor, room: int) -> None:
+        """Start an empty batch from given cache columns: ``data`` one (keys, values) [R, H, W, D]
+        pair per layer, ``mask`` [R, W] (1 on real tokens), ``next_pos`` [R] each row's next
+        position id; room for ``room`` more columns before the cache grows."""
+        if self.width:
+            raise RuntimeError("load: the batch already holds tokens")
+        w = mask.shape[1]
+        capacity = w + room
+        if self.static:
+            capacity = static_capacity(capacity)
+            self.cache = static_cache(self.model, capacity)
+            for lay, (k, v) in zip(self.cache.layers, data):
+                lay.load(k, v)
+        else:
+            self.cache = growing_cache(self.model, capacity, data=data)
+        self._mask = F.pad(mask.to(self.device, torch.long), (0, capacity - w))
+        self.width = w
+        self.next_pos = next_pos.to(self.device).clone()
 
     def _append_mask(self, block_mask: torch.Tensor) -> None:
         w = block_mask.shape[1]
         if self.width + w > self._mask.shape[1]:
-            grown = self._mask.new_zeros((self._mask.shape[0], max(self.width + w, 2 * self._mask.shape[1])))
+            columns = max(self.width + w, 2 * self._mask.shape[1])
+            if self.static:  # the cache's buffers and the mask keep one capacity
+                columns = static_capacity(columns)
+                for lay in self.cache.layers:
+                    lay.grow(columns)
+            grown = self._mask.new_zeros((self._mask.shape[0], columns))
             grown[:, : self.width] = self._mask[:, : self.width]
             self._mask = grown
         self._mask[:, self.width : self.width + w] = block_mask
@@ -108,6 +185,9 @@ class DecodeBatch:
             pos = self.next_pos[:, None] + (block_mask.cumsum(-1) - 1).clamp(min=0)
             self._append_mask(block_mask)
             self.next_pos = self.next_pos + block_mask.sum(-1)
+        if self._step is not None and torch.is_tensor(blocks):
+            out = self._compiled_step(ids, pos)
+            return out.logits[:, -1]
         with lm_head_input(self.model, self.value_head is not None) as seen:
             out = self.model(
                 input_ids=ids,
@@ -121,6 +201,23 @@ class DecodeBatch:
         if self.value_head is not None:  # the last position only (blocks are left-padded: each row's last token)
             self.values = head_values(self.value_head, seen[0][:, -1])
         return out.logits[:, -1]
+
+    def _compiled_step(self, ids: torch.Tensor, pos: torch.Tensor):
+        first = not getattr(self._step, "_metarl_ran", False)
+        t0 = time.perf_counter()
+        out = self._step(
+            self.model,
+            input_ids=ids,
+            attention_mask=self._mask,
+            position_ids=pos,
+            cache=self.cache,
+            use_cache=True,
+            **self._forward_kwargs,
+        )
+        if first:  # the first call compiles: say how long it took (later shapes may compile once more)
+            self._step._metarl_ran = True
+            log.info("compiled decode step for %s: first call %.1f s", type(self.model).__name__, time.perf_counter() - t0)
+        return out
 
     def prefill(self, contexts: list[list[int]], pad_id: int, bucket_tokens: int = 0) -> torch.Tensor:
         """The first :meth:`feed` of an empty batch, with contexts of similar length prefilled

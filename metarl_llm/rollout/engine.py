@@ -78,9 +78,11 @@ def run_trials(
 
 
 def engine_from_config(cfg) -> "Engine":
-    """The engine of a RolloutConfig (``rollout.*``): ``rollout.engine`` with ``rollout.max_rows``
-    and ``rollout.prefill_bucket_tokens``."""
-    return get_engine(cfg.engine, max_rows=cfg.max_rows, bucket_tokens=cfg.prefill_bucket_tokens)
+    """The engine of a RolloutConfig (``rollout.*``): ``rollout.engine`` with ``rollout.max_rows``,
+    ``rollout.prefill_bucket_tokens`` and ``rollout.compile_decode``."""
+    return get_engine(
+        cfg.engine, max_rows=cfg.max_rows, bucket_tokens=cfg.prefill_bucket_tokens, compile_decode=cfg.compile_decode
+    )
 
 
 def heldout_resets(num_problems: int, samples: int) -> tuple[list[dict], list[int]]:

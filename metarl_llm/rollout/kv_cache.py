@@ -1,5 +1,6 @@
 """KV caches: the in-place growing cache the engines append to (:class:`_GrowingLayer`,
-:func:`growing_cache`), a finished trial's kept cache (:class:`TrialCache`, which the
+:func:`growing_cache`), its fixed-shape form for compiled decoding (:class:`_RowsStaticLayer`,
+:func:`static_cache`), a finished trial's kept cache (:class:`TrialCache`, which the
 meta-prover continues from), and the LM-head helpers of a forward pass
 (:func:`last_logits_only`, :func:`lm_head_input`).
 """
@@ -12,7 +13,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache, StaticLayer
 
 # ------------------------------------------------------------------ cached engine
 
@@ -129,6 +130,61 @@ def growing_cache(model, capacity: int = 0, data: list[tuple[torch.Tensor, torch
         cache.layer_class_to_replicate = _GrowingLayer
     for idx, (k, v) in enumerate(data or []):
         cache.update(k, v, idx)
+    return cache
+
+
+class _RowsStaticLayer(StaticLayer):
+    """transformers' ``StaticLayer`` (keys, values: [B, H, capacity, D] buffers at fixed addresses,
+    written in place at column ``cumulative_length``, the whole buffer attended under the mask), with
+    what a decode batch also does to its cache: drop finished rows (:meth:`batch_select_indices`),
+    start from given columns (:meth:`load`) and grow (:meth:`grow`). Each of those makes new buffers,
+    which a compiled step meets as a new input (a batch size or capacity seen before reuses its graph)."""
+
+    def _place(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+        self.max_cache_len = keys.shape[2]
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._place(self.keys[indices], self.values[indices])
+
+    def load(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Start from ``keys``/``values`` [B, H, L, D] in columns 0..L-1 (the rest zero)."""
+        b, h, length, _ = keys.shape
+        self.lazy_initialization(keys[:, :, :0], values[:, :, :0])
+        self.keys[:, :, :length] = keys
+        self.values[:, :, :length] = values
+        self.cumulative_length.fill_(length)
+
+    def grow(self, capacity: int) -> None:
+        """Buffers of ``capacity`` columns holding the columns so far."""
+        if not self.is_initialized or capacity <= self.max_cache_len:
+            self.max_cache_len = max(self.max_cache_len, capacity)
+            return
+        k = self.keys.new_zeros((*self.keys.shape[:2], capacity, self.keys.shape[3]))
+        v = self.values.new_zeros((*self.values.shape[:2], capacity, self.values.shape[3]))
+        k[:, :, : self.max_cache_len] = self.keys
+        v[:, :, : self.max_cache_len] = self.values
+        self._place(k, v)
+
+
+def static_capacity(columns: int, quantum: int = 64) -> int:
+    """Columns of a static cache for ``columns`` tokens: rounded up to a multiple of ``quantum``, so
+    that calls of similar length share a shape (and a compiled graph)."""
+    return max(quantum, -(-columns // quantum) * quantum)
+
+
+def static_cache(model, capacity: int) -> StaticCache | None:
+    """A ``StaticCache`` of ``capacity`` columns for ``model`` whose layers are :class:`_RowsStaticLayer`;
+    None when a layer is not plain full attention (sliding windows, linear attention, ...), which a
+    decode batch then runs on :func:`growing_cache`."""
+    cache = StaticCache(config=model.config, max_cache_len=capacity)
+    if not cache.layers or any(type(lay) is not StaticLayer for lay in cache.layers):
+        return None
+    cache.layers = [_RowsStaticLayer(max_cache_len=capacity) for _ in cache.layers]
     return cache
 
 

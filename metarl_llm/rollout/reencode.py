@@ -55,6 +55,7 @@ class ReencodeEngine(Engine):
                 greedy=greedy,
                 keys=keys[live],
                 value_head=value_head,
+                compile_backend=self.compile_backend,
             )
             results = {i: _episode(out, row) for row, i in enumerate(live)}
             live = finish_round(trials, envs, codec, results, live, forced, budget)

@@ -72,6 +72,7 @@ def sample(
     greedy: bool = False,
     keys: torch.Tensor | None = None,
     value_head: torch.nn.Module | None = None,
+    compile_backend: str | None = None,
 ) -> Sampled:
     """Sample continuations of token contexts with a KV cache, batched: each context is
     prefilled (left-padded) and :func:`~metarl_llm.rollout.decode.decode` continues it.
@@ -82,6 +83,7 @@ def sample(
     still reported); ``keys`` [N] int64 counter-based draws at each row's stream positions
     (then the result does not depend on ``max_rows``); else ancestral draws from
     ``generator``. ``value_head``: also each sampled token's value (``Sampled.values``).
+    ``compile_backend``: compiled decoding (:class:`~metarl_llm.rollout.decode.DecodeBatch`).
     """
     n = len(contexts)
     limits = torch.as_tensor(max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * n)
@@ -107,12 +109,14 @@ def sample(
                 greedy,
                 None if keys is None else keys[s : s + max_rows],
                 value_head,
+                compile_backend,
             )
             for s in range(0, n, max_rows)
         ]
         return cat_sampled(parts, pad_id)
     device = next(model.parameters()).device
-    batch = DecodeBatch(model, device, n, capacity=max(len(c) for c in contexts) + int(limits.max()), value_head=value_head)
+    capacity = max(len(c) for c in contexts) + int(limits.max())
+    batch = DecodeBatch(model, device, n, capacity, value_head, compile_backend)
     logits = batch.feed(contexts, pad_id)
     start = torch.tensor([len(c) for c in contexts], device=device)
     draw = draw_rule(generator, None if keys is None else keys.long().to(device), start, greedy)
