@@ -18,6 +18,7 @@ _SPLIT_CODE = {"train": 1, "test": 2}
 _RULE_CODE = 3  # seeds [family_seed, code, ...] of the rule and of each split never coincide
 _MAX_REDRAWS = 10_000
 FEEDBACK_DETAILS = ("verdict", "digits")  # what feedback=True replies (PlantedSubseqEnv.feedback_text)
+PROGRESS_EXPERTS = ("slow", "medium", "fast")  # expert_heterogeneity's experts (PlantedSubseqEnv.progress_expert)
 
 
 @functools.lru_cache(maxsize=64)
@@ -103,6 +104,18 @@ class PlantedSubseqEnv(EpisodicTextEnv):
     |                       |             | wrong one as ``_``: ``[wrong: 6_5]``)            |
     | ``retry_wrong_answers``| False      | a wrong committed answer ends the trial only at  |
     |                       |             | the last episode (envs.base)                     |
+    | ``expert_heterogeneity``| None      | None: the expert traces below. h in [0, 1]: the  |
+    |                       |             | failed chunks of verdict traces come from a      |
+    |                       |             | mixture of progress experts, one drawn per trace:|
+    |                       |             | with probability h an extreme one (slow or fast, |
+    |                       |             | equal odds), else the medium one. Failed chunk j |
+    |                       |             | holds the gold's first k_j = min(L-1, k_0 + j)   |
+    |                       |             | digits (L = gold_length); k_0 = 0 (slow), L-1    |
+    |                       |             | (fast), (L-1)//2 or L//2 with equal odds         |
+    |                       |             | (medium; one value for odd L). E[k_0] = (L-1)/2  |
+    |                       |             | for every h, Var[k_0] grows with h (not for      |
+    |                       |             | L <= 2: there every h gives the same k_0 law).   |
+    |                       |             | Not with ``feedback_detail="digits"``            |
     | ``max_text_length``   | 100000      | longest episode text accepted                    |
     +-----------------------+-------------+--------------------------------------------------+
 
@@ -115,10 +128,29 @@ class PlantedSubseqEnv(EpisodicTextEnv):
     the gold inside. With ``feedback_detail="verdict"``, ``variety`` is the probability that
     each episode takes its varied form: focused (0) = gold first then ``0`` filler, failed
     chunks the gold with every digit shifted; varied (1) = gold at a random offset among
-    random filler, failed chunks uniformly random. With ``retry_wrong_answers`` each failed
-    chunk (either detail) is committed (``"Answer: <chunk>"``): an attempt the environment
-    grades and replies to, after which the next attempt follows, as a policy that retries
-    must do.
+    random filler, failed chunks uniformly random.
+
+    With ``expert_heterogeneity=h`` (a number; verdict only) the failed chunks instead make
+    *partial progress*, at a speed set by an expert drawn per trace (a mixture of experts whose
+    spread is the dial, meant to reach the warm-started policy as heterogeneity of J after its
+    first episode: bench/heterogeneity_dial.py measures whether it does). A trace with
+    ``n_failed >= 1`` first draws two uniforms from ``rng``, u1 then u2 (a trace without failed
+    chunks draws nothing more and equals the ``None`` trace): the expert is extreme iff u1 < h,
+    then slow (k_0 = 0) if u2 < 1/2 else fast (k_0 = L - 1); otherwise medium, k_0 =
+    (L - 1) // 2 if u2 < 1/2 else L // 2 (the same for odd L). With L = gold_length = 3: slow 0,
+    medium 1, fast 2. So E[k_0] = (L - 1) / 2 for every h, and Var[k_0] = h ((L - 1) / 2)^2 +
+    (1 - h) v_m (v_m = 0 for odd L, 1/4 for even L) grows with h for L >= 3. Failed chunk j
+    (0-based) is :meth:`progress_miss` (k_j) with k_j = min(L - 1, k_0 + j): the gold's first
+    k_j digits at their positions, each of its other digits shifted ``+1`` mod 10, then ``0``
+    filler (another repeated digit where ``0``s would complete the gold): never the gold, as at
+    least its last digit is shifted. The failed chunks use no ``variety`` draw; ``variety`` is
+    then only the probability that the answer chunk takes its varied form (gold at a random
+    offset among random filler, drawn after the expert exactly as for ``None``); focused,
+    ``"Answer: <gold>0..."``.
+
+    With ``retry_wrong_answers`` each failed chunk (either detail, any expert) is committed
+    (``"Answer: <chunk>"``): an attempt the environment grades and replies to, after which the
+    next attempt follows, as a policy that retries must do.
 
     With ``feedback_detail="digits"`` the expert instead *searches by reply*: its failed chunks
     are what an expert that does not know the gold writes, reacting only to the replies
@@ -150,6 +182,7 @@ class PlantedSubseqEnv(EpisodicTextEnv):
         test_fraction: float = 0.2,
         num_test_problems: int = 256,
         feedback_detail: str = "verdict",
+        expert_heterogeneity: float | None = None,
         **base_kwargs,
     ):
         # split, max_episodes, answer_marker, ... : EpisodicTextEnv's keywords, whose
@@ -166,6 +199,19 @@ class PlantedSubseqEnv(EpisodicTextEnv):
             raise ValueError(f"{name}: feedback_detail={feedback_detail!r}; expected one of {list(FEEDBACK_DETAILS)}")
         if num_test_problems < 1:
             raise ValueError(f"{name}: num_test_problems must be >= 1, got {num_test_problems}")
+        if expert_heterogeneity is not None:
+            if isinstance(expert_heterogeneity, bool) or not isinstance(
+                expert_heterogeneity, (int, float, np.integer, np.floating)
+            ):
+                raise ValueError(f"{name}: expert_heterogeneity must be None or a number in [0, 1], got {expert_heterogeneity!r}")
+            if not 0.0 <= expert_heterogeneity <= 1.0:  # also rejects NaN
+                raise ValueError(f"{name}: expert_heterogeneity must be in [0, 1], got {expert_heterogeneity}")
+            if feedback_detail == "digits":
+                raise ValueError(
+                    f"{name}: expert_heterogeneity={expert_heterogeneity} sets the progress experts of the verdict "
+                    "traces; feedback_detail='digits' has its own search-by-reply expert: use one option or the other "
+                    "(expert_heterogeneity=None with feedback_detail='digits')"
+                )
         self.input_length = int(input_length)
         self.gold_length = int(gold_length)
         self.chunk_length = int(chunk_length)
@@ -173,6 +219,7 @@ class PlantedSubseqEnv(EpisodicTextEnv):
         self.test_fraction = float(test_fraction)
         self.num_test_problems = int(num_test_problems)
         self.feedback_detail = feedback_detail
+        self.expert_heterogeneity = None if expert_heterogeneity is None else float(expert_heterogeneity)
 
     @property
     def num_problems(self) -> int | None:
@@ -235,11 +282,15 @@ class PlantedSubseqEnv(EpisodicTextEnv):
         gold = self.reference_answer
         fill = self.chunk_length - self.gold_length
         episodes = []
-        for j in range(n_failed):
-            if rng.random() < variety:
-                episodes.append(self._random_miss(rng))
-            else:
-                episodes.append(self._canonical_miss(j))
+        if self.expert_heterogeneity is not None:  # progress experts (nothing drawn without failed chunks)
+            k0 = self.progress_expert(rng)[1] if n_failed else 0
+            episodes = [self.progress_miss(min(self.gold_length - 1, k0 + j)) for j in range(n_failed)]
+        else:
+            for j in range(n_failed):
+                if rng.random() < variety:
+                    episodes.append(self._random_miss(rng))
+                else:
+                    episodes.append(self._canonical_miss(j))
         if self.retry_wrong_answers:  # each failed chunk is a committed attempt the reply then grades
             episodes = [f"{self.answer_marker} {e}" for e in episodes]
         if rng.random() < variety:
@@ -250,6 +301,33 @@ class PlantedSubseqEnv(EpisodicTextEnv):
             chunk = gold + "0" * fill
         episodes.append(f"{self.answer_marker} {chunk}")
         return episodes
+
+    def progress_expert(self, rng: np.random.Generator) -> tuple[str, int]:
+        """The progress expert of one trace (``expert_heterogeneity`` set), from two uniforms of
+        ``rng`` (the class docstring's rule): (its name in :data:`PROGRESS_EXPERTS`, its k_0)."""
+        if self.expert_heterogeneity is None:
+            raise ValueError("progress_expert: expert_heterogeneity is None (no progress experts)")
+        extreme, upper = rng.random() < self.expert_heterogeneity, rng.random() >= 0.5
+        last = self.gold_length - 1
+        if extreme:
+            return ("fast", last) if upper else ("slow", 0)
+        return "medium", (self.gold_length // 2 if upper else last // 2)
+
+    def progress_miss(self, right: int) -> str:
+        """A failed chunk of a progress expert: the gold's first ``right`` (< gold_length) digits at
+        their positions, each of its other digits shifted ``+1`` mod 10, then filler ``0``s (another
+        repeated digit where ``0``s would complete the gold). Never contains the gold: the first
+        gold_length digits differ from it, and a gold at a later offset would end inside the filler,
+        which rules out at most one filler digit (the gold's last)."""
+        gold = self.reference_answer
+        if not 0 <= right < len(gold):
+            raise ValueError(f"progress_miss: right must be in [0, gold_length={len(gold)}), got {right}")
+        head = gold[:right] + "".join(str((int(g) + 1) % 10) for g in gold[right:])
+        for digit in "0123456789":
+            chunk = head + digit * (self.chunk_length - len(gold))
+            if gold not in chunk:
+                return chunk
+        raise AssertionError("unreachable: a shifted digit with some repeated filler avoids the gold")
 
     def _canonical_miss(self, j: int) -> str:
         gold = self.reference_answer

@@ -176,6 +176,25 @@ class PlantedSubseqEnvConfig(EnvConfig):
     # digits with each wrong one shown as _, e.g. [wrong: 6_5]; the expert traces then search by the
     # replies: keep each confirmed digit, never retry a rejected one).
     feedback_detail: FeedbackDetail = FeedbackDetail.verdict
+    # The base policy's heterogeneity as a dial (verdict traces only): None keeps the default expert
+    # traces; h in [0, 1] makes each trace's failed chunks come from a progress expert drawn per trace,
+    # extreme (slow or fast, equal odds) with probability h, else medium. Failed chunk j holds the
+    # gold's first k_j = min(L-1, k_0 + j) digits (L = gold_length; the others shifted +1): k_0 = 0
+    # slow, L-1 fast, (L-1)//2 or L//2 with equal odds medium. Mean k_0 is the same for every h, its
+    # spread grows with h (for L >= 3). bench/heterogeneity_dial.py measures the warm-started base.
+    expert_heterogeneity: Optional[float] = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        super().validate()
+        h = self.expert_heterogeneity
+        if h is not None and not 0.0 <= h <= 1.0:
+            raise ValueError(f"env.expert_heterogeneity must be null or in [0, 1], got {h}")
+        if h is not None and self.feedback_detail == FeedbackDetail.digits:
+            raise ValueError(
+                f"env.expert_heterogeneity={h} sets the progress experts of the verdict traces; "
+                "env.feedback_detail=digits has its own search-by-reply expert: use one or the other"
+            )
 
 
 @dataclass

@@ -173,7 +173,11 @@ def expert_records(
     return records
 
 
-LATER_ENV_OPTIONS = {"retry_wrong_answers": False, "feedback_detail": "verdict"}  # env option -> its default
+LATER_ENV_OPTIONS = {
+    "retry_wrong_answers": False,
+    "feedback_detail": "verdict",
+    "expert_heterogeneity": None,
+}  # env option -> its default
 
 
 def cache_key(
