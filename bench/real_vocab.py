@@ -14,7 +14,8 @@ are joined that way), ``bonus=info_gain``, ``budget=fit`` (the token limits deri
 data). For each dataset, a reference run without warm start or training gives the random
 model's held-out success. Reported from each run's summary.json: held-out success of the
 untrained, the warm-started (start) and the PPO-trained (final) policy, and the wall time of each
-phase (warm start, PPO iterations, final evaluation). The final evaluation's transcripts (chat
+phase (warm start, PPO iterations, final evaluation), and each PPO iteration's training outcome,
+KL to the reference and episodes per trial (from metrics.jsonl). The final evaluation's transcripts (chat
 turns, episodes, J before each, the forced answer) are copied to
 bench/results/real_vocab_transcripts_<data>.txt. Results: bench/results/real_vocab.json and
 real_vocab_table.md.
@@ -52,6 +53,9 @@ def common(args) -> list[str]:
         "eval.prover_samples=2",
         "eval.every=0",
         "eval.extrapolation=false",
+        # the in-context gain figures replay every held-out problem at 1-8 episodes: minutes per evaluation
+        # at this vocabulary, more for the untrained reference (it never stops early); not what this measures
+        "eval.adaptation=false",
         "checkpoint_every=0",
         "logger.mode=disabled",
         "logger.progress_bar=false",
@@ -100,6 +104,8 @@ def main() -> None:
                 f"warm_start.cache_dir={tmp / 'ws'}",
             ]
             trained = run(base + extra + warm + [f"algo.iterations={args.iterations}"], tmp / data)
+            rows = [json.loads(line) for line in (tmp / data / "metrics.jsonl").read_text().splitlines()]
+            curve = {k: [r[k] for r in rows if k in r] for k in ("train/outcome", "train/kl_ref", "train/episodes_per_trial")}
             [transcripts] = (tmp / data).glob("transcripts_*.txt")
             shutil.copy(transcripts, RESULTS / f"real_vocab_transcripts_{data}.txt")
             s = trained
@@ -114,6 +120,8 @@ def main() -> None:
                 "process_wall_s": s["process_wall_s"],
                 "rollout_tokens_per_s": s["rollout_tokens_per_s"],
                 "update_tokens_per_s": s["update_tokens_per_s"],
+                # per PPO iteration: the environment's outcome of the training trials, KL to the reference, episodes
+                "train_curve": curve,
             }
             print(json.dumps({data: out[data]}, indent=1), flush=True)
             (RESULTS / "real_vocab.json").write_text(json.dumps(out, indent=1) + "\n")
