@@ -3,6 +3,7 @@
     python bench/adaptation.py                                  # both settings, 3 arms x 3 seeds
     python bench/adaptation.py --settings feedback --seeds 0    # one setting, one seed
     python bench/adaptation.py --render-only                    # rewrite the table from the JSON
+    python bench/adaptation.py --settings feedback --keep DIR   # keep the runs (for bench/adaptation_probe.py)
 
 Two settings, each a ``python train.py`` per (arm, seed), one after the other, 2 threads, from a
 warm-start cache shared by the arms of a seed (the warm start depends on the seed, not the arm):
@@ -132,13 +133,14 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--name", default="adaptation")
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--keep", type=Path, help="keep the runs and warm-start caches here (for bench/adaptation_probe.py)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = ap.parse_args()
     path = RESULTS / f"{args.name}.json"
     out = json.loads(path.read_text()) if path.exists() else {}
     if not args.render_only:
         with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
+            tmp = args.keep or Path(tmp)
             for setting in args.settings:
                 for seed in args.seeds:
                     for arm in args.arms:
