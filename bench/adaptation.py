@@ -39,12 +39,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "bench"))
-from train_process import train_process  # noqa: E402  (the benchmarks' shared runner)
+from train_process import mean_ci, train_process  # noqa: E402  (the benchmarks' shared runner)
 
 SETTINGS = {
     "feedback": ["env=planted_subseq", "env.feedback=true", "env.feedback_detail=digits", "env.retry_wrong_answers=true"],
@@ -55,20 +53,11 @@ ARMS = {
     "mrt_bonus": ["bonus=info_gain"],
     "mrt_baseline": ["bonus=none", "algo.advantage=termination"],
 }
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95% t quantiles by degrees of freedom
 
 
 def run(overrides: list[str], out: Path) -> dict:
     res = train_process(overrides, out, timeout_s=3 * 3600)
     return {**res["summary"], "process_wall_s": res["wall_s"]}
-
-
-def mean_ci(xs: list[float]) -> tuple[float, float]:
-    """Mean over seeds and the half-width of its 95% t-interval (0 for one seed)."""
-    v = np.asarray([x for x in xs if x is not None], dtype=np.float64)
-    if len(v) < 2:
-        return (float(v.mean()) if len(v) else math.nan), 0.0
-    return float(v.mean()), float(T95.get(len(v) - 1, 1.96) * v.std(ddof=1) / math.sqrt(len(v)))
 
 
 def record(s: dict) -> dict:

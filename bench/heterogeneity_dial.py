@@ -30,21 +30,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from train_process import mean_ci  # noqa: E402  (the benchmarks' shared helpers)
+
 from metarl_llm.jobs.common import base_diagnostics, base_policy, start_job  # noqa: E402
 from metarl_llm.runtime.setup import compose_config  # noqa: E402
 
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95% t quantiles by degrees of freedom
 METRICS = (  # (key in a run's record, column title)
     ("heterogeneity", "heterogeneity"),
     ("heterogeneity_uncorrected", "heterogeneity (uncorrected)"),
@@ -54,14 +53,6 @@ METRICS = (  # (key in a run's record, column title)
     ("warm_start_s", "warm start (s)"),
     ("diagnostics_s", "diagnostics (s)"),
 )
-
-
-def mean_ci(xs: list[float]) -> tuple[float, float]:
-    """Mean over seeds and the half-width of its 95% t-interval (0 for one seed)."""
-    v = np.asarray([x for x in xs if x is not None], dtype=np.float64)
-    if len(v) < 2:
-        return (float(v.mean()) if len(v) else math.nan), 0.0
-    return float(v.mean()), float(T95.get(len(v) - 1, 1.96) * v.std(ddof=1) / math.sqrt(len(v)))
 
 
 def level_key(h: float) -> str:

@@ -22,27 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "bench"))
-from train_process import train_process  # noqa: E402  (the benchmarks' shared runner)
+from train_process import mean_ci, train_process  # noqa: E402  (the benchmarks' shared runner)
 
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95% t quantiles by degrees of freedom
 CALIBRATION = ("accuracy", "ece", "auroc", "brier", "positive_rate")
-
-
-def mean_ci(xs) -> tuple[float, float]:
-    v = np.asarray([x for x in xs if x is not None and math.isfinite(x)], dtype=np.float64)
-    if len(v) < 2:
-        return (float(v.mean()) if len(v) else math.nan), 0.0
-    return float(v.mean()), float(T95.get(len(v) - 1, 1.96) * v.std(ddof=1) / math.sqrt(len(v)))
 
 
 def record(run_dir: Path, s: dict, wall_s: float) -> dict:

@@ -4,12 +4,14 @@ whole runs share (bench/adaptation.py, real_vocab.py, vocab_scale.py, warm_start
 :func:`train_process` runs ``train.py`` of a checkout (``root``; an older one for a before/after
 comparison) with the given overrides and ``out_dir``, ``OMP_NUM_THREADS`` set, and returns its wall,
 user and system seconds (and ``summary.json`` when the run wrote one). A failed run raises with
-the end of its stderr; every run has a time limit.
+the end of its stderr; every run has a time limit. :func:`mean_ci`: the benchmarks' mean over
+seeds with its 95% t-interval.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import subprocess
@@ -18,6 +20,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95% t quantiles by degrees of freedom
+
+
+def mean_ci(xs) -> tuple[float, float]:
+    """Mean over seeds and the half-width of its 95% t-interval (0 for one seed); None and
+    non-finite entries are left out."""
+    v = [float(x) for x in xs if x is not None and math.isfinite(x)]
+    if len(v) < 2:
+        return (sum(v) / len(v) if v else math.nan), 0.0
+    m = sum(v) / len(v)
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+    return m, T95.get(len(v) - 1, 1.96) * sd / math.sqrt(len(v))
 
 
 def train_process(overrides: list[str], out: Path, root: Path = ROOT, threads: int = 2, timeout_s: float = 4 * 3600) -> dict:
