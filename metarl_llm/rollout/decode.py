@@ -60,6 +60,7 @@ Draw = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 # One compiled forward per (model class, torch.compile backend), shared by every DecodeBatch: the
 # model is an argument (dynamo guards on it), so no compiled object keeps a model alive.
 _COMPILED: dict[tuple[type, str], Callable] = {}
+_COMPILE_LOGGED: set[int] = set()  # id() of each compiled forward whose first call (the compile) was logged
 
 
 def compiled_forward(model: torch.nn.Module, backend: str) -> Callable:
@@ -203,7 +204,7 @@ class DecodeBatch:
         return out.logits[:, -1]
 
     def _compiled_step(self, ids: torch.Tensor, pos: torch.Tensor):
-        first = not getattr(self._step, "_metarl_ran", False)
+        first = id(self._step) not in _COMPILE_LOGGED
         t0 = time.perf_counter()
         out = self._step(
             self.model,
@@ -215,7 +216,7 @@ class DecodeBatch:
             **self._forward_kwargs,
         )
         if first:  # the first call compiles: say how long it took (later shapes may compile once more)
-            self._step._metarl_ran = True
+            _COMPILE_LOGGED.add(id(self._step))
             log.info("compiled decode step for %s: first call %.1f s", type(self.model).__name__, time.perf_counter() - t0)
         return out
 
