@@ -1,11 +1,11 @@
 """In-context adaptation (issue 19): do trained policies get better with more test-time compute?
 
-    python bench/adaptation.py                                  # both settings, 3 arms x 3 seeds
+    python bench/adaptation.py                                  # all settings, 3 arms x 3 seeds
     python bench/adaptation.py --settings feedback --seeds 0    # one setting, one seed
     python bench/adaptation.py --render-only                    # rewrite the table from the JSON
     python bench/adaptation.py --settings feedback --keep DIR   # keep the runs (for bench/adaptation_probe.py)
 
-Two settings, each a ``python train.py`` per (arm, seed), one after the other, 2 threads, from a
+Three settings, each a ``python train.py`` per (arm, seed), one after the other, 2 threads, from a
 warm-start cache shared by the arms of a seed (the warm start depends on the seed, not the arm):
 
 - ``feedback`` (the classic RL^2 case): ``env=planted_subseq env.feedback=true
@@ -13,6 +13,11 @@ warm-start cache shared by the arms of a seed (the warm start depends on the see
   episode shows which digits were right; a wrong committed answer is an attempt while episodes
   remain. A policy that keeps the confirmed digits and changes the others gains from every
   episode; independent trials cannot.
+- ``feedback_hidden``: ``feedback`` with ``env.hidden_digits=1``. There the rule gives the gold's
+  first two digits, but its last one is drawn per problem, independent of the input: no policy can
+  write it without the replies, so a one-episode trial succeeds at most 1 time in 10 and a trial
+  of k episodes at most k/10 (a search that never retries a rejected digit). In ``feedback`` the
+  whole gold follows from the input, so a policy that learns the rule needs no reply.
 - ``no_feedback`` (the epistemic POMDP): ``env=inverse`` (find x with (a*x + b) mod 10 = y). No
   reply; the policy's own check of a candidate is its information, and the expert traces
   propose, check and revise.
@@ -47,6 +52,15 @@ from train_process import mean_ci, train_process  # noqa: E402  (the benchmarks'
 SETTINGS = {
     "feedback": ["env=planted_subseq", "env.feedback=true", "env.feedback_detail=digits", "env.retry_wrong_answers=true"],
     "no_feedback": ["env=inverse"],
+    # the gold's last digit drawn per problem, not computable from the input: only the replies reveal
+    # it, so success with k episodes is at most k/10 and a one-episode trial's 1/10
+    "feedback_hidden": [
+        "env=planted_subseq",
+        "env.feedback=true",
+        "env.feedback_detail=digits",
+        "env.retry_wrong_answers=true",
+        "env.hidden_digits=1",
+    ],
 }
 ARMS = {
     "outcome": ["bonus=none"],

@@ -16,6 +16,7 @@ from envs.base import EpisodicTextEnv, Problem, split_of
 
 _SPLIT_CODE = {"train": 1, "test": 2}
 _RULE_CODE = 3  # seeds [family_seed, code, ...] of the rule and of each split never coincide
+_HIDDEN_CODE = 4  # [family_seed, split code, index, _HIDDEN_CODE]: a problem's hidden gold digits
 _MAX_REDRAWS = 10_000
 FEEDBACK_DETAILS = ("verdict", "digits")  # what feedback=True replies (PlantedSubseqEnv.feedback_text)
 PROGRESS_EXPERTS = ("slow", "medium", "fast")  # expert_heterogeneity's experts (PlantedSubseqEnv.progress_expert)
@@ -48,6 +49,14 @@ def _planted_problem(
     positions, shifts = _rule(family_seed, input_length, gold_length)
     gold = "".join(str((int(digits[p]) + s) % 10) for p, s in zip(positions, shifts))
     return digits, gold
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _hidden_digits(family_seed: int, split: str, index: int, count: int) -> str:
+    """The ``count`` hidden gold digits of problem ``index`` of ``split``: uniform, from their own seed,
+    independent of the problem's input digits (so no rule, and no policy, can compute them)."""
+    rng = np.random.default_rng([family_seed, _SPLIT_CODE[split], index, _HIDDEN_CODE])
+    return "".join(str(int(d)) for d in rng.integers(0, 10, size=count))
 
 
 class PlantedSubseqEnv(EpisodicTextEnv):
@@ -116,6 +125,10 @@ class PlantedSubseqEnv(EpisodicTextEnv):
     |                       |             | for every h, Var[k_0] grows with h (not for      |
     |                       |             | L <= 2: there every h gives the same k_0 law).   |
     |                       |             | Not with ``feedback_detail="digits"``            |
+    | ``hidden_digits``     | 0           | the gold's last h digits are drawn per problem,  |
+    |                       |             | independent of its input: only the replies can   |
+    |                       |             | reveal them. Needs ``feedback=True`` and         |
+    |                       |             | ``feedback_detail="digits"``                     |
     | ``max_text_length``   | 100000      | longest episode text accepted                    |
     +-----------------------+-------------+--------------------------------------------------+
 
@@ -170,6 +183,17 @@ class PlantedSubseqEnv(EpisodicTextEnv):
     or, where "0"s would complete the gold, another repeated digit; random filler is redrawn).
     An ``n_failed`` the replies cannot allow raises ``ValueError`` (possible only from 10 on: nine
     replies may reject nine digits at a position and so pin the gold down).
+
+    With ``hidden_digits=h`` (> 0) the gold's first ``gold_length - h`` digits follow the rule and its
+    last ``h`` are drawn uniformly per problem, from a seed of their own
+    (``[family_seed, split code, index, 4]``), independent of the input: no policy can write them
+    without the replies, so a trial's success with k episodes is bounded by k / 10 (h = 1; a
+    search that never retries a rejected digit reaches it) and one-episode trials by 1/10 each.
+    This is the setting where in-context adaptation is needed, not just possible. The search
+    expert then knows the rule: its chunk 0 already holds the rule's digits (they follow from the
+    input, as if a reply had confirmed them), and it searches by reply only at the hidden
+    positions. The problem id carries the split's index (``planted:<digits>/<index>``), since two
+    problems with the same input digits differ in their hidden ones.
     """
 
     def __init__(
@@ -183,6 +207,7 @@ class PlantedSubseqEnv(EpisodicTextEnv):
         num_test_problems: int = 256,
         feedback_detail: str = "verdict",
         expert_heterogeneity: float | None = None,
+        hidden_digits: int = 0,
         **base_kwargs,
     ):
         # split, max_episodes, answer_marker, ... : EpisodicTextEnv's keywords, whose
@@ -212,6 +237,17 @@ class PlantedSubseqEnv(EpisodicTextEnv):
                     "traces; feedback_detail='digits' has its own search-by-reply expert: use one option or the other "
                     "(expert_heterogeneity=None with feedback_detail='digits')"
                 )
+        if isinstance(hidden_digits, bool) or not isinstance(hidden_digits, (int, np.integer)):
+            raise ValueError(f"{name}: hidden_digits must be an integer in [0, gold_length], got {hidden_digits!r}")
+        if not 0 <= hidden_digits <= gold_length:
+            raise ValueError(f"{name}: hidden_digits must be in [0, gold_length={gold_length}], got {hidden_digits}")
+        if hidden_digits and not (self.feedback and feedback_detail == "digits"):
+            raise ValueError(
+                f"{name}: hidden_digits={hidden_digits} makes gold digits that only the replies reveal; it needs "
+                f"feedback=True and feedback_detail='digits' (got feedback={self.feedback}, "
+                f"feedback_detail={feedback_detail!r})"
+            )
+        self.hidden_digits = int(hidden_digits)
         self.input_length = int(input_length)
         self.gold_length = int(gold_length)
         self.chunk_length = int(chunk_length)
@@ -229,8 +265,14 @@ class PlantedSubseqEnv(EpisodicTextEnv):
         digits, gold = _planted_problem(
             self.family_seed, self.input_length, self.gold_length, self.split, self.test_fraction, index
         )
+        problem_id = f"planted:{digits}"
+        if self.hidden_digits:
+            gold = gold[: self.gold_length - self.hidden_digits] + _hidden_digits(
+                self.family_seed, self.split, index, self.hidden_digits
+            )
+            problem_id += f"/{index}"
         return Problem(
-            problem_id=f"planted:{digits}",
+            problem_id=problem_id,
             prompt=digits + self.episode_delimiter,
             reference=gold,
             data={"digits": digits},
@@ -346,6 +388,8 @@ class PlantedSubseqEnv(EpisodicTextEnv):
         it writes). Its failed attempts use the gold only to avoid writing it; every other choice
         follows from ``rng`` and the replies (:meth:`_shown_digits`, what :meth:`feedback_text` shows)."""
         confirmed: list[str | None] = [None] * self.gold_length  # the digit a reply confirmed at each position
+        known = self.gold_length - self.hidden_digits if self.hidden_digits else 0
+        confirmed[:known] = self.reference_answer[:known]  # hidden_digits: the rule's digits are known from the input
         rejected: list[set[str]] = [set() for _ in range(self.gold_length)]  # digits replies rejected there
         last: str | None = None  # the previous attempt's first gold_length digits
         episodes = []

@@ -183,10 +183,22 @@ class PlantedSubseqEnvConfig(EnvConfig):
     # slow, L-1 fast, (L-1)//2 or L//2 with equal odds medium. Mean k_0 is the same for every h, its
     # spread grows with h (for L >= 3). bench/heterogeneity_dial.py measures the warm-started base.
     expert_heterogeneity: Optional[float] = None
+    # Gold digits no policy can compute: the gold's last hidden_digits digits are drawn per problem,
+    # independent of its input, so only the digits replies reveal them (needs feedback=true and
+    # feedback_detail=digits). Success with k episodes is then at most k/10 for one hidden digit,
+    # one-episode trials 1/10 each: in-context adaptation is needed, not just possible. 0: none.
+    hidden_digits: int = 0
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
         super().validate()
+        if not 0 <= self.hidden_digits <= self.gold_length:
+            raise ValueError(f"env.hidden_digits must be in [0, env.gold_length={self.gold_length}], got {self.hidden_digits}")
+        if self.hidden_digits and not (self.feedback and self.feedback_detail == FeedbackDetail.digits):
+            raise ValueError(
+                f"env.hidden_digits={self.hidden_digits} needs the replies that reveal those digits: "
+                "set env.feedback=true env.feedback_detail=digits"
+            )
         h = self.expert_heterogeneity
         if h is not None and not 0.0 <= h <= 1.0:
             raise ValueError(f"env.expert_heterogeneity must be null or in [0, 1], got {h}")

@@ -177,6 +177,7 @@ LATER_ENV_OPTIONS = {
     "retry_wrong_answers": False,
     "feedback_detail": "verdict",
     "expert_heterogeneity": None,
+    "hidden_digits": 0,
 }  # env option -> its default
 
 
