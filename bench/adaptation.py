@@ -5,7 +5,7 @@
     python bench/adaptation.py --render-only                    # rewrite the table from the JSON
     python bench/adaptation.py --settings feedback --keep DIR   # keep the runs (for bench/adaptation_probe.py)
 
-Three settings, each a ``python train.py`` per (arm, seed), one after the other, 2 threads, from a
+Three settings, each a ``python train.py`` per (arm, seed), one after the other, 2 threads (``--threads``), from a
 warm-start cache shared by the arms of a seed (the warm start depends on the seed, not the arm):
 
 - ``feedback`` (the classic RL^2 case): ``env=planted_subseq env.feedback=true
@@ -69,8 +69,8 @@ ARMS = {
 }
 
 
-def run(overrides: list[str], out: Path) -> dict:
-    res = train_process(overrides, out, timeout_s=3 * 3600)
+def run(overrides: list[str], out: Path, threads: int = 2) -> dict:
+    res = train_process(overrides, out, threads=threads, timeout_s=3 * 3600)
     return {**res["summary"], "process_wall_s": res["wall_s"]}
 
 
@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--name", default="adaptation")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of each run")
     ap.add_argument("--render-only", action="store_true")
     ap.add_argument("--keep", type=Path, help="keep the runs and warm-start caches here (for bench/adaptation_probe.py)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
@@ -156,11 +157,11 @@ def main() -> None:
                             "logger.mode=disabled",
                             "logger.progress_bar=false",
                             "checkpoint_every=0",
-                            "threads=2",
+                            f"threads={args.threads}",
                             f"warm_start.cache_dir={tmp / 'ws'}",
                             *args.overrides,
                         ]
-                        s = run(overrides, tmp / f"{setting}_{arm}_{seed}")
+                        s = run(overrides, tmp / f"{setting}_{arm}_{seed}", args.threads)
                         out.setdefault(setting, {}).setdefault(arm, {})[str(seed)] = record(s)
                         r = out[setting][arm][str(seed)]
                         print(

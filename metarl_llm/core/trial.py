@@ -171,15 +171,24 @@ class StreamCodec:
             text = text[: text.rfind(self.delimiter)] if self.delimiter in text else text
         return text
 
-    def trace_generations(self, episodes: list[str]) -> list[tuple[list[int], list[str]]]:
+    def trace_generations(self, episodes: list[str], close: bool = True) -> list[tuple[list[int], list[str]]]:
         """An expert trace's policy tokens as a rollout samples them: (tokens, the episode texts the
         environment reads in them) per generation. With the delimiter rule one generation per
-        episode, its text and the delimiter (EOS after the last). With a rule that segments after
-        generation one generation: the episodes joined by the rule's
-        :meth:`~metarl_llm.config.SegmentConfig.trace_joiner`, then EOS, cut by the rule."""
+        episode, its text and the delimiter (EOS after the last when ``close``). With a rule that
+        segments after generation one generation: the episodes joined by the rule's
+        :meth:`~metarl_llm.config.SegmentConfig.trace_joiner`, then EOS, cut by the rule.
+
+        ``close=False`` ends the last episode with the delimiter too: for an environment where a
+        committed answer may be followed by more episodes (``retry_wrong_answers``), the policy
+        cannot know which attempt is its last (that is the grade it has not seen), so the traces
+        must not teach it to end the stream after the right one only. Measured before this
+        option: traces whose right answer alone ended with EOS taught the policy to end its first
+        attempt with EOS about two times in three; after a wrong one the rollout went on past an
+        EOS no trace ever continued, and the policy's later attempts fell apart
+        (bench/results/README.md, adaptation_hidden)."""
         if self.segmenter is None:
             return [
-                (self.encode(text) + ([self.eos_id] if k == len(episodes) - 1 else self.delimiter_token), [text])
+                (self.encode(text) + ([self.eos_id] if close and k == len(episodes) - 1 else self.delimiter_token), [text])
                 for k, text in enumerate(episodes)
             ]
         tokens = self.encode(self.segment.trace_joiner().join(episodes)) + [self.eos_id]

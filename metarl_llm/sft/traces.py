@@ -133,12 +133,20 @@ def stitched_records(
     return records, counts
 
 
+def closes_trials(env) -> bool:
+    """Whether a trace of ``env`` ends with EOS (:meth:`StreamCodec.trace_generations`' ``close``):
+    not where a committed answer may be followed by more episodes (``retry_wrong_answers``),
+    since there only the environment's grade, which the policy has not seen, ends the trial."""
+    return not getattr(env.unwrapped, "retry_wrong_answers", False)
+
+
 def trace_record(
     env, codec: StreamCodec, budget: BudgetConfig, prompt: str, problem_id: str, episodes: list[str], kind: str
 ) -> dict | None:
     """Play ``episodes`` through ``env`` (just reset to the problem of ``prompt``) and
     tokenise the trial as a rollout would: ``input_ids`` and ``completion_mask`` (1 on
-    policy tokens: each episode's text and its delimiter, EOS after the last, or with a rule
+    policy tokens: each episode's text and its delimiter, EOS after the last (the delimiter when
+    the environment retries wrong answers: :func:`closes_trials`), or with a rule
     that segments after generation the episodes joined as that rule cuts them,
     :meth:`StreamCodec.trace_generations`; 0 on the prompt and on the observations the
     environment inserts).
@@ -152,7 +160,7 @@ def trace_record(
     mask = [0] * len(ids)
     policy_tokens = 0
     terminated, reward = False, 0.0
-    for tokens, texts in codec.trace_generations(episodes):
+    for tokens, texts in codec.trace_generations(episodes, close=closes_trials(env)):
         if terminated:
             return None  # the environment ended the trial before the trace's last episode
         if codec.segmenter is None and len(tokens) > budget.max_episode_tokens:

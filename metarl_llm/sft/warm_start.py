@@ -38,12 +38,12 @@ import numpy as np
 from metarl_llm.config import BudgetConfig, EnvConfig, ModelConfig, WarmStartConfig
 from metarl_llm.core.trial import StreamCodec
 from metarl_llm.sft.fit import FitResult, fit_records
-from metarl_llm.sft.traces import trace_record
+from metarl_llm.sft.traces import closes_trials, trace_record
 
 log = logging.getLogger(__name__)
 
 
-CACHE_VERSION = 8  # bump when the trace format or the SFT recipe changes
+CACHE_VERSION = 9  # bump when the trace format or the SFT recipe changes (9: retry traces end with the delimiter)
 
 
 @dataclass
@@ -62,8 +62,9 @@ class TraceNeeds:
     total: int = 0
     prompt: int = 0
 
-    def add(self, codec: StreamCodec, prompt: str, episodes: list[str]) -> None:
-        sizes = [len(tokens) for tokens, _ in codec.trace_generations(episodes)]
+    def add(self, codec: StreamCodec, prompt: str, episodes: list[str], close: bool = True) -> None:
+        """Measure one trace (``close``: as :meth:`StreamCodec.trace_generations` takes it)."""
+        sizes = [len(tokens) for tokens, _ in codec.trace_generations(episodes, close=close)]
         if codec.segmenter is None:  # cut after generation, an episode has no token limit of its own
             self.episode = max(self.episode, *sizes) if sizes else self.episode
         self.total = max(self.total, sum(sizes))
@@ -107,7 +108,7 @@ def _expert_records(
     env = make_env("train")
     records, needs = [], TraceNeeds()
     for prompt, info, episodes in _expert_traces(env, num, n_failed_max, variety, seed):
-        needs.add(codec, prompt, episodes)
+        needs.add(codec, prompt, episodes, close=closes_trials(env))
         if needs.too_small(budget):
             continue  # no record will be used; keep measuring the rest for the error
         record = trace_record(env, codec, budget, prompt, info["problem_id"], episodes, "expert")
@@ -138,7 +139,7 @@ def fitted_budget(make_env, codec: StreamCodec, budget: BudgetConfig, ws: WarmSt
     phases = [(0, 0.0, seed)] + ([(ws.n_failed_max, ws.variety, seed + 1)] if ws.focused_fraction < 1 else [])
     for n_failed_max, variety, phase_seed in phases:
         for prompt, _, episodes in _expert_traces(env, ws.num_traces, n_failed_max, variety, phase_seed):
-            needs.add(codec, prompt, episodes)
+            needs.add(codec, prompt, episodes, close=closes_trials(env))
             text, stop = env.unwrapped.answer_target()
             answer = max(answer, len(codec.encode(text)) + int(stop))
     test = make_env("test")

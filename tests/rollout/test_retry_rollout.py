@@ -1,7 +1,8 @@
 """Several attempts in one trial (env.retry_wrong_answers): the rollout's bookkeeping when a policy
-commits a wrong answer and ends its episode with EOS, as the warm start teaches it to. The EOS ends
-the attempt, not the trial: the environment's reply follows and the next episode is the next
-attempt. Without retries (or without a committed answer) an EOS still forces the answer."""
+commits a wrong answer and ends its episode with EOS (the warm start's retry traces end every
+attempt with the delimiter, but a policy may still sample EOS). The EOS ends the attempt, not the
+trial: the environment's reply follows and the next episode is the next attempt. Without retries
+(or without a committed answer) an EOS still forces the answer."""
 
 from __future__ import annotations
 

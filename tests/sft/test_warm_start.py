@@ -37,6 +37,30 @@ def test_expert_records_mask_only_policy_tokens(compose_cfg):
     assert any("[wrong]" in tok.decode(r["input_ids"]) for r in recs)
 
 
+@pytest.mark.parametrize("hidden", [0, 1])
+def test_retry_traces_never_end_the_stream_the_policy_cannot_know_is_done(compose_cfg, hidden):
+    """With retry_wrong_answers only the environment's grade ends a trial, so every attempt of a
+    trace, the right one too, ends with the delimiter: an EOS would teach the policy to stop after
+    an attempt whose grade it has not seen (after a wrong one the rollout goes on past it). Without
+    retries the trace still ends with EOS."""
+    tok = build_char_tokenizer()
+    codec = StreamCodec(tok, "\n", "Answer:")
+    retry = ["env.feedback=true", "env.feedback_detail=digits", "env.retry_wrong_answers=true", f"env.hidden_digits={hidden}"]
+    for overrides, closes in [(retry, False), (["env.feedback=true"], True)]:
+        cfg = compose_cfg(*overrides)
+        recs = expert_records(env_factory(cfg), codec, cfg.budget, 30, 2, 0.5, seed=0)
+        attempts = 0
+        for r in recs:
+            policy = [i for i, m in zip(r["input_ids"], r["completion_mask"]) if m]
+            assert (policy[-1] == tok.eos_token_id) == closes and r["completion_mask"][-1] == 1
+            assert policy.count(tok.eos_token_id) == int(closes)  # never an EOS before the last token
+            episodes = tok.decode(policy).split("\n")
+            attempts += len([e for e in episodes if e])
+            # each attempt is followed by the delimiter, the last one too without EOS
+            assert tok.decode(policy).endswith("\n") != closes
+        assert attempts > len(recs)  # traces with failed attempts were among them
+
+
 def test_expert_traces_that_do_not_fit_the_budget_are_an_error(compose_cfg):
     cfg = compose_cfg()
     codec = StreamCodec(build_char_tokenizer(), "\n", "Answer:")
