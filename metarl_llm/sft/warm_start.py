@@ -163,8 +163,9 @@ def expert_records(
 ) -> list[dict]:
     """Tokenised expert trials: ``input_ids`` and ``completion_mask`` (1 on policy tokens).
 
-    Intermediate episodes end with the delimiter token, the final one with EOS. Raises
-    if a trace does not succeed or does not fit the budget (training on traces the
+    Intermediate episodes end with the delimiter token, the final one with EOS (with the
+    delimiter where the environment retries wrong answers:
+    :func:`~metarl_llm.sft.traces.closes_trials`). Raises if a trace does not succeed or does not fit the budget (training on traces the
     rollout could never produce would be silently wrong); the budget error comes after
     all ``num`` traces are measured and names the smallest budget that fits them all
     (:class:`TraceNeeds`).
