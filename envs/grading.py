@@ -482,6 +482,24 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)  # the parent died before prctl took effect
 
 
+def _mv_match(answer: str, reference: str) -> bool:
+    """math-verify's comparison of ``answer`` with ``reference`` (in the grading worker only)."""
+    from math_verify import (  # deferred: start-up cost (math-verify loads only in the grading worker process)
+        parse,
+        verify,
+    )
+
+    def parse_math(text: str) -> list:
+        # A bare formula ("x+1", "2^{10}") is read whole only inside $...$; prose
+        # ("12 apples") is searched for its answer as it is.
+        forms = [text, f"${text}$"]
+        if "$" not in text and "\\boxed" not in text and not _PROSE_RE.search(text):
+            forms.reverse()
+        return parse(forms[0], parsing_timeout=None) or parse(forms[1], parsing_timeout=None)
+
+    return bool(verify(parse_math(reference), parse_math(answer), timeout_seconds=None))
+
+
 def _serve(parent: int = 0) -> None:
     """Worker main loop: read a request, answer it, forever (until stdin closes)."""
     if parent:
@@ -496,6 +514,12 @@ def _serve(parent: int = 0) -> None:
         if kind == "setup":
             if req[1] == "mv":
                 logging.getLogger("math_verify").setLevel(logging.ERROR)
+                # math-verify's imports (sympy, the LaTeX parser) and the parser's first use happen
+                # here, under SETUP_TIMEOUT_S, not inside the first answer's grading timeout: on a
+                # loaded machine they alone overran 2 s, and a right LaTeX answer scored 0
+                # (tests/envs/test_envs.py::test_math_loaded_traces_and_grading, CI beside a benchmark).
+                _mv_match("\\frac{1}{2}", "0.5")
+                _mv_match("x+1", "1+x")
             else:
                 import reasoning_gym  # deferred: start-up cost (reasoning_gym loads only for the environments that use it)
 
@@ -504,21 +528,8 @@ def _serve(parent: int = 0) -> None:
             _limit_memory()
             return True
         if kind == "mv":
-            from math_verify import (  # deferred: start-up cost (math-verify loads only in the grading worker process)
-                parse,
-                verify,
-            )
-
-            def parse_math(text: str) -> list:
-                # A bare formula ("x+1", "2^{10}") is read whole only inside $...$; prose
-                # ("12 apples") is searched for its answer as it is.
-                forms = [text, f"${text}$"]
-                if "$" not in text and "\\boxed" not in text and not _PROSE_RE.search(text):
-                    forms.reverse()
-                return parse(forms[0], parsing_timeout=None) or parse(forms[1], parsing_timeout=None)
-
             _, answer, reference = req
-            return bool(verify(parse_math(reference), parse_math(answer), timeout_seconds=None))
+            return _mv_match(answer, reference)
         if kind == "rg":
             _, key, answer, entry = req
             return float(datasets[key].score_answer(answer, entry))
