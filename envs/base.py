@@ -118,6 +118,11 @@ class EpisodicTextEnv(gym.Env[str, str], abc.ABC):
     """
 
     metadata = {"render_modes": []}
+    # Whether :meth:`expert_trace` may return a trial that fails: a search that does not know the
+    # gold and ends, when its budget is spent, with the forced answer (a guess). The warm start
+    # then trains on the expert's trials as they come, not only on its successes (a filter on
+    # success would tell the policy the gold: :class:`envs.inverse.InverseEnv`).
+    expert_may_fail: bool = False
 
     def __init__(
         self,
@@ -179,7 +184,9 @@ class EpisodicTextEnv(gym.Env[str, str], abc.ABC):
         ``n_failed`` failed episodes precede the correct one; the last episode commits
         the correct answer. ``variety`` in [0, 1] sets heterogeneity: 0 gives the one
         canonical (focused) form, 1 the most varied forms of both failed and correct
-        episodes.
+        episodes. Where ``expert_may_fail`` is True the expert's own search decides how
+        many episodes fail, and a trial that spends ``max_episodes`` without committing
+        ends with the text of its forced answer as one more episode.
         """
 
     def outcome(self, episodes: list[str], answer: str | None) -> float:

@@ -8,6 +8,12 @@ of a modulo m, which the traces never show. The expert searches: it proposes a c
 checks it, and revises, so a policy that checks well and does not repeat itself solves the
 problem with probability that grows with its number of episodes, even though no reply from the
 environment tells it anything.
+
+The default expert (``expert_search="blind"``) does not know the gold: its candidates are drawn
+before it reads the problem, and when its budget is spent it guesses. A trace that knows the
+gold, or that is kept only when it succeeds, tells the policy the gold: the informed expert's
+first candidate is the gold in every trace without a failed episode, and success-filtered blind
+traces put the gold first in 1 of (n_failed_max + 1) traces, not 1 in m.
 """
 
 from __future__ import annotations
@@ -68,16 +74,33 @@ class InverseEnv(EpisodicTextEnv):
     (``split``, ``max_episodes``, ``answer_marker``, ``forced_answer_text``,
     ``episode_delimiter``, ``feedback``, ``retry_wrong_answers``, ``max_text_length``).
 
-    Expert traces: ``n_failed`` wrong candidates, each with its check ("... -> 7 no"), then the
-    gold with its check and the committed answer (an episode fits the default budget's 32 tokens
-    of the character vocabulary for m = 10). ``variety`` is the probability that each
-    failed candidate is drawn at random among the unused wrong residues; otherwise (focused) the
-    search counts up by one to the gold: x0 = gold - n_failed, x0 + 1, ... (mod m).
+    Expert traces (``expert_search``; an episode fits the default budget's 32 tokens of the
+    character vocabulary for m = 10):
+
+    - ``"blind"`` (default): a search that does not know the gold. Each candidate is, with
+      probability ``variety``, drawn uniformly among the residues not yet tried, otherwise
+      (focused) the smallest one not yet tried (0, 1, 2, ...). Each is checked; the first whose
+      check gives y is committed (``... -> 1 Answer: 4``), the others end ``no``. When the
+      trial's ``max_episodes`` are spent without a commit, the trace ends with the forced
+      answer, the next candidate unchecked (`` 3``): a guess, right 1 time in m - max_episodes.
+      ``n_failed`` is not used: the search decides it, and the gold's position is uniform in
+      1..m, independent of the problem. So the traces fail (``expert_may_fail``), and the
+      warm start trains on them as they come.
+    - ``"informed"``: ``n_failed`` wrong candidates, then the gold and the committed answer.
+      ``variety`` is the probability that each failed candidate is drawn at random among the
+      unused wrong residues; otherwise (focused) the search counts up by one to the gold:
+      x0 = gold - n_failed, x0 + 1, ... (mod m). It knows the gold, and its traces show it.
     """
 
-    def __init__(self, *, modulus: int = 10, test_fraction: float = 0.2, **base_kwargs):
+    EXPERT_SEARCHES = ("blind", "informed")
+
+    def __init__(self, *, modulus: int = 10, test_fraction: float = 0.2, expert_search: str = "blind", **base_kwargs):
         super().__init__(**base_kwargs)
         name = type(self).__name__
+        if expert_search not in self.EXPERT_SEARCHES:
+            raise ValueError(f"{name}: expert_search must be one of {self.EXPERT_SEARCHES}, got {expert_search!r}")
+        self.expert_search = expert_search
+        self.expert_may_fail = expert_search == "blind"
         if modulus < 2:
             raise ValueError(f"{name}: modulus must be >= 2, got {modulus}")
         if not 0.0 < test_fraction < 1.0:
@@ -137,6 +160,8 @@ class InverseEnv(EpisodicTextEnv):
             raise ValueError(f"expert_trace: n_failed must be in [0, max_episodes={self.max_episodes}), got {n_failed}")
         if not 0.0 <= variety <= 1.0:
             raise ValueError(f"expert_trace: variety must be in [0, 1], got {variety}")
+        if self.expert_search == "blind":
+            return self._blind_trace(rng, variety)
         if n_failed >= self.modulus:
             raise ValueError(f"expert_trace: only {self.modulus - 1} wrong candidates exist, asked for {n_failed}")
         m, gold = self.modulus, int(self.reference_answer)
@@ -153,3 +178,19 @@ class InverseEnv(EpisodicTextEnv):
             episodes.append(f"{self.check_text(x)} no")
         episodes.append(f"{self.check_text(gold)} {self.answer_marker} {gold}")  # at most 31 characters for m = 10
         return episodes
+
+    def _blind_trace(self, rng: np.random.Generator, variety: float) -> list[str]:
+        """The blind search's trial (class docstring): it reads the gold only through its checks."""
+        d = self.problem.data
+        untried = list(range(self.modulus))
+        episodes = []
+        while untried:
+            # one draw per candidate whatever variety is, so focused and varied traces of a seed
+            # use the generator alike; rng.integers only when the draw picks at random
+            x = untried.pop(int(rng.integers(len(untried))) if rng.random() < variety else 0)
+            if len(episodes) == self.max_episodes:  # budget spent: the forced answer, a guess
+                return episodes + [f" {x}"]
+            if (d["a"] * x + d["b"]) % self.modulus == d["y"]:
+                return episodes + [f"{self.check_text(x)} {self.answer_marker} {x}"]
+            episodes.append(f"{self.check_text(x)} no")
+        raise AssertionError(f"no residue solves {self.problem.problem_id}")  # a is a unit: one x does

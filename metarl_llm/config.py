@@ -108,6 +108,12 @@ FeedbackDetail = _choices(
     "digits",
     doc="``env.feedback_detail`` of env=planted_subseq (envs/planted_subseq.py FEEDBACK_DETAILS).",
 )
+ExpertSearch = _choices(
+    "ExpertSearch",
+    "blind",
+    "informed",
+    doc="``env.expert_search`` of env=inverse (envs/inverse.py InverseEnv.EXPERT_SEARCHES).",
+)
 
 
 @functools.cache
@@ -218,6 +224,10 @@ class InverseEnvConfig(EnvConfig):
     id: str = "metarl/Inverse-v0"
     modulus: int = 10  # m: a problem is a unit a, residues b and y (400 problems for m = 10)
     test_fraction: float = 0.2  # share of problems hashed into the held-out split
+    # The warm start's expert: blind (searches without knowing the gold; its trials may fail, a
+    # guess when the budget is spent) | informed (knows the gold: n_failed wrong candidates, then the
+    # gold; its traces teach the policy to write the gold first). envs/inverse.py
+    expert_search: ExpertSearch = ExpertSearch.blind
 
 
 @dataclass

@@ -228,6 +228,7 @@ def test_warm_start_cache_key_ignores_enum_types():
 
 def test_the_enums_match_the_code_that_reads_them():
     from envs.arc import SOURCES
+    from envs.inverse import InverseEnv
     from envs.planted_subseq import FEEDBACK_DETAILS
     from metarl_llm import models
     from metarl_llm.rl.scoring import OLD_LOGPROBS
@@ -235,6 +236,7 @@ def test_the_enums_match_the_code_that_reads_them():
 
     assert tuple(C.ArcSource) == SOURCES  # envs/ never imports metarl_llm: two lists, kept equal here
     assert tuple(C.FeedbackDetail) == FEEDBACK_DETAILS
+    assert tuple(C.ExpertSearch) == InverseEnv.EXPERT_SEARCHES
     assert set(C.Dtype) == set(models._DTYPES) and tuple(C.Autocast) == models.AUTOCAST_MODES
     assert tuple(C.OldLogprobs) == OLD_LOGPROBS and tuple(C.LoggerMode) == MODES
     for enum in (
@@ -255,6 +257,7 @@ def test_the_enums_match_the_code_that_reads_them():
         C.Device,
         C.ArcSource,
         C.FeedbackDetail,
+        C.ExpertSearch,
     ):
         assert all(m.name == m.value for m in enum), enum  # names are values: hash and Hydra's parse agree
 

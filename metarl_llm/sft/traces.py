@@ -141,7 +141,14 @@ def closes_trials(env) -> bool:
 
 
 def trace_record(
-    env, codec: StreamCodec, budget: BudgetConfig, prompt: str, problem_id: str, episodes: list[str], kind: str
+    env,
+    codec: StreamCodec,
+    budget: BudgetConfig,
+    prompt: str,
+    problem_id: str,
+    episodes: list[str],
+    kind: str,
+    require_success: bool = True,
 ) -> dict | None:
     """Play ``episodes`` through ``env`` (just reset to the problem of ``prompt``) and
     tokenise the trial as a rollout would: ``input_ids`` and ``completion_mask`` (1 on
@@ -151,8 +158,8 @@ def trace_record(
     :meth:`StreamCodec.trace_generations`; 0 on the prompt and on the observations the
     environment inserts).
 
-    Returns None when the trace does not end, at its last episode, in success (outcome
-    >= 1); raises when an episode or the trace does not fit ``budget`` (training on
+    Returns None when the trace does not end at its last episode, or (``require_success``) ends
+    there without success (outcome >= 1); raises when an episode or the trace does not fit ``budget`` (training on
     traces the rollout could never produce would be silently wrong). ``kind`` names the
     traces in error messages.
     """
@@ -183,6 +190,6 @@ def trace_record(
                 mask += [0] * len(o)
     if policy_tokens > budget.max_total_tokens:
         raise ValueError(f"{kind} trace of {policy_tokens} tokens exceeds budget.max_total_tokens={budget.max_total_tokens}")
-    if not terminated or reward < 1.0:
+    if not terminated or (require_success and reward < 1.0):
         return None
     return {"input_ids": ids, "completion_mask": mask}

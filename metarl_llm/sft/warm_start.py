@@ -107,13 +107,15 @@ def _expert_records(
         raise ValueError(f"warm_start.n_failed_max={n_failed_max} needs budget.max_episodes >= {n_failed_max + 1}")
     env = make_env("train")
     records, needs = [], TraceNeeds()
+    may_fail = getattr(env.unwrapped, "expert_may_fail", False)  # a blind expert's trials, as they come
     for prompt, info, episodes in _expert_traces(env, num, n_failed_max, variety, seed):
         needs.add(codec, prompt, episodes, close=closes_trials(env))
         if needs.too_small(budget):
             continue  # no record will be used; keep measuring the rest for the error
-        record = trace_record(env, codec, budget, prompt, info["problem_id"], episodes, "expert")
+        record = trace_record(env, codec, budget, prompt, info["problem_id"], episodes, "expert", require_success=not may_fail)
         if record is None:
-            raise RuntimeError(f"expert trace for problem {info['problem_id']} did not succeed: {episodes!r}")
+            failure = "did not end at its last episode" if may_fail else "did not succeed"
+            raise RuntimeError(f"expert trace for problem {info['problem_id']} {failure}: {episodes!r}")
         records.append(record)
     return records, needs
 
@@ -165,7 +167,8 @@ def expert_records(
 
     Intermediate episodes end with the delimiter token, the final one with EOS (with the
     delimiter where the environment retries wrong answers:
-    :func:`~metarl_llm.sft.traces.closes_trials`). Raises if a trace does not succeed or does not fit the budget (training on traces the
+    :func:`~metarl_llm.sft.traces.closes_trials`). Raises if a trace does not succeed (where the environment's
+    ``expert_may_fail``: does not end at its last episode) or does not fit the budget (training on traces the
     rollout could never produce would be silently wrong); the budget error comes after
     all ``num`` traces are measured and names the smallest budget that fits them all
     (:class:`TraceNeeds`).

@@ -36,8 +36,8 @@ def test_grading_parses_a_leading_integer_and_never_more():
 
 
 @pytest.mark.parametrize("variety", [0.0, 0.5, 1.0])
-def test_expert_traces_search_with_right_checks(variety):
-    env = make(max_episodes=6)
+def test_informed_expert_traces_search_with_right_checks(variety):
+    env = make(max_episodes=6, expert_search="informed")
     rng = np.random.default_rng(0)
     for index in range(30):
         env.reset(options={"index": index})
@@ -54,6 +54,65 @@ def test_expert_traces_search_with_right_checks(variety):
             assert max(len(e) for e in trace) <= 32  # the default budget's episode, one character a token
             if variety == 0.0:
                 assert xs == [(gold - n_failed + j) % 10 for j in range(n_failed + 1)]  # focused: counting up
+
+
+@pytest.mark.parametrize("variety", [0.0, 0.5, 1.0])
+def test_blind_expert_traces_are_trials_of_a_search_that_reads_the_gold_only_by_its_checks(variety):
+    env = make(max_episodes=3)
+    assert env.expert_may_fail and not make(expert_search="informed").expert_may_fail
+    rng = np.random.default_rng(0)
+    outcomes = []
+    for index in range(env.num_problems):
+        env.reset(options={"index": index})
+        a, b, y = (env.problem.data[k] for k in "aby")
+        gold = int(env.reference_answer)
+        trace = env.expert_trace(rng, 0, variety)
+        checked = trace if trace[-1].startswith("try ") else trace[:-1]
+        xs = [int(e.split()[1].rstrip(":")) for e in checked]
+        for x, e in zip(xs, checked):
+            v = a * x + b
+            assert e.startswith(f"try {x}: {a}*{x}+{b}={v} -> {v % 10} ")  # the check is right
+            assert e.endswith(f" Answer: {x}" if x == gold else " no")  # commits iff the check gives y
+        if trace[-1].startswith("try "):  # committed within the budget
+            assert xs[-1] == gold and len(trace) <= 3
+        else:  # the budget spent: the forced answer, a candidate not yet tried
+            assert len(trace) == 4 and gold not in xs and int(trace[-1]) not in xs and trace[-1] == f" {int(trace[-1])}"
+        if variety == 0.0:  # focused: counting from 0, whatever the problem
+            assert [int(e.split()[1].rstrip(":")) if e.startswith("try") else int(e) for e in trace] == list(range(len(trace)))
+        obs_reward = None
+        env.reset(options={"index": index})
+        for k, e in enumerate(trace):  # every trace is a trial the environment ends at its last episode
+            obs, obs_reward, done, _, _ = env.step(e)
+            assert done == (k == len(trace) - 1)
+            if len(trace) == 4 and k == 2:
+                assert obs == env.forced_answer_text
+        outcomes.append(obs_reward)
+    # The gold's place in the search does not depend on the problem: with a budget of 3 checks and a
+    # guess among the 7 left, a trial succeeds with probability 3/10 + 7/10 * 1/7 = 0.4 (focused:
+    # exactly the problems whose gold is 0, 1, 2 or the guess 3).
+    n, rate = len(outcomes), float(np.mean(outcomes))
+    if variety == 0.0:
+        env2 = make()
+        golds = [int((env2.reset(options={"index": i}), env2.reference_answer)[1]) for i in range(n)]
+        assert outcomes == [float(g <= 3) for g in golds]
+    else:
+        assert abs(rate - 0.4) < 3.5 * (0.4 * 0.6 / n) ** 0.5, rate
+
+
+def test_blind_traces_put_the_gold_first_one_time_in_m_not_more():
+    """The leak a success filter or an informed expert makes: P(first candidate = gold) is 1/m here."""
+    env = make(max_episodes=3)
+    rng = np.random.default_rng(1)
+    first_is_gold, n = 0, 0
+    for rep in range(4):
+        for index in range(env.num_problems):
+            env.reset(options={"index": index})
+            trace = env.expert_trace(rng, 0, 1.0)
+            first_is_gold += trace[0].endswith(f"Answer: {env.reference_answer}")
+            n += 1
+    assert abs(first_is_gold / n - 0.1) < 3.5 * (0.1 * 0.9 / n) ** 0.5, first_is_gold / n
+    with pytest.raises(ValueError, match="expert_search must be one of"):
+        make(expert_search="oracle")
 
 
 def test_the_docstring_example():

@@ -37,6 +37,42 @@ def test_expert_records_mask_only_policy_tokens(compose_cfg):
     assert any("[wrong]" in tok.decode(r["input_ids"]) for r in recs)
 
 
+def test_a_blind_experts_failed_trials_are_trained_on_with_the_forced_answer_as_policy_tokens(compose_cfg, monkeypatch):
+    """env=inverse: its default expert does not know the gold, and its trials that spend the budget
+    end with the forced answer, a guess. The warm start keeps them (a filter on success would tell
+    the policy the gold); the forced-answer text is an observation, the guess a policy token."""
+    cfg = compose_cfg("env=inverse")
+    tok = build_char_tokenizer()
+    codec = StreamCodec(tok, "\n", "Answer:")
+    make_env = env_factory(cfg)
+    recs = expert_records(make_env, codec, cfg.budget, 60, 2, 1.0, seed=0)
+    assert len(recs) == 60  # none dropped
+    forced = 0
+    for r in recs:
+        policy = tok.decode([i for i, m in zip(r["input_ids"], r["completion_mask"]) if m])
+        other = tok.decode([i for i, m in zip(r["input_ids"], r["completion_mask"]) if not m])
+        episodes = policy.split("\n")
+        if len(episodes) == 4:  # three checks failed: "Answer:" inserted, then the guess and EOS
+            forced += 1
+            assert other.endswith("Answer:") and all(e.endswith(" no") for e in episodes[:3])
+            assert episodes[3].lstrip(" ").rstrip(tok.eos_token).isdigit()
+        else:
+            assert "Answer:" in episodes[-1] and not other.endswith("Answer:")
+    # a budget of 3 checks spends itself on 7 of 10 problems (a blind search): 42 of 60 expected
+    assert 30 <= forced <= 52, forced
+    # An expert that knows the gold must succeed: a failing trace of it is an error, not a record.
+    from envs.inverse import InverseEnv
+
+    def failing(self, rng, n_failed, variety):  # three failed checks, then a wrong guess
+        wrong = [x for x in range(10) if str(x) != self.reference_answer]
+        return [f"{self.check_text(x)} no" for x in wrong[:3]] + [f" {wrong[3]}"]
+
+    monkeypatch.setattr(InverseEnv, "expert_trace", failing)
+    with pytest.raises(RuntimeError, match="did not succeed"):
+        expert_records(env_factory(compose_cfg("env=inverse", "env.expert_search=informed")), codec, cfg.budget, 5, 2, 1.0, seed=0)
+    assert len(expert_records(make_env, codec, cfg.budget, 5, 2, 1.0, seed=0)) == 5  # the blind expert's may fail
+
+
 @pytest.mark.parametrize("hidden", [0, 1])
 def test_retry_traces_never_end_the_stream_the_policy_cannot_know_is_done(compose_cfg, hidden):
     """With retry_wrong_answers only the environment's grade ends a trial, so every attempt of a
