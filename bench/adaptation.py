@@ -20,7 +20,10 @@ warm-start cache shared by the arms of a seed (the warm start depends on the see
   whole gold follows from the input, so a policy that learns the rule needs no reply.
 - ``no_feedback`` (the epistemic POMDP): ``env=inverse`` (find x with (a*x + b) mod 10 = y). No
   reply; the policy's own check of a candidate is its information, and the expert traces
-  propose, check and revise.
+  propose, check and revise. The expert is blind (``env.expert_search=blind``, the default since
+  commit 489ad34): it does not know the gold, and its failed trials are trained on too, so a trial
+  of k checks succeeds at most (k + 1)/10 of the time (k checks and a guess among the rest).
+  ``adaptation.json``'s no_feedback rows came from the earlier informed expert.
 
 Arms: ``outcome`` (``bonus=none``: outcome reward only, GAE), ``mrt_bonus`` (``bonus=info_gain``:
 MRT's progress bonus, GAE) and ``mrt_baseline`` (``algo.advantage=termination``: MRT's released

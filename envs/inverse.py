@@ -9,8 +9,8 @@ checks it, and revises, so a policy that checks well and does not repeat itself 
 problem with probability that grows with its number of episodes, even though no reply from the
 environment tells it anything.
 
-The default expert (``expert_search="blind"``) does not know the gold: its candidates are drawn
-before it reads the problem, and when its budget is spent it guesses. A trace that knows the
+The default expert (``expert_search="blind"``) does not know the gold: its order of candidates
+does not depend on it, and when its budget is spent it guesses. A trace that knows the
 gold, or that is kept only when it succeeds, tells the policy the gold: the informed expert's
 first candidate is the gold in every trace without a failed episode, and success-filtered blind
 traces put the gold first in 1 of (n_failed_max + 1) traces, not 1 in m.
@@ -79,7 +79,9 @@ class InverseEnv(EpisodicTextEnv):
 
     - ``"blind"`` (default): a search that does not know the gold. Each candidate is, with
       probability ``variety``, drawn uniformly among the residues not yet tried, otherwise
-      (focused) the smallest one not yet tried (0, 1, 2, ...). Each is checked; the first whose
+      (focused) the next one not yet tried counting up from y (y, y + 1, ... mod m: over the
+      problems the start is uniform, so the focused traces check every candidate; counting from
+      0, the base learned only the checks of 0, 1 and 2). Each is checked; the first whose
       check gives y is committed (``... -> 1 Answer: 4``), the others end ``no``. When the
       trial's ``max_episodes`` are spent without a commit, the trace ends with the forced
       answer, the next candidate unchecked (`` 3``): a guess, right 1 time in m - max_episodes.
@@ -182,7 +184,7 @@ class InverseEnv(EpisodicTextEnv):
     def _blind_trace(self, rng: np.random.Generator, variety: float) -> list[str]:
         """The blind search's trial (class docstring): it reads the gold only through its checks."""
         d = self.problem.data
-        untried = list(range(self.modulus))
+        untried = [(d["y"] + i) % self.modulus for i in range(self.modulus)]  # the focused order: from y
         episodes = []
         while untried:
             # one draw per candidate whatever variety is, so focused and varied traces of a seed

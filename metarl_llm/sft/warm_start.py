@@ -43,7 +43,7 @@ from metarl_llm.sft.traces import closes_trials, trace_record
 log = logging.getLogger(__name__)
 
 
-CACHE_VERSION = 9  # bump when the trace format or the SFT recipe changes (9: retry traces end with the delimiter)
+CACHE_VERSION = 10  # bump when the trace format or the SFT recipe changes (9: retry traces end with the delimiter; 10: inverse's blind expert counts from y)
 
 
 @dataclass

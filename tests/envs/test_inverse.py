@@ -77,8 +77,9 @@ def test_blind_expert_traces_are_trials_of_a_search_that_reads_the_gold_only_by_
             assert xs[-1] == gold and len(trace) <= 3
         else:  # the budget spent: the forced answer, a candidate not yet tried
             assert len(trace) == 4 and gold not in xs and int(trace[-1]) not in xs and trace[-1] == f" {int(trace[-1])}"
-        if variety == 0.0:  # focused: counting from 0, whatever the problem
-            assert [int(e.split()[1].rstrip(":")) if e.startswith("try") else int(e) for e in trace] == list(range(len(trace)))
+        if variety == 0.0:  # focused: counting up from y, whatever the gold
+            xs_all = [int(e.split()[1].rstrip(":")) if e.startswith("try") else int(e) for e in trace]
+            assert xs_all == [(y + i) % 10 for i in range(len(trace))]
         obs_reward = None
         env.reset(options={"index": index})
         for k, e in enumerate(trace):  # every trace is a trial the environment ends at its last episode
@@ -89,28 +90,37 @@ def test_blind_expert_traces_are_trials_of_a_search_that_reads_the_gold_only_by_
         outcomes.append(obs_reward)
     # The gold's place in the search does not depend on the problem: with a budget of 3 checks and a
     # guess among the 7 left, a trial succeeds with probability 3/10 + 7/10 * 1/7 = 0.4 (focused:
-    # exactly the problems whose gold is 0, 1, 2 or the guess 3).
+    # exactly the problems whose gold is y, y + 1, y + 2 or the guess y + 3, mod 10).
     n, rate = len(outcomes), float(np.mean(outcomes))
     if variety == 0.0:
         env2 = make()
-        golds = [int((env2.reset(options={"index": i}), env2.reference_answer)[1]) for i in range(n)]
-        assert outcomes == [float(g <= 3) for g in golds]
-    else:
-        assert abs(rate - 0.4) < 3.5 * (0.4 * 0.6 / n) ** 0.5, rate
+        expected = []
+        for i in range(n):
+            env2.reset(options={"index": i})
+            expected.append(float((int(env2.reference_answer) - env2.problem.data["y"]) % 10 <= 3))
+        assert outcomes == expected
+    assert abs(rate - 0.4) < 3.5 * (0.4 * 0.6 / n) ** 0.5, rate
 
 
 def test_blind_traces_put_the_gold_first_one_time_in_m_not_more():
     """The leak a success filter or an informed expert makes: P(first candidate = gold) is 1/m here."""
     env = make(max_episodes=3)
     rng = np.random.default_rng(1)
-    first_is_gold, n = 0, 0
-    for rep in range(4):
-        for index in range(env.num_problems):
-            env.reset(options={"index": index})
-            trace = env.expert_trace(rng, 0, 1.0)
-            first_is_gold += trace[0].endswith(f"Answer: {env.reference_answer}")
-            n += 1
-    assert abs(first_is_gold / n - 0.1) < 3.5 * (0.1 * 0.9 / n) ** 0.5, first_is_gold / n
+    for variety in (0.0, 1.0):  # focused (from y) and varied
+        first_is_gold, n = 0, 0
+        for rep in range(4 if variety else 1):
+            for index in range(env.num_problems):
+                env.reset(options={"index": index})
+                trace = env.expert_trace(rng, 0, variety)
+                first_is_gold += trace[0].endswith(f"Answer: {env.reference_answer}")
+                n += 1
+        assert abs(first_is_gold / n - 0.1) < 3.5 * (0.1 * 0.9 / n) ** 0.5, (variety, first_is_gold / n)
+    # and the focused traces check every candidate, not only the first few residues
+    firsts = set()
+    for index in range(env.num_problems):
+        env.reset(options={"index": index})
+        firsts.add(env.expert_trace(rng, 0, 0.0)[0].split(":")[0])
+    assert firsts == {f"try {x}" for x in range(10)}
     with pytest.raises(ValueError, match="expert_search must be one of"):
         make(expert_search="oracle")
 
