@@ -9,7 +9,7 @@ task's search needs, per check episode (``try x: a*x+b=v -> r ...``):
 
 - ``checks``: episodes that propose a candidate; ``right``: of them, those whose written check
   (a*x+b=v and its last digit) is the true one, also split by x < 3 (the only candidates the
-  focused expert checks) and x >= 3;
+  focused expert checked when it counted from 0, before commit d282ca1) and x >= 3;
 - ``repeats``: candidates the trial had already checked (a search that adapts never repeats);
 - ``false commits``: commits after a check that does not give y; ``missed``: a check giving y
   (true arithmetic) not committed;
@@ -57,7 +57,7 @@ def probe(trials) -> dict:
             v = a * x + b
             right = c.groups()[1:] == (str(a), str(x), str(b), str(v), str(v % m))
             counts["right"] += right
-            # the focused expert checks only 0, 1, 2 (then guesses 3): are the others learned?
+            # counting from 0 (before d282ca1) the focused expert checked only 0, 1, 2: were the others learned?
             counts["checks of x < 3" if x < 3 else "checks of x >= 3"] += 1
             counts["right of x < 3" if x < 3 else "right of x >= 3"] += right
             counts["repeats"] += x in tried

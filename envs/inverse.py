@@ -85,8 +85,9 @@ class InverseEnv(EpisodicTextEnv):
       check gives y is committed (``... -> 1 Answer: 4``), the others end ``no``. When the
       trial's ``max_episodes`` are spent without a commit, the trace ends with the forced
       answer, the next candidate unchecked (`` 3``): a guess, right 1 time in m - max_episodes.
-      ``n_failed`` is not used: the search decides it, and the gold's position is uniform in
-      1..m, independent of the problem. So the traces fail (``expert_may_fail``), and the
+      ``n_failed`` is not used: the search decides it. The gold's position in the search is
+      uniform in 1..m over the problems and independent of the gold (focused: a fixed function
+      of the problem, (gold - y) mod m + 1). So the traces fail (``expert_may_fail``), and the
       warm start trains on them as they come.
     - ``"informed"``: ``n_failed`` wrong candidates, then the gold and the committed answer.
       ``variety`` is the probability that each failed candidate is drawn at random among the

@@ -628,7 +628,9 @@ class WarmStartConfig:
     batch_size: int = 64
     lr: float = 2e-3
     num_traces: int = 8192  # expert traces generated for the warm start
-    n_failed_max: int = 2  # each trace has 0..n_failed_max failed episodes before the correct one
+    # each trace has 0..n_failed_max failed episodes before the correct one (not env=inverse's blind
+    # expert, whose own search decides, up to budget.max_episodes and a guess)
+    n_failed_max: int = 2
     variety: float = 0.5  # heterogeneity of the traces (0 focused .. 1 varied)
     focused_fraction: float = 0.5  # curriculum: first share of steps on focused traces (variety 0)
     # The focused phase goes on past its share of ``steps`` until its loss (the mean per policy

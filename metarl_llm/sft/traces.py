@@ -166,22 +166,26 @@ def trace_record(
     ids, chat = codec.start(prompt)
     mask = [0] * len(ids)
     policy_tokens = 0
-    terminated, reward = False, 0.0
+    terminated, reward, forced = False, 0.0, False
     for tokens, texts in codec.trace_generations(episodes, close=closes_trials(env)):
         if terminated:
             return None  # the environment ended the trial before the trace's last episode
-        if codec.segmenter is None and len(tokens) > budget.max_episode_tokens:
+        # the forced answer (a failed trial of an expert that may fail) has its own limit, as the
+        # rollout samples it (answer_max_tokens), and max_total_tokens counts what comes before it
+        limit, name = (budget.answer_max_tokens, "answer_max_tokens") if forced else (budget.max_episode_tokens, "max_episode_tokens")
+        if codec.segmenter is None and len(tokens) > limit:
             raise ValueError(
-                f"{kind} episode {texts[0]!r} of problem {problem_id} has {len(tokens)} tokens; "
-                f"budget.max_episode_tokens={budget.max_episode_tokens} is too small for the {kind} traces"
+                f"{kind} {'forced answer' if forced else 'episode'} {texts[0]!r} of problem {problem_id} has {len(tokens)} "
+                f"tokens; budget.{name}={limit} is too small for the {kind} traces"
             )
-        policy_tokens += len(tokens)
+        policy_tokens += 0 if forced else len(tokens)
         ids += tokens
         mask += [1] * len(tokens)
         for text in texts:  # one episode per generation, or the episodes a segmenter cut from it
             if terminated:
                 return None
             obs, reward, terminated, _, info = env.step(text)
+            forced = bool(info.get("forcing_answer"))
             if obs and codec.segmenter is not None and text is not texts[-1]:
                 return None  # an episode cut after generation can take no reply (feedback, or forced early)
             if obs:  # feedback in chat form is a user turn, as the rollout inserts it

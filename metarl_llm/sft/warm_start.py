@@ -62,9 +62,13 @@ class TraceNeeds:
     total: int = 0
     prompt: int = 0
 
-    def add(self, codec: StreamCodec, prompt: str, episodes: list[str], close: bool = True) -> None:
-        """Measure one trace (``close``: as :meth:`StreamCodec.trace_generations` takes it)."""
+    def add(self, codec: StreamCodec, prompt: str, episodes: list[str], close: bool = True, forced: bool = False) -> None:
+        """Measure one trace (``close``: as :meth:`StreamCodec.trace_generations` takes it;
+        ``forced``: its last episode is a forced answer, which ``budget.answer_max_tokens`` bounds
+        and ``max_total_tokens`` does not count, as in :func:`~metarl_llm.sft.traces.trace_record`)."""
         sizes = [len(tokens) for tokens, _ in codec.trace_generations(episodes, close=close)]
+        if forced and codec.segmenter is None:
+            sizes = sizes[:-1]
         if codec.segmenter is None:  # cut after generation, an episode has no token limit of its own
             self.episode = max(self.episode, *sizes) if sizes else self.episode
         self.total = max(self.total, sum(sizes))
@@ -103,13 +107,20 @@ def _expert_records(
 ) -> tuple[list[dict], TraceNeeds]:
     """:func:`expert_records` without the budget check: the records (complete only when
     the needs fit ``budget``) and what the traces need."""
-    if n_failed_max + 1 > budget.max_episodes:
-        raise ValueError(f"warm_start.n_failed_max={n_failed_max} needs budget.max_episodes >= {n_failed_max + 1}")
     env = make_env("train")
-    records, needs = [], TraceNeeds()
     may_fail = getattr(env.unwrapped, "expert_may_fail", False)  # a blind expert's trials, as they come
+    if may_fail and codec.segmenter is not None:
+        raise ValueError(
+            f"{type(env.unwrapped).__name__}'s expert ends a failed trial with a forced answer, which the warm "
+            f"start cannot replay with a rule that segments after generation (segment={codec.segment.name}): "
+            "use segment=delimiter, or the environment's expert that always succeeds (env=inverse: env.expert_search=informed)"
+        )
+    if not may_fail and n_failed_max + 1 > budget.max_episodes:  # an expert that may fail decides n_failed itself
+        raise ValueError(f"warm_start.n_failed_max={n_failed_max} needs budget.max_episodes >= {n_failed_max + 1}")
+    records, needs = [], TraceNeeds()
+    max_episodes = env.unwrapped.max_episodes
     for prompt, info, episodes in _expert_traces(env, num, n_failed_max, variety, seed):
-        needs.add(codec, prompt, episodes, close=closes_trials(env))
+        needs.add(codec, prompt, episodes, close=closes_trials(env), forced=len(episodes) > max_episodes)
         if needs.too_small(budget):
             continue  # no record will be used; keep measuring the rest for the error
         record = trace_record(env, codec, budget, prompt, info["problem_id"], episodes, "expert", require_success=not may_fail)
@@ -127,6 +138,8 @@ def _expert_traces(env, num: int, n_failed_max: int, variety: float, seed: int):
     for _ in range(num):
         prompt, info = env.reset(seed=int(rng.integers(2**31 - 1)))
         n_failed = int(rng.integers(0, n_failed_max + 1))
+        if getattr(env.unwrapped, "expert_may_fail", False):
+            n_failed = 0  # not used: the expert's own search decides how many episodes fail
         yield prompt, info, env.unwrapped.expert_trace(rng, n_failed=n_failed, variety=variety)
 
 
@@ -141,7 +154,7 @@ def fitted_budget(make_env, codec: StreamCodec, budget: BudgetConfig, ws: WarmSt
     phases = [(0, 0.0, seed)] + ([(ws.n_failed_max, ws.variety, seed + 1)] if ws.focused_fraction < 1 else [])
     for n_failed_max, variety, phase_seed in phases:
         for prompt, _, episodes in _expert_traces(env, ws.num_traces, n_failed_max, variety, phase_seed):
-            needs.add(codec, prompt, episodes, close=closes_trials(env))
+            needs.add(codec, prompt, episodes, close=closes_trials(env), forced=len(episodes) > env.unwrapped.max_episodes)
             text, stop = env.unwrapped.answer_target()
             answer = max(answer, len(codec.encode(text)) + int(stop))
     test = make_env("test")

@@ -88,7 +88,7 @@ def test_blind_expert_traces_are_trials_of_a_search_that_reads_the_gold_only_by_
             if len(trace) == 4 and k == 2:
                 assert obs == env.forced_answer_text
         outcomes.append(obs_reward)
-    # The gold's place in the search does not depend on the problem: with a budget of 3 checks and a
+    # The gold's place in the search is uniform over the problems, whatever the gold: with a budget of 3 checks and a
     # guess among the 7 left, a trial succeeds with probability 3/10 + 7/10 * 1/7 = 0.4 (focused:
     # exactly the problems whose gold is y, y + 1, y + 2 or the guess y + 3, mod 10).
     n, rate = len(outcomes), float(np.mean(outcomes))

@@ -224,3 +224,78 @@ def test_sft_fit_stops_below_a_loss_level_after_min_steps(compose_cfg):
     assert result.steps == 20 and len(result.losses) == 2  # logged at steps 10 and 20 (each below 100): stopped at 20 of 60
     result = fit_records(policy, tok, recs, 30, 4, 1e-3, 0, "constant_with_warmup", stop_below=1e-6, min_steps=20)
     assert result.steps == 30 and len(result.losses) == 3  # never below the level: runs to the bound
+
+
+def test_blind_expert_records_are_the_tokens_a_rollout_of_the_same_episodes_makes():
+    """A blind expert's trial, forced answer included, tokenised by trace_record equals the stream the
+    rollout builds when it samples the same episodes (feedback and retries on and off)."""
+    import itertools
+
+    import numpy as np
+
+    from envs.inverse import InverseEnv
+    from metarl_llm.rollout.base import finish_episode, start_trials
+    from metarl_llm.sft.traces import closes_trials, trace_record
+
+    tok = build_char_tokenizer()
+    budget = BudgetConfig(max_episodes=3, max_episode_tokens=32, max_total_tokens=96, answer_max_tokens=12)
+    codec = StreamCodec(tok, "\n", "Answer:")
+    forced = 0
+    for feedback, retry in itertools.product((False, True), (False, True)):
+        env = InverseEnv(max_episodes=3, feedback=feedback, retry_wrong_answers=retry)
+        rng = np.random.default_rng(0)
+        for i in range(20):
+            env.reset(options={"index": i})
+            episodes = env.expert_trace(rng, 0, 0.5)
+            prompt, info = env.reset(options={"index": i})
+            rec = trace_record(env, codec, budget, prompt, info["problem_id"], episodes, "expert", require_success=False)
+            [t] = start_trials(codec, [env], [{"options": {"index": i}}], [0], budget)
+            forcing = False
+            for tokens, _ in codec.trace_generations(episodes, close=closes_trials(env)):
+                done, forcing, obs = finish_episode(t, env, codec, tokens, [0.0] * len(tokens), forcing, budget)
+                if done:
+                    break
+                if obs:
+                    t.append(obs, False, -1)
+            forced += t.forced
+            assert list(t.ids) == rec["input_ids"] and [int(a) for a in t.action] == rec["completion_mask"], episodes
+    assert forced > 20  # the forced answers were exercised
+
+
+def test_a_blind_experts_forced_answer_has_the_answer_budget_and_no_share_of_the_total(compose_cfg):
+    """As the rollout samples it: budget.answer_max_tokens bounds the forced answer, and
+    budget.max_total_tokens counts the policy tokens before it."""
+    from dataclasses import replace
+
+    from envs.inverse import InverseEnv
+    from metarl_llm.sft.traces import trace_record
+    from metarl_llm.sft.warm_start import TraceNeeds
+
+    tok = build_char_tokenizer()
+    codec = StreamCodec(tok, "\n", "Answer:")
+    env = InverseEnv(max_episodes=1)
+    prompt, info = env.reset(options={"index": 0})
+    wrong = next(x for x in range(10) if str(x) != env.reference_answer)
+    guess = next(x for x in range(10) if x != wrong)
+    episodes = [f"{env.check_text(wrong)} no", f" {guess}"]  # one failed check, then the forced guess
+    check = len(episodes[0]) + 1  # characters and the delimiter
+    budget = BudgetConfig(max_episodes=1, max_episode_tokens=32, max_total_tokens=check, answer_max_tokens=3)
+    rec = trace_record(env, codec, budget, prompt, info["problem_id"], episodes, "expert", require_success=False)
+    assert sum(rec["completion_mask"]) == check + 3  # the guess: a space, a digit, EOS; not counted in the total
+    needs = TraceNeeds()
+    needs.add(codec, prompt, episodes, forced=True)
+    assert (needs.episode, needs.total) == (check, check) and not needs.too_small(budget)
+    env.reset(options={"index": 0})
+    with pytest.raises(ValueError, match=r"forced answer ' \d' of problem .* has 3 tokens; budget.answer_max_tokens=2 is too small"):
+        trace_record(env, codec, replace(budget, answer_max_tokens=2), prompt, info["problem_id"], episodes, "expert", require_success=False)
+    cfg = compose_cfg("env=inverse", "budget.max_episodes=1")  # n_failed_max=2 > 0: not used by a blind expert
+    assert len(expert_records(env_factory(cfg), codec, cfg.budget, 20, 2, 1.0, seed=0)) == 20
+
+
+def test_a_blind_expert_with_a_rule_that_segments_after_generation_is_refused(compose_cfg):
+    cfg = compose_cfg("env=inverse", "segment=paragraph")
+    from metarl_llm.jobs.common import stream_codec
+
+    codec = stream_codec(cfg, build_char_tokenizer())
+    with pytest.raises(ValueError, match=r"segment=paragraph.*use segment=delimiter.*env.expert_search=informed"):
+        expert_records(env_factory(cfg), codec, cfg.budget, 8, 2, 1.0, seed=0)
