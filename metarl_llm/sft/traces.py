@@ -170,13 +170,17 @@ def trace_record(
     for tokens, texts in codec.trace_generations(episodes, close=closes_trials(env)):
         if terminated:
             return None  # the environment ended the trial before the trace's last episode
-        # the forced answer (a failed trial of an expert that may fail) has its own limit, as the
-        # rollout samples it (answer_max_tokens), and max_total_tokens counts what comes before it
-        limit, name = (budget.answer_max_tokens, "answer_max_tokens") if forced else (budget.max_episode_tokens, "max_episode_tokens")
+        # The forced answer has its own limit, as the rollout samples it (answer_max_tokens, and one
+        # more: a rollout's answer cut at the limit has no stop token, its replay here adds one), and
+        # max_total_tokens counts what comes before it.
+        if forced:
+            limit, name = budget.answer_max_tokens + 1, "answer_max_tokens"
+        else:
+            limit, name = budget.max_episode_tokens, "max_episode_tokens"
         if codec.segmenter is None and len(tokens) > limit:
             raise ValueError(
                 f"{kind} {'forced answer' if forced else 'episode'} {texts[0]!r} of problem {problem_id} has {len(tokens)} "
-                f"tokens; budget.{name}={limit} is too small for the {kind} traces"
+                f"tokens; budget.{name}={getattr(budget, name)} is too small for the {kind} traces"
             )
         policy_tokens += 0 if forced else len(tokens)
         ids += tokens

@@ -108,7 +108,7 @@ def test_blind_traces_put_the_gold_first_one_time_in_m_not_more():
     rng = np.random.default_rng(1)
     for variety in (0.0, 1.0):  # focused (from y) and varied
         first_is_gold, n = 0, 0
-        for rep in range(4 if variety else 1):
+        for _ in range(4 if variety else 1):
             for index in range(env.num_problems):
                 env.reset(options={"index": index})
                 trace = env.expert_trace(rng, 0, variety)

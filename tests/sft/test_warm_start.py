@@ -69,7 +69,9 @@ def test_a_blind_experts_failed_trials_are_trained_on_with_the_forced_answer_as_
 
     monkeypatch.setattr(InverseEnv, "expert_trace", failing)
     with pytest.raises(RuntimeError, match="did not succeed"):
-        expert_records(env_factory(compose_cfg("env=inverse", "env.expert_search=informed")), codec, cfg.budget, 5, 2, 1.0, seed=0)
+        expert_records(
+            env_factory(compose_cfg("env=inverse", "env.expert_search=informed")), codec, cfg.budget, 5, 2, 1.0, seed=0
+        )
     assert len(expert_records(make_env, codec, cfg.budget, 5, 2, 1.0, seed=0)) == 5  # the blind expert's may fail
 
 
@@ -286,8 +288,14 @@ def test_a_blind_experts_forced_answer_has_the_answer_budget_and_no_share_of_the
     needs.add(codec, prompt, episodes, forced=True)
     assert (needs.episode, needs.total) == (check, check) and not needs.too_small(budget)
     env.reset(options={"index": 0})
-    with pytest.raises(ValueError, match=r"forced answer ' \d' of problem .* has 3 tokens; budget.answer_max_tokens=2 is too small"):
-        trace_record(env, codec, replace(budget, answer_max_tokens=2), prompt, info["problem_id"], episodes, "expert", require_success=False)
+    # the guess and its stop token fit answer_max_tokens = 2 (a rollout's answer cut at the limit
+    # replays with one stop token more), not 1
+    assert trace_record(env, codec, replace(budget, answer_max_tokens=2), prompt, info["problem_id"], episodes, "e", False)
+    env.reset(options={"index": 0})
+    with pytest.raises(
+        ValueError, match=r"forced answer ' \d' of problem .* has 3 tokens; budget.answer_max_tokens=1 is too small"
+    ):
+        trace_record(env, codec, replace(budget, answer_max_tokens=1), prompt, info["problem_id"], episodes, "expert", False)
     cfg = compose_cfg("env=inverse", "budget.max_episodes=1")  # n_failed_max=2 > 0: not used by a blind expert
     assert len(expert_records(env_factory(cfg), codec, cfg.budget, 20, 2, 1.0, seed=0)) == 20
 
