@@ -193,7 +193,7 @@ class InverseEnv(EpisodicTextEnv):
             x = untried.pop(int(rng.integers(len(untried))) if rng.random() < variety else 0)
             if len(episodes) == self.max_episodes:  # budget spent: the forced answer, a guess
                 return episodes + [f" {x}"]
-            if (d["a"] * x + d["b"]) % self.modulus == d["y"]:
+            if self._solves(x):
                 return episodes + [f"{self.check_text(x)} {self.answer_marker} {x}"]
             episodes.append(f"{self.check_text(x)} no")
         raise AssertionError(f"no residue solves {self.problem.problem_id}")  # a is a unit: one x does

@@ -140,6 +140,12 @@ def closes_trials(env) -> bool:
     return not getattr(env.unwrapped, "retry_wrong_answers", False)
 
 
+def ends_forced(env, episodes: list[str]) -> bool:
+    """Whether a trace's last episode is a forced answer: it has one episode more than ``env``
+    allows (an expert that may fail spent the budget; :attr:`envs.base.EpisodicTextEnv.expert_may_fail`)."""
+    return len(episodes) > env.unwrapped.max_episodes
+
+
 def trace_record(
     env,
     codec: StreamCodec,

@@ -38,7 +38,7 @@ import numpy as np
 from metarl_llm.config import BudgetConfig, EnvConfig, ModelConfig, WarmStartConfig
 from metarl_llm.core.trial import StreamCodec
 from metarl_llm.sft.fit import FitResult, fit_records
-from metarl_llm.sft.traces import closes_trials, trace_record
+from metarl_llm.sft.traces import closes_trials, ends_forced, trace_record
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _expert_records(
     """:func:`expert_records` without the budget check: the records (complete only when
     the needs fit ``budget``) and what the traces need."""
     env = make_env("train")
-    may_fail = getattr(env.unwrapped, "expert_may_fail", False)  # a blind expert's trials, as they come
+    may_fail = env.unwrapped.expert_may_fail  # a blind expert's trials, as they come
     if may_fail and codec.segmenter is not None:
         raise ValueError(
             f"{type(env.unwrapped).__name__}'s expert ends a failed trial with a forced answer, which the warm "
@@ -118,9 +118,8 @@ def _expert_records(
     if not may_fail and n_failed_max + 1 > budget.max_episodes:  # an expert that may fail decides n_failed itself
         raise ValueError(f"warm_start.n_failed_max={n_failed_max} needs budget.max_episodes >= {n_failed_max + 1}")
     records, needs = [], TraceNeeds()
-    max_episodes = env.unwrapped.max_episodes
     for prompt, info, episodes in _expert_traces(env, num, n_failed_max, variety, seed):
-        needs.add(codec, prompt, episodes, close=closes_trials(env), forced=len(episodes) > max_episodes)
+        needs.add(codec, prompt, episodes, close=closes_trials(env), forced=ends_forced(env, episodes))
         if needs.too_small(budget):
             continue  # no record will be used; keep measuring the rest for the error
         record = trace_record(env, codec, budget, prompt, info["problem_id"], episodes, "expert", require_success=not may_fail)
@@ -135,11 +134,12 @@ def _expert_traces(env, num: int, n_failed_max: int, variety: float, seed: int):
     """The warm start's ``num`` expert traces of seed ``seed``: (prompt, reset info, episode texts)
     each, ``env`` reset to each trace's problem as it is yielded."""
     rng = np.random.default_rng(seed)
+    may_fail = env.unwrapped.expert_may_fail  # then n_failed is not used: the expert's search decides it
     for _ in range(num):
         prompt, info = env.reset(seed=int(rng.integers(2**31 - 1)))
-        n_failed = int(rng.integers(0, n_failed_max + 1))
-        if getattr(env.unwrapped, "expert_may_fail", False):
-            n_failed = 0  # not used: the expert's own search decides how many episodes fail
+        n_failed = int(rng.integers(0, n_failed_max + 1))  # drawn either way: the same generator stream
+        if may_fail:
+            n_failed = 0
         yield prompt, info, env.unwrapped.expert_trace(rng, n_failed=n_failed, variety=variety)
 
 
@@ -154,7 +154,7 @@ def fitted_budget(make_env, codec: StreamCodec, budget: BudgetConfig, ws: WarmSt
     phases = [(0, 0.0, seed)] + ([(ws.n_failed_max, ws.variety, seed + 1)] if ws.focused_fraction < 1 else [])
     for n_failed_max, variety, phase_seed in phases:
         for prompt, _, episodes in _expert_traces(env, ws.num_traces, n_failed_max, variety, phase_seed):
-            needs.add(codec, prompt, episodes, close=closes_trials(env), forced=len(episodes) > env.unwrapped.max_episodes)
+            needs.add(codec, prompt, episodes, close=closes_trials(env), forced=ends_forced(env, episodes))
             text, stop = env.unwrapped.answer_target()
             answer = max(answer, len(codec.encode(text)) + int(stop))
     test = make_env("test")
