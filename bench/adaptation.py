@@ -82,6 +82,12 @@ SETTINGS = {
 # commit decision about chance (73 commits after a check that does not give y, 71 true checks
 # giving y not committed).
 SETTINGS["no_feedback_long"] = [*SETTINGS["no_feedback"], "warm_start.steps=1000"]
+# no_feedback whose checks write their result beside y ("-> 7 vs 1 no"): the probe of no_feedback_long
+# found the arithmetic learned (890 of 902 checks true) and the commit decision not (76 true checks
+# giving y left uncommitted, 38 commits after checks that do not): a decision that compares the result
+# with y in the prompt. Written out, it compares two symbols four characters apart. The episodes are
+# then 36 tokens, over the default budget's 32: budget=fit.
+SETTINGS["no_feedback_compare"] = [*SETTINGS["no_feedback_long"], "env.write_comparison=true", "budget=fit"]
 ARMS = {
     "outcome": ["bonus=none"],
     "mrt_bonus": ["bonus=info_gain"],

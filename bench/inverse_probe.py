@@ -1,6 +1,6 @@
 """What the policies of bench/adaptation.py's ``no_feedback`` setting do with their episodes (issue 19).
 
-    python bench/inverse_probe.py WARM_START_DIR TRAINED_POLICY_DIR [--episodes 3 6 12]
+    python bench/inverse_probe.py WARM_START_DIR TRAINED_POLICY_DIR [--episodes 3 6 12] [--overrides ...]
 
 Plays each policy on env=inverse (find x with (a*x + b) mod 10 = y; no reply from the
 environment) with k episodes for each k of ``--episodes``, at least 256 held-out trials (every
@@ -13,9 +13,14 @@ task's search needs, per check episode (``try x: a*x+b=v -> r ...``):
 - ``repeats``: candidates the trial had already checked (a search that adapts never repeats);
 - ``false commits``: commits after a check that does not give y; ``missed``: a check giving y
   (true arithmetic) not committed;
+- with ``env.write_comparison=true`` (``--overrides``; checks end ``-> r vs y``): ``comparisons``
+  written, ``y copied`` (the written y is the prompt's), and ``decided as written`` (commits iff the
+  two written digits agree);
 - success, episodes per trial, and successes by the episode that committed (``forced``: the
   guess after the budget). The blind expert's search reaches (k + 1)/10.
 
+``--overrides``: the run's config overrides beyond ``env=inverse`` (e.g. ``env.write_comparison=true
+budget=fit``); with ``budget=fit`` the budget is fitted as the run fitted it (seed ``--seed``).
 WARM_START_DIR: a warm-start cache entry (``<warm_start.cache_dir>/<key>/``); TRAINED_POLICY_DIR:
 a checkpoint's ``policy/``, or the final ``policy/`` of a run (bench/adaptation.py ``--keep``).
 """
@@ -33,9 +38,10 @@ from metarl_llm.evaluation.adaptation import episode_budget  # noqa: E402
 from metarl_llm.jobs.common import stream_codec  # noqa: E402
 from metarl_llm.models import load_policy  # noqa: E402
 from metarl_llm.rollout.engine import heldout_resets, run_trials  # noqa: E402
-from metarl_llm.runtime.setup import compose_config, heldout_env_maker  # noqa: E402
+from metarl_llm.runtime.setup import compose_config, env_factory, heldout_env_maker  # noqa: E402
+from metarl_llm.sft.warm_start import fitted_budget  # noqa: E402
 
-CHECK = re.compile(r"try (\d+): (\d+)\*(\d+)\+(\d+)=(\d+) -> (\d+)")
+CHECK = re.compile(r"try (\d+): (\d+)\*(\d+)\+(\d+)=(\d+) -> (\d+)(?: vs (\d+))?")
 PROBLEM = re.compile(r"inverse:(\d+)x\+(\d+)=(\d+)mod(\d+)")
 
 
@@ -55,7 +61,7 @@ def probe(trials) -> dict:
             x = int(c.group(1))
             counts["checks"] += 1
             v = a * x + b
-            right = c.groups()[1:] == (str(a), str(x), str(b), str(v), str(v % m))
+            right = c.groups()[1:6] == (str(a), str(x), str(b), str(v), str(v % m))
             counts["right"] += right
             # counting from 0 (before d282ca1) the focused expert checked only 0, 1, 2: were the others learned?
             counts["checks of x < 3" if x < 3 else "checks of x >= 3"] += 1
@@ -66,6 +72,10 @@ def probe(trials) -> dict:
             solves = v % m == y
             counts["false commits"] += commits and int(c.group(6)) != y
             counts["missed"] += solves and not commits
+            if c.group(7) is not None:  # env.write_comparison: "-> r vs y"
+                counts["comparisons"] += 1
+                counts["y copied"] += int(c.group(7)) == y
+                counts["decided as written"] += commits == (c.group(6) == c.group(7))
         if t.outcome >= 1:
             found_at["forced" if t.forced else len(t.episode_texts)] += 1
     n = len(trials)
@@ -81,14 +91,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--episodes", nargs="+", type=int, default=[3, 6, 12])
     ap.add_argument("--trials", type=int, default=256)
+    ap.add_argument("--overrides", nargs="*", default=[], help="the run's overrides beyond env=inverse")
+    ap.add_argument("--seed", type=int, default=0, help="the run's warm-start seed (fits budget=fit as it did)")
     ap.add_argument("paths", nargs=2, metavar="DIR")
     args = ap.parse_args()
-    cfg = compose_config(["env=inverse"])
+    cfg = compose_config(["env=inverse", *args.overrides])
     torch.set_num_threads(1)
     for name, path in zip(["warm-started", "trained"], args.paths):
         model, tok = load_policy(cfg.model, 0, path=path)
         model.eval()
         codec = stream_codec(cfg, tok)
+        if cfg.budget.fit_traces:
+            cfg.budget = fitted_budget(env_factory(cfg), codec, cfg.budget, cfg.warm_start, args.seed)
         mk = heldout_env_maker(cfg)
         for k in args.episodes:
             b = episode_budget(cfg.budget, k)

@@ -75,7 +75,7 @@ class InverseEnv(EpisodicTextEnv):
     ``episode_delimiter``, ``feedback``, ``retry_wrong_answers``, ``max_text_length``).
 
     Expert traces (``expert_search``; an episode fits the default budget's 32 tokens of the
-    character vocabulary for m = 10):
+    character vocabulary for m = 10, except with ``write_comparison``: ``budget=fit``):
 
     - ``"blind"`` (default): a search that does not know the gold. Each candidate is, with
       probability ``variety``, drawn uniformly among the residues not yet tried, otherwise
@@ -93,17 +93,33 @@ class InverseEnv(EpisodicTextEnv):
       ``variety`` is the probability that each failed candidate is drawn at random among the
       unused wrong residues; otherwise (focused) the search counts up by one to the gold:
       x0 = gold - n_failed, x0 + 1, ... (mod m). It knows the gold, and its traces show it.
+
+    ``write_comparison`` (default False) writes each check's result beside y, copied from the
+    prompt: ``try 2: 7*2+3=17 -> 7 vs 1 no`` and ``try 4: 7*4+3=31 -> 1 vs 1 Answer: 4``. The
+    decision to commit then compares two symbols four characters apart, where without it the
+    policy must compare its result with y in the prompt. bench/inverse_probe.py measured the
+    warm-started base's decisions without it: about as many commits after a check that does not
+    give y as true checks giving y left uncommitted (bench/results/adaptation_probe_blind*.txt).
     """
 
     EXPERT_SEARCHES = ("blind", "informed")
 
-    def __init__(self, *, modulus: int = 10, test_fraction: float = 0.2, expert_search: str = "blind", **base_kwargs):
+    def __init__(
+        self,
+        *,
+        modulus: int = 10,
+        test_fraction: float = 0.2,
+        expert_search: str = "blind",
+        write_comparison: bool = False,
+        **base_kwargs,
+    ):
         super().__init__(**base_kwargs)
         name = type(self).__name__
         if expert_search not in self.EXPERT_SEARCHES:
             raise ValueError(f"{name}: expert_search must be one of {self.EXPERT_SEARCHES}, got {expert_search!r}")
         self.expert_search = expert_search
         self.expert_may_fail = expert_search == "blind"
+        self.write_comparison = bool(write_comparison)
         if modulus < 2:
             raise ValueError(f"{name}: modulus must be >= 2, got {modulus}")
         if not 0.0 < test_fraction < 1.0:
@@ -153,10 +169,12 @@ class InverseEnv(EpisodicTextEnv):
 
     # ------------------------------------------------------------ expert traces
     def check_text(self, x: int) -> str:
-        """The check of candidate x: ``try 4: 7*4+3=31 -> 1``."""
+        """The check of candidate x: ``try 4: 7*4+3=31 -> 1``, and with ``write_comparison``
+        ``try 4: 7*4+3=31 -> 1 vs 1`` (the result beside y)."""
         d = self.problem.data
         v = d["a"] * x + d["b"]
-        return f"try {x}: {d['a']}*{x}+{d['b']}={v} -> {v % self.modulus}"
+        text = f"try {x}: {d['a']}*{x}+{d['b']}={v} -> {v % self.modulus}"
+        return f"{text} vs {d['y']}" if self.write_comparison else text
 
     def expert_trace(self, rng: np.random.Generator, n_failed: int, variety: float) -> list[str]:
         if not 0 <= n_failed < self.max_episodes:

@@ -228,6 +228,10 @@ class InverseEnvConfig(EnvConfig):
     # guess when the budget is spent) | informed (knows the gold: n_failed wrong candidates, then the
     # gold; its traces teach the policy to write the gold first). envs/inverse.py
     expert_search: ExpertSearch = ExpertSearch.blind
+    # Each check writes its result beside y, copied from the prompt (`try 2: 7*2+3=17 -> 7 vs 1 no`),
+    # so that the commit decision compares two nearby symbols. Its traces' episodes are longer than the
+    # default budget's 32 tokens: use budget=fit. envs/inverse.py
+    write_comparison: bool = False
 
 
 @dataclass

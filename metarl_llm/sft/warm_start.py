@@ -196,6 +196,7 @@ LATER_ENV_OPTIONS = {
     "feedback_detail": "verdict",
     "expert_heterogeneity": None,
     "hidden_digits": 0,
+    "write_comparison": False,
 }  # env option -> its default
 
 

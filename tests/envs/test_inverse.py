@@ -132,3 +132,30 @@ def test_the_docstring_example():
     assert env.check_text(2) == "try 2: 7*2+3=17 -> 7" and env.check_text(4) == "try 4: 7*4+3=31 -> 1"
     with pytest.raises(ValueError, match="modulus"):
         make(modulus=1)
+
+
+def test_write_comparison_writes_y_beside_each_result_and_keeps_the_search():
+    """env.write_comparison: every check ends ``-> r vs y``; the candidates, their order and the
+    commits are the plain expert's (the same generator draws), so only the text changes."""
+    plain, compare = make(max_episodes=3), make(max_episodes=3, write_comparison=True)
+    assert not plain.write_comparison and compare.write_comparison
+    rng_p, rng_c = np.random.default_rng(3), np.random.default_rng(3)
+    longest = 0
+    for index in range(plain.num_problems):
+        plain.reset(options={"index": index})
+        compare.reset(options={"index": index})
+        y = compare.problem.data["y"]
+        tp, tc = plain.expert_trace(rng_p, 0, 0.5), compare.expert_trace(rng_c, 0, 0.5)
+        assert len(tp) == len(tc)
+        for ep, ec in zip(tp, tc):
+            if not ep.startswith("try "):
+                assert ec == ep  # the forced guess has no check
+                continue
+            head, tail = ep.split(" -> ")
+            r, decision = tail.split(" ", 1)
+            assert ec == f"{head} -> {r} vs {y} {decision}"
+            assert (decision.startswith("Answer:")) == (int(r) == y)  # commits iff the two written digits agree
+            longest = max(longest, len(ec))
+    assert longest == len("try 4: 7*4+3=31 -> 1 vs 1 Answer: 4") > 32  # longer than the default budget's episode
+    compare.problem = type(compare.problem)("p", "7x+3=1 (mod 10)\n", "4", {"a": 7, "b": 3, "y": 1})
+    assert compare.check_text(2) == "try 2: 7*2+3=17 -> 7 vs 1"

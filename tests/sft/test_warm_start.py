@@ -307,3 +307,22 @@ def test_a_blind_expert_with_a_rule_that_segments_after_generation_is_refused(co
     codec = stream_codec(cfg, build_char_tokenizer())
     with pytest.raises(ValueError, match=r"segment=paragraph.*use segment=delimiter.*env.expert_search=informed"):
         expert_records(env_factory(cfg), codec, cfg.budget, 8, 2, 1.0, seed=0)
+
+
+def test_written_comparisons_need_a_fitted_budget_and_say_which(compose_cfg):
+    """env.write_comparison's checks are longer than the default budget's 32-token episode: the warm
+    start refuses the default budget naming the smallest that fits, and budget=fit derives it."""
+    tok = build_char_tokenizer()
+    codec = StreamCodec(tok, "\n", "Answer:")
+    cfg = compose_cfg("env=inverse", "env.write_comparison=true")
+    with pytest.raises(
+        ValueError, match=r"max_episode_tokens=32 is too small .* smallest budget that fits them is budget.max_episode_tokens=36 "
+    ):
+        expert_records(env_factory(cfg), codec, cfg.budget, 40, 2, 1.0, seed=0)
+    from metarl_llm.sft.warm_start import fitted_budget
+
+    fit = compose_cfg("env=inverse", "env.write_comparison=true", "budget=fit")
+    budget = fitted_budget(env_factory(fit), codec, fit.budget, fit.warm_start, seed=0)
+    assert budget.max_episode_tokens >= 36  # 35 characters and the delimiter
+    recs = expert_records(env_factory(fit), codec, budget, 40, 2, 1.0, seed=0)
+    assert len(recs) == 40 and all(" vs " in tok.decode(r["input_ids"]) for r in recs)
