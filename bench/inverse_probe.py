@@ -11,8 +11,10 @@ task's search needs, per check episode (``try x: a*x+b=v -> r ...``):
   (a*x+b=v and its last digit) is the true one, also split by x < 3 (the only candidates the
   focused expert checked when it counted from 0, before commit d282ca1) and x >= 3;
 - ``repeats``: candidates the trial had already checked (a search that adapts never repeats);
-- ``false commits``: commits after a check that does not give y; ``missed``: a check giving y
-  (true arithmetic) not committed;
+- ``false commits``: commits after a check whose written result is not y; ``missed``: a
+  candidate that solves (by the true arithmetic) not committed; ``wrong commits``: commits of a
+  candidate that does not solve (a false commit, or a check invented to agree with y);
+  ``commits on a wrong check``: commits whose written check is not the true arithmetic;
 - with ``env.write_comparison=true`` (``--overrides``; checks end ``-> r vs y``): ``comparisons``
   written, ``y copied`` (the written y is the prompt's), and ``decided as written`` (commits iff the
   two written digits agree);
@@ -72,6 +74,8 @@ def probe(trials) -> dict:
             solves = v % m == y
             counts["false commits"] += commits and int(c.group(6)) != y
             counts["missed"] += solves and not commits
+            counts["wrong commits"] += commits and not solves  # whatever its check says: the trial fails
+            counts["commits on a wrong check"] += commits and not right
             if c.group(7) is not None:  # env.write_comparison: "-> r vs y"
                 counts["comparisons"] += 1
                 counts["y copied"] += int(c.group(7)) == y
