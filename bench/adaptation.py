@@ -88,6 +88,11 @@ SETTINGS["no_feedback_long"] = [*SETTINGS["no_feedback"], "warm_start.steps=1000
 # with y in the prompt. Written out, it compares two symbols four characters apart. The episodes are
 # then 36 tokens, over the default budget's 32: budget=fit.
 SETTINGS["no_feedback_compare"] = [*SETTINGS["no_feedback_long"], "env.write_comparison=true", "budget=fit"]
+# no_feedback_compare's base verifies and reaches the ideal search at the training budget, but never
+# saw a fourth check (its traces had the run's 3 episodes), and at 6 or 12 episodes it writes
+# malformed ones. Here its traces come from 8-episode trials: they cover a 2x budget's whole search
+# and most of a 4x one's, and a fifth of them still end with the forced guess.
+SETTINGS["no_feedback_compare_long_traces"] = [*SETTINGS["no_feedback_compare"], "warm_start.max_episodes=8"]
 ARMS = {
     "outcome": ["bonus=none"],
     "mrt_bonus": ["bonus=info_gain"],

@@ -636,6 +636,10 @@ class WarmStartConfig:
     # expert, whose own search decides, up to budget.max_episodes and a guess)
     n_failed_max: int = 2
     variety: float = 0.5  # heterogeneity of the traces (0 focused .. 1 varied)
+    # Episodes of the expert traces' trials (None: budget.max_episodes, the run's). Larger, the
+    # traces show searches longer than PPO's budget, so that the base has seen what a 2x or 4x
+    # evaluation budget asks of it (a blind search's later checks); use budget=fit for the tokens.
+    max_episodes: Optional[int] = None
     focused_fraction: float = 0.5  # curriculum: first share of steps on focused traces (variety 0)
     # The focused phase goes on past its share of ``steps`` until its loss (the mean per policy
     # token over 10 steps) is below this level, at most ``focused_max_multiple`` times its share in
@@ -661,6 +665,8 @@ class WarmStartConfig:
         for name in ("focused_fraction", "replay_fraction", "variety"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"warm_start.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.max_episodes is not None and self.max_episodes < 1:
+            raise ValueError(f"warm_start.max_episodes must be >= 1 or None (the run's budget), got {self.max_episodes}")
         if self.focused_until_loss < 0 or self.focused_max_multiple < 1:
             raise ValueError(
                 f"warm_start.focused_until_loss must be >= 0 (0: no extension) and warm_start.focused_max_multiple "

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import gymnasium as gym
 import torch
 
 import envs  # noqa: F401  (registers the environments)
-from metarl_llm.config import TrainConfig
+from metarl_llm.config import BudgetConfig, TrainConfig
 from metarl_llm.core.chat import ChatFormat
 from metarl_llm.core.segment import SEGMENTERS
 from metarl_llm.core.trial import StreamCodec
@@ -127,6 +128,14 @@ def stream_codec(cfg: TrainConfig, tokenizer) -> StreamCodec:
     return StreamCodec(tokenizer, cfg.segment.delimiter, forced, chat, cfg.segment, cfg.budget.max_episodes)
 
 
+def warm_start_budget(cfg: TrainConfig) -> BudgetConfig:
+    """The budget the warm start's expert traces are drawn and checked under: the run's, with
+    ``warm_start.max_episodes`` episodes where that is set."""
+    if cfg.warm_start.max_episodes is None:
+        return cfg.budget
+    return replace(cfg.budget, max_episodes=cfg.warm_start.max_episodes)
+
+
 def base_policy(cfg: TrainConfig, device: torch.device):
     """The policy a job starts from: loaded (``model``) and warm-started (``warm_start``,
     seeded ``warm_start.seed`` or the run's seed). Returns (policy, tokenizer, codec,
@@ -135,14 +144,18 @@ def base_policy(cfg: TrainConfig, device: torch.device):
     policy, tokenizer = load_policy(cfg.model, ws_seed)
     codec = stream_codec(cfg, tokenizer)
     make_env = env_factory(cfg)
+    ws_budget = warm_start_budget(cfg)
+    ws_make_env = make_env if ws_budget == cfg.budget else env_factory(replace(cfg, budget=ws_budget))
     fitted = {}
     if cfg.budget.fit_traces:  # the run's budget from here on: what the data needs
-        cfg.budget = fitted_budget(make_env, codec, cfg.budget, cfg.warm_start, ws_seed)
+        limits = fitted_budget(ws_make_env, codec, ws_budget, cfg.warm_start, ws_seed)
+        cfg.budget = replace(limits, max_episodes=cfg.budget.max_episodes)  # the token limits, not the episodes
+        ws_budget = replace(limits, max_episodes=ws_budget.max_episodes)
         fitted = {f"budget/{k}": getattr(cfg.budget, k) for k in FITTED_LIMITS}
         log.info("budget.fit_traces: %s", " ".join(f"budget.{k}={getattr(cfg.budget, k)}" for k in FITTED_LIMITS))
     # The cache key leaves out what concerns PPO only (LoRA, autocast, the attention backend).
     t0 = time.perf_counter()
-    policy, ws_info = warm_start(policy, tokenizer, codec, make_env, cfg.model, cfg.env, cfg.budget, cfg.warm_start, ws_seed)
+    policy, ws_info = warm_start(policy, tokenizer, codec, ws_make_env, cfg.model, cfg.env, ws_budget, cfg.warm_start, ws_seed)
     ws_info["perf/warm_start_s"] = time.perf_counter() - t0  # trained, or loaded from the cache
     if cfg.model.gradient_checkpointing:  # the warm start hands back a freshly loaded model
         enable_gradient_checkpointing(policy)

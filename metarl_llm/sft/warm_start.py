@@ -227,7 +227,8 @@ def cache_key(
         # Env options added after entries were written enter only when set (the old entries stay valid).
         "env": {k: v for k, v in asdict(env).items() if not (k in LATER_ENV_OPTIONS and v == LATER_ENV_OPTIONS[k])},
         "budget": {k: v for k, v in asdict(budget).items() if k != "fit_traces"},  # the limits used are what count
-        "warm_start": {k: v for k, v in asdict(ws).items() if k not in ("cache_dir", "seed")},  # the seed used is `seed`
+        # the seed used is `seed`; the traces' episodes are the budget's (warm_start.max_episodes is applied there)
+        "warm_start": {k: v for k, v in asdict(ws).items() if k not in ("cache_dir", "seed", "max_episodes")},
         "seed": seed,
         "vocab": hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest(),
     }

@@ -326,3 +326,50 @@ def test_written_comparisons_need_a_fitted_budget_and_say_which(compose_cfg):
     assert budget.max_episode_tokens >= 36  # 35 characters and the delimiter
     recs = expert_records(env_factory(fit), codec, budget, 40, 2, 1.0, seed=0)
     assert len(recs) == 40 and all(" vs " in tok.decode(r["input_ids"]) for r in recs)
+
+
+def test_warm_start_max_episodes_trains_on_searches_longer_than_the_runs_budget(compose_cfg, tmp_path):
+    """warm_start.max_episodes: the expert traces come from trials of that many episodes (a blind
+    search's fourth and later checks), while the run keeps budget.max_episodes; budget=fit fits the
+    token limits to those traces."""
+    from dataclasses import replace
+
+    import torch
+
+    from metarl_llm.jobs.common import base_policy, warm_start_budget
+
+    run = compose_cfg("env=inverse")
+    assert warm_start_budget(run) is run.budget
+    cfg = compose_cfg("env=inverse", "warm_start.max_episodes=8", "budget.max_total_tokens=400")
+    ws_budget = warm_start_budget(cfg)
+    assert (ws_budget.max_episodes, ws_budget.max_total_tokens, cfg.budget.max_episodes) == (8, 400, 3)
+    tok = build_char_tokenizer()
+    codec = StreamCodec(tok, "\n", "Answer:")
+    recs = expert_records(env_factory(replace(cfg, budget=ws_budget)), codec, ws_budget, 200, 2, 1.0, seed=0)
+    failed_checks = [tok.decode(r["input_ids"]).count(" no\n") for r in recs]
+    # a blind search of up to 8 checks: 4 or more fail before the commit in about half the trials
+    assert max(failed_checks) == 8 and sum(n > 3 for n in failed_checks) > 60, failed_checks
+    with pytest.raises(ValueError, match="warm_start.max_episodes must be >= 1"):
+        compose_cfg("warm_start.max_episodes=0").validate()  # as every job does first
+
+    fit = compose_cfg(
+        "env=inverse",
+        "warm_start.max_episodes=8",
+        "budget=fit",
+        "warm_start.steps=1",
+        "warm_start.num_traces=64",
+        "warm_start.batch_size=8",
+        f"warm_start.cache_dir={tmp_path}",
+    )
+    _, _, _, make_env, info = base_policy(fit, torch.device("cpu"))
+    assert fit.budget.max_episodes == 3 and make_env("train").unwrapped.max_episodes == 3  # PPO's budget
+    assert info["budget/max_total_tokens"] > 3 * 32  # fitted to traces of up to 8 checks and a guess
+    plain = compose_cfg(
+        "env=inverse",
+        "budget=fit",
+        "warm_start.steps=1",
+        "warm_start.num_traces=64",
+        "warm_start.batch_size=8",
+        f"warm_start.cache_dir={tmp_path}",
+    )
+    assert base_policy(plain, torch.device("cpu"))[4]["warm_start/key"] != info["warm_start/key"]
