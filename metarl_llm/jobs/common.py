@@ -131,8 +131,14 @@ def stream_codec(cfg: TrainConfig, tokenizer) -> StreamCodec:
 def warm_start_budget(cfg: TrainConfig) -> BudgetConfig:
     """The budget the warm start's expert traces are drawn and checked under: the run's, with
     ``warm_start.max_episodes`` episodes where that is set."""
-    if cfg.warm_start.max_episodes is None:
+    if cfg.warm_start.max_episodes is None or cfg.warm_start.max_episodes == cfg.budget.max_episodes:
         return cfg.budget
+    if cfg.segment.after:  # the codec's segmenter caps a trial at the run's budget.max_episodes
+        raise ValueError(
+            f"warm_start.max_episodes={cfg.warm_start.max_episodes} differs from budget.max_episodes="
+            f"{cfg.budget.max_episodes}, and segment={cfg.segment.name} cuts episodes after generation up to the "
+            "run's budget: drop warm_start.max_episodes, or use segment=delimiter"
+        )
     return replace(cfg.budget, max_episodes=cfg.warm_start.max_episodes)
 
 
@@ -150,7 +156,7 @@ def base_policy(cfg: TrainConfig, device: torch.device):
     if cfg.budget.fit_traces:  # the run's budget from here on: what the data needs
         limits = fitted_budget(ws_make_env, codec, ws_budget, cfg.warm_start, ws_seed)
         cfg.budget = replace(limits, max_episodes=cfg.budget.max_episodes)  # the token limits, not the episodes
-        ws_budget = replace(limits, max_episodes=ws_budget.max_episodes)
+        ws_budget = limits
         fitted = {f"budget/{k}": getattr(cfg.budget, k) for k in FITTED_LIMITS}
         log.info("budget.fit_traces: %s", " ".join(f"budget.{k}={getattr(cfg.budget, k)}" for k in FITTED_LIMITS))
     # The cache key leaves out what concerns PPO only (LoRA, autocast, the attention backend).

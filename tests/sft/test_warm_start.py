@@ -351,6 +351,9 @@ def test_warm_start_max_episodes_trains_on_searches_longer_than_the_runs_budget(
     assert max(failed_checks) == 8 and sum(n > 3 for n in failed_checks) > 60, failed_checks
     with pytest.raises(ValueError, match="warm_start.max_episodes must be >= 1"):
         compose_cfg("warm_start.max_episodes=0").validate()  # as every job does first
+    with pytest.raises(ValueError, match="segment=paragraph cuts episodes after generation .* use segment=delimiter"):
+        warm_start_budget(compose_cfg("env=math", "segment=paragraph", "warm_start.max_episodes=8"))
+    assert warm_start_budget(compose_cfg("env=math", "segment=paragraph", "warm_start.max_episodes=3")).max_episodes == 3
 
     fit = compose_cfg(
         "env=inverse",
