@@ -31,13 +31,14 @@ import argparse
 import re
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from metarl_llm.evaluation.adaptation import episode_budget  # noqa: E402
-from metarl_llm.jobs.common import stream_codec  # noqa: E402
+from metarl_llm.jobs.common import stream_codec, warm_start_budget  # noqa: E402
 from metarl_llm.models import load_policy  # noqa: E402
 from metarl_llm.rollout.engine import heldout_resets, run_trials  # noqa: E402
 from metarl_llm.runtime.setup import compose_config, env_factory, heldout_env_maker  # noqa: E402
@@ -105,8 +106,10 @@ def main() -> None:
         model, tok = load_policy(cfg.model, 0, path=path)
         model.eval()
         codec = stream_codec(cfg, tok)
-        if cfg.budget.fit_traces:
-            cfg.budget = fitted_budget(env_factory(cfg), codec, cfg.budget, cfg.warm_start, args.seed)
+        if cfg.budget.fit_traces:  # as jobs.common.base_policy fits it: to the warm start's traces
+            ws_budget = warm_start_budget(cfg)
+            limits = fitted_budget(env_factory(replace(cfg, budget=ws_budget)), codec, ws_budget, cfg.warm_start, args.seed)
+            cfg.budget = replace(limits, max_episodes=cfg.budget.max_episodes)
         mk = heldout_env_maker(cfg)
         for k in args.episodes:
             b = episode_budget(cfg.budget, k)
