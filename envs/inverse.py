@@ -98,8 +98,9 @@ class InverseEnv(EpisodicTextEnv):
     prompt: ``try 2: 7*2+3=17 -> 7 vs 1 no`` and ``try 4: 7*4+3=31 -> 1 vs 1 Answer: 4``. The
     decision to commit then compares two symbols four characters apart, where without it the
     policy must compare its result with y in the prompt. bench/inverse_probe.py measured the
-    warm-started base's decisions without it: about as many commits after a check that does not
-    give y as true checks giving y left uncommitted (bench/results/adaptation_probe_blind*.txt).
+    warm-started base (1000 steps, seed 0, 3 episodes): without it, 38 commits after a check that
+    does not give y and 76 passing checks left uncommitted; with it, none and 1
+    (bench/results/adaptation_probe_blind_long.txt, adaptation_probe_blind_compare.txt).
     """
 
     EXPERT_SEARCHES = ("blind", "informed")
