@@ -31,18 +31,16 @@ import argparse
 import re
 import sys
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from metarl_llm.evaluation.adaptation import episode_budget  # noqa: E402
-from metarl_llm.jobs.common import stream_codec, warm_start_budget  # noqa: E402
+from metarl_llm.jobs.common import fitted_budgets, stream_codec  # noqa: E402
 from metarl_llm.models import load_policy  # noqa: E402
 from metarl_llm.rollout.engine import heldout_resets, run_trials  # noqa: E402
-from metarl_llm.runtime.setup import compose_config, env_factory, heldout_env_maker  # noqa: E402
-from metarl_llm.sft.warm_start import fitted_budget  # noqa: E402
+from metarl_llm.runtime.setup import compose_config, heldout_env_maker  # noqa: E402
 
 CHECK = re.compile(r"try (\d+): (\d+)\*(\d+)\+(\d+)=(\d+) -> (\d+)(?: vs (\d+))?")
 PROBLEM = re.compile(r"inverse:(\d+)x\+(\d+)=(\d+)mod(\d+)")
@@ -102,15 +100,14 @@ def main() -> None:
     args = ap.parse_args()
     cfg = compose_config(["env=inverse", *args.overrides])
     torch.set_num_threads(1)
+    mk = None
     for name, path in zip(["warm-started", "trained"], args.paths):
         model, tok = load_policy(cfg.model, 0, path=path)
         model.eval()
         codec = stream_codec(cfg, tok)
-        if cfg.budget.fit_traces:  # as jobs.common.base_policy fits it: to the warm start's traces
-            ws_budget = warm_start_budget(cfg)
-            limits = fitted_budget(env_factory(replace(cfg, budget=ws_budget)), codec, ws_budget, cfg.warm_start, args.seed)
-            cfg.budget = replace(limits, max_episodes=cfg.budget.max_episodes)
-        mk = heldout_env_maker(cfg)
+        if mk is None:  # the run's budget, fitted as jobs.common.base_policy fits it (budget=fit)
+            cfg.budget = fitted_budgets(cfg, codec, args.seed)[0]
+            mk = heldout_env_maker(cfg)
         for k in args.episodes:
             b = episode_budget(cfg.budget, k)
             problems = mk(b).unwrapped.num_problems  # every held-out problem, samples of each

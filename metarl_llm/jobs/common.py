@@ -142,6 +142,17 @@ def warm_start_budget(cfg: TrainConfig) -> BudgetConfig:
     return replace(cfg.budget, max_episodes=cfg.warm_start.max_episodes)
 
 
+def fitted_budgets(cfg: TrainConfig, codec: StreamCodec, seed: int) -> tuple[BudgetConfig, BudgetConfig]:
+    """(the run's budget, the warm start's: :func:`warm_start_budget`). With ``budget.fit_traces``
+    the token limits of both are raised to what the warm start's traces (seed ``seed``) need; the
+    run keeps its ``max_episodes``."""
+    ws_budget = warm_start_budget(cfg)
+    if not cfg.budget.fit_traces:
+        return cfg.budget, ws_budget
+    limits = fitted_budget(env_factory(replace(cfg, budget=ws_budget)), codec, ws_budget, cfg.warm_start, seed)
+    return replace(limits, max_episodes=cfg.budget.max_episodes), limits
+
+
 def base_policy(cfg: TrainConfig, device: torch.device):
     """The policy a job starts from: loaded (``model``) and warm-started (``warm_start``,
     seeded ``warm_start.seed`` or the run's seed). Returns (policy, tokenizer, codec,
@@ -150,15 +161,13 @@ def base_policy(cfg: TrainConfig, device: torch.device):
     policy, tokenizer = load_policy(cfg.model, ws_seed)
     codec = stream_codec(cfg, tokenizer)
     make_env = env_factory(cfg)
-    ws_budget = warm_start_budget(cfg)
-    ws_make_env = make_env if ws_budget == cfg.budget else env_factory(replace(cfg, budget=ws_budget))
     fitted = {}
+    run_budget, ws_budget = fitted_budgets(cfg, codec, ws_seed)
     if cfg.budget.fit_traces:  # the run's budget from here on: what the data needs
-        limits = fitted_budget(ws_make_env, codec, ws_budget, cfg.warm_start, ws_seed)
-        cfg.budget = replace(limits, max_episodes=cfg.budget.max_episodes)  # the token limits, not the episodes
-        ws_budget = limits
+        cfg.budget = run_budget
         fitted = {f"budget/{k}": getattr(cfg.budget, k) for k in FITTED_LIMITS}
         log.info("budget.fit_traces: %s", " ".join(f"budget.{k}={getattr(cfg.budget, k)}" for k in FITTED_LIMITS))
+    ws_make_env = make_env if ws_budget == cfg.budget else env_factory(replace(cfg, budget=ws_budget))
     # The cache key leaves out what concerns PPO only (LoRA, autocast, the attention backend).
     t0 = time.perf_counter()
     policy, ws_info = warm_start(policy, tokenizer, codec, ws_make_env, cfg.model, cfg.env, ws_budget, cfg.warm_start, ws_seed)
