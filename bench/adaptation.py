@@ -34,7 +34,10 @@ pass@k / maj@k of k one-episode trials at equal tokens. Everything else is the t
 
 Reported per arm (mean over seeds, 95% t-interval over seeds): success at each episode budget and
 each budget scale, for the warm-started start and the final policy; the final policy's pass@k
-and maj@k; regret and token efficiency against the start (as bench/learning.py). Results:
+and maj@k; regret and token efficiency against the start (as bench/learning.py). Then a table
+paired by seed (mean ± 95% t-interval of the within-seed differences): the final policy at 1x minus
+the start, each larger budget minus 1x, how many seeds rise at every scale, 4-episode success over
+the pass@4 of one-episode trials, and each arm minus outcome-only at every budget. Results:
 bench/results/adaptation.json and adaptation_table.md.
 """
 
@@ -158,8 +161,48 @@ def render(out: dict) -> str:
             row += [cell(lambda r: r["regret_start"]), cell(lambda r: r["regret"])]
             row += [cell(lambda r: r["token_efficiency_vs_start"]), cell(lambda r: r["tokens_per_trial"])]
             lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
+        lines += ["", *render_paired(arms, ks, scales), ""]
     return "\n".join(lines)
+
+
+def render_paired(arms: dict, ks: list[str], scales: list[str]) -> list[str]:
+    """Differences within a seed, then their mean and 95% t-interval over the seeds (only the seeds
+    both sides ran): what issue 19 asks of the arms, without the between-seed spread of the warm
+    start that the main table's intervals carry."""
+
+    def diff(a: dict, b: dict, get_a, get_b) -> str:
+        seeds = sorted(set(a) & set(b), key=int)
+        d = [get_a(a[s]) - get_b(b[s]) for s in seeds]
+        m, h = mean_ci(d)
+        if len(d) < 2:
+            return f"{m:+.3f}"
+        return f"{m:+.3f} ± {h:.3f} (" + ", ".join(f"{x:+.3f}" for x in d) + ")"
+
+    def at(scale):
+        return lambda r: r["by_budget"][scale]
+
+    lo, rest = scales[0], scales[1:]
+    head = ["arm", f"{lo}x minus start"] + [f"{s}x minus {lo}x" for s in rest] + ["seeds rising at every scale"]
+    head += ["4 ep / pass@4 of 1-ep trials"] if "4" in ks else []
+    head += [f"minus outcome at {s}x" for s in scales] if "outcome" in arms else []
+    lines = [
+        "Paired by seed: the mean of the within-seed difference ± its 95% t-interval over seeds (each seed's in brackets).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for arm, seeds in arms.items():
+        row = [arm, diff(seeds, seeds, at(lo), lambda r: r["success_start"])]
+        row += [diff(seeds, seeds, at(s), at(lo)) for s in rest]
+        rising = sum(all(at(a)(r) < at(b)(r) for a, b in zip(scales, scales[1:])) for r in seeds.values())
+        row.append(f"{rising} of {len(seeds)}")
+        if "4" in ks:
+            m, h = mean_ci([r["seq"]["4"] / r["pass"]["4"] for r in seeds.values() if r["pass"]["4"]])
+            row.append(f"{m:.2f} ± {h:.2f}" if len(seeds) > 1 else f"{m:.2f}")
+        if "outcome" in arms:
+            row += ["" if arm == "outcome" else diff(seeds, arms["outcome"], at(s), at(s)) for s in scales]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def main() -> None:
