@@ -1,10 +1,11 @@
 """What the policies of bench/adaptation.py's ``no_feedback`` setting do with their episodes (issue 19).
 
-    python bench/inverse_probe.py WARM_START_DIR TRAINED_POLICY_DIR [--episodes 3 6 12] [--overrides ...]
+    python bench/inverse_probe.py WARM_START_DIR TRAINED_POLICY_DIR [--episodes 3 6 12] [--overrides ...] [--split train]
 
 Plays each policy on env=inverse (find x with (a*x + b) mod 10 = y; no reply from the
-environment) with k episodes for each k of ``--episodes``, at least 256 held-out trials (every
-held-out problem, the same number of times each), sampling at temperature 1 with a fixed seed, and counts what the
+environment) with k episodes for each k of ``--episodes``, at least ``--trials`` trials (256) on every
+problem of ``--split`` (``test``, the held-out problems; ``train``, those PPO and the warm start
+trained on), the same number of times each, sampling at temperature 1 with a fixed seed, and counts what the
 task's search needs, per check episode (``try x: a*x+b=v -> r ...``):
 
 - ``checks``: episodes that propose a candidate; ``right``: of them, those whose written check
@@ -31,6 +32,7 @@ import argparse
 import re
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,7 +42,7 @@ from metarl_llm.evaluation.adaptation import episode_budget  # noqa: E402
 from metarl_llm.jobs.common import fitted_budgets, stream_codec  # noqa: E402
 from metarl_llm.models import load_policy  # noqa: E402
 from metarl_llm.rollout.engine import heldout_resets, run_trials  # noqa: E402
-from metarl_llm.runtime.setup import compose_config, heldout_env_maker  # noqa: E402
+from metarl_llm.runtime.setup import compose_config, env_factory, heldout_env_maker  # noqa: E402
 
 CHECK = re.compile(r"try (\d+): (\d+)\*(\d+)\+(\d+)=(\d+) -> (\d+)(?: vs (\d+))?")
 PROBLEM = re.compile(r"inverse:(\d+)x\+(\d+)=(\d+)mod(\d+)")
@@ -96,6 +98,12 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=256)
     ap.add_argument("--overrides", nargs="*", default=[], help="the run's overrides beyond env=inverse")
     ap.add_argument("--seed", type=int, default=0, help="the run's warm-start seed (fits budget=fit as it did)")
+    ap.add_argument(
+        "--split",
+        choices=["test", "train"],
+        default="test",
+        help="the problems played: held-out (test) or those PPO and the warm start trained on (train)",
+    )
     ap.add_argument("paths", nargs=2, metavar="DIR")
     args = ap.parse_args()
     cfg = compose_config(["env=inverse", *args.overrides])
@@ -107,10 +115,10 @@ def main() -> None:
         codec = stream_codec(cfg, tok)
         if mk is None:  # the run's budget, fitted as jobs.common.base_policy fits it (budget=fit)
             cfg.budget = fitted_budgets(cfg, codec, args.seed)[0]
-            mk = heldout_env_maker(cfg)
+            mk = heldout_env_maker(cfg) if args.split == "test" else lambda b: env_factory(replace(cfg, budget=b))("train")
         for k in args.episodes:
             b = episode_budget(cfg.budget, k)
-            problems = mk(b).unwrapped.num_problems  # every held-out problem, samples of each
+            problems = mk(b).unwrapped.num_problems  # every problem of the split, samples of each
             resets, groups = heldout_resets(problems, -(-args.trials // problems))
             trials = run_trials(model, codec, [mk(b) for _ in resets], resets, groups, b, torch.Generator().manual_seed(0))
             print(f"{name}, {k} episodes: {probe(trials)}", flush=True)
