@@ -16,6 +16,8 @@ task's search needs, per check episode (``try x: a*x+b=v -> r ...``):
   candidate that solves (by the true arithmetic) not committed; ``wrong commits``: commits of a
   candidate that does not solve (a false commit, or a check invented to agree with y);
   ``commits on a wrong check``: commits whose written check is not the true arithmetic;
+  ``wrong checks that flip the verdict``: wrong checks whose written result agrees with y where the
+  true one does not, or the reverse (the other arithmetic errors cannot change a search's outcome);
 - with ``env.write_comparison=true`` (``--overrides``; checks end ``-> r vs y``): ``comparisons``
   written, ``y copied`` (the written y is the prompt's), and ``decided as written`` (commits iff the
   two written digits agree);
@@ -77,6 +79,9 @@ def probe(trials) -> dict:
             counts["missed"] += solves and not commits
             counts["wrong commits"] += commits and not solves  # whatever its check says: the trial fails
             counts["commits on a wrong check"] += commits and not right
+            # a wrong check whose written result agrees with y where the true one does not, or the reverse:
+            # the only arithmetic errors that can change the outcome of a search that follows its checks
+            counts["wrong checks that flip the verdict"] += not right and (int(c.group(6)) == y) != solves
             if c.group(7) is not None:  # env.write_comparison: "-> r vs y"
                 counts["comparisons"] += 1
                 counts["y copied"] += int(c.group(7)) == y
