@@ -167,10 +167,19 @@ def base_policy(cfg: TrainConfig, device: torch.device):
         cfg.budget = run_budget
         fitted = {f"budget/{k}": getattr(cfg.budget, k) for k in FITTED_LIMITS}
         log.info("budget.fit_traces: %s", " ".join(f"budget.{k}={getattr(cfg.budget, k)}" for k in FITTED_LIMITS))
-    ws_make_env = make_env if ws_budget == cfg.budget else env_factory(replace(cfg, budget=ws_budget))
     # The cache key leaves out what concerns PPO only (LoRA, autocast, the attention backend).
     t0 = time.perf_counter()
-    policy, ws_info = warm_start(policy, tokenizer, codec, ws_make_env, cfg.model, cfg.env, ws_budget, cfg.warm_start, ws_seed)
+    policy, ws_info = warm_start(
+        policy,
+        tokenizer,
+        codec,
+        env_factory(replace(cfg, budget=ws_budget)),
+        cfg.model,
+        cfg.env,
+        ws_budget,
+        cfg.warm_start,
+        ws_seed,
+    )
     ws_info["perf/warm_start_s"] = time.perf_counter() - t0  # trained, or loaded from the cache
     if cfg.model.gradient_checkpointing:  # the warm start hands back a freshly loaded model
         enable_gradient_checkpointing(policy)
