@@ -157,6 +157,7 @@ TRL_SECTION_OVERRIDES = [
     "eval.samples_per_problem=1",
     "eval.prover_samples=1",
     "eval.extrapolation=false",
+    "eval.adaptation=false",  # the iteration is what is timed: no 8-episode adaptation trials at the start and end
     "checkpoint_every=0",
     "logger.mode=disabled",
     "logger.progress_bar=false",

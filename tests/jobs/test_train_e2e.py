@@ -19,9 +19,10 @@ SMALL = [
     "eval.samples_per_problem=2",
     "eval.prover_samples=2",
     "eval.budget_scales=[0.5]",  # the final evaluation at two budgets (1 is always evaluated): the extrapolation path
+    "eval.adaptation_episodes=[1,2]",  # the adaptation figures at two budgets: the path, not its size
     "checkpoint_every=1",
     "logger.progress_bar=false",
-    # A small model (the default-sized one runs end to end in test_lora, test_rollout_values, test_distributed):
+    # A small model (the default-sized one runs end to end in test_lora):
     # what is checked here (the files written, the metrics logged, the warm start's cache) does not depend on its size.
     "model.tiny.hidden_size=32",
     "model.tiny.num_layers=1",

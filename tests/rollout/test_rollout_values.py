@@ -258,6 +258,12 @@ SMALL = [
     "eval.samples_per_problem=1",
     "algo.ent_coef=0.05",
     "algo.lam=0.95",  # advantages and returns depend on the values (with lam=1 and zero outcomes they would not)
+    # A small model: which forward computes the values does not depend on its size (the default-sized
+    # model runs end to end in test_lora).
+    "model.tiny.hidden_size=32",
+    "model.tiny.num_layers=1",
+    "model.tiny.num_heads=2",
+    "model.tiny.intermediate_size=64",
 ]
 
 

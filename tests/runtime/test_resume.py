@@ -25,6 +25,7 @@ SMALL = [
     "eval.prover_samples=2",
     "eval.every=2",
     "eval.extrapolation=false",
+    "eval.adaptation_episodes=[1,2]",  # the adaptation figures at two budgets: the path, not its size
     "checkpoint_every=2",
     "logger.progress_bar=false",
     "threads=1",
