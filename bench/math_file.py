@@ -54,7 +54,9 @@ def write(path: Path, num: int, seed: int) -> Path:
         if len(rows) == num:
             break
     if len(rows) < num:  # the four forms hold 993 distinct problems; never write fewer than asked
-        raise ValueError(f"math_file.write: found only {len(rows)} distinct problems in {num * 20} draws, asked for {num}; use --num {len(rows)} or less")
+        raise ValueError(
+            f"math_file.write: found only {len(rows)} distinct problems in {num * 20} draws, asked for {num}; use --num {len(rows)} or less"
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 

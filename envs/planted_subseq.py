@@ -20,6 +20,7 @@ _HIDDEN_CODE = 4  # [family_seed, split code, index, _HIDDEN_CODE]: a problem's 
 _MAX_REDRAWS = 10_000
 FEEDBACK_DETAILS = ("verdict", "digits")  # what feedback=True replies (PlantedSubseqEnv.feedback_text)
 PROGRESS_EXPERTS = ("slow", "medium", "fast")  # expert_heterogeneity's experts (PlantedSubseqEnv.progress_expert)
+EXPERT_PACES = ("progress", "length")  # what an expert's speed sets (PlantedSubseqEnv: expert_pace)
 
 
 @functools.lru_cache(maxsize=64)
@@ -125,6 +126,13 @@ class PlantedSubseqEnv(EpisodicTextEnv):
     |                       |             | for every h, Var[k_0] grows with h (not for      |
     |                       |             | L <= 2: there every h gives the same k_0 law).   |
     |                       |             | Not with ``feedback_detail="digits"``            |
+    | ``expert_pace``       | "progress"  | what the expert's speed sets: ``progress`` (the  |
+    |                       |             | failed chunks' k_0; their number is the caller's |
+    |                       |             | n_failed) or ``length`` (also their number:      |
+    |                       |             | fast 0, medium m, slow 2m failed chunks,         |
+    |                       |             | m = (max_episodes - 1) // 2; n_failed unused).   |
+    |                       |             | ``length`` needs expert_heterogeneity set and    |
+    |                       |             | max_episodes >= 3                                |
     | ``hidden_digits``     | 0           | the gold's last h digits are drawn per problem,  |
     |                       |             | independent of its input: only the replies can   |
     |                       |             | reveal them. Needs ``feedback=True`` and         |
@@ -160,6 +168,14 @@ class PlantedSubseqEnv(EpisodicTextEnv):
     then only the probability that the answer chunk takes its varied form (gold at a random
     offset among random filler, drawn after the expert exactly as for ``None``); focused,
     ``"Answer: <gold>0..."``.
+
+    With ``expert_pace="length"`` the expert's speed also sets *when* it answers: the same two
+    uniforms are drawn for every trace (also the fast expert's, which has no failed chunk), and the
+    trace has :meth:`paced_failures` failed chunks (fast 0, medium m, slow 2m, m = (max_episodes - 1)
+    // 2) whatever ``n_failed`` the caller passed. So the mean number of failed chunks is m at every
+    h and its variance is h m^2: the mixture's traces differ in length as well as in progress (the
+    "different lengths" of a heterogeneous base in Setlur et al. 2025), and at h = 0 every trace has
+    m failed chunks before its answer, so no first episode of the base commits.
 
     With ``retry_wrong_answers`` each failed chunk (either detail, any expert) is committed
     (``"Answer: <chunk>"``): an attempt the environment grades and replies to, after which the
@@ -207,6 +223,7 @@ class PlantedSubseqEnv(EpisodicTextEnv):
         num_test_problems: int = 256,
         feedback_detail: str = "verdict",
         expert_heterogeneity: float | None = None,
+        expert_pace: str = "progress",
         hidden_digits: int = 0,
         **base_kwargs,
     ):
@@ -237,6 +254,19 @@ class PlantedSubseqEnv(EpisodicTextEnv):
                     "traces; feedback_detail='digits' has its own search-by-reply expert: use one option or the other "
                     "(expert_heterogeneity=None with feedback_detail='digits')"
                 )
+        if expert_pace not in EXPERT_PACES:
+            raise ValueError(f"{name}: expert_pace={expert_pace!r}; expected one of {list(EXPERT_PACES)}")
+        if expert_pace == "length":
+            if expert_heterogeneity is None:
+                raise ValueError(
+                    f"{name}: expert_pace='length' paces the progress experts of expert_heterogeneity, which is None: "
+                    "set expert_heterogeneity to a level in [0, 1]"
+                )
+            if (self.max_episodes - 1) // 2 < 1:
+                raise ValueError(
+                    f"{name}: expert_pace='length' needs max_episodes >= 3 (the slow expert answers after "
+                    f"2 * ((max_episodes - 1) // 2) failed chunks, the medium one after half as many), got {self.max_episodes}"
+                )
         if isinstance(hidden_digits, bool) or not isinstance(hidden_digits, (int, np.integer)):
             raise ValueError(f"{name}: hidden_digits must be an integer in [0, gold_length], got {hidden_digits!r}")
         if not 0 <= hidden_digits <= gold_length:
@@ -256,6 +286,7 @@ class PlantedSubseqEnv(EpisodicTextEnv):
         self.num_test_problems = int(num_test_problems)
         self.feedback_detail = feedback_detail
         self.expert_heterogeneity = None if expert_heterogeneity is None else float(expert_heterogeneity)
+        self.expert_pace = expert_pace
 
     @property
     def num_problems(self) -> int | None:
@@ -324,7 +355,11 @@ class PlantedSubseqEnv(EpisodicTextEnv):
         gold = self.reference_answer
         fill = self.chunk_length - self.gold_length
         episodes = []
-        if self.expert_heterogeneity is not None:  # progress experts (nothing drawn without failed chunks)
+        if self.expert_pace == "length":  # the expert's speed sets how many failed chunks come first
+            expert, k0 = self.progress_expert(rng)
+            n_failed = self.paced_failures(expert)
+            episodes = [self.progress_miss(min(self.gold_length - 1, k0 + j)) for j in range(n_failed)]
+        elif self.expert_heterogeneity is not None:  # progress experts (nothing drawn without failed chunks)
             k0 = self.progress_expert(rng)[1] if n_failed else 0
             episodes = [self.progress_miss(min(self.gold_length - 1, k0 + j)) for j in range(n_failed)]
         else:
@@ -354,6 +389,12 @@ class PlantedSubseqEnv(EpisodicTextEnv):
         if extreme:
             return ("fast", last) if upper else ("slow", 0)
         return "medium", (self.gold_length // 2 if upper else last // 2)
+
+    def paced_failures(self, expert: str) -> int:
+        """``expert_pace="length"``: the failed chunks before the answer of an expert of
+        :data:`PROGRESS_EXPERTS`: fast 0, medium m, slow 2m, with m = (max_episodes - 1) // 2."""
+        m = (self.max_episodes - 1) // 2
+        return {"fast": 0, "medium": m, "slow": 2 * m}[expert]
 
     def progress_miss(self, right: int) -> str:
         """A failed chunk of a progress expert: the gold's first ``right`` (< gold_length) digits at

@@ -108,6 +108,12 @@ FeedbackDetail = _choices(
     "digits",
     doc="``env.feedback_detail`` of env=planted_subseq (envs/planted_subseq.py FEEDBACK_DETAILS).",
 )
+ExpertPace = _choices(
+    "ExpertPace",
+    "progress",
+    "length",
+    doc="``env.expert_pace`` of env=planted_subseq (envs/planted_subseq.py EXPERT_PACES).",
+)
 ExpertSearch = _choices(
     "ExpertSearch",
     "blind",
@@ -189,6 +195,12 @@ class PlantedSubseqEnvConfig(EnvConfig):
     # slow, L-1 fast, (L-1)//2 or L//2 with equal odds medium. Mean k_0 is the same for every h, its
     # spread grows with h (for L >= 3). bench/heterogeneity_dial.py measures the warm-started base.
     expert_heterogeneity: Optional[float] = None
+    # What the progress experts' speed sets: progress (the failed chunks' k_0 only; how many failed chunks
+    # a trace has is the warm start's draw, 0..n_failed_max) or length (also how many: fast 0, medium m,
+    # slow 2m failed chunks before the answer, m = (max_episodes - 1) // 2 of the traces' trials; the mean
+    # is m at every h, the variance h m^2, and at h = 0 no trace answers in its first episode). length
+    # needs expert_heterogeneity set and max_episodes >= 3.
+    expert_pace: ExpertPace = ExpertPace.progress
     # Gold digits no policy can compute: the gold's last hidden_digits digits are drawn per problem,
     # independent of its input, so only the digits replies reveal them (needs feedback=true and
     # feedback_detail=digits). Success with k episodes is then at most k/10 for one hidden digit,
@@ -208,6 +220,11 @@ class PlantedSubseqEnvConfig(EnvConfig):
         h = self.expert_heterogeneity
         if h is not None and not 0.0 <= h <= 1.0:
             raise ValueError(f"env.expert_heterogeneity must be null or in [0, 1], got {h}")
+        if self.expert_pace == ExpertPace.length and h is None:
+            raise ValueError(
+                "env.expert_pace=length paces the progress experts of env.expert_heterogeneity, which is null: "
+                "set env.expert_heterogeneity to a level in [0, 1]"
+            )
         if h is not None and self.feedback_detail == FeedbackDetail.digits:
             raise ValueError(
                 f"env.expert_heterogeneity={h} sets the progress experts of the verdict traces; "

@@ -12,7 +12,9 @@ alone, variety 0), extended until their loss is below ``focused_until_loss`` (th
 plateau ends at a seed- and thread-dependent step; at most ``focused_max_multiple``
 times the share), the rest stitched traces (``0..n_failed_max`` failed episodes
 first) at the configured variety, mixed with a ``replay_fraction`` share of the
-focused traces. The replay keeps what the first phase taught: on varied traces alone
+focused traces. An expert that sets its own trace lengths (env=inverse's blind search,
+planted_subseq with ``expert_pace=length``) writes its failed episodes in both phases: there
+"focused" is variety 0 only. The replay keeps what the first phase taught: on varied traces alone
 the second phase unlearned it (the default job, seed 0: held-out success 0.34 after
 the focused phase, 0.008 after the varied one; 0.46 with half the traces replayed).
 
@@ -195,6 +197,7 @@ LATER_ENV_OPTIONS = {
     "retry_wrong_answers": False,
     "feedback_detail": "verdict",
     "expert_heterogeneity": None,
+    "expert_pace": "progress",
     "hidden_digits": 0,
     "write_comparison": False,
 }  # env option -> its default

@@ -209,3 +209,97 @@ def test_the_warm_start_cache_key_is_unchanged_by_the_default_and_moved_by_a_lev
         assert isinstance(env, PlantedSubseqEnvConfig)
         keys.add(cache_key(c.model, env, c.budget, c.warm_start, 0, {"a": 0}))
     assert len(keys) == 4
+
+
+# ------------------------------------------------------------------ expert_pace="length"
+
+
+@pytest.mark.parametrize("max_episodes,m", [(3, 1), (4, 1), (5, 2)])
+@pytest.mark.parametrize("h", LEVELS)
+def test_length_pace_sets_the_number_of_failed_chunks_by_the_expert(h, max_episodes, m):
+    """The expert of each trace is read from a twin of the generator (two uniforms, as
+    progress_expert draws them); its failed chunks number fast 0, medium m, slow 2m, whatever
+    n_failed was passed, and the trace replays to success at its last episode only."""
+    env = make(max_episodes=max_episodes, expert_heterogeneity=h, expert_pace="length")
+    replay = make(max_episodes=max_episodes, expert_heterogeneity=h, expert_pace="length")
+    marker = env.answer_marker
+    for seed in range(60):
+        index = seed % 20
+        env.reset(options={"index": index})
+        gold = env.reference_answer
+        twin = np.random.default_rng(seed)
+        u1, u2 = twin.random(), twin.random()
+        expert = ("fast" if u2 >= 0.5 else "slow") if u1 < h else "medium"
+        trace = env.expert_trace(np.random.default_rng(seed), n_failed=seed % max_episodes, variety=0.5)
+        assert len(trace) - 1 == {"fast": 0, "medium": m, "slow": 2 * m}[expert], (expert, trace)
+        k0 = {"slow": 0, "medium": 1, "fast": 2}[expert]  # gold_length 3
+        for j, episode in enumerate(trace[:-1]):
+            assert progress_of(episode, gold) == min(len(gold) - 1, k0 + j)
+        assert trace[-1].startswith(f"{marker} ") and gold in trace[-1]
+        replay.reset(options={"index": index})
+        for i, episode in enumerate(trace):
+            _, reward, done, _, _ = replay.step(episode)
+            assert done == (i == len(trace) - 1) and reward == (1.0 if done else 0.0), (trace, i)
+
+
+def test_length_pace_keeps_the_mean_length_and_spreads_it_with_h():
+    """Over 3000 traces per level (max_episodes 5: m = 2): the mean number of failed chunks is m at
+    every h, its variance h m^2 (0 at h = 0: every trace answers after exactly m failed chunks)."""
+    variances = []
+    for h in LEVELS:
+        env = make(max_episodes=5, expert_heterogeneity=h, expert_pace="length")
+        rng = np.random.default_rng(0)
+        counts = []
+        for i in range(3000):
+            env.reset(options={"index": i % 200})
+            counts.append(len(env.expert_trace(rng, n_failed=0, variety=0.5)) - 1)
+        counts = np.array(counts)
+        assert abs(counts.mean() - 2.0) < 0.1, (h, counts.mean())
+        assert abs(counts.var() - 4.0 * h) < 0.25, (h, counts.var())
+        if h == 0:
+            assert set(counts.tolist()) == {2}
+        variances.append(counts.var())
+    assert variances[0] < variances[1] < variances[2]
+
+
+def test_progress_pace_is_the_default_and_leaves_the_traces_as_they_were():
+    for h in LEVELS:
+        a, b = make(max_episodes=4, expert_heterogeneity=h), make(max_episodes=4, expert_heterogeneity=h, expert_pace="progress")
+        assert a.expert_pace == "progress"
+        for index in range(10):
+            a.reset(options={"index": index})
+            b.reset(options={"index": index})
+            for n_failed in range(4):
+                assert a.expert_trace(np.random.default_rng(index), n_failed, 0.5) == b.expert_trace(
+                    np.random.default_rng(index), n_failed, 0.5
+                )
+
+
+def test_length_pace_errors_name_what_is_missing():
+    with pytest.raises(ValueError, match="expert_pace='length'.*expert_heterogeneity, which is None"):
+        make(expert_pace="length")
+    with pytest.raises(ValueError, match="needs max_episodes >= 3.*got 2"):
+        make(max_episodes=2, expert_heterogeneity=0.5, expert_pace="length")
+    with pytest.raises(ValueError, match=r"expert_pace='speed'; expected one of \['progress', 'length'\]"):
+        make(expert_heterogeneity=0.5, expert_pace="speed")
+    from metarl_llm.runtime.setup import compose_config, env_factory
+
+    with pytest.raises(ValueError, match="env.expert_pace=length.*env.expert_heterogeneity, which is null"):
+        compose_config(["env=planted_subseq", "env.expert_pace=length"]).validate()
+    cfg = compose_config(["env=planted_subseq", "env.expert_heterogeneity=0.5", "env.expert_pace=length"])
+    cfg.validate()
+    assert env_factory(cfg)("train").unwrapped.expert_pace == "length"
+
+
+def test_the_warm_start_cache_key_is_unchanged_by_the_default_pace_and_moved_by_length():
+    from metarl_llm.runtime.setup import compose_config
+    from metarl_llm.sft.warm_start import cache_key
+
+    c = compose_config(["env=planted_subseq", "env.expert_heterogeneity=0.5"])
+    fields = [(f.name, f.type, dataclasses.field(default=getattr(c.env, f.name))) for f in dataclasses.fields(c.env)]
+    Before = dataclasses.make_dataclass("Before", [f for f in fields if f[0] != "expert_pace"])
+    before = Before(**{k: v for k, v in dataclasses.asdict(c.env).items() if k != "expert_pace"})
+    key = cache_key(c.model, c.env, c.budget, c.warm_start, 0, {"a": 0})
+    assert cache_key(c.model, before, c.budget, c.warm_start, 0, {"a": 0}) == key
+    paced = dataclasses.replace(c.env, expert_pace="length")
+    assert cache_key(c.model, paced, c.budget, c.warm_start, 0, {"a": 0}) != key
