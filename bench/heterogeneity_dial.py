@@ -50,6 +50,7 @@ METRICS = (  # (key in a run's record, column title)
     ("anti_concentration", "anti-concentration"),
     ("success", "success"),
     ("first_episode_J", "first-episode J"),
+    ("first_episode_commits", "first episode commits"),
     ("warm_start_s", "warm start (s)"),
     ("diagnostics_s", "diagnostics (s)"),
 )
@@ -86,6 +87,7 @@ def measure(h: float, seed: int, cache_dir: Path, overrides: list[str]) -> dict:
         "anti_concentration": d["anti_concentration"],
         "success": d["success"],
         "first_episode_J": d["first_episode_J"],
+        "first_episode_commits": d["first_episode_commits"],
         "warm_start_s": ws_info["perf/warm_start_s"],
         "base_policy_s": base_s,  # the warm start plus loading the model and fitting the budget
         "diagnostics_s": d["time_s"],
@@ -123,6 +125,9 @@ def render(out: dict) -> str:
         recs = list(runs[level].values())
         row = [level, str(len(recs))]
         for key, _ in METRICS:
+            if any(key not in r for r in recs):  # a metric added after the run (first_episode_commits)
+                row.append("n/a")
+                continue
             m, hw = mean_ci([r[key] for r in recs])
             row.append(f"{m:.4f} ± {hw:.4f}" if key.startswith("heterogeneity") else f"{m:.3f} ± {hw:.3f}")
             if key == "heterogeneity":
@@ -134,7 +139,10 @@ def render(out: dict) -> str:
     for level in levels:
         for seed, r in sorted(runs[level].items(), key=lambda kv: int(kv[0])):
             row = [level, seed]
-            row += [f"{r[key]:.4f}" if key.startswith("heterogeneity") else f"{r[key]:.3f}" for key, _ in METRICS]
+            row += [
+                "n/a" if key not in r else f"{r[key]:.4f}" if key.startswith("heterogeneity") else f"{r[key]:.3f}"
+                for key, _ in METRICS
+            ]
             loss = r.get("warm_start_final_loss")
             row += [str(r.get("warm_start_steps")), "n/a" if loss is None else f"{loss:.3f}", str(r.get("warm_start_cached"))]
             lines.append("| " + " | ".join(row) + " |")

@@ -166,6 +166,14 @@ def anti_concentration(rewards, margin: float) -> AntiConcentration:
     return AntiConcentration(float(per_problem.mean()), per_problem)
 
 
+def first_episode_commits(trials: list[Trial]) -> float:
+    """Share of ``trials`` whose first episode committed the answer (``answer_episode == 0``,
+    not forced; a forced answer after one episode is the environment's, not the policy's)."""
+    if not trials:
+        raise ValueError("first_episode_commits: no trials")
+    return float(np.mean([t.answer_episode == 0 and not t.forced for t in trials]))
+
+
 def first_episode_values(
     model: torch.nn.Module,
     codec: StreamCodec,
@@ -189,8 +197,9 @@ class PolicyDiagnostics:
     """Output of :func:`policy_diagnostics` (P problems, N trials each).
 
     metrics:            scalars to log: ``heterogeneity`` (corrected), ``heterogeneity_uncorrected``,
-                        ``anti_concentration``, ``success`` (mean outcome) and ``first_episode_J``
-                        (mean of ``values``).
+                        ``anti_concentration``, ``success`` (mean outcome), ``first_episode_J``
+                        (mean of ``values``) and ``first_episode_commits`` (share of the trials whose
+                        first episode committed the answer, not forced).
     rewards:            [P, N] trial outcomes, the input of anti-concentration.
     values:             [P, N] J after each trial's first episode (m meta-prover answers),
                         the input of heterogeneity.
@@ -260,5 +269,8 @@ def policy_diagnostics(
         "anti_concentration": ac.value,
         "success": float(rewards.mean()),
         "first_episode_J": float(values.mean()),
+        # trials whose first episode committed the answer: J after it is then that trial's 0/1 outcome
+        # (the share that set the progress dial's heterogeneity to p(1 - p); bench/results/README.md)
+        "first_episode_commits": first_episode_commits(trials),
     }
     return PolicyDiagnostics(metrics, rewards, values, het, ac, trials)

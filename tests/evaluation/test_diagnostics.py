@@ -201,6 +201,8 @@ def test_driver_shapes_ranges_and_agreement_with_the_estimators(setup):
         "anti_concentration": ac.value,
         "success": d.rewards.mean(),
         "first_episode_J": d.values.mean(),
+        # by hand: a first episode commits iff its text holds the answer marker (a forced answer is an observation)
+        "first_episode_commits": np.mean([heldout_envs(1)[0].unwrapped.answer_marker in t.episode_texts[0] for t in d.trials]),
     }
     assert 0 <= d.metrics["anti_concentration"] <= 1
 
@@ -297,3 +299,18 @@ def test_driver_rejects_bad_arguments_before_sampling(setup):
         run(model, codec, margin=-1.0)
     with pytest.raises(ValueError, match="environments"):
         policy_diagnostics(model, codec, heldout_envs(2), BUDGET, 2, 2, 2, 0.5)
+
+
+def test_first_episode_commits_counts_the_policy_s_own_first_answers():
+    from metarl_llm.core.trial import Trial
+    from metarl_llm.evaluation.diagnostics import first_episode_commits
+
+    trials = [
+        Trial("a", 0, answer_episode=0),  # committed in episode 0
+        Trial("b", 0, answer_episode=0, forced=True),  # budget of one episode: the environment forced it
+        Trial("c", 0, answer_episode=2),  # committed later
+        Trial("d", 0, answer_episode=1, forced=True),
+    ]
+    assert first_episode_commits(trials) == 0.25
+    with pytest.raises(ValueError, match="no trials"):
+        first_episode_commits([])
