@@ -77,6 +77,25 @@ def run(overrides: list[str], out: Path) -> dict:
     return {**res["summary"], "process_wall_s": res["wall_s"]}
 
 
+def render(out: dict) -> str:
+    """real_vocab_table.md from the results JSON: one row per dataset and trunk."""
+    lines = [
+        "| data | trunk (hidden x layers) | untrained | warm-started | after PPO | warm start (s) | PPO + start eval (s) | final eval (s) | rollout tok/s | update tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for data, r in out.items():
+        label = r.get("data", data)
+        records = r.get("settings", {}).get("math_records", 400)
+        if label == "math_file":
+            label += f" ({records} records)"
+        lines.append(
+            f"| {label} | {r.get('model', {}).get('hidden', 64)} x {r.get('model', {}).get('layers', 2)} | {r['heldout_success_untrained']:.3f} | {r['heldout_success_warm_started']:.3f} | "
+            f"{r['heldout_success_final']:.3f} | {r['warm_start_s']:.0f} | {r['ppo_and_start_eval_s']:.0f} | "
+            f"{r['final_eval_s']:.0f} | {r['rollout_tokens_per_s']:.0f} | {r['update_tokens_per_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", nargs="+", default=["generated", "math_file"], choices=["generated", "math_file"])
@@ -95,7 +114,13 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--intermediate", type=int, default=128)
+    ap.add_argument("--render-only", action="store_true", help="rewrite real_vocab_table.md from real_vocab.json; run nothing")
     args = ap.parse_args()
+    if args.render_only:
+        table = render(json.loads((RESULTS / "real_vocab.json").read_text()))
+        (RESULTS / "real_vocab_table.md").write_text(table)
+        print(table)
+        return
     from math_file import write as write_math_file
     from safetensors.torch import load_file
 
@@ -158,18 +183,9 @@ def main() -> None:
             }
             print(json.dumps({key: out[key]}, indent=1), flush=True)
             (RESULTS / "real_vocab.json").write_text(json.dumps(out, indent=1) + "\n")
-    lines = [
-        "| data | trunk (hidden x layers) | untrained | warm-started | after PPO | warm start (s) | PPO + start eval (s) | final eval (s) | rollout tok/s | update tok/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for data, r in out.items():
-        lines.append(
-            f"| {r.get('data', data)} | {r.get('model', {}).get('hidden', 64)} x {r.get('model', {}).get('layers', 2)} | {r['heldout_success_untrained']:.3f} | {r['heldout_success_warm_started']:.3f} | "
-            f"{r['heldout_success_final']:.3f} | {r['warm_start_s']:.0f} | {r['ppo_and_start_eval_s']:.0f} | "
-            f"{r['final_eval_s']:.0f} | {r['rollout_tokens_per_s']:.0f} | {r['update_tokens_per_s']:.0f} |"
-        )
-    (RESULTS / "real_vocab_table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table = render(out)
+    (RESULTS / "real_vocab_table.md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":
