@@ -4,7 +4,10 @@
 
 A setting is an environment and a heterogeneity level of its base policy: the warm
 start's expert-trace variety (``warm_start.variety``: ``low`` 0.0 = one canonical way to
-write each episode, ``mid`` 0.5 = the default, ``high`` 1.0 = random fillers and misses).
+write each episode, ``mid`` 0.5 = the default, ``high`` 1.0 = random fillers and misses),
+or with ``--dial length`` (planted_subseq) the level of its length-paced expert mixture
+(``env.expert_heterogeneity`` 0, 0.5, 1 with ``env.expert_pace=length``, the dial that moves
+the base's heterogeneity; use another ``--out-root`` and ``--name`` than the variety runs).
 One base policy per setting (``warm_start.seed=0``); the seeds vary everything after it
 (the sampled data, the verifier's initialisation, the SFT order, the evaluation draws).
 Per (setting, seed), two ``train.py`` processes, the commands a user types:
@@ -52,7 +55,20 @@ def run_dir_of(root: Path, env: str, level: str, arm: str, seed: int) -> Path:
     return root / env / level / arm / f"seed{seed}"
 
 
-def launch(root: Path, env: str, level: str, arm: str, seed: int, threads: int, extra: list[str], collect: bool) -> dict | None:
+def level_overrides(dial: str, env: str, level: str) -> list[str]:
+    """What a level sets: the warm start's trace variety (``--dial variety``, the default), or
+    planted_subseq's length-paced expert mixture (``--dial length``: env.expert_heterogeneity =
+    the level's number, env.expert_pace=length; bench/results/README.md, heterogeneity_dial_length)."""
+    if dial == "variety":
+        return [f"warm_start.variety={LEVELS[level]}"]
+    if env != "planted_subseq":
+        raise SystemExit(f"--dial length is planted_subseq's expert mixture; setting {env}:{level} has another env")
+    return [f"env.expert_heterogeneity={LEVELS[level]}", "env.expert_pace=length"]
+
+
+def launch(
+    root: Path, env: str, level: str, arm: str, seed: int, threads: int, extra: list[str], collect: bool, dial: str = "variety"
+) -> dict | None:
     run_dir = run_dir_of(root, env, level, arm, seed)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
@@ -64,7 +80,7 @@ def launch(root: Path, env: str, level: str, arm: str, seed: int, threads: int, 
             str(ROOT / "train.py"),
             f"env={env}",
             *ARMS[arm],
-            f"warm_start.variety={LEVELS[level]}",
+            *level_overrides(dial, env, level),
             "warm_start.seed=0",
             f"seed={seed}",
             f"out_dir={run_dir}",
@@ -163,6 +179,12 @@ def main() -> None:
         help="env:level with level in " + ", ".join(LEVELS),
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--dial",
+        choices=["variety", "length"],
+        default="variety",
+        help="what a level sets: warm_start.variety, or planted_subseq's env.expert_heterogeneity with env.expert_pace=length",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--name", default="verification", help="stem of the result files under bench/results/")
     parser.add_argument("--out-root", default=str(ROOT / "outputs" / "bench" / "verification"))
@@ -180,8 +202,8 @@ def main() -> None:
     results: dict[tuple, dict] = {}
     for env, level in settings:
         for seed in args.seeds:
-            vb = launch(root, env, level, "vb", seed, args.threads, args.overrides, args.collect)
-            vf = launch(root, env, level, "vf", seed, args.threads, args.overrides, args.collect)
+            vb = launch(root, env, level, "vb", seed, args.threads, args.overrides, args.collect, args.dial)
+            vf = launch(root, env, level, "vf", seed, args.threads, args.overrides, args.collect, args.dial)
             if vb is not None and vf is not None:
                 results[(env, level, seed)] = {"vb": vb, "vf": vf, "gap": gap_points(vb, vf)}
     if not results:
@@ -215,7 +237,7 @@ def main() -> None:
         "",
         "Verifier figures on held-out whole trials (the scores best-of-N ranks by).",
         "",
-        "| env | level (variety) | heterogeneity | anti-concentration | base success | verifier acc. | ECE | AUROC | Brier | SFT records |",
+        f"| env | level ({'variety' if args.dial == 'variety' else 'h, length-paced'}) | heterogeneity | anti-concentration | base success | verifier acc. | ECE | AUROC | Brier | SFT records |",
         "|" + " --- |" * 10,
     ]
     agg = {}
