@@ -231,7 +231,9 @@ def main() -> None:
         w.writeheader()
         w.writerows(rows)
 
-    lines = [f"Seeds {args.seeds} (one base policy per setting, warm_start.seed=0); mean ± std across seeds.", ""]
+    ws_seed = next((o.split("=", 1)[1] for o in reversed(args.overrides) if o.startswith("warm_start.seed=")), "0")
+    extra = f" Overrides: `{' '.join(args.overrides)}`." if args.overrides else ""
+    lines = [f"Seeds {args.seeds} (one base policy per setting, warm_start.seed={ws_seed}); mean ± std across seeds.{extra}", ""]
     lines += [
         "## Base policies and verifiers",
         "",
