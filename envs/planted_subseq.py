@@ -355,12 +355,12 @@ class PlantedSubseqEnv(EpisodicTextEnv):
         gold = self.reference_answer
         fill = self.chunk_length - self.gold_length
         episodes = []
-        if self.expert_pace == "length":  # the expert's speed sets how many failed chunks come first
-            expert, k0 = self.progress_expert(rng)
-            n_failed = self.paced_failures(expert)
-            episodes = [self.progress_miss(min(self.gold_length - 1, k0 + j)) for j in range(n_failed)]
-        elif self.expert_heterogeneity is not None:  # progress experts (nothing drawn without failed chunks)
-            k0 = self.progress_expert(rng)[1] if n_failed else 0
+        if self.expert_heterogeneity is not None:  # progress experts
+            if self.expert_pace == "length":  # the expert's speed also sets how many failed chunks come first
+                expert, k0 = self.progress_expert(rng)
+                n_failed = self.paced_failures(expert)
+            else:  # nothing drawn without failed chunks
+                k0 = self.progress_expert(rng)[1] if n_failed else 0
             episodes = [self.progress_miss(min(self.gold_length - 1, k0 + j)) for j in range(n_failed)]
         else:
             for j in range(n_failed):
