@@ -304,8 +304,9 @@ class MathEnv(EpisodicTextEnv):
     committed answer. ``variety`` is the probability that each episode takes a varied
     form (commuted operands, ``"is"`` or ``", so"`` wording, random wrong results) instead of
     the canonical one (``"7+5=11"``, ``"7+5=12 Answer: 12"``). Loaded problems have no
-    equation: failed episodes are perturbed answers, the last commits the reference
-    (varied: after the dataset's solution text).
+    equation: failed episodes are perturbed answers, the last writes the record's solution
+    text (when it has one) and commits the reference (varied: one form in four commits the
+    answer alone, as a generated sum's "Answer: 12").
     """
 
     def __init__(
@@ -421,10 +422,10 @@ class MathEnv(EpisodicTextEnv):
         ref = self.reference_answer
         episodes = [self._loaded_miss(rng, j, variety) for j in range(n_failed)]
         solution = (data.get("solution") or "").replace("\n", " ").strip()
-        if rng.random() < variety and solution:
-            episodes.append(f"{solution} {m} {ref}")
-        else:
-            episodes.append(f"{m} {ref}")
+        # The solution is the record's working, as "7+5=12" is a generated sum's: the canonical
+        # episode writes it out, and a varied one (one form in four, as _arith_hit) skips to the answer.
+        bare = not solution or (rng.random() < variety and int(rng.integers(0, 4)) == 3)
+        episodes.append(f"{m} {ref}" if bare else f"{solution} {m} {ref}")
         return episodes
 
     def _commuted(self) -> str:

@@ -45,7 +45,7 @@ from metarl_llm.sft.traces import closes_trials, ends_forced, trace_record
 log = logging.getLogger(__name__)
 
 
-CACHE_VERSION = 10  # bump when the trace format or the SFT recipe changes (9: retry traces end with the delimiter; 10: inverse's blind expert counts from y)
+CACHE_VERSION = 11  # bump when the trace format or the SFT recipe changes (9: retry traces end with the delimiter; 10: inverse's blind expert counts from y; 11: a loaded math record's canonical trace writes its solution)
 
 
 @dataclass
@@ -279,8 +279,8 @@ def warm_start(
         return loaded, {**info, "warm_start/cached": True}
     focused_steps = int(round(ws.steps * ws.focused_fraction))
     # Both phases' traces are built (and their budget checked, as one) before any training:
-    # a budget that fits the focused traces (the answer alone) but not the varied ones
-    # (a dataset's solution written out) would otherwise fail only after the first phase.
+    # a budget that fits the focused traces (the correct episode alone) but not the varied ones
+    # (failed attempts before it) would otherwise fail only after the first phase.
     phases, needs = [], TraceNeeds()
     varied_steps = ws.steps - focused_steps
     n_replay = int(round(ws.num_traces * ws.replay_fraction)) if varied_steps else 0

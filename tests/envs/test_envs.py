@@ -442,6 +442,22 @@ def test_math_loaded_traces_and_grading(tmp_path):
     assert env.score("0.5") == 1.0 and env.score("$\\dfrac{2}{4}$") == 1.0 and env.score("1/3") == 0.0
 
 
+def test_math_loaded_traces_write_the_solution(tmp_path):
+    """A record's solution is its working: the canonical solved episode writes it out before
+    the answer (as a generated sum's "7+5=12 Answer: 12"); a varied one skips to the answer in
+    one form of four; a record without a solution can only commit its answer."""
+    env = make("math", dataset=write_jsonl(tmp_path / "m.jsonl", MATH_ROWS), dataset_split="train")
+    prompt, _ = env.reset(options={"index": 70})  # "Simplify i/2i.", solution "Divide: $\\boxed{\\frac{1}{2}}$ (case i)."
+    case = re.match(r"Simplify (\d+)/", prompt).group(1)
+    written = f"Divide: $\\boxed{{\\frac{{1}}{{2}}}}$ (case {case}). Answer: \\frac{{1}}{{2}}"
+    assert {env.expert_trace(np.random.default_rng(s), 1, 0.0)[-1] for s in range(20)} == {written}
+    last = [env.expert_trace(np.random.default_rng(s), 0, 1.0)[-1] for s in range(400)]
+    assert set(last) == {written, "Answer: \\frac{1}{2}"}
+    assert 0.19 < last.count("Answer: \\frac{1}{2}") / len(last) < 0.31  # 1/4: binomial sd 0.022
+    env.reset(options={"index": 3})  # "What is 3 plus 3?", an answer and no solution
+    assert {env.expert_trace(np.random.default_rng(s), 0, v)[-1] for s in range(10) for v in (0.0, 1.0)} == {"Answer: 6"}
+
+
 def test_math_loads_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -110,9 +110,9 @@ def test_a_long_prompt_is_named_with_the_rest(compose_cfg, math_file):
 
 
 def test_warm_start_names_one_budget_for_both_phases_before_training(compose_cfg, math_file, tmp_path, monkeypatch):
-    """The focused phase's traces (the answer alone) fit the default budget, the varied
-    phase's (the solution written out) do not: the warm start must say so, with the
-    budget for both phases, before it spends any time training."""
+    """A budget that fits the focused phase's traces (the solved episode alone) but not the
+    varied phase's (failed attempts before it): the warm start must say so, with the budget
+    for both phases, before it spends any time training."""
     cfg = compose_cfg(
         "env=math",
         f"env.dataset={math_file}",
@@ -136,13 +136,14 @@ def test_warm_start_names_one_budget_for_both_phases_before_training(compose_cfg
     n_varied = ws.num_traces - round(ws.num_traces * ws.replay_fraction)  # the rest of the varied phase replays focused traces
     varied = counted_needs(make_env, tok, n_varied, ws.n_failed_max, ws.variety, seed=1)
     episode, total = max(focused[0], varied[0]), max(focused[1], varied[1])
-    assert focused[0] <= cfg.budget.max_episode_tokens < varied[0]
+    focused_only = replace(cfg.budget, max_episode_tokens=episode, max_total_tokens=focused[1])
+    assert focused[1] < varied[1]  # the focused traces fit it, the varied ones do not
 
     with pytest.raises(ValueError, match=re.escape(smallest(episode, total)) + "$"):
-        warm_start(policy, tok, codec, make_env, cfg.model, cfg.env, cfg.budget, ws, 0, fit=no_training)
+        warm_start(policy, tok, codec, make_env, cfg.model, cfg.env, focused_only, ws, 0, fit=no_training)
     fits = replace(cfg.budget, max_episode_tokens=episode, max_total_tokens=total)
     assert len(expert_records(make_env, codec, fits, ws.num_traces, 0, 0.0, seed=0)) == ws.num_traces
-    assert len(expert_records(make_env, codec, fits, ws.num_traces, ws.n_failed_max, ws.variety, seed=1)) == ws.num_traces
+    assert len(expert_records(make_env, codec, fits, n_varied, ws.n_failed_max, ws.variety, seed=1)) == n_varied
 
 
 def test_budget_fit_traces_derives_the_limits_from_the_data(compose_cfg, math_file):
