@@ -259,7 +259,7 @@ class MathEnvConfig(EnvConfig):
     dataset_split: Optional[str] = None  # split of a hub dataset (None: split by hash)
     problem_key: str = "problem"
     answer_key: str = "answer"
-    solution_key: str = "solution"  # used for a \boxed{} answer when answer_key is absent
+    solution_key: str = "solution"  # the working expert traces write; its \boxed{} is the answer without answer_key
     ops: str = "+-"  # operators of generated arithmetic
     min_value: int = 0  # smallest operand
     max_value: int = 5  # largest operand
