@@ -29,7 +29,6 @@ import re
 import shutil
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -55,10 +54,9 @@ def parse(text: str) -> dict:
         successes += ": outcome 1" in head
         prompt = re.search(r"user\n(.*?)\n", rest).group(1)
         body = rest.split("[episode", 1)[1] if "[episode" in rest else ""
-        found = [(f, m) for f, spec in FORMS.items() if (m := re.match(spec[0], prompt))]
-        if not found:
+        form, m = next(((f, m) for f, spec in FORMS.items() if (m := re.match(spec[0], prompt))), (None, None))
+        if form is None:
             raise ValueError(f"a prompt of no known form: {prompt!r}")
-        form, m = found[0]
         _, eq_re, result = FORMS[form]
         c = counts[form]
         c["trials"] += 1
@@ -84,28 +82,21 @@ def main() -> None:
     if args.parse_only:
         print(json.dumps(parse(args.parse_only.read_text()), indent=1))
         return
-    sys.path.insert(0, str(HERE.parent))
     sys.path.insert(0, str(HERE))
+    import real_vocab
     from math_file import write as write_math_file
-    from real_vocab import common
     from train_process import train_process
 
-    from tests.support import build_hub_dir
-
+    # real_vocab.py's 993-record row, as bench/results/README.md gives its command
+    row = ["--data", "math_file", "--math-records", "993", "--eval-problems", "256"]
+    args = real_vocab.parser().parse_args(row + ["--hidden", "128", "--layers", "4", "--intermediate", "512"])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        hub = build_hub_dir(tmp / "toy-qwen3-vocab", hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512)
-        settings = types.SimpleNamespace(problems=8, group=8, eval_problems=256, seed=0)  # real_vocab.py's 993-record row
-        base = [a for a in common(settings) if not a.startswith("logger.num_transcripts")]
-        data = f"env.dataset={write_math_file(tmp / 'math.jsonl', 993, 0)}"
-        warm = [
-            "warm_start.steps=150",
-            "warm_start.batch_size=16",
-            "warm_start.num_traces=2048",
-            f"warm_start.cache_dir={tmp / 'ws'}",
-        ]
-        extra = [f"model.name_or_path={hub}", data, "logger.num_transcripts=256", "algo.iterations=1"]
-        res = train_process(base + warm + extra, tmp / "run")
+        hub = real_vocab.build_model(args, tmp / "toy-qwen3-vocab")
+        data = f"env.dataset={write_math_file(tmp / 'math.jsonl', args.math_records, 0)}"
+        base = real_vocab.common(args, transcripts=256) + real_vocab.warm_overrides(args, tmp / "ws")
+        extra = [f"model.name_or_path={hub}", data, "algo.iterations=1"]
+        res = train_process(base + extra, tmp / "run")
         [transcripts] = (tmp / "run").glob("transcripts_*.txt")
         shutil.copy(transcripts, RESULTS / "math_arithmetic_transcripts.txt")
         out = {

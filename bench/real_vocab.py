@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from train_process import train_process  # noqa: E402  (the benchmarks' shared runner)
 
 
-def common(args) -> list[str]:
+def common(args, transcripts: int = 3) -> list[str]:
+    """The overrides every run of a row shares; ``transcripts``: held-out transcripts logged."""
     return [
         "env=math",
         "model=hf",
@@ -66,7 +67,7 @@ def common(args) -> list[str]:
         "checkpoint_every=0",
         "logger.mode=disabled",
         "logger.progress_bar=false",
-        "logger.num_transcripts=3",
+        f"logger.num_transcripts={transcripts}",
         "threads=2",
         f"seed={args.seed}",
     ]
@@ -96,7 +97,26 @@ def render(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def build_model(args, directory: Path) -> Path:
+    """The toy model's hub-style directory: ``args``' trunk over Qwen3's vocabulary."""
+    from tests.support import build_hub_dir
+
+    return build_hub_dir(
+        directory, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads, intermediate_size=args.intermediate
+    )
+
+
+def warm_overrides(args, cache_dir: Path) -> list[str]:
+    """The warm start of a trained run (an empty cache at ``cache_dir``)."""
+    return [
+        f"warm_start.steps={args.warm_steps}",
+        f"warm_start.batch_size={args.warm_batch}",
+        f"warm_start.num_traces={args.warm_traces}",
+        f"warm_start.cache_dir={cache_dir}",
+    ]
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", nargs="+", default=["generated", "math_file"], choices=["generated", "math_file"])
     ap.add_argument("--warm-steps", type=int, default=150)
@@ -115,7 +135,11 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--intermediate", type=int, default=128)
     ap.add_argument("--render-only", action="store_true", help="rewrite real_vocab_table.md from real_vocab.json; run nothing")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.render_only:
         table = render(json.loads((RESULTS / "real_vocab.json").read_text()))
         (RESULTS / "real_vocab_table.md").write_text(table)
@@ -124,18 +148,10 @@ def main() -> None:
     from math_file import write as write_math_file
     from safetensors.torch import load_file
 
-    from tests.support import build_hub_dir
-
     out = json.loads((RESULTS / "real_vocab.json").read_text()) if (RESULTS / "real_vocab.json").exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        hub = build_hub_dir(
-            tmp / "toy-qwen3-vocab",
-            hidden_size=args.hidden,
-            num_layers=args.layers,
-            num_heads=args.heads,
-            intermediate_size=args.intermediate,
-        )
+        hub = build_model(args, tmp / "toy-qwen3-vocab")
         shape = f"{args.hidden}x{args.layers}"  # results of another trunk go under their own key
         n_params = sum(t.numel() for t in load_file(str(hub / "model.safetensors")).values())
         base = common(args) + [f"model.name_or_path={hub}"]
@@ -145,13 +161,7 @@ def main() -> None:
                 extra = [f"env.dataset={write_math_file(tmp / 'math.jsonl', args.math_records, 0)}"]
             untrained = run(base + extra + ["warm_start.steps=0", "algo.iterations=1", "algo.problems_per_iter=1",
                                             "algo.group_size=2", "algo.minibatch_size=2"], tmp / f"{data}_untrained")  # fmt: skip
-            warm = [
-                f"warm_start.steps={args.warm_steps}",
-                f"warm_start.batch_size={args.warm_batch}",
-                f"warm_start.num_traces={args.warm_traces}",
-                f"warm_start.cache_dir={tmp / 'ws'}",
-            ]
-            trained = run(base + extra + warm + [f"algo.iterations={args.iterations}"], tmp / data)
+            trained = run(base + extra + warm_overrides(args, tmp / "ws") + [f"algo.iterations={args.iterations}"], tmp / data)
             rows = [json.loads(line) for line in (tmp / data / "metrics.jsonl").read_text().splitlines()]
             curve = {k: [r[k] for r in rows if k in r] for k in ("train/outcome", "train/kl_ref", "train/episodes_per_trial")}
             [transcripts] = (tmp / data).glob("transcripts_*.txt")
