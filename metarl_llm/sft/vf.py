@@ -162,7 +162,8 @@ def run_vf(
     h_resets, h_groups = heldout_resets(num_heldout, n_max)
     heldout, answer_scores = play_trials(policy, codec, make_env, "test", h_resets, h_groups, budget, generator, cfg.rollout_rows)
     parallel = best_of_n_trials(np.zeros(len(heldout)), heldout, cfg.n_values, answer_scores)
-    parallel.pop("best_of_n")  # all scores equal: it is the first trial's outcome, no verifier here
+    for key in ("best_of_n", "pick_answer_share"):  # all scores equal: the pick is the first trial, no verifier here
+        parallel.pop(key)
     sequential = sequential_scaling(
         policy,
         codec,

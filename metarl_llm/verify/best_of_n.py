@@ -42,6 +42,11 @@ def best_of_n(
       answer (whitespace-stripped; ties: the first seen; None and "" do not vote) scores
       ``answer_scores`` of the first trial that gave it (default: its outcome; pass
       env.score(answer) to match evaluate's maj@k); no vote scores 0;
+    - ``pick_answer_share`` (with ``answers``): the share of the N trials that gave the
+      answer of the trial best-of-N picked (whitespace-stripped; no answer counts as ""),
+      and ``answer_share``: the same for a trial picked at random (the mean share). A pick
+      well below the random share means the verifier's highest scores go to atypical
+      answers (metarl_llm.verify.train, "within problems");
     - ``tokens`` (with ``tokens`` [P, N_max]): total policy tokens of the N trials.
 
     Returns JSON-ready lists aligned with ``n``.
@@ -68,15 +73,22 @@ def best_of_n(
     out: dict[str, list] = {"n": [int(n) for n in ns], "best_of_n": [], "pass_at_n": [], "mean_outcome": []}
     if answers is not None:
         out["maj_at_n"] = []
+        out["pick_answer_share"], out["answer_share"] = [], []
+        keys = np.vectorize(lambda a: (a or "").strip(), otypes=[object])(extra["answers"])
     if tokens is not None:
         out["tokens"] = []
     vote_scores = extra.get("answer_scores", o)
     for n in out["n"]:
-        out["best_of_n"].append(float(o[rows, np.argmax(s[:, :n], axis=1)].mean()))  # argmax keeps the first of ties
+        pick = np.argmax(s[:, :n], axis=1)  # argmax keeps the first of ties
+        out["best_of_n"].append(float(o[rows, pick].mean()))
         out["pass_at_n"].append(float(o[:, :n].max(1).mean()))
         out["mean_outcome"].append(float(o[:, :n].mean()))
         if answers is not None:
             out["maj_at_n"].append(float(np.mean([_majority_score(extra["answers"][p, :n], vote_scores[p, :n]) for p in rows])))
+            same = keys[:, :n, None] == keys[:, None, :n]  # [P, n, n]: trials i and j gave one answer
+            share = same.mean(axis=2)  # [P, n]
+            out["pick_answer_share"].append(float(share[rows, pick].mean()))
+            out["answer_share"].append(float(share.mean()))
         if tokens is not None:
             out["tokens"].append(float(extra["tokens"][:, :n].sum(1).mean()))
     return out

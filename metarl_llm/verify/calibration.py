@@ -1,5 +1,5 @@
-"""Held-out metrics of a verifier: accuracy, BCE, Brier, ECE over 10 bins, AUROC from midranks
-(definitions in :mod:`metarl_llm.verify.train`).
+"""Held-out metrics of a verifier: accuracy, BCE, Brier, ECE over 10 bins, AUROC from midranks,
+pooled and within problems (definitions in :mod:`metarl_llm.verify.train`).
 """
 
 from __future__ import annotations
@@ -59,6 +59,24 @@ def auroc(scores, labels) -> float:
     ranks = np.empty(s.size)
     ranks[order] = ((starts + 1 + stops) / 2.0)[run]  # 1-based ranks starts+1..stops, their mean
     return float((ranks[y == 1].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+
+
+def within_problem_auroc(scores, labels, groups) -> tuple[float, int]:
+    """Mean over problems of the AUROC among one problem's own trials, and the number of
+    problems it averages (those with both a success and a failure; nan when none).
+
+    ``scores``, ``labels`` [n] as :func:`auroc`; ``groups`` [n] the problem of each trial.
+    Best-of-N ranks the trials of one problem against each other, so this, not the pooled
+    :func:`auroc`, is the ranking it uses: a verifier that only tells easy problems from hard
+    ones has a pooled AUROC above 0.5 and a within-problem AUROC of 0.5.
+    """
+    s, y = _pair(scores, labels, "within_problem_auroc")
+    g = np.asarray(groups)
+    if g.shape != s.shape:
+        raise ValueError(f"within_problem_auroc: groups must have the shape of scores {s.shape}, got {g.shape}")
+    values = [auroc(s[g == k], y[g == k]) for k in np.unique(g)]
+    values = [v for v in values if not math.isnan(v)]
+    return (float(np.mean(values)) if values else math.nan), len(values)
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:

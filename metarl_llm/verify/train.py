@@ -58,6 +58,16 @@ With p = sigmoid(logit) and 0/1 labels y over n examples:
 - ``positive_rate``: mean label (the base rate), ``predicted_positive_rate``: share with
   p >= 0.5, ``mean_prob``: mean p, ``count``: n.
 
+These pool the examples of all problems. Best-of-N ranks the trials *of one problem*
+against each other, so the job also reports ``heldout/end/within_problem_auroc``
+(:func:`within_problem_auroc`): the mean over held-out problems with a success and a failure
+of the AUROC among that problem's whole trials. A verifier that only tells easy problems
+from hard ones scores above 0.5 pooled and 0.5 within problems. With a within-problem
+AUROC near 0.5, best-of-N can fall *below* a random pick: the highest of N noisy scores
+goes to an atypical trial, and where the policy's correct answer is its most frequent
+one, atypical trials are mostly wrong (``best_of_n/pick_answer_share@<n>`` against
+``best_of_n/answer_share@<n>`` shows it).
+
 Integration
 -----------
 - The ``verifier`` estimator of J: :func:`trained_verifier_estimator` has the
@@ -86,8 +96,8 @@ from metarl_llm.core.trial import StreamCodec
 from metarl_llm.rollout.engine import heldout_resets
 from metarl_llm.runtime.progress import Progress
 from metarl_llm.verify.best_of_n import best_of_n_trials, play_trials, plot_best_of_n
-from metarl_llm.verify.calibration import evaluate_verifier
-from metarl_llm.verify.data import VerifierExamples, _batch, verifier_examples
+from metarl_llm.verify.calibration import evaluate_verifier, within_problem_auroc
+from metarl_llm.verify.data import VerifierExamples, _batch, trial_label, verifier_examples
 from metarl_llm.verify.model import Verifier, check_same_vocabulary
 from metarl_llm.verify.scoring import score_trials
 
@@ -187,6 +197,27 @@ def train_verifier(
     return metrics
 
 
+def write_heldout_scores(path: Path, trials, scores) -> Path:
+    """One JSON line per held-out trial, in best-of-N's order: its problem (``group``), the
+    verifier's score of the whole trial, outcome, answer, policy tokens, episodes, whether
+    the answer was forced, and the episodes' text (what best-of-N chose among)."""
+    with open(path, "w") as f:
+        for t, score in zip(trials, scores):
+            row = {
+                "group": int(t.group),
+                "problem_id": t.problem_id,
+                "score": float(score),
+                "outcome": float(t.outcome),
+                "answer": t.answer,
+                "policy_tokens": int(t.policy_tokens),
+                "episodes": len(t.episode_ends),
+                "forced": bool(t.forced),
+                "episode_texts": list(t.episode_texts),
+            }
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
 def run_verifier_training(
     policy: nn.Module,
     codec: StreamCodec,
@@ -208,7 +239,8 @@ def run_verifier_training(
     2. Label them (:func:`verifier_examples`, prefixes per ``cfg.prefixes``).
     3. :func:`train_verifier`; held-out metrics on the held-out trials' examples.
     4. Save the verifier to ``run_dir/verifier`` (usable as ``bonus.verifier``).
-    5. Best-of-N against maj@N and pass@N on the held-out trials; ``run_dir/best_of_n.png``.
+    5. Best-of-N against maj@N and pass@N on the held-out trials; ``run_dir/best_of_n.png``;
+       the within-problem AUROC; every held-out trial's score in ``run_dir/heldout_scores.jsonl``.
 
     ``make_env(split)`` makes one environment (as ``trainer.env_factory``). ``log`` gets
     the training metrics (steps 1..steps) and then the base policy's success and the
@@ -262,7 +294,10 @@ def run_verifier_training(
     verifier_dir = verifier.save(run_dir / "verifier")
 
     # 5. best-of-N on the held-out trials
-    bon = best_of_n_trials(score_trials(verifier, heldout_trials, cfg.rows), heldout_trials, cfg.n_values, answer_scores)
+    end_scores = score_trials(verifier, heldout_trials, cfg.rows)
+    bon = best_of_n_trials(end_scores, heldout_trials, cfg.n_values, answer_scores)
+    within, mixed = within_problem_auroc(end_scores, [trial_label(t) for t in heldout_trials], [t.group for t in heldout_trials])
+    scores_path = write_heldout_scores(run_dir / "heldout_scores.jsonl", heldout_trials, end_scores)
     plot_path = run_dir / "best_of_n.png"
     plot_best_of_n(bon, plot_path, title=f"best-of-N on {num_heldout} held-out problems")
     base = {
@@ -271,8 +306,10 @@ def run_verifier_training(
         "base/tokens_per_trial": float(np.mean([t.policy_tokens for t in heldout_trials])),
     }
     scalars = dict(base)
+    scalars["heldout/end/within_problem_auroc"] = within
+    scalars["heldout/end/mixed_problems"] = float(mixed)
     for i, n in enumerate(bon["n"]):
-        for key in ("best_of_n", "maj_at_n", "pass_at_n", "mean_outcome", "tokens"):
+        for key in ("best_of_n", "maj_at_n", "pass_at_n", "mean_outcome", "tokens", "pick_answer_share", "answer_share"):
             scalars[f"best_of_n/{key}@{n}"] = bon[key][i]
     if log is not None:
         log(scalars, cfg.steps)
@@ -287,6 +324,7 @@ def run_verifier_training(
         "wall_time_s": time.perf_counter() - t0,
         "verifier_dir": str(verifier_dir),
         "best_of_n_plot": str(plot_path),
+        "heldout_scores": str(scores_path),
     }
     (run_dir / "verifier_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary

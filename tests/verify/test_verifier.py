@@ -18,7 +18,14 @@ from metarl_llm.rl.bonus import episode_bonuses
 from metarl_llm.rollout.engine import heldout_resets, run_trials
 from metarl_llm.rollout.meta_prover import JOptions, boundary_prefixes
 from metarl_llm.verify.best_of_n import best_of_n, best_of_n_trials
-from metarl_llm.verify.calibration import auroc, brier, evaluate_verifier, expected_calibration_error, verifier_metrics
+from metarl_llm.verify.calibration import (
+    auroc,
+    brier,
+    evaluate_verifier,
+    expected_calibration_error,
+    verifier_metrics,
+    within_problem_auroc,
+)
 from metarl_llm.verify.data import verifier_examples
 from metarl_llm.verify.model import build_verifier, check_same_vocabulary, is_saved_verifier, load_verifier
 from metarl_llm.verify.scoring import score_prefixes, score_trials, trained_verifier_estimator
@@ -88,6 +95,21 @@ def test_auroc_equals_pairwise_count_on_random_data():
         pos, neg = s[y == 1], s[y == 0]
         pairs = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
         assert auroc(s, y) == pytest.approx(pairs / (len(pos) * len(neg)), abs=1e-12)
+
+
+def test_within_problem_auroc_ranks_each_problems_trials_apart():
+    # problem 0 ranks right (1.0), problem 1 wrong (0.0), problem 2 has only successes (left out)
+    scores, labels, groups = [0.9, 0.8, 0.1, 0.2, 0.5, 0.6], [1, 0, 1, 0, 1, 1], [0, 0, 1, 1, 2, 2]
+    assert within_problem_auroc(scores, labels, groups) == (0.5, 2)
+    assert auroc(scores, labels) == pytest.approx(4 / 8)  # pooled: 4 of the 8 pairs ordered right
+    # a verifier that only tells the easy problem from the hard one: pooled 6/9, within 0.5
+    scores, labels, groups = [0.9, 0.9, 0.9, 0.1, 0.1, 0.1], [1, 1, 0, 1, 0, 0], [0, 0, 0, 1, 1, 1]
+    assert auroc(scores, labels) == pytest.approx(6 / 9)
+    assert within_problem_auroc(scores, labels, groups) == (0.5, 2)
+    value, mixed = within_problem_auroc([0.1, 0.2], [1, 1], ["a", "b"])
+    assert np.isnan(value) and mixed == 0
+    with pytest.raises(ValueError, match="groups must have the shape"):
+        within_problem_auroc([0.1, 0.2], [1, 0], [0])
 
 
 def test_verifier_metrics_by_hand():
@@ -286,6 +308,10 @@ def test_best_of_n_by_hand():
     assert r["mean_outcome"] == pytest.approx([0.5, 0.5, 0.5])
     assert r["maj_at_n"] == [0.5, 0.5, 0.5]  # N=2, problem 0: "4" and "5" tie, the first seen wins
     assert r["tokens"] == [7.5, 20.0, 37.5]
+    # share of the N trials giving the picked answer ("4" and " 4 " are one answer, None is ""):
+    # N=3 picks "5" (1/3 of problem 0) and "x" (2/3 of problem 1); a random pick: 5/9 each
+    assert r["pick_answer_share"] == pytest.approx([1.0, 0.5, 0.5])
+    assert r["answer_share"] == pytest.approx([1.0, 0.5, 5 / 9])
     # the vote scores answer_scores (env.score of the answer) when given, not the outcome
     r = best_of_n(scores, outcomes, [1], answers=answers, answer_scores=[[0, 1, 1], [1, 1, 1]])
     assert r["maj_at_n"] == [0.5] and "tokens" not in r
@@ -363,6 +389,19 @@ def test_run_verifier_training_end_to_end(setup, tmp_path):
     assert bon["n"] == [1, 2] and all(b <= p for b, p in zip(bon["best_of_n"], bon["pass_at_n"]))
     assert (tmp_path / "best_of_n.png").is_file() and (tmp_path / "verifier_summary.json").is_file()
     assert "best_of_n/maj_at_n@2" in logged[-1][1] and logged[-1][0] == cfg.steps
+    rows = [json.loads(line) for line in (tmp_path / "heldout_scores.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and [r["group"] for r in rows] == [0, 0, 1, 1, 2, 2]
+    groups = np.array([r["group"] for r in rows])
+    labels = np.array([r["outcome"] >= 1.0 for r in rows], dtype=float)
+    scores = np.array([r["score"] for r in rows])
+    # the file holds the scores best-of-N ranked by, and the summary's within-problem AUROC is theirs
+    assert bon["best_of_n"][1] == pytest.approx(
+        np.mean([rows[2 * p + int(scores[2 * p + 1] > scores[2 * p])]["outcome"] for p in range(3)])
+    )
+    want, mixed = within_problem_auroc(scores, labels, groups)
+    assert summary["heldout/end/mixed_problems"] == mixed
+    if mixed:
+        assert summary["heldout/end/within_problem_auroc"] == pytest.approx(want)
     loaded = load_verifier(summary["verifier_dir"])
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), verifier.state_dict().values()))
 
