@@ -14,7 +14,9 @@ training order and the evaluation draws. Everything else is the trainer's defaul
 
 Reported per seed and as mean with a 95% t-interval over seeds: the verifier's held-out
 accuracy, ECE, AUROC and Brier score on whole trials (the scores best-of-N ranks by) and on all
-examples (prefixes too), and best-of-N, maj@N and pass@N at each N. Results:
+examples (prefixes too), the AUROC within problems (the ranking best-of-N uses), and
+best-of-N, a random pick, maj@N and pass@N at each N, with how typical best-of-N's pick is
+(the share of the N trials giving its answer). Results:
 bench/results/math_verifier.json and math_verifier_table.md.
 """
 
@@ -41,6 +43,8 @@ def record(run_dir: Path, s: dict, wall_s: float) -> dict:
     for k in CALIBRATION:
         out[f"end/{k}"] = v.get(f"heldout/end/{k}")
         out[f"all/{k}"] = v.get(f"heldout/{k}")
+    out["end/within_problem_auroc"] = v.get("heldout/end/within_problem_auroc")
+    out["end/mixed_problems"] = v.get("heldout/end/mixed_problems")
     out["heterogeneity"] = s.get("diagnostics/heterogeneity")
     out["anti_concentration"] = s.get("diagnostics/anti_concentration")
     return out
@@ -65,10 +69,23 @@ def render(out: dict) -> str:
         "Per seed (whole trials): "
         + "; ".join(f"seed {s}: AUROC {r['end/auroc']:.3f}, ECE {r['end/ece']:.3f}" for s, r in sorted(out["seeds"].items())),
         "",
+        "Within problems (the ranking best-of-N uses: the AUROC among one problem's own whole trials, averaged over "
+        "the held-out problems with a success and a failure): "
+        + fmt(*mean_ci([r["end/within_problem_auroc"] for r in runs]))
+        + "; per seed "
+        + ", ".join(
+            f"{r['end/within_problem_auroc']:.3f} over {r['end/mixed_problems']:.0f} problems"
+            for _, r in sorted(out["seeds"].items())
+        )
+        + ".",
+        "",
         "## Best-of-N with the verifier against maj@N (same held-out trials)",
         "",
-        "| N | best-of-N | maj@N | pass@N | best-of-N - maj@N | tokens per problem |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "Random pick: the mean outcome of the N trials. Answer share: the share of the N trials that gave the picked "
+        "trial's answer, for best-of-N's pick and (in brackets) for a random pick.",
+        "",
+        "| N | best-of-N | random pick | maj@N | pass@N | best-of-N - maj@N | answer share of the pick (random) | tokens per problem |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     ns = runs[0]["best_of_n"]["n"]
     for i, n in enumerate(ns):
@@ -76,10 +93,13 @@ def render(out: dict) -> str:
         maj = [r["best_of_n"]["maj_at_n"][i] for r in runs]
         pas = [r["best_of_n"]["pass_at_n"][i] for r in runs]
         tok = [r["best_of_n"]["tokens"][i] for r in runs]
+        rnd = [r["best_of_n"]["mean_outcome"][i] for r in runs]
+        pick = [r["best_of_n"]["pick_answer_share"][i] for r in runs]
+        share = [r["best_of_n"]["answer_share"][i] for r in runs]
         diff = [a - b for a, b in zip(bon, maj)]
         lines.append(
-            f"| {n} | {fmt(*mean_ci(bon))} | {fmt(*mean_ci(maj))} | {fmt(*mean_ci(pas))} | {fmt(*mean_ci(diff))} | "
-            f"{mean_ci(tok)[0]:.0f} |"
+            f"| {n} | {fmt(*mean_ci(bon))} | {fmt(*mean_ci(rnd))} | {fmt(*mean_ci(maj))} | {fmt(*mean_ci(pas))} | "
+            f"{fmt(*mean_ci(diff))} | {mean_ci(pick)[0]:.3f} ({mean_ci(share)[0]:.3f}) | {mean_ci(tok)[0]:.0f} |"
         )
     het = mean_ci([r["heterogeneity"] for r in runs])
     ac = mean_ci([r["anti_concentration"] for r in runs])

@@ -318,6 +318,7 @@ def run_verifier_training(
         "best_of_n": bon,
         "train_trials": len(train_trials),
         "heldout_trials": len(heldout_trials),
+        "heldout_problems": num_heldout,
         "train_examples": len(train_ex),
         "heldout_examples": len(heldout_ex),
         "sample_time_s": t_sample,

@@ -382,7 +382,7 @@ def test_run_verifier_training_end_to_end(setup, tmp_path):
         tmp_path,
         log=lambda m, s: logged.append((s, m)),
     )
-    assert summary["train_trials"] == 8 and summary["heldout_trials"] == 6
+    assert summary["train_trials"] == 8 and summary["heldout_trials"] == 6 and summary["heldout_problems"] == 3
     assert summary["train_examples"] > 8  # prefixes too
     assert 0 <= summary["heldout/accuracy"] <= 1
     bon = summary["best_of_n"]
