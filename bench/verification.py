@@ -239,8 +239,8 @@ def main() -> None:
         "",
         "Verifier figures on held-out whole trials (the scores best-of-N ranks by).",
         "",
-        f"| env | level ({'variety' if args.dial == 'variety' else 'h, length-paced'}) | heterogeneity | anti-concentration | base success | verifier acc. | ECE | AUROC | Brier | SFT records |",
-        "|" + " --- |" * 10,
+        f"| env | level ({'variety' if args.dial == 'variety' else 'h, length-paced'}) | heterogeneity | anti-concentration | base success | verifier acc. | ECE | AUROC | AUROC within problems | Brier | SFT records |",
+        "|" + " --- |" * 11,
     ]
     agg = {}
     for env, level in settings:
@@ -252,7 +252,7 @@ def main() -> None:
         lines.append(
             f"| {env} | {level} ({LEVELS[level]}) | {ms(g('diagnostics/heterogeneity'))} | {ms(g('diagnostics/anti_concentration'))} | "
             f"{ms(g('base/heldout_success'))} | {ms(t('accuracy'))} | {ms(t('ece'))} | "
-            f"{ms(t('auroc'))} | {ms(t('brier'))} | {ms([r['vf']['sft/records'] for r in sel])} |"
+            f"{ms(t('auroc'))} | {ms(g('heldout/end/within_problem_auroc'))} | {ms(t('brier'))} | {ms([r['vf']['sft/records'] for r in sel])} |"
         )
         agg[f"{env}:{level}"] = {
             "seeds": len(sel),
@@ -267,6 +267,7 @@ def main() -> None:
                     "heldout/ece",
                     "heldout/auroc",
                     "heldout/brier",
+                    "heldout/end/within_problem_auroc",
                     "wall_time_s",
                 )
             },
@@ -283,8 +284,11 @@ def main() -> None:
         "VB: best-of-N with the trained verifier. VF: SFT on stitched traces, the better of maj@N and one trial at a scaled budget, "
         "read at VB's H (interpolated in log2 H; n/a where neither VF curve reaches that H).",
         "",
-        "| env | level | N | H (VB) | VB success | VF maj@N | VF sequential | gap VB - best VF |",
-        "|" + " --- |" * 8,
+        "Random pick: the base's mean outcome over the N trials (what a verifier that ranks at chance would give). "
+        "Answer share: the share of the N trials giving the answer of best-of-N's pick (in brackets: of a random pick).",
+        "",
+        "| env | level | N | H (VB) | VB success | random pick | answer share of the pick (random) | VF maj@N | VF sequential | gap VB - best VF |",
+        "|" + " --- |" * 10,
     ]
     for env, level in settings:
         sel = [r for (e, lv, _), r in results.items() if (e, lv) == (env, level)]
@@ -292,11 +296,20 @@ def main() -> None:
             continue
         for i, n in enumerate(sel[0]["gap"]):
             pts = [r["gap"][i] for r in sel]
+            bon = [r["vb"]["best_of_n"] for r in sel]
+            share = (
+                f"{ms([b['pick_answer_share'][i] for b in bon])} ({ms([b['answer_share'][i] for b in bon])})"
+                if all("pick_answer_share" in b for b in bon)
+                else "n/a"
+            )
             lines.append(
                 f"| {env} | {level} | {n['n']} | {ms([p['H'] for p in pts])} | {ms([p['vb'] for p in pts])} | "
+                f"{ms([b['mean_outcome'][i] for b in bon])} | {share} | "
                 f"{ms([p['vf_parallel'] for p in pts])} | {ms([p['vf_sequential'] for p in pts])} | {ms([p['gap'] for p in pts])} |"
             )
-        lines.append(f"| {env} | {level} | slope of the gap per doubling of H | | | | | {ms([slope(r['gap']) for r in sel])} |")
+        lines.append(
+            f"| {env} | {level} | slope of the gap per doubling of H | | | | | | | {ms([slope(r['gap']) for r in sel])} |"
+        )
     table = "\n".join(lines)
     (out_dir / f"{args.name}_table.md").write_text(table + "\n")
     (out_dir / f"{args.name}.json").write_text(json.dumps(agg, indent=2, default=float))
