@@ -785,6 +785,12 @@ class VerifierConfig:
     lr: float = 3e-4  # AdamW learning rate
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # gradient clipping
+    # Weight of a within-problem ranking loss added to the BCE: each step also draws
+    # batch_size // 4 pairs (a successful and a failed whole trial of one training problem)
+    # and adds pair_weight * mean log(1 + exp(z_failed - z_success)), the Bradley-Terry loss
+    # of ranking the success first. 0: BCE only. Best-of-N ranks within problems, which the
+    # BCE can neglect by learning problem difficulty and the base rate.
+    pair_weight: float = 0.0
     eval_every: int = 100  # held-out metrics every N steps (0: only at the end)
     log_every: int = 10  # training loss every N steps
     rollout_rows: int = 256  # trials played at once (size of the environment pool)
@@ -798,6 +804,8 @@ class VerifierConfig:
         _at_least(self, "verifier", ("num_train_problems", "samples_per_problem", "num_heldout_problems"), 1)
         if not self.n_values or min(self.n_values) < 1:
             raise ValueError(f"verifier.n_values must be a non-empty list of integers >= 1, got {self.n_values}")
+        if not self.pair_weight >= 0:
+            raise ValueError(f"verifier.pair_weight must be >= 0 (0: BCE only), got {self.pair_weight}")
 
 
 @dataclass

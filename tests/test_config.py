@@ -293,6 +293,7 @@ BAD = [  # (a config with one bad field, the key its error names)
     (lambda: C.EvalConfig(success_level=0.0), "eval.success_level"),
     (lambda: C.VerifierConfig(num_heldout_problems=0), "verifier.num_heldout_problems"),
     (lambda: C.VerifierConfig(n_values=[]), "verifier.n_values"),
+    (lambda: C.VerifierConfig(pair_weight=-0.5), "verifier.pair_weight"),
     (lambda: C.VerifierConfig(dtype="int8"), "verifier.dtype"),
     (lambda: C.VerifierConfig(tiny=C.TinyModelConfig(num_heads=3)), "verifier.tiny.hidden_size"),
     (lambda: C.SFTConfig(data="dagger"), "sft.data"),

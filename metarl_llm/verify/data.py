@@ -28,6 +28,8 @@ class VerifierExamples:
     label:    [M] float32, 1.0 if the trial's outcome >= 1.0 else 0.0.
     at_end:   [M] bool, True for the whole-trial example, False for a boundary prefix.
     pad_id:   id that pads batches (never read).
+    group:    [M] int64, the problem of each example's trial (``Trial.group``); None when
+              unknown (scoring), which the within-problem ranking loss cannot use.
     """
 
     streams: list[list[int]]
@@ -36,6 +38,7 @@ class VerifierExamples:
     label: np.ndarray
     at_end: np.ndarray
     pad_id: int
+    group: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -59,7 +62,7 @@ def verifier_examples(trials: Sequence[Trial], codec: StreamCodec, prefixes: boo
     """
     if len(trials) == 0:
         raise ValueError("verifier_examples: no trials")
-    streams, stream, position, label, at_end = [], [], [], [], []
+    streams, stream, position, label, at_end, group = [], [], [], [], [], []
     for i, t in enumerate(trials):
         if not t.ids:
             raise ValueError(f"verifier_examples: trial {i} (problem {t.problem_id}) has no tokens")
@@ -78,6 +81,7 @@ def verifier_examples(trials: Sequence[Trial], codec: StreamCodec, prefixes: boo
         position += reads
         label += [trial_label(t)] * len(reads)
         at_end += [False] * len(ends) + [True]
+        group += [t.group] * len(reads)
     return VerifierExamples(
         streams,
         np.array(stream, dtype=np.int64),
@@ -85,7 +89,30 @@ def verifier_examples(trials: Sequence[Trial], codec: StreamCodec, prefixes: boo
         np.array(label, dtype=np.float32),
         np.array(at_end, dtype=bool),
         int(codec.pad_id),
+        np.array(group, dtype=np.int64),
     )
+
+
+def ranking_pairs(examples: VerifierExamples) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The whole-trial examples of every problem with a success and a failure: (successes,
+    failures), one index array [k] each per such problem, problems in order of their id.
+    Raises when the examples carry no problems or no problem has both."""
+    if examples.group is None:
+        raise ValueError("ranking_pairs: the examples carry no problem ids (build them with verifier_examples)")
+    pos, neg = [], []
+    end = np.flatnonzero(examples.at_end)
+    for g in np.unique(examples.group[end]):
+        mine = end[examples.group[end] == g]
+        p, n = mine[examples.label[mine] == 1.0], mine[examples.label[mine] == 0.0]
+        if len(p) and len(n):
+            pos.append(p)
+            neg.append(n)
+    if not pos:
+        raise ValueError(
+            "ranking_pairs: no training problem has both a successful and a failed trial; "
+            "raise verifier.samples_per_problem or set verifier.pair_weight=0"
+        )
+    return pos, neg
 
 
 def _batch(streams: Sequence[list[int]], pad_id: int, stream: np.ndarray, position: np.ndarray, device) -> tuple:

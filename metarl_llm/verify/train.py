@@ -97,7 +97,7 @@ from metarl_llm.rollout.engine import heldout_resets
 from metarl_llm.runtime.progress import Progress
 from metarl_llm.verify.best_of_n import best_of_n_trials, play_trials, plot_best_of_n
 from metarl_llm.verify.calibration import evaluate_verifier, within_problem_auroc
-from metarl_llm.verify.data import VerifierExamples, _batch, trial_label, verifier_examples
+from metarl_llm.verify.data import VerifierExamples, _batch, ranking_pairs, trial_label, verifier_examples
 from metarl_llm.verify.model import Verifier, check_same_vocabulary
 from metarl_llm.verify.scoring import score_trials
 
@@ -123,8 +123,10 @@ def train_verifier(
     log_every: int = 10,
     rows: int = 32,
     progress_bar: bool = False,
+    pair_weight: float = 0.0,
 ) -> dict[str, float]:
-    """Train ``verifier`` in place with binary cross-entropy on the logits.
+    """Train ``verifier`` in place with binary cross-entropy on the logits (and, with
+    ``pair_weight`` > 0, a within-problem ranking loss).
 
     1. Each step draws ``batch_size`` examples without replacement from a permutation of
        the training examples (a new permutation, from ``generator``, at each pass).
@@ -132,6 +134,11 @@ def train_verifier(
        (several prefixes of one trial are read from one row: the trunk is causal).
     3. BCE-with-logits, AdamW (``lr``, ``weight_decay``), gradients clipped to norm
        ``max_grad_norm``.
+    4. With ``pair_weight`` > 0, the same forward pass also reads batch_size // 4 (at least
+       1) pairs: a problem drawn uniformly from those with a success and a failure
+       (:func:`ranking_pairs`), one of its successful and one of its failed whole trials drawn
+       uniformly; the loss adds ``pair_weight`` * mean softplus(z_failed - z_success)
+       (logged as ``train/pair_loss``).
 
     ``log(metrics, step)`` receives ``train/loss`` (mean over the last ``log_every``
     steps), ``train/grad_norm`` (before clipping) and, every ``eval_every`` steps
@@ -146,6 +153,11 @@ def train_verifier(
             raise ValueError(f"train_verifier: {name} must be >= {0 if name == 'steps' else 1}, got {v}")
     if eval_every < 0 or not lr > 0:
         raise ValueError(f"train_verifier: need eval_every >= 0 and lr > 0, got {eval_every} and {lr}")
+    if not pair_weight >= 0:
+        raise ValueError(f"train_verifier: pair_weight must be >= 0, got {pair_weight}")
+    pairs = ranking_pairs(train_examples) if pair_weight > 0 else None
+    n_pairs = max(1, batch_size // 4)
+    pair_losses: list[float] = []
     t0 = time.perf_counter()
     optimizer = torch.optim.AdamW(verifier.parameters(), lr=lr, weight_decay=weight_decay)
     device = verifier.device
@@ -173,10 +185,19 @@ def train_verifier(
             take.append(perm[cursor : cursor + n])
             cursor, got = cursor + n, got + n
         idx = torch.cat(take).numpy()
+        if pairs is not None:
+            idx = np.concatenate([idx, draw_pairs(pairs, n_pairs, generator)])
         ids, mask, r, c = _batch(
             train_examples.streams, train_examples.pad_id, train_examples.stream[idx], train_examples.position[idx], device
         )
-        loss = F.binary_cross_entropy_with_logits(verifier.logits_at(ids, mask, r, c), labels[idx].to(device))
+        z = verifier.logits_at(ids, mask, r, c)
+        n_bce = len(idx) - (2 * n_pairs if pairs is not None else 0)
+        loss = F.binary_cross_entropy_with_logits(z[:n_bce], labels[idx[:n_bce]].to(device))
+        if pairs is not None:
+            z_pos, z_neg = z[n_bce:].view(2, n_pairs)
+            pair_loss = F.softplus(z_neg - z_pos).mean()
+            pair_losses.append(pair_loss.detach().item())
+            loss = loss + pair_weight * pair_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(verifier.parameters(), max_grad_norm))
@@ -185,8 +206,10 @@ def train_verifier(
         progress.update(1, loss=losses[-1])
         if step % log_every == 0 or step == steps:
             metrics["train/loss"] = float(np.mean(losses[-log_every:]))
+            if pair_losses:
+                metrics["train/pair_loss"] = float(np.mean(pair_losses[-log_every:]))
             if log is not None:
-                log({"train/loss": metrics["train/loss"], "train/grad_norm": grad_norm}, step)
+                log({k: v for k, v in metrics.items() if k.startswith("train/")} | {"train/grad_norm": grad_norm}, step)
         if eval_every and step % eval_every == 0 and step != steps:
             heldout(step)
             verifier.train()
@@ -195,6 +218,17 @@ def train_verifier(
     heldout(steps)
     metrics.update({"train/steps": float(steps), "train/examples": float(m), "train/time_s": time.perf_counter() - t0})
     return metrics
+
+
+def draw_pairs(pairs: tuple[list[np.ndarray], list[np.ndarray]], n: int, generator: torch.Generator) -> np.ndarray:
+    """[2n] example indices: n successes, then the n failures they are ranked against, each
+    pair from one problem drawn uniformly from :func:`ranking_pairs` (with replacement)."""
+    pos, neg = pairs
+    problems = torch.randint(len(pos), (n,), generator=generator).tolist()
+    u = torch.rand(2, n, generator=generator).numpy()
+    win = [pos[p][int(u[0, i] * len(pos[p]))] for i, p in enumerate(problems)]
+    lose = [neg[p][int(u[1, i] * len(neg[p]))] for i, p in enumerate(problems)]
+    return np.array(win + lose, dtype=np.int64)
 
 
 def write_heldout_scores(path: Path, trials, scores) -> Path:
@@ -288,6 +322,7 @@ def run_verifier_training(
         log_every=cfg.log_every,
         rows=cfg.rows,
         progress_bar=progress_bar,
+        pair_weight=cfg.pair_weight,
     )
 
     # 4. save

@@ -2,6 +2,7 @@
 on a learnable signal, one-pass prefix scores, save/load, the J-estimator plug-in,
 best-of-N, the job=train_verifier entry point and bad input."""
 
+import dataclasses
 import json
 
 import gymnasium as gym
@@ -22,14 +23,15 @@ from metarl_llm.verify.calibration import (
     auroc,
     brier,
     evaluate_verifier,
+    example_logits,
     expected_calibration_error,
     verifier_metrics,
     within_problem_auroc,
 )
-from metarl_llm.verify.data import verifier_examples
+from metarl_llm.verify.data import VerifierExamples, ranking_pairs, verifier_examples
 from metarl_llm.verify.model import build_verifier, check_same_vocabulary, is_saved_verifier, load_verifier
 from metarl_llm.verify.scoring import score_prefixes, score_trials, trained_verifier_estimator
-from metarl_llm.verify.train import VerifierConfig, run_verifier_training, train_verifier
+from metarl_llm.verify.train import VerifierConfig, draw_pairs, run_verifier_training, train_verifier
 from tests.support import ROOT
 
 BUDGET = BudgetConfig(max_episodes=3, max_episode_tokens=8, max_total_tokens=20, answer_max_tokens=6)
@@ -205,6 +207,53 @@ def test_verifier_learns_a_token_presence_signal_and_is_deterministic(setup):
     again = build_verifier(tok, tiny=TINY, seed=0)
     m2 = train_verifier(again, train_ex, held_ex, steps=40, batch_size=32, lr=1e-2, generator=torch.Generator().manual_seed(0))
     assert all(m2[k] == m[k] for k in m if k.startswith("heldout/"))
+
+
+def test_ranking_pairs_and_their_draws_pair_one_problems_success_and_failure():
+    ex = VerifierExamples(
+        streams=[[1, 2]] * 8,
+        stream=np.arange(8),
+        position=np.ones(8, dtype=np.int64),
+        label=np.array([1, 0, 1, 1, 1, 0, 1, 0], dtype=np.float32),
+        at_end=np.array([1, 1, 1, 1, 1, 0, 1, 1], dtype=bool),
+        pad_id=0,
+        group=np.array([0, 0, 0, 1, 1, 1, 2, 2]),
+    )
+    pos, neg = ranking_pairs(ex)  # problem 1's only failure is a prefix: no whole-trial pair
+    assert [p.tolist() for p in pos] == [[0, 2], [6]] and [n.tolist() for n in neg] == [[1], [7]]
+    drawn = draw_pairs((pos, neg), 400, torch.Generator().manual_seed(0))
+    win, lose = drawn[:400], drawn[400:]
+    assert set(win.tolist()) == {0, 2, 6} and set(lose.tolist()) == {1, 7}
+    assert all((w in (0, 2)) == (f == 1) for w, f in zip(win, lose))  # both ends of a pair from one problem
+    assert 0.4 < np.mean(lose == 1) < 0.6 and 0.4 < np.mean(win[lose == 1] == 0) < 0.6  # uniform draws
+    with pytest.raises(ValueError, match="no training problem has both a successful and a failed trial"):
+        ranking_pairs(dataclasses.replace(ex, label=np.ones(8, dtype=np.float32)))
+    with pytest.raises(ValueError, match="carry no problem ids"):
+        ranking_pairs(dataclasses.replace(ex, group=None))
+
+
+def test_the_pair_loss_is_the_bradley_terry_loss_of_the_drawn_pairs(setup):
+    _, codec = setup
+    trials = synthetic_trials(codec.tokenizer, 16, 0)
+    for i, t in enumerate(trials):
+        t.group = i // 4  # 4 problems of 4 trials
+    ex = verifier_examples(trials, codec, prefixes=False)
+    v = build_verifier(codec.tokenizer, tiny=TINY, seed=0)
+    z = torch.as_tensor(example_logits(v, ex))  # the weights the first step's loss is taken at
+    logged = []
+    train_verifier(
+        v, ex, None, steps=1, batch_size=8, lr=1e-3, generator=torch.Generator().manual_seed(0),
+        log=lambda m, step: logged.append(m), log_every=1, pair_weight=0.5,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randperm(16, generator=g)[:8]  # the BCE batch, then the pairs, from one generator
+    drawn = torch.as_tensor(draw_pairs(ranking_pairs(ex), 2, g))
+    pair = torch.nn.functional.softplus(z[drawn[2:]] - z[drawn[:2]]).mean()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(z[batch], torch.as_tensor(ex.label)[batch].double())
+    assert logged[0]["train/pair_loss"] == pytest.approx(pair.item(), abs=1e-5)
+    assert logged[0]["train/loss"] == pytest.approx(bce.item() + 0.5 * pair.item(), abs=1e-5)
+    with pytest.raises(ValueError, match="pair_weight must be >= 0"):
+        train_verifier(v, ex, None, steps=1, batch_size=8, lr=1e-3, generator=g, pair_weight=-1.0)
 
 
 def test_prefix_training_reports_end_and_prefix_metrics(setup, trials):
