@@ -31,8 +31,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from metarl_llm.core.voting import majority_index  # noqa: E402
-from metarl_llm.verify.calibration import auroc, within_problem_auroc  # noqa: E402
+from metarl_llm.verify.best_of_n import best_of_n  # noqa: E402
+from metarl_llm.verify.calibration import auroc, midranks, within_problem_auroc  # noqa: E402
 
 
 def load(run_dir: Path) -> dict[int, list[dict]]:
@@ -57,19 +57,9 @@ def shares(trials: list[dict]) -> np.ndarray:
     return np.array([counts[key(t)] / len(trials) for t in trials])
 
 
-def ranks(x: np.ndarray) -> np.ndarray:
-    """Midranks of ``x`` (ties share the mean of their ranks)."""
-    order = np.argsort(x, kind="mergesort")
-    r = np.empty(len(x))
-    r[order] = np.arange(len(x), dtype=float)
-    for v in np.unique(x):
-        r[x == v] = r[x == v].mean()
-    return r
-
-
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rank correlation (nan when either side is constant)."""
-    ra, rb = ranks(np.asarray(a, float)), ranks(np.asarray(b, float))
+    ra, rb = midranks(a), midranks(b)
     if ra.std() == 0 or rb.std() == 0:
         return float("nan")
     return float(np.corrcoef(ra, rb)[0, 1])
@@ -90,42 +80,39 @@ def weighted_vote(trials: list[dict]) -> float:
     return float(first[best]["outcome"] >= 1.0)
 
 
-def majority(trials: list[dict]) -> float:
-    i = majority_index([t["answer"] for t in trials])
-    return 0.0 if i is None else float(trials[i]["outcome"] >= 1.0)
-
-
 def analyse(problems: dict[int, list[dict]]) -> dict:
-    rows = [t for ts in problems.values() for t in ts]
-    scores = np.array([t["score"] for t in rows])
-    labels = np.array([t["outcome"] >= 1.0 for t in rows], dtype=float)
-    groups = np.array([t["group"] for t in rows])
-    within, mixed = within_problem_auroc(scores, labels, groups)
-    top, bottom, dev = [], [], []
-    for ts in problems.values():
-        s, sh = np.array([t["score"] for t in ts]), shares(ts)
-        hi, lo = int(np.argmax(s)), int(np.argmin(s))
-        top.append((ts[hi]["outcome"] >= 1.0, sh[hi]))
-        bottom.append((ts[lo]["outcome"] >= 1.0, sh[lo]))
-        dev.append(spearman(np.abs(s - np.median(s)), sh))
-    n_max = min(len(ts) for ts in problems.values())
-    ns = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= n_max]
+    grid = list(problems.values())
+    n_all = len(grid[0])
+    if any(len(ts) != n_all for ts in grid):
+        raise SystemExit(f"every problem needs the same number of held-out trials, got {sorted({len(ts) for ts in grid})}")
+    scores = np.array([[t["score"] for t in ts] for ts in grid])  # [P, N]
+    labels = np.array([[t["outcome"] >= 1.0 for t in ts] for ts in grid], dtype=float)
+    answers = np.empty(scores.shape, dtype=object)
+    answers[...] = [[t["answer"] for t in ts] for ts in grid]
+    groups = np.repeat(np.arange(len(grid)), n_all)
+    within, mixed = within_problem_auroc(scores.ravel(), labels.ravel(), groups)
+    ns = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= n_all]
+    ends = sorted({*ns, n_all})
+    high = best_of_n(scores, labels, ends, answers=answers)  # the highest score's pick, maj@N, shares
+    low = best_of_n(-scores, labels, [n_all], answers=answers)  # the lowest score's pick
+    at = ends.index(n_all)
+    dev = [spearman(np.abs(s - np.median(s)), shares(ts)) for s, ts in zip(scores, grid)]
     return {
-        "problems": len(problems),
-        "trials": len(rows),
+        "problems": len(grid),
+        "trials": int(scores.size),
         "success": float(labels.mean()),
-        "auroc": auroc(scores, labels),
+        "auroc": auroc(scores.ravel(), labels.ravel()),
         "within_problem_auroc": within,
         "mixed_problems": mixed,
-        "highest_success": float(np.mean([o for o, _ in top])),
-        "highest_answer_share": float(np.mean([a for _, a in top])),
-        "lowest_success": float(np.mean([o for o, _ in bottom])),
-        "lowest_answer_share": float(np.mean([a for _, a in bottom])),
-        "answer_share": float(np.mean([shares(ts).mean() for ts in problems.values()])),
+        "highest_success": high["best_of_n"][at],
+        "highest_answer_share": high["pick_answer_share"][at],
+        "lowest_success": low["best_of_n"][0],
+        "lowest_answer_share": low["pick_answer_share"][0],
+        "answer_share": high["answer_share"][at],
         "spearman_distance_share": float(np.nanmean(dev)),
         "n": ns,
-        "weighted_vote": [float(np.mean([weighted_vote(ts[:n]) for ts in problems.values()])) for n in ns],
-        "maj": [float(np.mean([majority(ts[:n]) for ts in problems.values()])) for n in ns],
+        "weighted_vote": [float(np.mean([weighted_vote(ts[:n]) for ts in grid])) for n in ns],
+        "maj": [high["maj_at_n"][ends.index(n)] for n in ns],
     }
 
 

@@ -82,8 +82,6 @@ def training_curve(run_dir: Path) -> dict:
 def heldout_curve(run_dir: Path, seed: int, num_problems: int, n_values: list[int]) -> dict:
     """The trained policy's trials on the held-out problems of math_verifier's best-of-N:
     maj@N, pass@N, mean outcome and tokens at each N (best_of_n_trials with equal scores)."""
-    import numpy as np
-
     import envs  # noqa: F401  (registers the environments)
     from metarl_llm.jobs.common import stream_codec
     from metarl_llm.jobs.evaluate_run import checkpoint_name, checkpoint_policy_dir, load_run_config
@@ -102,10 +100,7 @@ def heldout_curve(run_dir: Path, seed: int, num_problems: int, n_values: list[in
         trials, answer_scores = play_trials(
             policy, codec, env_factory(cfg), "test", resets, groups, cfg.budget, torch.Generator().manual_seed(seed), 256
         )
-    curve = best_of_n_trials(np.zeros(len(trials)), trials, n_values, answer_scores)
-    for key in ("best_of_n", "pick_answer_share"):  # equal scores: no verifier picks here
-        curve.pop(key)
-    return curve
+    return best_of_n_trials(None, trials, n_values, answer_scores)  # no verifier: maj@N, pass@N, tokens
 
 
 def render(out: dict) -> str:

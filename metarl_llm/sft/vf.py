@@ -161,9 +161,7 @@ def run_vf(
     num_heldout = min(cfg.num_heldout_problems, split_size) if split_size is not None else cfg.num_heldout_problems
     h_resets, h_groups = heldout_resets(num_heldout, n_max)
     heldout, answer_scores = play_trials(policy, codec, make_env, "test", h_resets, h_groups, budget, generator, cfg.rollout_rows)
-    parallel = best_of_n_trials(np.zeros(len(heldout)), heldout, cfg.n_values, answer_scores)
-    for key in ("best_of_n", "pick_answer_share"):  # all scores equal: the pick is the first trial, no verifier here
-        parallel.pop(key)
+    parallel = best_of_n_trials(None, heldout, cfg.n_values, answer_scores)  # no verifier: no pick
     sequential = sequential_scaling(
         policy,
         codec,

@@ -31,7 +31,8 @@ def best_of_n(
     """Best-of-N, maj@N and pass@N over the first N trials of each problem.
 
     ``scores``, ``outcomes`` [P, N_max]: the verifier score and the outcome of trial n of
-    problem p (trials in sampling order). For each N in ``n_values`` (1 <= N <= N_max),
+    problem p (trials in sampling order); ``scores`` None: no verifier, so no
+    ``best_of_n`` and no ``pick_answer_share`` (the verifier-free curves). For each N in ``n_values`` (1 <= N <= N_max),
     over trials 0..N-1 of every problem, averaged over problems:
 
     - ``best_of_n``: outcome of the trial with the highest score (ties: the first);
@@ -51,8 +52,9 @@ def best_of_n(
 
     Returns JSON-ready lists aligned with ``n``.
     """
-    s = np.asarray(scores, dtype=np.float64)
     o = np.asarray(outcomes, dtype=np.float64)
+    picks = scores is not None  # a verifier picks one trial per problem
+    s = np.asarray(scores, dtype=np.float64) if picks else np.zeros_like(o)
     if s.ndim != 2 or s.shape != o.shape or s.size == 0:
         raise ValueError(
             f"best_of_n: scores and outcomes must be non-empty [P, N] arrays of one shape, got {s.shape} and {o.shape}"
@@ -70,24 +72,31 @@ def best_of_n(
             if extra[name].shape != s.shape:
                 raise ValueError(f"best_of_n: {name} must have the shape of scores {s.shape}, got {extra[name].shape}")
     rows = np.arange(s.shape[0])
-    out: dict[str, list] = {"n": [int(n) for n in ns], "best_of_n": [], "pass_at_n": [], "mean_outcome": []}
+    out: dict[str, list] = {
+        "n": [int(n) for n in ns],
+        **({"best_of_n": []} if picks else {}),
+        "pass_at_n": [],
+        "mean_outcome": [],
+    }
     if answers is not None:
         out["maj_at_n"] = []
-        out["pick_answer_share"], out["answer_share"] = [], []
+        out |= {"pick_answer_share": [], "answer_share": []} if picks else {"answer_share": []}
         keys = np.vectorize(lambda a: (a or "").strip(), otypes=[object])(extra["answers"])
     if tokens is not None:
         out["tokens"] = []
     vote_scores = extra.get("answer_scores", o)
     for n in out["n"]:
         pick = np.argmax(s[:, :n], axis=1)  # argmax keeps the first of ties
-        out["best_of_n"].append(float(o[rows, pick].mean()))
+        if picks:
+            out["best_of_n"].append(float(o[rows, pick].mean()))
         out["pass_at_n"].append(float(o[:, :n].max(1).mean()))
         out["mean_outcome"].append(float(o[:, :n].mean()))
         if answers is not None:
             out["maj_at_n"].append(float(np.mean([_majority_score(extra["answers"][p, :n], vote_scores[p, :n]) for p in rows])))
             same = keys[:, :n, None] == keys[:, None, :n]  # [P, n, n]: trials i and j gave one answer
             share = same.mean(axis=2)  # [P, n]
-            out["pick_answer_share"].append(float(share[rows, pick].mean()))
+            if picks:
+                out["pick_answer_share"].append(float(share[rows, pick].mean()))
             out["answer_share"].append(float(share.mean()))
         if tokens is not None:
             out["tokens"].append(float(extra["tokens"][:, :n].sum(1).mean()))
@@ -119,14 +128,14 @@ def answer_scores_of(trials: Sequence[Trial]) -> np.ndarray:
 
 
 def best_of_n_trials(scores, trials: Sequence[Trial], n_values: Sequence[int], answer_scores=None) -> dict[str, list]:
-    """:func:`best_of_n` over trials: ``scores`` [len(trials)] (e.g. :func:`score_trials`),
-    trials grouped by ``group`` (first-seen order), each group the same size N_max, its
+    """:func:`best_of_n` over trials: ``scores`` [len(trials)] (e.g. :func:`score_trials`; None:
+    no verifier, the verifier-free curves), trials grouped by ``group`` (first-seen order), each group the same size N_max, its
     trials in list order. maj@N votes with ``answer_scores`` [len(trials)] (default
     :func:`answer_scores_of`, env.score of each answer, as evaluate's maj@k)."""
     if len(trials) == 0:
         raise ValueError("best_of_n_trials: no trials")
-    s = np.asarray(scores, dtype=np.float64)
-    if s.shape != (len(trials),):
+    s = None if scores is None else np.asarray(scores, dtype=np.float64)
+    if s is not None and s.shape != (len(trials),):
         raise ValueError(f"best_of_n_trials: scores must have shape ({len(trials)},), got {s.shape}")
     a = answer_scores_of(trials) if answer_scores is None else np.asarray(answer_scores, dtype=np.float64)
     if a.shape != (len(trials),):
@@ -142,7 +151,7 @@ def best_of_n_trials(scores, trials: Sequence[Trial], n_values: Sequence[int], a
     answers[...] = [[trials[i].answer for i in g] for g in idx]
     outcomes = np.array([[trials[i].outcome for i in g] for g in idx])
     tokens = np.array([[trials[i].policy_tokens for i in g] for g in idx])
-    return best_of_n(s[idx], outcomes, n_values, answers=answers, answer_scores=a[idx], tokens=tokens)
+    return best_of_n(None if s is None else s[idx], outcomes, n_values, answers=answers, answer_scores=a[idx], tokens=tokens)
 
 
 def plot_best_of_n(result: dict[str, list], path: str | Path, title: str = "") -> None:

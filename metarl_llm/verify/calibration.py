@@ -51,14 +51,20 @@ def auroc(scores, labels) -> float:
     n0 = y.size - n1
     if n1 == 0 or n0 == 0:
         return math.nan
+    return float((midranks(s)[y == 1].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+
+
+def midranks(values) -> np.ndarray:
+    """1-based ranks [n] of ``values`` [n], tied values sharing the mean of their ranks."""
+    s = np.asarray(values, dtype=np.float64)
     order = np.argsort(s, kind="mergesort")
     ordered = s[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # first index of each run of equal scores
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # first index of each run of equal values
     stops = np.r_[starts[1:], s.size]
     run = np.repeat(np.arange(starts.size), stops - starts)
     ranks = np.empty(s.size)
     ranks[order] = ((starts + 1 + stops) / 2.0)[run]  # 1-based ranks starts+1..stops, their mean
-    return float((ranks[y == 1].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+    return ranks
 
 
 def within_problem_auroc(scores, labels, groups) -> tuple[float, int]:

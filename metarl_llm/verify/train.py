@@ -185,13 +185,13 @@ def train_verifier(
             take.append(perm[cursor : cursor + n])
             cursor, got = cursor + n, got + n
         idx = torch.cat(take).numpy()
+        n_bce = len(idx)  # the BCE's examples; the pairs' reads follow them
         if pairs is not None:
             idx = np.concatenate([idx, draw_pairs(pairs, n_pairs, generator)])
         ids, mask, r, c = _batch(
             train_examples.streams, train_examples.pad_id, train_examples.stream[idx], train_examples.position[idx], device
         )
         z = verifier.logits_at(ids, mask, r, c)
-        n_bce = len(idx) - (2 * n_pairs if pairs is not None else 0)
         loss = F.binary_cross_entropy_with_logits(z[:n_bce], labels[idx[:n_bce]].to(device))
         if pairs is not None:
             z_pos, z_neg = z[n_bce:].view(2, n_pairs)
